@@ -1,0 +1,37 @@
+//! `ferry-bench`: Ferry's benchmark harness.
+//!
+//! Each subcommand is a module that measures Ferry and its peers side by side in the same run
+//! and reports through [`report`]. Only `inproc` exists so far; `log`, `mqtt` and `backends`
+//! are meant to join it as sibling modules with a variant each in [`Command`].
+//!
+//! ```text
+//! cargo run --release -p ferry-bench -- inproc [--json] [--messages N] [--quick]
+//! ```
+
+mod inproc;
+mod measure;
+mod report;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// Ferry's benchmark harness.
+#[derive(Debug, Parser)]
+#[command(name = "ferry-bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// In-process throughput and latency: Ferry vs tokio broadcast, flume and crossbeam.
+    Inproc(inproc::Args),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Inproc(args) => inproc::run(&args),
+    }
+}

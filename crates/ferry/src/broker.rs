@@ -1,0 +1,867 @@
+//! The broker: topics, the subscription registry, publishing, stats and shutdown.
+//!
+//! [`Broker`] is a cheap handle (`Arc`) to shared state. The registry maps topic names to topics
+//! and keeps every consumer's filter in a [`FilterIndex`]; filters are matched when a topic is
+//! created or a subscription is made, never per publish: a publish appends to one topic's log
+//! and wakes that topic's waiting consumers.
+//!
+//! Invariants:
+//! - lock order: registry -> consumer state -> topic log;
+//! - the state only moves forward: running -> draining (no new publishes or subscriptions;
+//!   subscribers keep receiving) -> closed (what is left is counted as dropped);
+//! - after shutdown, for every subscription, `assigned == acked + dead_lettered + dropped`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use serde::Serialize;
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+
+use crate::config::{BrokerConfig, TopicConfig};
+use crate::consumer::{AckMode, AckPolicy, Consumer, ConsumerSpec, DeadJob};
+use crate::dlq::{dead_letter_message, dlq_name, DeadLetterQueue};
+use crate::error::{PublishError, SubscribeError};
+use crate::events::BrokerEvent;
+use crate::filter::TopicFilter;
+use crate::filter_index::FilterIndex;
+use crate::log::{AppendError, Seek, Topic};
+use crate::message::Message;
+use crate::stats::{BrokerStats, CounterSnapshot, Health, LagStats, SubscriptionStats, TopicStats};
+use crate::subscription::{StartPosition, Subscription, SubscriptionBuilder};
+use crate::topic::{TopicError, TopicName};
+
+const RUNNING: u8 = 0;
+const DRAINING: u8 = 1;
+const CLOSED: u8 = 2;
+
+#[derive(Default)]
+struct Registry {
+    topics: HashMap<TopicName, Arc<Topic>>,
+    configs: HashMap<TopicName, TopicConfig>,
+    consumers: HashMap<u64, Arc<Consumer>>,
+    groups: HashMap<String, u64>,
+    index: FilterIndex<()>,
+}
+
+pub(crate) struct BrokerInner {
+    pub(crate) config: BrokerConfig,
+    registry: RwLock<Registry>,
+    state: AtomicU8,
+    next_id: AtomicU64,
+    events: broadcast::Sender<BrokerEvent>,
+    epoch: Instant,
+    dead_reasons: Mutex<HashMap<TopicName, BTreeMap<String, u64>>>,
+    memory_pressure: AtomicBool,
+    pub(crate) active_handlers: AtomicUsize,
+    report: Mutex<Option<ShutdownReport>>,
+    weak: Weak<BrokerInner>,
+}
+
+/// What shutdown found.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ShutdownReport {
+    /// Whether every subscriber caught up (and every handler finished) before the deadline.
+    pub drained: bool,
+    /// Broker-wide counters after shutdown.
+    #[serde(flatten)]
+    pub counters: CounterSnapshot,
+    /// Records that were still unread or unsettled at the deadline, counted as dropped.
+    pub dropped_at_close: u64,
+    /// How long shutdown took.
+    #[serde(serialize_with = "crate::stats::ser_secs")]
+    pub elapsed: Duration,
+}
+
+/// An in-process message broker. Clone it freely: clones share one broker.
+#[derive(Clone)]
+pub struct Broker {
+    pub(crate) inner: Arc<BrokerInner>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("status", &self.health().status)
+            .finish()
+    }
+}
+
+impl Default for Broker {
+    fn default() -> Self {
+        Broker::new(BrokerConfig::default())
+    }
+}
+
+impl Broker {
+    /// A broker with `config`. Inside a Tokio runtime it also starts its maintenance task
+    /// (age retention, stale-consumer detection, memory events); outside one those run only
+    /// when [`Broker::maintain`] is called.
+    pub fn new(config: BrokerConfig) -> Self {
+        let (events, _) = broadcast::channel(config.event_capacity.max(1));
+        let inner = Arc::new_cyclic(|weak| BrokerInner {
+            config,
+            registry: RwLock::new(Registry::default()),
+            state: AtomicU8::new(RUNNING),
+            next_id: AtomicU64::new(1),
+            events,
+            epoch: Instant::now(),
+            dead_reasons: Mutex::new(HashMap::new()),
+            memory_pressure: AtomicBool::new(false),
+            active_handlers: AtomicUsize::new(0),
+            report: Mutex::new(None),
+            weak: weak.clone(),
+        });
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(maintenance(Arc::downgrade(&inner)));
+        }
+        let _ = inner.events.send(BrokerEvent::Started);
+        Broker { inner }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.inner.config
+    }
+
+    /// Creates `topic` with its own settings (before anything is published to it). Returns
+    /// `false` if the topic already exists (its settings are then unchanged).
+    pub fn create_topic(&self, topic: &str, config: TopicConfig) -> Result<bool, TopicError> {
+        let name = TopicName::new(topic)?;
+        let mut reg = self.inner.registry.write();
+        if reg.topics.contains_key(&name) {
+            return Ok(false);
+        }
+        reg.configs.insert(name.clone(), config);
+        self.inner.create_topic_locked(&mut reg, name);
+        Ok(true)
+    }
+
+    /// Names of the user topics.
+    pub fn topics(&self) -> Vec<TopicName> {
+        let reg = self.inner.registry.read();
+        let mut v: Vec<TopicName> = reg
+            .topics
+            .keys()
+            .filter(|t| !t.is_system())
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A publisher bound to `topic` (no topic lookup per message).
+    pub fn publisher(&self, topic: &str) -> Result<Publisher, TopicError> {
+        let name = TopicName::new(topic)?;
+        Ok(Publisher {
+            broker: self.clone(),
+            topic: self.inner.topic(&name),
+            producer: None,
+        })
+    }
+
+    /// Publishes `message` to `topic`, waiting while the topic is full. Returns its offset.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        message: impl Into<Message>,
+    ) -> Result<u64, PublishError> {
+        let topic = self.inner.user_topic(topic)?;
+        let range = self
+            .inner
+            .append_wait(&topic, vec![message.into()], &None)
+            .await?;
+        Ok(range.start)
+    }
+
+    /// Publishes without waiting: [`PublishError::Full`] if the topic is full.
+    pub fn try_publish(
+        &self,
+        topic: &str,
+        message: impl Into<Message>,
+    ) -> Result<u64, PublishError> {
+        let topic = self.inner.user_topic(topic)?;
+        let range = self
+            .inner
+            .append(&topic, std::iter::once(message.into()), &None)?;
+        Ok(range.start)
+    }
+
+    /// Publishes every message of `messages` atomically (all or none) with contiguous offsets,
+    /// waiting while the topic is full. Returns the offsets.
+    pub async fn publish_batch(
+        &self,
+        topic: &str,
+        messages: impl IntoIterator<Item = Message>,
+    ) -> Result<Range<u64>, PublishError> {
+        let topic = self.inner.user_topic(topic)?;
+        let messages: Vec<Message> = messages.into_iter().collect();
+        self.inner.append_wait(&topic, messages, &None).await
+    }
+
+    /// A subscription builder for `filter` (exact topic, MQTT wildcard, glob; see
+    /// [`TopicFilter::parse`]).
+    pub fn subscription(&self, filter: &str) -> SubscriptionBuilder {
+        SubscriptionBuilder {
+            broker: self.clone(),
+            filter: filter.to_string(),
+            system: false,
+            name: None,
+            group: None,
+            mode: AckMode::Auto,
+            mode_set: false,
+            ack_timeout: None,
+            max_attempts: None,
+            prefetch: None,
+            start: StartPosition::Latest,
+            batch: 256,
+        }
+    }
+
+    /// A subscription builder for a ready-made filter (for example a regex filter).
+    pub fn subscription_to(&self, filter: &TopicFilter) -> SubscriptionBuilder {
+        let mut b = self.subscription(filter.as_str());
+        if let TopicFilter::Regex(_) = filter {
+            b.filter = format!("{REGEX_PREFIX}{}", filter.as_str());
+        }
+        b
+    }
+
+    /// Subscribes to `filter` with the defaults: fanout, auto-ack, from the latest record.
+    pub fn subscribe(&self, filter: &str) -> Result<Subscription, SubscribeError> {
+        self.subscription(filter).build()
+    }
+
+    /// The dead-letter queue of `topic`.
+    pub fn dead_letters(&self, topic: &str) -> Result<DeadLetterQueue, TopicError> {
+        let source = TopicName::new(topic)?;
+        Ok(DeadLetterQueue {
+            broker: self.clone(),
+            name: dlq_name(&source),
+            source,
+        })
+    }
+
+    /// Removes a consumer group (its members' `recv` return `Evicted`).
+    pub fn delete_group(&self, group: &str) -> bool {
+        let id = self.inner.registry.read().groups.get(group).copied();
+        match id {
+            Some(id) => self.inner.evict(id),
+            None => false,
+        }
+    }
+
+    /// Broker-wide stats.
+    pub fn stats(&self) -> BrokerStats {
+        self.inner.stats()
+    }
+
+    /// Stats of one topic.
+    pub fn topic_stats(&self, topic: &str) -> Option<TopicStats> {
+        let name = TopicName::new(topic).ok()?;
+        let t = self.inner.existing_topic(&name)?;
+        Some(self.inner.topic_stats(&t))
+    }
+
+    /// Stats of every subscription and group.
+    pub fn subscription_stats(&self) -> Vec<SubscriptionStats> {
+        let mut v: Vec<SubscriptionStats> =
+            self.inner.consumers().iter().map(|c| c.stats()).collect();
+        v.sort_by_key(|s| s.id);
+        v
+    }
+
+    /// Lag over every subscription and group.
+    pub fn lag(&self) -> LagStats {
+        LagStats::from_lags(self.inner.consumers().iter().map(|c| c.lag()))
+    }
+
+    /// Subscriptions with a backlog that have read nothing for `threshold`.
+    pub fn stale_consumers(&self, threshold: Duration) -> Vec<SubscriptionStats> {
+        self.inner
+            .consumers()
+            .iter()
+            .filter(|c| c.idle() >= threshold)
+            .map(|c| c.stats())
+            .filter(|s| s.lag > 0 || s.in_flight > 0)
+            .collect()
+    }
+
+    /// Evicts subscriptions idle for `threshold` with at least `min_lag` unread records, so
+    /// that they stop holding records. Returns how many.
+    pub fn cleanup_stale_consumers(&self, threshold: Duration, min_lag: u64) -> usize {
+        let stale = self.stale_consumers(threshold);
+        stale
+            .iter()
+            .filter(|s| s.lag >= min_lag)
+            .filter(|s| self.inner.evict(s.id))
+            .count()
+    }
+
+    /// Health.
+    pub fn health(&self) -> Health {
+        let reg = self.inner.registry.read();
+        Health {
+            status: match self.inner.state.load(Ordering::Acquire) {
+                RUNNING => "running",
+                DRAINING => "draining",
+                _ => "closed",
+            },
+            uptime: self.inner.epoch.elapsed(),
+            topics: reg.topics.keys().filter(|t| !t.is_system()).count(),
+            subscriptions: reg.consumers.len(),
+        }
+    }
+
+    /// Lifecycle events from now on.
+    pub fn events(&self) -> broadcast::Receiver<BrokerEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_closed(&self) -> bool {
+        self.inner.state.load(Ordering::Acquire) != RUNNING
+    }
+
+    /// Runs one maintenance pass now (retention by age, stale detection, memory events).
+    pub fn maintain(&self) {
+        self.inner.maintain();
+    }
+
+    /// Graceful shutdown: stops accepting publishes and subscriptions, lets current subscribers
+    /// receive (and handlers finish) what is queued until `timeout`, then closes. Whatever is
+    /// still unread or unsettled then is counted as dropped. Calling it again returns the first
+    /// report.
+    pub async fn shutdown(&self, timeout: Duration) -> ShutdownReport {
+        self.inner.shutdown(timeout).await
+    }
+}
+
+/// The prefix that marks a regex filter in [`SubscriptionBuilder`]'s filter string.
+pub(crate) const REGEX_PREFIX: &str = "\u{0}regex:";
+
+/// A publisher bound to one topic.
+#[derive(Clone, Debug)]
+pub struct Publisher {
+    broker: Broker,
+    topic: Arc<Topic>,
+    producer: Option<Arc<str>>,
+}
+
+impl Publisher {
+    /// Stamps this producer id on messages that have none.
+    pub fn with_producer_id(mut self, producer: impl Into<Arc<str>>) -> Self {
+        self.producer = Some(producer.into());
+        self
+    }
+
+    /// The topic.
+    pub fn topic(&self) -> &TopicName {
+        &self.topic.name
+    }
+
+    /// Publishes, waiting while the topic is full. Returns the offset.
+    pub async fn publish(&self, message: impl Into<Message>) -> Result<u64, PublishError> {
+        let r = self
+            .broker
+            .inner
+            .append_wait(&self.topic, vec![message.into()], &self.producer)
+            .await?;
+        Ok(r.start)
+    }
+
+    /// Publishes without waiting.
+    pub fn try_publish(&self, message: impl Into<Message>) -> Result<u64, PublishError> {
+        self.broker
+            .inner
+            .append(&self.topic, std::iter::once(message.into()), &self.producer)
+            .map(|r| r.start)
+    }
+
+    /// Publishes a batch atomically, waiting while the topic is full.
+    pub async fn publish_batch(
+        &self,
+        messages: impl IntoIterator<Item = Message>,
+    ) -> Result<Range<u64>, PublishError> {
+        let messages: Vec<Message> = messages.into_iter().collect();
+        self.broker
+            .inner
+            .append_wait(&self.topic, messages, &self.producer)
+            .await
+    }
+
+    /// Publishes a batch without waiting (all or nothing).
+    pub fn try_publish_batch(
+        &self,
+        messages: impl IntoIterator<Item = Message>,
+    ) -> Result<Range<u64>, PublishError> {
+        let messages: Vec<Message> = messages.into_iter().collect();
+        self.broker
+            .inner
+            .append(&self.topic, messages.into_iter(), &self.producer)
+    }
+}
+
+impl BrokerInner {
+    fn running(&self) -> bool {
+        self.state.load(Ordering::Acquire) == RUNNING
+    }
+
+    fn emit(&self, e: BrokerEvent) {
+        let _ = self.events.send(e);
+    }
+
+    pub(crate) fn existing_topic(&self, name: &TopicName) -> Option<Arc<Topic>> {
+        self.registry.read().topics.get(name).cloned()
+    }
+
+    /// The topic `name`, created (and attached to matching consumers) if needed.
+    pub(crate) fn topic(&self, name: &TopicName) -> Arc<Topic> {
+        if let Some(t) = self.registry.read().topics.get(name) {
+            return t.clone();
+        }
+        let mut reg = self.registry.write();
+        if let Some(t) = reg.topics.get(name) {
+            return t.clone();
+        }
+        self.create_topic_locked(&mut reg, name.clone())
+    }
+
+    fn user_topic(&self, topic: &str) -> Result<Arc<Topic>, PublishError> {
+        let name = TopicName::new(topic)?;
+        if !self.running() {
+            return Err(PublishError::Closed);
+        }
+        Ok(self.topic(&name))
+    }
+
+    fn create_topic_locked(&self, reg: &mut Registry, name: TopicName) -> Arc<Topic> {
+        let config = if name.is_system() {
+            TopicConfig {
+                capacity: usize::MAX / 2,
+                keep_consumed: true,
+                retention: self.config.dead_letter_retention.clone(),
+            }
+        } else {
+            reg.configs
+                .get(&name)
+                .cloned()
+                .unwrap_or_else(|| self.config.topic_defaults.clone())
+        };
+        let topic = Arc::new(Topic::new(name.clone(), config));
+        let mut matching = Vec::new();
+        reg.index
+            .for_each_match(name.as_str(), |id, _| matching.push(id));
+        for id in matching {
+            if let Some(c) = reg.consumers.get(&id) {
+                // The topic is new: everything in it is new to the subscription.
+                c.attach(&topic, Seek::Earliest);
+            }
+        }
+        reg.topics.insert(name, topic.clone());
+        topic
+    }
+
+    pub(crate) fn append(
+        &self,
+        topic: &Topic,
+        messages: impl ExactSizeIterator<Item = Message>,
+        producer: &Option<Arc<str>>,
+    ) -> Result<Range<u64>, PublishError> {
+        if !self.running() {
+            return Err(PublishError::Closed);
+        }
+        topic.append(messages, producer).map_err(|e| match e {
+            AppendError::Closed => PublishError::Closed,
+            AppendError::Full => PublishError::Full {
+                topic: topic.name.to_string(),
+                capacity: topic.config.capacity,
+            },
+            AppendError::TooLarge(len) => PublishError::BatchTooLarge {
+                topic: topic.name.to_string(),
+                len,
+                capacity: topic.config.capacity,
+            },
+        })
+    }
+
+    async fn append_wait(
+        &self,
+        topic: &Topic,
+        messages: Vec<Message>,
+        producer: &Option<Arc<str>>,
+    ) -> Result<Range<u64>, PublishError> {
+        let len = messages.len();
+        if len > topic.config.capacity {
+            return Err(PublishError::BatchTooLarge {
+                topic: topic.name.to_string(),
+                len,
+                capacity: topic.config.capacity,
+            });
+        }
+        let mut pending = messages.into_iter();
+        // `append` checks for space before it takes anything from the iterator, so on `Full`
+        // the messages are still in `pending` for the next try.
+        match self.append(topic, &mut pending, producer) {
+            Err(PublishError::Full { .. }) => {}
+            other => return other,
+        }
+        loop {
+            let space = topic.space.notified();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            topic.blocked.fetch_add(1, Ordering::SeqCst);
+            let r = self.append(topic, &mut pending, producer);
+            if !matches!(r, Err(PublishError::Full { .. })) {
+                topic.blocked.fetch_sub(1, Ordering::SeqCst);
+                return r;
+            }
+            // Consumers wake `space` when they release records; retry on each wake, and at
+            // least every 50 ms in case the space came from retention.
+            let _ = tokio::time::timeout(Duration::from_millis(50), space).await;
+            topic.blocked.fetch_sub(1, Ordering::SeqCst);
+            topic.collect();
+        }
+    }
+
+    pub(crate) fn subscribe(
+        &self,
+        b: SubscriptionBuilder,
+        broker: &Broker,
+    ) -> Result<Subscription, SubscribeError> {
+        if !self.running() {
+            return Err(SubscribeError::Closed);
+        }
+        let filter = if b.system {
+            crate::dlq::system_filter(&b.filter)
+        } else if let Some(pattern) = b.filter.strip_prefix(REGEX_PREFIX) {
+            TopicFilter::regex(pattern)?
+        } else {
+            TopicFilter::parse(&b.filter)?
+        };
+        let policy = AckPolicy {
+            mode: b.mode,
+            ack_timeout: b.ack_timeout.unwrap_or(self.config.ack_timeout),
+            max_attempts: b.max_attempts.unwrap_or(self.config.max_attempts),
+            prefetch: b.prefetch.unwrap_or(self.config.prefetch),
+        };
+        if policy.max_attempts == 0 {
+            return Err(SubscribeError::InvalidOption(
+                "max_attempts must be at least 1",
+            ));
+        }
+        if policy.prefetch == 0 {
+            return Err(SubscribeError::InvalidOption("prefetch must be at least 1"));
+        }
+        let member = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut reg = self.registry.write();
+        if let Some(group) = &b.group {
+            if let Some(c) = reg.groups.get(group).and_then(|id| reg.consumers.get(id)) {
+                if c.filter != filter || c.policy.mode != policy.mode {
+                    return Err(SubscribeError::GroupMismatch {
+                        group: group.clone(),
+                        existing: format!("filter {} and {:?} ack", c.filter, c.policy.mode),
+                    });
+                }
+                c.members.fetch_add(1, Ordering::AcqRel);
+                return Ok(Subscription::new(
+                    broker.clone(),
+                    c.clone(),
+                    member,
+                    b.batch.min(64),
+                ));
+            }
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let name = b
+            .group
+            .clone()
+            .or(b.name)
+            .unwrap_or_else(|| format!("sub-{id}"));
+        let consumer = Arc::new(Consumer::new(
+            ConsumerSpec {
+                id,
+                name,
+                filter: filter.clone(),
+                group: b.group.is_some(),
+                policy,
+            },
+            self.weak.clone(),
+            self.epoch,
+        ));
+        consumer.members.fetch_add(1, Ordering::AcqRel);
+        let seek = match b.start {
+            StartPosition::Latest => Seek::Tail,
+            StartPosition::Earliest => Seek::Earliest,
+            StartPosition::Offset(o) => Seek::Offset(o),
+            StartPosition::Timestamp(t) => Seek::Time(t),
+        };
+        if let TopicFilter::Exact(name) = &filter {
+            let existing = reg.topics.get(name).cloned();
+            let topic = match existing {
+                Some(t) => t.clone(),
+                None => self.create_topic_locked(&mut reg, name.clone()),
+            };
+            consumer.attach(&topic, seek);
+        } else {
+            for (name, topic) in &reg.topics {
+                if filter.matches(name.as_str()) {
+                    consumer.attach(topic, seek);
+                }
+            }
+        }
+        reg.index.insert(&filter, id, ());
+        reg.consumers.insert(id, consumer.clone());
+        if let Some(group) = b.group {
+            reg.groups.insert(group, id);
+        }
+        let batch = if consumer.group {
+            b.batch.min(64)
+        } else {
+            b.batch
+        };
+        Ok(Subscription::new(broker.clone(), consumer, member, batch))
+    }
+
+    /// Removes a consumer from the registry and closes it.
+    pub(crate) fn remove_consumer(&self, id: u64) -> Option<Arc<Consumer>> {
+        let mut reg = self.registry.write();
+        let c = reg.consumers.remove(&id)?;
+        reg.index.remove(&c.filter, id);
+        if c.group {
+            reg.groups.retain(|_, g| *g != id);
+        }
+        // Nothing leaks: every registered consumer has exactly one index entry.
+        debug_assert_eq!(reg.index.len(), reg.consumers.len());
+        debug_assert_eq!(reg.index.is_empty(), reg.consumers.is_empty());
+        drop(reg);
+        c.close(false);
+        Some(c)
+    }
+
+    fn evict(&self, id: u64) -> bool {
+        let mut reg = self.registry.write();
+        let Some(c) = reg.consumers.remove(&id) else {
+            return false;
+        };
+        reg.index.remove(&c.filter, id);
+        reg.groups.retain(|_, g| *g != id);
+        drop(reg);
+        c.close(true);
+        self.emit(BrokerEvent::SubscriberEvicted {
+            id,
+            name: c.name.clone(),
+        });
+        true
+    }
+
+    pub(crate) fn consumers(&self) -> Vec<Arc<Consumer>> {
+        self.registry.read().consumers.values().cloned().collect()
+    }
+
+    fn all_topics(&self) -> Vec<Arc<Topic>> {
+        self.registry.read().topics.values().cloned().collect()
+    }
+
+    /// Stores a dead letter in its source topic's dead-letter queue.
+    pub(crate) fn dead_letter(&self, job: DeadJob) {
+        let name = dlq_name(&job.record.topic);
+        let topic = self.topic(&name);
+        let message = dead_letter_message(&job.record, &job.reason, job.attempts);
+        // Dead-letter topics never refuse for capacity; retention bounds them. If the broker is
+        // already closed the dead letter is still stored (it was counted as dead-lettered).
+        if topic.append(std::iter::once(message), &None).is_ok() {
+            let mut reasons = self.dead_reasons.lock();
+            *reasons
+                .entry(job.record.topic.clone())
+                .or_default()
+                .entry(job.reason.kind().to_string())
+                .or_default() += 1;
+        }
+    }
+
+    pub(crate) fn topic_stats(&self, t: &Topic) -> TopicStats {
+        let (depth, bytes) = t.depth();
+        let (first, next) = t.bounds();
+        let lags: Vec<u64> = self
+            .consumers()
+            .iter()
+            .filter_map(|c| c.lag_on(t))
+            .collect();
+        TopicStats {
+            topic: t.name.to_string(),
+            counters: t.counters.snapshot(),
+            depth,
+            bytes,
+            first_offset: first,
+            next_offset: next,
+            subscribers: t.subscriber_count(),
+            lag: LagStats::from_lags(lags.into_iter()),
+            dead_letters_by_reason: self
+                .dead_reasons
+                .lock()
+                .get(&t.name)
+                .cloned()
+                .unwrap_or_default(),
+        }
+    }
+
+    fn stats(&self) -> BrokerStats {
+        let topics = self.all_topics();
+        let consumers = self.consumers();
+        let mut counters = CounterSnapshot::default();
+        let (mut depth, mut bytes, mut dead, mut n) = (0, 0, 0, 0);
+        for t in &topics {
+            let (d, b) = t.depth();
+            if t.name.is_system() {
+                dead += d;
+                continue;
+            }
+            n += 1;
+            counters += t.counters.snapshot();
+            depth += d;
+            bytes += b;
+        }
+        let mut by_reason = BTreeMap::new();
+        for reasons in self.dead_reasons.lock().values() {
+            for (k, v) in reasons {
+                *by_reason.entry(k.clone()).or_insert(0) += v;
+            }
+        }
+        BrokerStats {
+            uptime: self.epoch.elapsed(),
+            counters,
+            topics: n,
+            subscriptions: consumers.len(),
+            depth,
+            bytes,
+            dead_letters: dead,
+            lag: LagStats::from_lags(consumers.iter().map(|c| c.lag())),
+            dead_letters_by_reason: by_reason,
+        }
+    }
+
+    /// One maintenance pass.
+    fn maintain(&self) {
+        let mut total = 0;
+        for t in self.all_topics() {
+            t.collect();
+            total += t.depth().1;
+        }
+        if let Some(limit) = self.config.memory_high_watermark {
+            let pressure = self.memory_pressure.load(Ordering::Acquire);
+            if !pressure && total > limit {
+                self.memory_pressure.store(true, Ordering::Release);
+                self.emit(BrokerEvent::MemoryPressure {
+                    bytes: total,
+                    limit,
+                });
+            } else if pressure && total <= limit / 10 * 8 {
+                self.memory_pressure.store(false, Ordering::Release);
+                self.emit(BrokerEvent::MemoryNormal {
+                    bytes: total,
+                    limit,
+                });
+            }
+        }
+        if let Some(after) = self.config.stale_after {
+            for c in self.consumers() {
+                let idle = c.idle();
+                if idle < after {
+                    continue;
+                }
+                let lag = c.lag();
+                if lag == 0 {
+                    continue;
+                }
+                self.emit(BrokerEvent::SubscriberStale {
+                    id: c.id,
+                    name: c.name.clone(),
+                    lag,
+                    idle,
+                });
+                if self.config.evict_stale {
+                    self.evict(c.id);
+                }
+            }
+        }
+    }
+
+    async fn shutdown(&self, timeout: Duration) -> ShutdownReport {
+        let began = Instant::now();
+        if self
+            .state
+            .compare_exchange(RUNNING, DRAINING, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            // Someone else is shutting down: wait for their report.
+            loop {
+                if let Some(r) = self.report.lock().clone() {
+                    return r;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        self.emit(BrokerEvent::ShutdownStarted);
+        let deadline = began + timeout;
+        let drained = loop {
+            let idle = self.active_handlers.load(Ordering::Acquire) == 0;
+            let caught_up = self
+                .consumers()
+                .iter()
+                .filter(|c| c.members.load(Ordering::Acquire) > 0)
+                .all(|c| c.drained());
+            if idle && caught_up {
+                break true;
+            }
+            if Instant::now() >= deadline {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        self.state.store(CLOSED, Ordering::Release);
+        for t in self.all_topics() {
+            t.close();
+        }
+        let mut dropped_at_close = 0;
+        for c in self.consumers() {
+            let before = c.counters.snapshot().dropped;
+            c.close(false);
+            dropped_at_close += c.counters.snapshot().dropped - before;
+        }
+        // Handlers finish their current message, then see the close.
+        while self.active_handlers.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let report = ShutdownReport {
+            drained,
+            counters: self.stats().counters,
+            dropped_at_close,
+            elapsed: began.elapsed(),
+        };
+        *self.report.lock() = Some(report.clone());
+        self.emit(BrokerEvent::Shutdown(report.clone()));
+        report
+    }
+}
+
+async fn maintenance(inner: Weak<BrokerInner>) {
+    let interval = match inner.upgrade() {
+        Some(i) => i.config.maintenance_interval,
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(interval).await;
+        let Some(b) = inner.upgrade() else {
+            return;
+        };
+        if b.state.load(Ordering::Acquire) == CLOSED {
+            return;
+        }
+        b.maintain();
+    }
+}

@@ -1,0 +1,89 @@
+//! Configuration of the broker, its topics and its subscriptions. Plain structs with public
+//! fields and `Default`s, so that callers set what they need with struct-update syntax.
+
+use std::time::Duration;
+
+/// How long records are kept for replay once every subscription has read them, and the hard
+/// bounds beyond which even unread records are released (counted as `dropped`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Keep at most this many records.
+    pub max_messages: Option<usize>,
+    /// Keep at most this many bytes of records (as measured by [`Message::size`](crate::Message::size)).
+    pub max_bytes: Option<usize>,
+    /// Release records older than this (by message timestamp).
+    pub max_age: Option<Duration>,
+}
+
+/// Per-topic settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicConfig {
+    /// The most records a subscription may lag behind before publishers wait (`publish`) or are
+    /// refused with [`PublishError::Full`](crate::PublishError::Full) (`try_publish`).
+    pub capacity: usize,
+    /// Keep records that every subscription has consumed, within `retention`, so that new
+    /// subscriptions can start from the earliest retained record or a past offset or time.
+    /// When `false` (the default), a record is released as soon as no subscription needs it,
+    /// and a record published while no subscription exists is counted as dropped.
+    pub keep_consumed: bool,
+    /// Retention bounds.
+    pub retention: Retention,
+}
+
+impl Default for TopicConfig {
+    fn default() -> Self {
+        TopicConfig {
+            capacity: 100_000,
+            keep_consumed: false,
+            retention: Retention::default(),
+        }
+    }
+}
+
+/// Broker-wide settings.
+#[derive(Debug, Clone)]
+pub struct BrokerConfig {
+    /// Settings of topics created implicitly (by publishing or subscribing).
+    pub topic_defaults: TopicConfig,
+    /// Settings of dead-letter topics (kept until redriven or purged, within these bounds).
+    pub dead_letter_retention: Retention,
+    /// Default acknowledgement timeout of manual-ack subscriptions.
+    pub ack_timeout: Duration,
+    /// Default number of delivery attempts before a message is dead-lettered.
+    pub max_attempts: u32,
+    /// Default limit of unacknowledged deliveries per subscriber.
+    pub prefetch: usize,
+    /// A subscription that has read nothing for this long while it has a backlog is reported
+    /// stale (an event, and in [`Broker::stale_consumers`](crate::Broker::stale_consumers)).
+    pub stale_after: Option<Duration>,
+    /// Evict stale subscriptions automatically (their `recv` then returns `Evicted`).
+    pub evict_stale: bool,
+    /// Emit a memory-pressure event when retained records exceed this many bytes, and a
+    /// memory-normal event when they fall back under 80% of it.
+    pub memory_high_watermark: Option<usize>,
+    /// How often the maintenance task runs (retention by age, stale detection, memory).
+    pub maintenance_interval: Duration,
+    /// Capacity of the lifecycle event channel (slow event readers lose the oldest events).
+    pub event_capacity: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            topic_defaults: TopicConfig::default(),
+            dead_letter_retention: Retention {
+                max_messages: Some(1_000_000),
+                max_bytes: Some(256 << 20),
+                max_age: Some(Duration::from_secs(7 * 24 * 3600)),
+            },
+            ack_timeout: Duration::from_secs(30),
+            max_attempts: 3,
+            prefetch: 1000,
+            stale_after: None,
+            evict_stale: false,
+            memory_high_watermark: None,
+            maintenance_interval: Duration::from_secs(1),
+            event_capacity: 1024,
+        }
+    }
+}

@@ -1,0 +1,631 @@
+//! Consumers: the state behind a fanout subscription or a consumer group.
+//!
+//! A consumer owns one cursor per topic its filter matches, and, in manual-ack mode, the in-flight
+//! table that drives acknowledgement, redelivery and dead-lettering. A fanout subscription is a
+//! consumer with one member; a consumer group is a consumer shared by all its members, so each
+//! record goes to exactly one member and the group keeps its position while members come and go.
+//!
+//! Invariants:
+//! - a cursor's hold is `min(lowest unsettled offset, next)`, so the topic keeps every record
+//!   that is unread or unacknowledged (unless retention bounds evict it, counted as dropped);
+//! - every delivery tag is in exactly one phase: delivered to a member (with a deadline),
+//!   delayed (nack with delay), or ready for redelivery;
+//! - no timer task per message: ack deadlines and nack delays sit in one heap, processed when a
+//!   member fetches; a waiting member sleeps until the earliest deadline;
+//! - lock order: broker registry -> consumer state -> topic log. Dead letters are published only
+//!   after the consumer state lock is released.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use crate::broker::BrokerInner;
+use crate::dlq::DeadLetterReason;
+use crate::error::{AckError, RecvError};
+use crate::filter::TopicFilter;
+use crate::log::{Hold, Seek, Topic};
+use crate::message::Record;
+use crate::signal::Signal;
+use crate::stats::{Counters, SubscriptionStats};
+use crate::subscription::Delivery;
+
+/// How deliveries are acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckMode {
+    /// At-most-once: a record counts as acknowledged when it is handed to the subscription.
+    Auto,
+    /// At-least-once: each delivery must be acked; nacked or timed-out deliveries are
+    /// redelivered until `max_attempts`, then dead-lettered.
+    Manual,
+}
+
+/// Acknowledgement settings of a consumer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct AckPolicy {
+    pub(crate) mode: AckMode,
+    pub(crate) ack_timeout: Duration,
+    pub(crate) max_attempts: u32,
+    pub(crate) prefetch: usize,
+}
+
+const OPEN: u8 = 0;
+const CLOSED: u8 = 1;
+const EVICTED: u8 = 2;
+
+struct Cursor {
+    topic: Arc<Topic>,
+    start: u64,
+    next: u64,
+    hold: Arc<Hold>,
+    /// Offsets delivered but not yet settled (manual mode).
+    unsettled: BTreeSet<u64>,
+}
+
+impl Cursor {
+    fn update_hold(&self) {
+        let low = self.unsettled.first().copied().unwrap_or(self.next);
+        self.hold.set(low.min(self.next));
+        self.topic.wake_publishers();
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    Delivered { member: u64, deadline: Instant },
+    Delayed { due: Instant },
+    Ready,
+}
+
+struct Inflight {
+    record: Arc<Record>,
+    cursor: usize,
+    /// The attempt number of the last delivery.
+    attempt: u32,
+    /// Returned by a leaving member: the next delivery keeps the same attempt number.
+    returned: bool,
+    phase: Phase,
+}
+
+#[derive(Default)]
+struct State {
+    cursors: Vec<Cursor>,
+    rr: usize,
+    inflight: HashMap<u64, Inflight>,
+    timers: BinaryHeap<Reverse<(Instant, u64)>>,
+    ready: VecDeque<u64>,
+    next_tag: u64,
+    member_inflight: HashMap<u64, usize>,
+}
+
+/// A record to be dead-lettered once the state lock is released.
+pub(crate) struct DeadJob {
+    pub(crate) record: Arc<Record>,
+    pub(crate) reason: DeadLetterReason,
+    pub(crate) attempts: u32,
+}
+
+/// How a delivery was settled.
+#[derive(Debug)]
+pub(crate) enum Settle {
+    Ack,
+    Nack(Option<Duration>),
+    Reject(String),
+    /// Given back by a member that left without processing it.
+    Returned,
+}
+
+/// The result of a fetch.
+pub(crate) struct Fetch {
+    pub(crate) got: usize,
+    /// When the next ack deadline or nack delay falls due.
+    pub(crate) next_wake: Option<Instant>,
+    pub(crate) closed: Option<RecvError>,
+}
+
+/// Identity and options of a consumer, fixed at creation.
+pub(crate) struct ConsumerSpec {
+    pub(crate) id: u64,
+    pub(crate) name: String,
+    pub(crate) filter: TopicFilter,
+    pub(crate) group: bool,
+    pub(crate) policy: AckPolicy,
+}
+
+pub(crate) struct Consumer {
+    pub(crate) id: u64,
+    pub(crate) name: String,
+    pub(crate) filter: TopicFilter,
+    pub(crate) group: bool,
+    pub(crate) policy: AckPolicy,
+    state: Mutex<State>,
+    pub(crate) signal: Arc<Signal>,
+    pub(crate) counters: Counters,
+    pub(crate) members: AtomicUsize,
+    /// Milliseconds since the broker's epoch of the last read.
+    last_active: AtomicU64,
+    status: AtomicU8,
+    broker: Weak<BrokerInner>,
+    epoch: Instant,
+}
+
+impl Consumer {
+    pub(crate) fn new(spec: ConsumerSpec, broker: Weak<BrokerInner>, epoch: Instant) -> Self {
+        let c = Consumer {
+            id: spec.id,
+            name: spec.name,
+            filter: spec.filter,
+            group: spec.group,
+            policy: spec.policy,
+            state: Mutex::new(State::default()),
+            signal: Arc::new(Signal::new()),
+            counters: Counters::default(),
+            members: AtomicUsize::new(0),
+            last_active: AtomicU64::new(0),
+            status: AtomicU8::new(OPEN),
+            broker,
+            epoch,
+        };
+        c.touch();
+        c
+    }
+
+    fn manual(&self) -> bool {
+        self.policy.mode == AckMode::Manual
+    }
+
+    fn touch(&self) {
+        let ms = Instant::now()
+            .saturating_duration_since(self.epoch)
+            .as_millis() as u64;
+        self.last_active.store(ms, Ordering::Relaxed);
+    }
+
+    /// Time since the last read.
+    pub(crate) fn idle(&self) -> Duration {
+        let now = Instant::now().saturating_duration_since(self.epoch);
+        now.saturating_sub(Duration::from_millis(
+            self.last_active.load(Ordering::Relaxed),
+        ))
+    }
+
+    /// Adds a cursor on `topic`.
+    pub(crate) fn attach(&self, topic: &Arc<Topic>, seek: Seek) {
+        let mut st = self.state.lock();
+        if st.cursors.iter().any(|c| Arc::ptr_eq(&c.topic, topic)) {
+            return;
+        }
+        let (hold, start) = topic.attach(self.id, &self.signal, seek);
+        st.cursors.push(Cursor {
+            topic: topic.clone(),
+            start,
+            next: start,
+            hold,
+            unsettled: BTreeSet::new(),
+        });
+        drop(st);
+        // Records may already be waiting (an earliest or offset start).
+        self.signal.notify_one();
+    }
+
+    /// Moves up to `max` deliveries for `member` into `out`.
+    pub(crate) fn fetch(
+        self: &Arc<Self>,
+        member: u64,
+        max: usize,
+        out: &mut VecDeque<Delivery>,
+    ) -> Fetch {
+        let status = self.status.load(Ordering::Acquire);
+        if status != OPEN {
+            return Fetch {
+                got: 0,
+                next_wake: None,
+                closed: Some(status_error(status)),
+            };
+        }
+        let now = Instant::now();
+        let mut dead = Vec::new();
+        let mut st = self.state.lock();
+        let manual = self.manual();
+        if manual {
+            self.fire_timers(&mut st, now, &mut dead);
+        }
+        let mut budget = max;
+        if manual {
+            let used = st.member_inflight.get(&member).copied().unwrap_or(0);
+            budget = budget.min(self.policy.prefetch.saturating_sub(used));
+        }
+        let mut got = 0;
+        while got < budget {
+            let Some(tag) = st.ready.pop_front() else {
+                break;
+            };
+            let Some(e) = st.inflight.remove(&tag) else {
+                continue;
+            };
+            let attempt = if e.returned { e.attempt } else { e.attempt + 1 };
+            let topic = st.cursors[e.cursor].topic.clone();
+            self.count(&topic, |c| {
+                c.add_delivered(1);
+                c.add_redelivered(1);
+            });
+            let d = self.deliver(&mut st, now, member, e.record, e.cursor, attempt);
+            out.push_back(d);
+            got += 1;
+        }
+        let n = st.cursors.len();
+        let mut scratch = Vec::new();
+        for i in 0..n {
+            if got >= budget {
+                break;
+            }
+            let idx = (st.rr + i) % n;
+            let c = &mut st.cursors[idx];
+            if c.topic.tail() <= c.next {
+                continue;
+            }
+            let want = budget - got;
+            let skipped;
+            if manual {
+                skipped = c.topic.read(&mut c.next, want, &mut |r| scratch.push(r));
+            } else {
+                let before = out.len();
+                skipped = c.topic.read(&mut c.next, want, &mut |r| {
+                    out.push_back(Delivery::auto(r));
+                });
+                let k = (out.len() - before) as u64;
+                got += k as usize;
+                c.update_hold();
+                let topic = c.topic.clone();
+                self.count(&topic, |c| {
+                    c.add_delivered(k);
+                    c.add_acked(k);
+                });
+            }
+            let topic = st.cursors[idx].topic.clone();
+            self.count(&topic, |c| c.add_dropped(skipped));
+            for r in scratch.drain(..) {
+                st.cursors[idx].unsettled.insert(r.offset);
+                self.count(&topic, |c| c.add_delivered(1));
+                let d = self.deliver(&mut st, now, member, r, idx, 1);
+                out.push_back(d);
+                got += 1;
+            }
+            if manual {
+                st.cursors[idx].update_hold();
+            }
+        }
+        if n > 0 {
+            st.rr = (st.rr + 1) % n;
+        }
+        let next_wake = st.timers.peek().map(|Reverse((t, _))| *t);
+        let more = !st.ready.is_empty() || st.cursors.iter().any(|c| c.topic.tail() > c.next);
+        drop(st);
+        self.bury(dead);
+        if got > 0 {
+            self.touch();
+            if more {
+                // Another member of the group may take the rest.
+                self.signal.notify_one();
+            }
+        }
+        Fetch {
+            got,
+            next_wake,
+            closed: None,
+        }
+    }
+
+    fn deliver(
+        self: &Arc<Self>,
+        st: &mut State,
+        now: Instant,
+        member: u64,
+        record: Arc<Record>,
+        cursor: usize,
+        attempt: u32,
+    ) -> Delivery {
+        let tag = st.next_tag;
+        st.next_tag += 1;
+        let deadline = now + self.policy.ack_timeout;
+        st.inflight.insert(
+            tag,
+            Inflight {
+                record: record.clone(),
+                cursor,
+                attempt,
+                returned: false,
+                phase: Phase::Delivered { member, deadline },
+            },
+        );
+        st.timers.push(Reverse((deadline, tag)));
+        *st.member_inflight.entry(member).or_default() += 1;
+        Delivery::manual(record, attempt, self.clone(), tag)
+    }
+
+    /// Handles due ack deadlines and nack delays.
+    fn fire_timers(&self, st: &mut State, now: Instant, dead: &mut Vec<DeadJob>) {
+        while let Some(Reverse((t, tag))) = st.timers.peek().copied() {
+            if t > now {
+                break;
+            }
+            st.timers.pop();
+            let Some(e) = st.inflight.get_mut(&tag) else {
+                continue;
+            };
+            match e.phase {
+                Phase::Delivered { member, deadline } if deadline == t => {
+                    dec(&mut st.member_inflight, member);
+                    self.fail(st, tag, dead);
+                }
+                Phase::Delayed { due } if due == t => {
+                    e.phase = Phase::Ready;
+                    st.ready.push_back(tag);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// A delivery failed (nack without delay, or ack timeout): redeliver or dead-letter.
+    fn fail(&self, st: &mut State, tag: u64, dead: &mut Vec<DeadJob>) {
+        let Some(e) = st.inflight.get_mut(&tag) else {
+            return;
+        };
+        if e.attempt >= self.policy.max_attempts {
+            let reason = DeadLetterReason::MaxAttempts;
+            self.to_dead(st, tag, reason, dead);
+        } else {
+            e.phase = Phase::Ready;
+            st.ready.push_back(tag);
+        }
+    }
+
+    fn to_dead(&self, st: &mut State, tag: u64, reason: DeadLetterReason, dead: &mut Vec<DeadJob>) {
+        if let Some(e) = st.inflight.remove(&tag) {
+            let c = &mut st.cursors[e.cursor];
+            c.unsettled.remove(&e.record.offset);
+            c.update_hold();
+            let topic = c.topic.clone();
+            self.count(&topic, |c| c.add_dead_lettered(1));
+            dead.push(DeadJob {
+                record: e.record,
+                reason,
+                attempts: e.attempt,
+            });
+        }
+    }
+
+    /// Settles delivery `tag`.
+    pub(crate) fn settle(&self, tag: u64, how: Settle) -> Result<(), AckError> {
+        let mut dead = Vec::new();
+        let mut st = self.state.lock();
+        let (member, record_topic) = match st.inflight.get(&tag) {
+            Some(Inflight {
+                phase: Phase::Delivered { member, .. },
+                cursor,
+                ..
+            }) => (*member, st.cursors[*cursor].topic.clone()),
+            _ => {
+                return Err(if self.status.load(Ordering::Acquire) == OPEN {
+                    AckError::Stale
+                } else {
+                    AckError::Gone
+                })
+            }
+        };
+        let before = st.member_inflight.get(&member).copied().unwrap_or(0);
+        dec(&mut st.member_inflight, member);
+        match how {
+            Settle::Ack => {
+                if let Some(e) = st.inflight.remove(&tag) {
+                    let c = &mut st.cursors[e.cursor];
+                    c.unsettled.remove(&e.record.offset);
+                    c.update_hold();
+                }
+                self.count(&record_topic, |c| c.add_acked(1));
+            }
+            Settle::Nack(delay) => {
+                self.count(&record_topic, |c| c.add_nacked(1));
+                let exhausted = st
+                    .inflight
+                    .get(&tag)
+                    .is_some_and(|e| e.attempt >= self.policy.max_attempts);
+                match delay {
+                    Some(d) if !d.is_zero() && !exhausted => {
+                        let due = Instant::now() + d;
+                        if let Some(e) = st.inflight.get_mut(&tag) {
+                            e.phase = Phase::Delayed { due };
+                        }
+                        st.timers.push(Reverse((due, tag)));
+                    }
+                    _ => self.fail(&mut st, tag, &mut dead),
+                }
+            }
+            Settle::Reject(reason) => {
+                self.count(&record_topic, |c| c.add_nacked(1));
+                self.to_dead(&mut st, tag, DeadLetterReason::Rejected(reason), &mut dead);
+            }
+            Settle::Returned => {
+                if let Some(e) = st.inflight.get_mut(&tag) {
+                    e.returned = true;
+                    e.phase = Phase::Ready;
+                }
+                st.ready.push_front(tag);
+            }
+        }
+        let wake = !st.ready.is_empty() || before >= self.policy.prefetch;
+        drop(st);
+        self.bury(dead);
+        if wake {
+            self.signal.notify_all();
+        }
+        Ok(())
+    }
+
+    /// A member leaves: its unsettled deliveries go back to the consumer for redelivery.
+    pub(crate) fn leave(&self, member: u64) -> usize {
+        let mut st = self.state.lock();
+        let tags: Vec<u64> = st
+            .inflight
+            .iter()
+            .filter(|(_, e)| matches!(e.phase, Phase::Delivered { member: m, .. } if m == member))
+            .map(|(t, _)| *t)
+            .collect();
+        for tag in tags.iter().copied() {
+            if let Some(e) = st.inflight.get_mut(&tag) {
+                e.returned = true;
+                e.phase = Phase::Ready;
+            }
+            st.ready.push_back(tag);
+        }
+        st.member_inflight.remove(&member);
+        drop(st);
+        self.signal.unregister(member);
+        if !tags.is_empty() {
+            self.signal.notify_all();
+        }
+        self.members
+            .fetch_sub(1, Ordering::AcqRel)
+            .saturating_sub(1)
+    }
+
+    /// Auto-ack records that were handed over but never received (the subscription dropped
+    /// them): they are re-counted from acknowledged to dropped.
+    pub(crate) fn forget_buffered(&self, records: &[Arc<Record>]) {
+        let st = self.state.lock();
+        for r in records {
+            if let Some(c) = st.cursors.iter().find(|c| c.topic.name == r.topic) {
+                self.count(&c.topic, |c| {
+                    c.acked.fetch_sub(1, Ordering::Relaxed);
+                    c.add_dropped(1);
+                });
+            }
+        }
+    }
+
+    /// Counts a handler error against the record's topic and this consumer.
+    pub(crate) fn count_error(&self, record: &Record) {
+        let st = self.state.lock();
+        if let Some(c) = st.cursors.iter().find(|c| c.topic.name == record.topic) {
+            self.count(&c.topic, |c| c.add_errors(1));
+        }
+    }
+
+    /// Closes (shutdown) or evicts the consumer: what it has not settled is counted as dropped,
+    /// its cursors are detached, and its members wake to find it closed.
+    pub(crate) fn close(&self, evicted: bool) {
+        let prev = self
+            .status
+            .swap(if evicted { EVICTED } else { CLOSED }, Ordering::AcqRel);
+        if prev != OPEN {
+            return;
+        }
+        let mut st = self.state.lock();
+        let inflight = std::mem::take(&mut st.inflight);
+        for e in inflight.into_values() {
+            let topic = st.cursors[e.cursor].topic.clone();
+            self.count(&topic, |c| c.add_dropped(1));
+        }
+        st.ready.clear();
+        st.timers.clear();
+        st.member_inflight.clear();
+        for c in &mut st.cursors {
+            let tail = c.topic.tail();
+            let lag = tail.saturating_sub(c.next);
+            c.next = tail;
+            c.unsettled.clear();
+            c.hold.set(tail);
+            self.counters.add_dropped(lag);
+            c.topic.counters.add_dropped(lag);
+            c.topic.detach(self.id);
+        }
+        drop(st);
+        self.signal.notify_all();
+    }
+
+    /// Whether the consumer has nothing left to deliver or settle.
+    pub(crate) fn drained(&self) -> bool {
+        let st = self.state.lock();
+        st.inflight.is_empty() && st.cursors.iter().all(|c| c.topic.tail() <= c.next)
+    }
+
+    /// (lag, in flight, assigned).
+    fn positions(&self) -> (u64, u64, u64) {
+        let st = self.state.lock();
+        let mut lag = 0;
+        let mut assigned = 0;
+        for c in &st.cursors {
+            let tail = c.topic.tail();
+            lag += tail.saturating_sub(c.next);
+            assigned += tail.saturating_sub(c.start);
+        }
+        (lag, st.inflight.len() as u64, assigned)
+    }
+
+    pub(crate) fn lag(&self) -> u64 {
+        self.positions().0
+    }
+
+    /// Lag on one topic, if the consumer reads it.
+    pub(crate) fn lag_on(&self, topic: &Topic) -> Option<u64> {
+        let st = self.state.lock();
+        st.cursors
+            .iter()
+            .find(|c| std::ptr::eq(Arc::as_ptr(&c.topic), topic))
+            .map(|c| topic.lag_from(c.next))
+    }
+
+    pub(crate) fn stats(&self) -> SubscriptionStats {
+        let (lag, in_flight, assigned) = self.positions();
+        SubscriptionStats {
+            id: self.id,
+            name: self.name.clone(),
+            filter: self.filter.to_string(),
+            group: self.group,
+            members: self.members.load(Ordering::Relaxed),
+            counters: self.counters.snapshot(),
+            in_flight,
+            lag,
+            assigned,
+            idle: self.idle(),
+        }
+    }
+
+    fn count(&self, topic: &Topic, f: impl Fn(&Counters)) {
+        f(&self.counters);
+        f(&topic.counters);
+    }
+
+    fn bury(&self, dead: Vec<DeadJob>) {
+        if dead.is_empty() {
+            return;
+        }
+        if let Some(b) = self.broker.upgrade() {
+            for job in dead {
+                b.dead_letter(job);
+            }
+        }
+    }
+}
+
+fn dec(m: &mut HashMap<u64, usize>, member: u64) {
+    if let Some(n) = m.get_mut(&member) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            m.remove(&member);
+        }
+    }
+}
+
+fn status_error(status: u8) -> RecvError {
+    if status == EVICTED {
+        RecvError::Evicted
+    } else {
+        RecvError::Closed
+    }
+}

@@ -1,0 +1,144 @@
+//! Typed errors, one enum per operation family. Each has a stable machine-readable
+//! [`code`](PublishError::code) so that the server can put it on the wire unchanged.
+
+use crate::topic::TopicError;
+
+/// Why a publish failed. Nothing of a failed publish (or of a failed batch) is stored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    /// The topic name is invalid.
+    #[error(transparent)]
+    InvalidTopic(#[from] TopicError),
+    /// The broker is shutting down or closed.
+    #[error("broker is closed")]
+    Closed,
+    /// The topic is full (its slowest subscription lags by `capacity` records) and the call
+    /// does not wait.
+    #[error("topic {topic} is full ({capacity} unconsumed records)")]
+    Full {
+        /// The topic.
+        topic: String,
+        /// Its capacity in records.
+        capacity: usize,
+    },
+    /// A batch is larger than the topic's capacity and could never fit.
+    #[error("batch of {len} records exceeds the capacity of topic {topic} ({capacity})")]
+    BatchTooLarge {
+        /// The topic.
+        topic: String,
+        /// Records in the batch.
+        len: usize,
+        /// The topic's capacity.
+        capacity: usize,
+    },
+    /// Publishing into a system topic (`$...`) is not allowed.
+    #[error("topic {0} is a system topic")]
+    SystemTopic(String),
+}
+
+impl PublishError {
+    /// A stable code for the wire.
+    pub fn code(&self) -> &'static str {
+        match self {
+            PublishError::InvalidTopic(_) => "invalid_topic",
+            PublishError::Closed => "closed",
+            PublishError::Full { .. } => "queue_full",
+            PublishError::BatchTooLarge { .. } => "batch_too_large",
+            PublishError::SystemTopic(_) => "system_topic",
+        }
+    }
+}
+
+/// Why a subscription could not be made.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubscribeError {
+    /// The filter is invalid.
+    #[error(transparent)]
+    InvalidFilter(#[from] TopicError),
+    /// The broker is shutting down or closed.
+    #[error("broker is closed")]
+    Closed,
+    /// A consumer group of that name exists with another filter or acknowledgement mode.
+    #[error("consumer group {group} already exists with {existing}")]
+    GroupMismatch {
+        /// The group.
+        group: String,
+        /// What the existing group was created with.
+        existing: String,
+    },
+    /// An option is out of range.
+    #[error("invalid subscription option: {0}")]
+    InvalidOption(&'static str),
+}
+
+impl SubscribeError {
+    /// A stable code for the wire.
+    pub fn code(&self) -> &'static str {
+        match self {
+            SubscribeError::InvalidFilter(_) => "invalid_filter",
+            SubscribeError::Closed => "closed",
+            SubscribeError::GroupMismatch { .. } => "group_mismatch",
+            SubscribeError::InvalidOption(_) => "invalid_option",
+        }
+    }
+}
+
+/// Why `recv` returned no message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RecvError {
+    /// The broker closed and everything queued for this subscription was delivered.
+    #[error("broker is closed")]
+    Closed,
+    /// The subscription was removed (stale-consumer clean-up or explicit removal).
+    #[error("subscription was evicted")]
+    Evicted,
+}
+
+/// Why `try_recv` returned no message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TryRecvError {
+    /// Nothing is available right now.
+    #[error("no message available")]
+    Empty,
+    /// The broker closed and everything queued for this subscription was delivered.
+    #[error("broker is closed")]
+    Closed,
+    /// The subscription was removed.
+    #[error("subscription was evicted")]
+    Evicted,
+}
+
+impl From<RecvError> for TryRecvError {
+    fn from(e: RecvError) -> Self {
+        match e {
+            RecvError::Closed => TryRecvError::Closed,
+            RecvError::Evicted => TryRecvError::Evicted,
+        }
+    }
+}
+
+/// Why an ack, nack or reject did not apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AckError {
+    /// The delivery is no longer in flight: its ack timeout passed and it was (or will be)
+    /// redelivered, or it was already settled.
+    #[error("delivery is no longer in flight (ack timeout passed or already settled)")]
+    Stale,
+    /// The subscription was closed or evicted.
+    #[error("subscription is gone")]
+    Gone,
+}
+
+/// Errors of dead-letter operations.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeadLetterError {
+    /// The topic name is invalid.
+    #[error(transparent)]
+    InvalidTopic(#[from] TopicError),
+    /// Redriving failed to publish.
+    #[error("redrive failed: {0}")]
+    Publish(#[from] PublishError),
+    /// The broker is closed.
+    #[error("broker is closed")]
+    Closed,
+}

@@ -1,0 +1,67 @@
+//! Ferry: an embeddable, log-structured message broker.
+//!
+//! Every topic is an append-only log of shared records; every subscription is a cursor on it.
+//! A fanout subscription has a cursor of its own, a consumer group shares one cursor among its
+//! members, so publishing costs the same whatever the number of subscribers and nothing is copied
+//! per subscriber. At-least-once delivery keeps an in-flight table per cursor that drives
+//! acknowledgement timeouts, redelivery, maximum attempts and then the topic's dead-letter queue.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use ferry::{Broker, Message};
+//!
+//! let broker = Broker::default();
+//! let mut sub = broker.subscribe("telemetry/+/gpu")?;
+//! let offset = broker.publish("telemetry/node1/gpu", Message::json(&42)?).await?;
+//! let delivery = sub.recv().await?;
+//! assert_eq!(delivery.offset(), offset);
+//! assert_eq!(delivery.decode::<u32>()?, 42);
+//! # Ok(()) }
+//! ```
+//!
+//! # Layout
+//! - [`message`]: messages, ids, headers and records;
+//! - [`topic`], [`filter`]: topic names and subscription filters (exact, MQTT wildcards, glob,
+//!   regex), and a trie index that finds the filters matching a topic;
+//! - `log`: a topic's in-memory log, holds and retention;
+//! - `consumer`: cursors, the in-flight table, redelivery and dead-lettering;
+//! - [`subscription`]: the consumer-side handle, its builder and deliveries;
+//! - [`handler`]: handler pools with a concurrency limit and panic isolation;
+//! - [`dlq`]: dead-letter queues; [`stats`]: counters and snapshots; [`events`]: lifecycle events;
+//! - `broker`: the registry, publishing, stats, maintenance and graceful shutdown;
+//! - `signal`: the publisher-to-consumer wake-up hand-off (checked with loom).
+
+#![deny(missing_docs)]
+
+mod broker;
+mod config;
+mod consumer;
+pub mod dlq;
+mod error;
+pub mod events;
+pub mod filter;
+mod filter_index;
+pub mod handler;
+mod log;
+pub mod message;
+mod signal;
+pub mod stats;
+pub mod subscription;
+mod sync;
+pub mod topic;
+
+pub use broker::{Broker, Publisher, ShutdownReport};
+pub use config::{BrokerConfig, Retention, TopicConfig};
+pub use consumer::AckMode;
+pub use dlq::{DeadLetter, DeadLetterQueue, DeadLetterReason};
+pub use error::{AckError, DeadLetterError, PublishError, RecvError, SubscribeError, TryRecvError};
+pub use events::BrokerEvent;
+pub use filter::TopicFilter;
+pub use handler::{HandlerError, HandlerHandle, HandlerOptions, HandlerStats};
+pub use message::{Headers, Message, MessageBuilder, MessageId, PayloadError, Record};
+pub use stats::{BrokerStats, CounterSnapshot, Health, LagStats, SubscriptionStats, TopicStats};
+pub use subscription::{Delivery, StartPosition, Subscription, SubscriptionBuilder};
+pub use topic::{TopicError, TopicName};
+
+pub use bytes::Bytes;

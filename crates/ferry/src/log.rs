@@ -1,0 +1,379 @@
+//! A topic and its in-memory log.
+//!
+//! A topic is an append-only log of shared records (`Arc<Record>`) with increasing offsets.
+//! Subscriptions read it through cursors; each attached cursor registers a [`Hold`], the lowest
+//! offset it still needs. Records below every hold are released (unless the topic keeps consumed
+//! records for replay), so memory follows the slowest cursor, bounded by `capacity`.
+//!
+//! Invariants:
+//! - offsets are assigned under the log lock, contiguously; `tail` (SeqCst) is stored after the
+//!   records are visible, and watchers are notified after that (see [`crate::signal`]);
+//! - a record is never released while a hold below its offset exists, except by the topic's
+//!   retention bounds, and then the cursor that skips it counts it as `dropped`;
+//! - with no hold and `keep_consumed == false`, a published record is counted as dropped
+//!   (no subscriber) instead of being stored.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use parking_lot::Mutex;
+
+use crate::config::{Retention, TopicConfig};
+use crate::message::{Message, Record};
+use crate::signal::Signal;
+use crate::stats::Counters;
+use crate::topic::TopicName;
+
+/// The lowest offset a cursor still needs. Only ever increases.
+#[derive(Debug)]
+pub(crate) struct Hold {
+    pos: AtomicU64,
+}
+
+impl Hold {
+    pub(crate) fn get(&self) -> u64 {
+        self.pos.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set(&self, pos: u64) {
+        self.pos.fetch_max(pos, Ordering::AcqRel);
+    }
+}
+
+/// Why an append did not happen.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum AppendError {
+    Full,
+    TooLarge(usize),
+    Closed,
+}
+
+#[derive(Debug)]
+pub(crate) struct Log {
+    /// Offset of `records[0]`.
+    base: u64,
+    records: VecDeque<Arc<Record>>,
+    bytes: usize,
+    /// Next offset to assign.
+    next: u64,
+    watchers: Vec<(u64, Arc<Signal>)>,
+    holds: Vec<(u64, Arc<Hold>)>,
+    /// A lower bound of the lowest hold (holds only increase), refreshed lazily.
+    min_hold: u64,
+    appends_since_gc: usize,
+    closed: bool,
+}
+
+/// A topic: its name, configuration, log and counters.
+#[derive(Debug)]
+pub(crate) struct Topic {
+    pub(crate) name: TopicName,
+    pub(crate) config: TopicConfig,
+    pub(crate) log: Mutex<Log>,
+    /// Next offset to assign, readable without the lock.
+    tail: AtomicU64,
+    pub(crate) counters: Counters,
+    /// Publishers waiting for space.
+    pub(crate) space: tokio::sync::Notify,
+    pub(crate) blocked: AtomicUsize,
+}
+
+/// How to find the first offset of a new cursor.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Seek {
+    Tail,
+    Earliest,
+    Offset(u64),
+    Time(SystemTime),
+}
+
+const GC_EVERY: usize = 1024;
+
+impl Topic {
+    pub(crate) fn new(name: TopicName, config: TopicConfig) -> Self {
+        Topic {
+            name,
+            config,
+            log: Mutex::new(Log {
+                base: 0,
+                records: VecDeque::new(),
+                bytes: 0,
+                next: 0,
+                watchers: Vec::new(),
+                holds: Vec::new(),
+                min_hold: 0,
+                appends_since_gc: 0,
+                closed: false,
+            }),
+            tail: AtomicU64::new(0),
+            counters: Counters::default(),
+            space: tokio::sync::Notify::new(),
+            blocked: AtomicUsize::new(0),
+        }
+    }
+
+    /// Next offset to be assigned (SeqCst: pairs with [`Signal`]).
+    pub(crate) fn tail(&self) -> u64 {
+        self.tail.load(Ordering::SeqCst)
+    }
+
+    /// Appends `messages` atomically: all of them, with contiguous offsets, or none.
+    pub(crate) fn append(
+        &self,
+        messages: impl ExactSizeIterator<Item = Message>,
+        producer: &Option<Arc<str>>,
+    ) -> Result<Range<u64>, AppendError> {
+        let n = messages.len();
+        let mut log = self.log.lock();
+        if log.closed {
+            return Err(AppendError::Closed);
+        }
+        let capacity = self.config.capacity;
+        if n > capacity {
+            return Err(AppendError::TooLarge(n));
+        }
+        let store = !log.holds.is_empty() || self.config.keep_consumed;
+        if !log.holds.is_empty() && (log.next - log.min_hold) as usize + n > capacity {
+            log.refresh_min_hold();
+            if (log.next - log.min_hold) as usize + n > capacity {
+                self.release(&mut log);
+                return Err(AppendError::Full);
+            }
+        }
+        let start = log.next;
+        if store {
+            for mut message in messages {
+                message.set_producer_if_missing(producer);
+                log.bytes += message.size();
+                let offset = log.next;
+                log.next += 1;
+                log.records.push_back(Arc::new(Record {
+                    topic: self.name.clone(),
+                    offset,
+                    message,
+                }));
+            }
+        } else {
+            log.next += n as u64;
+            if log.records.is_empty() {
+                log.base = log.next;
+            }
+            self.counters.add_dropped(n as u64);
+        }
+        let end = log.next;
+        self.counters.add_published(n as u64);
+        log.appends_since_gc += n;
+        // Release consumed records every so often: at most a quarter of the capacity (and at
+        // most GC_EVERY appends) linger after every cursor has passed them.
+        let gc_every = GC_EVERY.min(capacity / 4).max(1);
+        if log.appends_since_gc >= gc_every || self.config.keep_consumed {
+            log.appends_since_gc = 0;
+            log.refresh_min_hold();
+            self.release(&mut log);
+        }
+        self.tail.store(end, Ordering::SeqCst);
+        for (_, w) in &log.watchers {
+            w.notify_one();
+        }
+        Ok(start..end)
+    }
+
+    /// Releases what no hold needs (or what retention evicts). Called with the lock held.
+    fn release(&self, log: &mut Log) {
+        let keep_from = if self.config.keep_consumed {
+            log.base
+        } else {
+            log.min_hold.max(log.base)
+        };
+        while log.base < keep_from && !log.records.is_empty() {
+            log.pop_front();
+        }
+        if log.records.is_empty() {
+            // Offsets that were never stored (published while nobody listened) or all released.
+            log.base = log.next;
+        }
+        let mut r = self.config.retention.clone();
+        if self.config.keep_consumed && r.max_messages.is_none() {
+            // Kept records are bounded by the capacity when no count bound is set.
+            r.max_messages = Some(self.config.capacity);
+        }
+        log.evict_by(&r, SystemTime::now());
+    }
+
+    /// Releases what no hold needs and applies age retention (maintenance).
+    pub(crate) fn collect(&self) {
+        let mut log = self.log.lock();
+        log.refresh_min_hold();
+        self.release(&mut log);
+        drop(log);
+        self.wake_publishers();
+    }
+
+    pub(crate) fn wake_publishers(&self) {
+        if self.blocked.load(Ordering::SeqCst) > 0 {
+            self.space.notify_waiters();
+        }
+    }
+
+    /// Attaches a cursor: registers its hold and its consumer's signal, and resolves where it
+    /// starts. Returns the hold and the first offset.
+    pub(crate) fn attach(
+        &self,
+        consumer: u64,
+        signal: &Arc<Signal>,
+        seek: Seek,
+    ) -> (Arc<Hold>, u64) {
+        let mut log = self.log.lock();
+        let pos = match seek {
+            Seek::Tail => log.next,
+            Seek::Earliest => log.base,
+            Seek::Offset(o) => o.clamp(log.base, log.next),
+            Seek::Time(t) => {
+                let i = log.records.partition_point(|r| r.message.timestamp() < t);
+                log.base + i as u64
+            }
+        };
+        let hold = Arc::new(Hold {
+            pos: AtomicU64::new(pos),
+        });
+        if log.holds.is_empty() || pos < log.min_hold {
+            log.min_hold = pos;
+        }
+        log.holds.push((consumer, hold.clone()));
+        log.watchers.push((consumer, signal.clone()));
+        (hold, pos)
+    }
+
+    /// Detaches every cursor of `consumer`.
+    pub(crate) fn detach(&self, consumer: u64) {
+        let mut log = self.log.lock();
+        log.holds.retain(|(c, _)| *c != consumer);
+        log.watchers.retain(|(c, _)| *c != consumer);
+        log.refresh_min_hold();
+        self.release(&mut log);
+        drop(log);
+        self.wake_publishers();
+    }
+
+    /// Reads up to `max` records from `*next` into `out`, advancing `*next`. If retention
+    /// released records the cursor had not read, it jumps over them and returns how many.
+    pub(crate) fn read(
+        &self,
+        next: &mut u64,
+        max: usize,
+        out: &mut impl FnMut(Arc<Record>),
+    ) -> u64 {
+        let log = self.log.lock();
+        let mut skipped = 0;
+        if *next < log.base {
+            skipped = log.base - *next;
+            *next = log.base;
+        }
+        let start = (*next - log.base) as usize;
+        let n = max.min(log.records.len().saturating_sub(start));
+        for r in log.records.range(start..start + n) {
+            out(r.clone());
+        }
+        *next += n as u64;
+        skipped
+    }
+
+    /// Records between `next` and the tail (what a cursor at `next` still has to read).
+    pub(crate) fn lag_from(&self, next: u64) -> u64 {
+        self.tail().saturating_sub(next)
+    }
+
+    /// Stored records and their bytes, after releasing what no cursor needs.
+    pub(crate) fn depth(&self) -> (usize, usize) {
+        let mut log = self.log.lock();
+        log.refresh_min_hold();
+        self.release(&mut log);
+        (log.records.len(), log.bytes)
+    }
+
+    /// The first retained offset and the next offset.
+    pub(crate) fn bounds(&self) -> (u64, u64) {
+        let log = self.log.lock();
+        (log.base, log.next)
+    }
+
+    /// A copy of the retained records from `from`, at most `max`.
+    pub(crate) fn snapshot(&self, from: u64, max: usize) -> Vec<Arc<Record>> {
+        let mut next = from;
+        let mut out = Vec::new();
+        self.read(&mut next, max, &mut |r| out.push(r));
+        out
+    }
+
+    /// Releases every record below `until` regardless of holds (purging a dead-letter topic).
+    /// Returns how many were released.
+    pub(crate) fn truncate_before(&self, until: u64) -> u64 {
+        let mut log = self.log.lock();
+        let mut n = 0;
+        while log.base < until && !log.records.is_empty() {
+            log.pop_front();
+            n += 1;
+        }
+        n
+    }
+
+    /// Stops appends (shutdown) and wakes everything waiting on the topic.
+    pub(crate) fn close(&self) {
+        let mut log = self.log.lock();
+        log.closed = true;
+        for (_, w) in &log.watchers {
+            w.notify_all();
+        }
+        drop(log);
+        self.space.notify_waiters();
+    }
+
+    pub(crate) fn subscriber_count(&self) -> usize {
+        self.log.lock().holds.len()
+    }
+}
+
+impl Log {
+    fn pop_front(&mut self) {
+        if let Some(r) = self.records.pop_front() {
+            self.bytes = self.bytes.saturating_sub(r.message.size());
+            self.base += 1;
+        }
+    }
+
+    fn refresh_min_hold(&mut self) {
+        self.min_hold = self
+            .holds
+            .iter()
+            .map(|(_, h)| h.get())
+            .min()
+            .unwrap_or(self.next);
+    }
+
+    fn evict_by(&mut self, r: &Retention, now: SystemTime) {
+        if let Some(max) = r.max_messages {
+            while self.records.len() > max {
+                self.pop_front();
+            }
+        }
+        if let Some(max) = r.max_bytes {
+            while self.bytes > max && !self.records.is_empty() {
+                self.pop_front();
+            }
+        }
+        if let Some(age) = r.max_age {
+            if let Some(cutoff) = now.checked_sub(age) {
+                while self
+                    .records
+                    .front()
+                    .is_some_and(|f| f.message.timestamp() < cutoff)
+                {
+                    self.pop_front();
+                }
+            }
+        }
+    }
+}

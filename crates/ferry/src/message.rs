@@ -1,0 +1,413 @@
+//! Messages: what producers publish and what consumers receive.
+//!
+//! A [`Message`] is an immutable envelope around a zero-copy [`Bytes`] payload with a time-ordered
+//! [`MessageId`] (UUID v7), headers, a wall-clock timestamp and an optional key and producer id.
+//! Publishing wraps it in a [`Record`] that adds the topic and the offset the topic's log assigned;
+//! records are shared (`Arc`) between every subscription that reads them and are never copied.
+//!
+//! Invariant: a record's offset is unique and increasing within its topic.
+
+use std::cell::Cell;
+use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::topic::TopicName;
+
+/// A unique, time-ordered message id (a UUID v7: the first 48 bits are the Unix time in ms).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageId(Uuid);
+
+impl MessageId {
+    /// A new id, greater than every id made before it on this thread.
+    pub fn new() -> Self {
+        Self::at(SystemTime::now())
+    }
+
+    fn at(now: SystemTime) -> Self {
+        thread_local! {
+            // (last millisecond, counter) - the counter is seeded randomly per thread and
+            // incremented per id, so ids from one thread are strictly increasing.
+            static STATE: Cell<(u64, u64)> = Cell::new((0, seed()));
+        }
+        let ms = now
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let (ms, counter) = STATE.with(|s| {
+            let (last, counter) = s.get();
+            let ms = ms.max(last);
+            let next = counter.wrapping_add(1);
+            s.set((ms, next));
+            (ms, next)
+        });
+        let mut random = [0u8; 10];
+        random[..8].copy_from_slice(&counter.to_be_bytes());
+        random[8..].copy_from_slice(&thread_salt().to_be_bytes());
+        MessageId(uuid::Builder::from_unix_timestamp_millis(ms, &random).into_uuid())
+    }
+
+    /// Wraps an existing UUID (for example one received over the network).
+    pub fn from_uuid(uuid: Uuid) -> Self {
+        MessageId(uuid)
+    }
+
+    /// The underlying UUID.
+    pub fn as_uuid(&self) -> Uuid {
+        self.0
+    }
+}
+
+fn seed() -> u64 {
+    // The counter's high bits are random so that two threads (or processes) starting in the same
+    // millisecond do not produce the same ids.
+    RandomState::new().hash_one(std::thread::current().id()) & 0x0000_FFFF_FFFF_FFFF
+}
+
+fn thread_salt() -> u16 {
+    thread_local! {
+        static SALT: u16 = RandomState::new().hash_one(0u8) as u16;
+    }
+    SALT.with(|s| *s)
+}
+
+impl Default for MessageId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MessageId({})", self.0)
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+/// Message headers: an ordered list of string pairs. Keys may repeat (as MQTT user properties
+/// do); [`Headers::get`] returns the first value for a key.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Headers(Vec<(String, String)>);
+
+impl Headers {
+    /// An empty header list (no allocation).
+    pub fn new() -> Self {
+        Headers(Vec::new())
+    }
+
+    /// The first value stored under `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Sets `key` to `value`, replacing every earlier value of `key`.
+    pub fn insert(&mut self, key: impl Into<String>, value: impl Into<String>) {
+        let key = key.into();
+        self.0.retain(|(k, _)| *k != key);
+        self.0.push((key, value.into()));
+    }
+
+    /// Appends a pair, keeping earlier values of the same key.
+    pub fn append(&mut self, key: impl Into<String>, value: impl Into<String>) {
+        self.0.push((key.into(), value.into()));
+    }
+
+    /// Removes every value of `key`; returns whether there was one.
+    pub fn remove(&mut self, key: &str) -> bool {
+        let before = self.0.len();
+        self.0.retain(|(k, _)| k != key);
+        self.0.len() != before
+    }
+
+    /// Whether `key` is present.
+    pub fn contains(&self, key: &str) -> bool {
+        self.get(key).is_some()
+    }
+
+    /// Iterates over the pairs in insertion order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// The number of pairs.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are no headers.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Approximate heap size, used for memory accounting.
+    pub(crate) fn size(&self) -> usize {
+        self.0.iter().map(|(k, v)| k.len() + v.len() + 48).sum()
+    }
+}
+
+impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Headers {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        Headers(
+            iter.into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
+        )
+    }
+}
+
+/// Errors from encoding or decoding a JSON payload.
+#[derive(Debug, thiserror::Error)]
+#[error("payload is not valid JSON for the requested type: {0}")]
+pub struct PayloadError(#[from] serde_json::Error);
+
+/// An immutable message. Build one with [`Message::new`], [`Message::json`] or
+/// [`Message::builder`]; anything that converts into [`Bytes`] converts into a message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    id: MessageId,
+    payload: Bytes,
+    headers: Headers,
+    timestamp: SystemTime,
+    key: Option<Bytes>,
+    producer_id: Option<Arc<str>>,
+}
+
+impl Message {
+    /// A message with this payload, a fresh id and the current time.
+    pub fn new(payload: impl Into<Bytes>) -> Self {
+        let timestamp = SystemTime::now();
+        Message {
+            id: MessageId::at(timestamp),
+            payload: payload.into(),
+            headers: Headers::new(),
+            timestamp,
+            key: None,
+            producer_id: None,
+        }
+    }
+
+    /// A message whose payload is `value` encoded as JSON, with `content-type: application/json`.
+    pub fn json<T: Serialize + ?Sized>(value: &T) -> Result<Self, PayloadError> {
+        let payload = serde_json::to_vec(value)?;
+        Ok(Message::builder()
+            .payload(payload)
+            .header("content-type", "application/json")
+            .build())
+    }
+
+    /// A builder for a message with headers, key or producer id.
+    pub fn builder() -> MessageBuilder {
+        MessageBuilder {
+            message: Message::new(Bytes::new()),
+        }
+    }
+
+    /// The message id.
+    pub fn id(&self) -> MessageId {
+        self.id
+    }
+
+    /// The payload (cheap to clone: reference counted).
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// Decodes the JSON payload into `T`.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, PayloadError> {
+        Ok(serde_json::from_slice(&self.payload)?)
+    }
+
+    /// The headers.
+    pub fn headers(&self) -> &Headers {
+        &self.headers
+    }
+
+    /// The first value of header `key`.
+    pub fn header(&self, key: &str) -> Option<&str> {
+        self.headers.get(key)
+    }
+
+    /// When the message was created.
+    pub fn timestamp(&self) -> SystemTime {
+        self.timestamp
+    }
+
+    /// The optional partitioning/ordering key.
+    pub fn key(&self) -> Option<&Bytes> {
+        self.key.as_ref()
+    }
+
+    /// The optional id of the producer that created the message.
+    pub fn producer_id(&self) -> Option<&str> {
+        self.producer_id.as_deref()
+    }
+
+    /// A copy with one more header (builder style, for messages already built).
+    pub fn with_header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(key, value);
+        self
+    }
+
+    /// Approximate memory used by the message, for retention and stats.
+    pub fn size(&self) -> usize {
+        self.payload.len()
+            + self.headers.size()
+            + self.key.as_ref().map_or(0, Bytes::len)
+            + std::mem::size_of::<Message>()
+    }
+
+    pub(crate) fn set_producer_if_missing(&mut self, producer: &Option<Arc<str>>) {
+        if self.producer_id.is_none() {
+            self.producer_id.clone_from(producer);
+        }
+    }
+
+    pub(crate) fn headers_mut(&mut self) -> &mut Headers {
+        &mut self.headers
+    }
+}
+
+impl<T: Into<Bytes>> From<T> for Message {
+    fn from(payload: T) -> Self {
+        Message::new(payload)
+    }
+}
+
+/// Builds a [`Message`].
+#[derive(Debug)]
+#[must_use]
+pub struct MessageBuilder {
+    message: Message,
+}
+
+impl MessageBuilder {
+    /// Sets the payload.
+    pub fn payload(mut self, payload: impl Into<Bytes>) -> Self {
+        self.message.payload = payload.into();
+        self
+    }
+
+    /// Adds a header (replacing an earlier value of the same key).
+    pub fn header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.message.headers.insert(key, value);
+        self
+    }
+
+    /// Sets the key.
+    pub fn key(mut self, key: impl Into<Bytes>) -> Self {
+        self.message.key = Some(key.into());
+        self
+    }
+
+    /// Sets the producer id.
+    pub fn producer(mut self, producer: impl Into<Arc<str>>) -> Self {
+        self.message.producer_id = Some(producer.into());
+        self
+    }
+
+    /// Overrides the id (for example to keep an id assigned upstream).
+    pub fn id(mut self, id: MessageId) -> Self {
+        self.message.id = id;
+        self
+    }
+
+    /// Overrides the timestamp.
+    pub fn timestamp(mut self, timestamp: SystemTime) -> Self {
+        self.message.timestamp = timestamp;
+        self
+    }
+
+    /// The message.
+    pub fn build(self) -> Message {
+        self.message
+    }
+}
+
+/// A published message as stored in a topic's log: the message plus its topic and offset.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Record {
+    pub(crate) topic: TopicName,
+    pub(crate) offset: u64,
+    pub(crate) message: Message,
+}
+
+impl Record {
+    /// The topic it was published to.
+    pub fn topic(&self) -> &TopicName {
+        &self.topic
+    }
+
+    /// Its offset in the topic (0 for the topic's first record).
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// The message.
+    pub fn message(&self) -> &Message {
+        &self.message
+    }
+}
+
+impl std::ops::Deref for Record {
+    type Target = Message;
+    fn deref(&self) -> &Message {
+        &self.message
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_unique_and_ordered_per_thread() {
+        let ids: Vec<MessageId> = (0..10_000).map(|_| MessageId::new()).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(ids[0].as_uuid().get_version_num(), 7);
+    }
+
+    #[test]
+    fn json_round_trip() {
+        #[derive(Serialize, serde::Deserialize, PartialEq, Debug)]
+        struct Point {
+            gpu: u32,
+            util: f64,
+        }
+        let m = Message::json(&Point { gpu: 3, util: 0.5 }).unwrap();
+        assert_eq!(m.header("content-type"), Some("application/json"));
+        assert_eq!(m.decode::<Point>().unwrap(), Point { gpu: 3, util: 0.5 });
+        assert!(m.decode::<Vec<u8>>().is_err());
+    }
+
+    #[test]
+    fn builder_sets_fields() {
+        let m = Message::builder()
+            .payload("x")
+            .header("source", "streamer-1")
+            .header("source", "streamer-2")
+            .key("k")
+            .producer("p")
+            .build();
+        assert_eq!(m.payload().as_ref(), b"x");
+        assert_eq!(m.header("source"), Some("streamer-2"));
+        assert_eq!(m.headers().len(), 1);
+        assert_eq!(m.key().map(|k| k.as_ref()), Some(&b"k"[..]));
+        assert_eq!(m.producer_id(), Some("p"));
+    }
+}

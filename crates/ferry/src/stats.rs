@@ -1,0 +1,201 @@
+//! Counters and the stats snapshots built from them.
+//!
+//! Counters live where the work happens (one set per topic, one per subscription) so that no
+//! single atomic is shared by every thread; broker-wide figures are sums taken on demand.
+//!
+//! Accounting invariant, per subscription: every record it was obliged to process (from its start
+//! position to the topic's tail) is, at any time, exactly one of: acknowledged (`acked`, which
+//! includes auto-acknowledged deliveries), `dead_lettered`, `dropped`, in flight, or still unread
+//! (`lag`). [`SubscriptionStats::unaccounted`] computes the difference, which must be zero.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::Serialize;
+
+macro_rules! counters {
+    ($($name:ident => $add:ident),* $(,)?) => {
+        /// A set of monotonically increasing counters.
+        #[derive(Debug, Default)]
+        pub(crate) struct Counters {
+            $(pub(crate) $name: AtomicU64,)*
+        }
+
+        impl Counters {
+            $(
+                #[allow(dead_code)]
+                pub(crate) fn $add(&self, n: u64) {
+                    if n > 0 {
+                        self.$name.fetch_add(n, Ordering::Relaxed);
+                    }
+                }
+            )*
+
+            pub(crate) fn snapshot(&self) -> CounterSnapshot {
+                CounterSnapshot {
+                    $($name: self.$name.load(Ordering::Relaxed),)*
+                }
+            }
+        }
+
+        /// A snapshot of counters.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+        pub struct CounterSnapshot {
+            $(
+                #[allow(missing_docs)]
+                pub $name: u64,
+            )*
+        }
+
+        impl std::ops::AddAssign for CounterSnapshot {
+            fn add_assign(&mut self, o: Self) {
+                $(self.$name += o.$name;)*
+            }
+        }
+    };
+}
+
+counters! {
+    published => add_published,
+    delivered => add_delivered,
+    acked => add_acked,
+    nacked => add_nacked,
+    redelivered => add_redelivered,
+    dead_lettered => add_dead_lettered,
+    dropped => add_dropped,
+    errors => add_errors,
+}
+
+/// Lag across subscriptions: how many records they still have to read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct LagStats {
+    /// Subscriptions and groups counted.
+    pub consumers: usize,
+    /// The largest lag.
+    pub max_lag: u64,
+    /// The mean lag.
+    pub avg_lag: f64,
+}
+
+impl LagStats {
+    pub(crate) fn from_lags(lags: impl Iterator<Item = u64>) -> Self {
+        let (mut n, mut max, mut sum) = (0usize, 0u64, 0u128);
+        for l in lags {
+            n += 1;
+            max = max.max(l);
+            sum += l as u128;
+        }
+        LagStats {
+            consumers: n,
+            max_lag: max,
+            avg_lag: if n == 0 { 0.0 } else { sum as f64 / n as f64 },
+        }
+    }
+}
+
+/// Stats of one topic.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TopicStats {
+    /// The topic.
+    pub topic: String,
+    /// Counters: `published` counts records appended; the others are sums over the topic's
+    /// subscriptions (a record read by five subscriptions is delivered five times). `dropped`
+    /// includes records published while no subscription existed.
+    #[serde(flatten)]
+    pub counters: CounterSnapshot,
+    /// Records currently stored.
+    pub depth: usize,
+    /// Bytes currently stored.
+    pub bytes: usize,
+    /// First retained offset.
+    pub first_offset: u64,
+    /// Next offset to be assigned.
+    pub next_offset: u64,
+    /// Attached subscriptions and groups.
+    pub subscribers: usize,
+    /// Lag of the attached subscriptions and groups.
+    pub lag: LagStats,
+    /// Dead letters by reason (for this topic's dead-letter queue).
+    pub dead_letters_by_reason: BTreeMap<String, u64>,
+}
+
+/// Stats of one subscription or consumer group.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SubscriptionStats {
+    /// Its id.
+    pub id: u64,
+    /// Its name (the group name for a group).
+    pub name: String,
+    /// Its filter.
+    pub filter: String,
+    /// Whether it is a consumer group.
+    pub group: bool,
+    /// Connected members (1 for a fanout subscription).
+    pub members: usize,
+    /// Counters.
+    #[serde(flatten)]
+    pub counters: CounterSnapshot,
+    /// Deliveries awaiting acknowledgement (including those waiting to be redelivered).
+    pub in_flight: u64,
+    /// Records still to be read.
+    pub lag: u64,
+    /// Records it was obliged to process: from its start to the tail of each topic it reads.
+    pub assigned: u64,
+    /// Time since it last read anything.
+    #[serde(serialize_with = "ser_secs")]
+    pub idle: Duration,
+}
+
+impl SubscriptionStats {
+    /// `assigned - (acked + dead_lettered + dropped + in_flight + lag)`; zero when nothing has
+    /// silently disappeared.
+    pub fn unaccounted(&self) -> i128 {
+        let c = &self.counters;
+        self.assigned as i128
+            - (c.acked + c.dead_lettered + c.dropped + self.in_flight + self.lag) as i128
+    }
+}
+
+/// Broker-wide stats.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BrokerStats {
+    /// Time since the broker started.
+    #[serde(serialize_with = "ser_secs")]
+    pub uptime: Duration,
+    /// Sums over user topics (dead-letter topics excluded, so nothing counts twice).
+    #[serde(flatten)]
+    pub counters: CounterSnapshot,
+    /// User topics.
+    pub topics: usize,
+    /// Subscriptions and groups.
+    pub subscriptions: usize,
+    /// Records stored in user topics.
+    pub depth: usize,
+    /// Bytes stored in user topics.
+    pub bytes: usize,
+    /// Records stored in dead-letter topics.
+    pub dead_letters: usize,
+    /// Lag over every subscription and group.
+    pub lag: LagStats,
+    /// Dead letters by reason, over every topic.
+    pub dead_letters_by_reason: BTreeMap<String, u64>,
+}
+
+/// Health: whether the broker accepts work, and for how long it has.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Health {
+    /// "running", "draining" or "closed".
+    pub status: &'static str,
+    /// Time since the broker started.
+    #[serde(serialize_with = "ser_secs")]
+    pub uptime: Duration,
+    /// User topics.
+    pub topics: usize,
+    /// Subscriptions and groups.
+    pub subscriptions: usize,
+}
+
+pub(crate) fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
