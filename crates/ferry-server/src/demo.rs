@@ -80,6 +80,16 @@ pub struct DemoArgs {
     pub json: bool,
 }
 
+impl DemoArgs {
+    /// How long to run: `--duration`, or the default unless `--messages` bounds the run.
+    fn effective_duration(&self) -> Option<Duration> {
+        match (self.duration, self.messages) {
+            (None, None) => Some(DEFAULT_DURATION),
+            (d, _) => d,
+        }
+    }
+}
+
 fn parse_secs(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
         .trim()
@@ -123,10 +133,7 @@ pub struct GpuPoint {
 
 /// Runs the demo; `Ok` carries the exit status (success, or an accounting mismatch).
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    let duration = match (args.duration, args.messages) {
-        (None, None) => Some(DEFAULT_DURATION),
-        (d, _) => d,
-    };
+    let duration = args.effective_duration();
     let out = Out::new(args.json);
     let broker = Broker::new(BrokerConfig::default());
 
@@ -936,7 +943,7 @@ impl Summary {
                 producers: args.producers,
                 collectors: args.collectors,
                 workers: args.workers,
-                duration_secs: args.duration.map(|d| d.as_secs_f64()),
+                duration_secs: args.effective_duration().map(|d| d.as_secs_f64()),
                 messages_per_producer: args.messages,
                 rate_per_producer: args.rate,
                 topic_prefix: TOPIC_PREFIX,
@@ -1022,6 +1029,12 @@ impl Summary {
 
     fn write_subscriptions(&self, w: &mut String) -> fmt::Result {
         writeln!(w)?;
+        if self.subscriptions.is_empty() {
+            return writeln!(
+                w,
+                "subscriptions: none (with nobody subscribed, every point is dropped on arrival)"
+            );
+        }
         writeln!(w, "subscriptions (all on {FILTER})")?;
         writeln!(
             w,
@@ -1508,6 +1521,88 @@ mod tests {
             assert!((15..=110).contains(&p.temperature_c), "{p:?}");
             assert!(p.memory_used_mib <= p.memory_total_mib);
         }
+    }
+
+    fn sub_stats(assigned: u64, acked: u64, in_flight: u64, lag: u64) -> SubscriptionStats {
+        SubscriptionStats {
+            id: 7,
+            name: "collector-1".into(),
+            filter: FILTER.into(),
+            group: false,
+            members: 1,
+            counters: ferry::CounterSnapshot {
+                delivered: acked + in_flight,
+                acked,
+                ..Default::default()
+            },
+            in_flight,
+            lag,
+            assigned,
+            idle: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn unaccounted_records_are_a_mismatch() {
+        let mut problems = Vec::new();
+        let rows = check_subscriptions(&mut problems, vec![sub_stats(100, 90, 6, 4)], 100, 1);
+        assert_eq!(rows[0].unaccounted, 0);
+        assert!(problems.is_empty(), "{problems:?}");
+
+        let rows = check_subscriptions(&mut problems, vec![sub_stats(100, 97, 2, 0)], 100, 1);
+        assert_eq!(rows[0].unaccounted, 1);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].contains("1 unaccounted"), "{problems:?}");
+
+        problems.clear();
+        check_subscriptions(&mut problems, vec![sub_stats(90, 90, 0, 0)], 100, 2);
+        assert_eq!(
+            problems.len(),
+            2,
+            "wrong count and short assignment: {problems:?}"
+        );
+    }
+
+    #[test]
+    fn broker_totals_are_checked() {
+        let report = |drained, published, acked, dropped| ShutdownReport {
+            drained,
+            counters: ferry::CounterSnapshot {
+                published,
+                acked,
+                dropped,
+                ..Default::default()
+            },
+            dropped_at_close: 0,
+            elapsed: Duration::ZERO,
+        };
+        let mut problems = Vec::new();
+        check_broker(&mut problems, &report(true, 10, 20, 0), 10, 2);
+        assert!(problems.is_empty(), "{problems:?}");
+        // Nobody subscribed: every point is dropped, and that is expected.
+        check_broker(&mut problems, &report(true, 10, 0, 10), 10, 0);
+        assert!(problems.is_empty(), "{problems:?}");
+        check_broker(&mut problems, &report(false, 10, 19, 1), 10, 2);
+        assert_eq!(
+            problems.len(),
+            3,
+            "not drained, dropped, short acks: {problems:?}"
+        );
+    }
+
+    #[test]
+    fn workers_must_ack_every_point() {
+        let w = |acked, ack_errors| WorkerCounts {
+            name: "worker-1".into(),
+            acked,
+            ack_errors,
+            ..WorkerCounts::default()
+        };
+        let mut problems = Vec::new();
+        check_workers(&mut problems, &[w(6, 0), w(4, 0)], 10);
+        assert!(problems.is_empty(), "{problems:?}");
+        check_workers(&mut problems, &[w(6, 1), w(3, 0)], 10);
+        assert_eq!(problems.len(), 2, "{problems:?}");
     }
 
     #[test]

@@ -116,10 +116,11 @@ impl Broker {
             report: Mutex::new(None),
             weak: weak.clone(),
         });
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(maintenance(Arc::downgrade(&inner)));
+        match tokio::runtime::Handle::try_current() {
+            // The task announces the start, so that a receiver made right after `new` sees it.
+            Ok(handle) => drop(handle.spawn(maintenance(Arc::downgrade(&inner)))),
+            Err(_) => inner.emit(BrokerEvent::Started),
         }
-        let _ = inner.events.send(BrokerEvent::Started);
         Broker { inner }
     }
 
@@ -171,11 +172,7 @@ impl Broker {
         message: impl Into<Message>,
     ) -> Result<u64, PublishError> {
         let topic = self.inner.user_topic(topic)?;
-        let range = self
-            .inner
-            .append_wait(&topic, vec![message.into()], &None)
-            .await?;
-        Ok(range.start)
+        self.inner.publish_one(&topic, message.into(), &None).await
     }
 
     /// Publishes without waiting: [`PublishError::Full`] if the topic is full.
@@ -366,12 +363,10 @@ impl Publisher {
 
     /// Publishes, waiting while the topic is full. Returns the offset.
     pub async fn publish(&self, message: impl Into<Message>) -> Result<u64, PublishError> {
-        let r = self
-            .broker
+        self.broker
             .inner
-            .append_wait(&self.topic, vec![message.into()], &self.producer)
-            .await?;
-        Ok(r.start)
+            .publish_one(&self.topic, message.into(), &self.producer)
+            .await
     }
 
     /// Publishes without waiting.
@@ -487,6 +482,23 @@ impl BrokerInner {
                 capacity: topic.config.capacity,
             },
         })
+    }
+
+    /// Publishes one message: a synchronous attempt first; only a full topic pays for the
+    /// (boxed, so that the common path's future stays small) waiting path.
+    async fn publish_one(
+        &self,
+        topic: &Topic,
+        message: Message,
+        producer: &Option<Arc<str>>,
+    ) -> Result<u64, PublishError> {
+        let mut pending = Some(message).into_iter();
+        match self.append(topic, &mut pending, producer) {
+            Err(PublishError::Full { .. }) => {}
+            other => return other.map(|r| r.start),
+        }
+        let waiting = Box::pin(self.append_wait(topic, pending.collect(), producer));
+        waiting.await.map(|r| r.start)
     }
 
     async fn append_wait(
@@ -669,15 +681,15 @@ impl BrokerInner {
 
     /// Stores a dead letter in its source topic's dead-letter queue.
     pub(crate) fn dead_letter(&self, job: DeadJob) {
-        let name = dlq_name(&job.record.topic);
+        let name = dlq_name(&job.topic);
         let topic = self.topic(&name);
-        let message = dead_letter_message(&job.record, &job.reason, job.attempts);
+        let message = dead_letter_message(&job.topic, &job.record, &job.reason, job.attempts);
         // Dead-letter topics never refuse for capacity; retention bounds them. If the broker is
         // already closed the dead letter is still stored (it was counted as dead-lettered).
         if topic.append(std::iter::once(message), &None).is_ok() {
             let mut reasons = self.dead_reasons.lock();
             *reasons
-                .entry(job.record.topic.clone())
+                .entry(job.topic.clone())
                 .or_default()
                 .entry(job.reason.kind().to_string())
                 .or_default() += 1;
@@ -694,7 +706,7 @@ impl BrokerInner {
             .collect();
         TopicStats {
             topic: t.name.to_string(),
-            counters: t.counters.snapshot(),
+            counters: t.counters(),
             depth,
             bytes,
             first_offset: first,
@@ -722,7 +734,7 @@ impl BrokerInner {
                 continue;
             }
             n += 1;
-            counters += t.counters.snapshot();
+            counters += t.counters();
             depth += d;
             bytes += b;
         }
@@ -851,7 +863,10 @@ impl BrokerInner {
 
 async fn maintenance(inner: Weak<BrokerInner>) {
     let interval = match inner.upgrade() {
-        Some(i) => i.config.maintenance_interval,
+        Some(i) => {
+            i.emit(BrokerEvent::Started);
+            i.config.maintenance_interval
+        }
         None => return,
     };
     loop {

@@ -33,6 +33,7 @@ use crate::message::Record;
 use crate::signal::Signal;
 use crate::stats::{Counters, SubscriptionStats};
 use crate::subscription::Delivery;
+use crate::topic::TopicName;
 
 /// How deliveries are acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +60,9 @@ const EVICTED: u8 = 2;
 
 struct Cursor {
     topic: Arc<Topic>,
+    /// The topic's name, in an allocation of this consumer's own (see
+    /// [`TopicName::private_copy`]).
+    name: TopicName,
     start: u64,
     next: u64,
     hold: Arc<Hold>,
@@ -104,6 +108,7 @@ struct State {
 
 /// A record to be dead-lettered once the state lock is released.
 pub(crate) struct DeadJob {
+    pub(crate) topic: TopicName,
     pub(crate) record: Arc<Record>,
     pub(crate) reason: DeadLetterReason,
     pub(crate) attempts: u32,
@@ -125,6 +130,8 @@ pub(crate) struct Fetch {
     /// When the next ack deadline or nack delay falls due.
     pub(crate) next_wake: Option<Instant>,
     pub(crate) closed: Option<RecvError>,
+    /// The member holds `prefetch` unsettled deliveries: it must wait for its own settlements.
+    pub(crate) throttled: bool,
 }
 
 /// Identity and options of a consumer, fixed at creation.
@@ -143,7 +150,12 @@ pub(crate) struct Consumer {
     pub(crate) group: bool,
     pub(crate) policy: AckPolicy,
     state: Mutex<State>,
+    /// Members waiting for records (topics notify it on append).
     pub(crate) signal: Arc<Signal>,
+    /// Members waiting because they hold `prefetch` unsettled deliveries (settling wakes them).
+    /// Kept apart so that a throttled member never swallows a wake-up meant for one that can
+    /// take the record.
+    pub(crate) acks: Signal,
     pub(crate) counters: Counters,
     pub(crate) members: AtomicUsize,
     /// Milliseconds since the broker's epoch of the last read.
@@ -163,6 +175,7 @@ impl Consumer {
             policy: spec.policy,
             state: Mutex::new(State::default()),
             signal: Arc::new(Signal::new()),
+            acks: Signal::new(),
             counters: Counters::default(),
             members: AtomicUsize::new(0),
             last_active: AtomicU64::new(0),
@@ -202,6 +215,7 @@ impl Consumer {
         let (hold, start) = topic.attach(self.id, &self.signal, seek);
         st.cursors.push(Cursor {
             topic: topic.clone(),
+            name: topic.name.private_copy(),
             start,
             next: start,
             hold,
@@ -225,6 +239,7 @@ impl Consumer {
                 got: 0,
                 next_wake: None,
                 closed: Some(status_error(status)),
+                throttled: false,
             };
         }
         let now = Instant::now();
@@ -274,8 +289,9 @@ impl Consumer {
                 skipped = c.topic.read(&mut c.next, want, &mut |r| scratch.push(r));
             } else {
                 let before = out.len();
+                let name = &c.name;
                 skipped = c.topic.read(&mut c.next, want, &mut |r| {
-                    out.push_back(Delivery::auto(r));
+                    out.push_back(Delivery::auto(r, name.clone()));
                 });
                 let k = (out.len() - before) as u64;
                 got += k as usize;
@@ -317,6 +333,7 @@ impl Consumer {
             got,
             next_wake,
             closed: None,
+            throttled: got == 0 && budget == 0,
         }
     }
 
@@ -344,7 +361,8 @@ impl Consumer {
         );
         st.timers.push(Reverse((deadline, tag)));
         *st.member_inflight.entry(member).or_default() += 1;
-        Delivery::manual(record, attempt, self.clone(), tag)
+        let topic = st.cursors[cursor].name.clone();
+        Delivery::manual(record, topic, attempt, self.clone(), tag)
     }
 
     /// Handles due ack deadlines and nack delays.
@@ -391,8 +409,10 @@ impl Consumer {
             c.unsettled.remove(&e.record.offset);
             c.update_hold();
             let topic = c.topic.clone();
+            let name = c.name.clone();
             self.count(&topic, |c| c.add_dead_lettered(1));
             dead.push(DeadJob {
+                topic: name,
                 record: e.record,
                 reason,
                 attempts: e.attempt,
@@ -458,11 +478,14 @@ impl Consumer {
                 st.ready.push_front(tag);
             }
         }
-        let wake = !st.ready.is_empty() || before >= self.policy.prefetch;
+        let redeliver = !st.ready.is_empty();
         drop(st);
         self.bury(dead);
-        if wake {
-            self.signal.notify_all();
+        if redeliver {
+            self.signal.notify_one();
+        }
+        if before >= self.policy.prefetch {
+            self.acks.notify_all();
         }
         Ok(())
     }
@@ -486,6 +509,7 @@ impl Consumer {
         st.member_inflight.remove(&member);
         drop(st);
         self.signal.unregister(member);
+        self.acks.unregister(member);
         if !tags.is_empty() {
             self.signal.notify_all();
         }
@@ -496,10 +520,10 @@ impl Consumer {
 
     /// Auto-ack records that were handed over but never received (the subscription dropped
     /// them): they are re-counted from acknowledged to dropped.
-    pub(crate) fn forget_buffered(&self, records: &[Arc<Record>]) {
+    pub(crate) fn forget_buffered(&self, topics: &[TopicName]) {
         let st = self.state.lock();
-        for r in records {
-            if let Some(c) = st.cursors.iter().find(|c| c.topic.name == r.topic) {
+        for t in topics {
+            if let Some(c) = st.cursors.iter().find(|c| c.name == *t) {
                 self.count(&c.topic, |c| {
                     c.acked.fetch_sub(1, Ordering::Relaxed);
                     c.add_dropped(1);
@@ -509,9 +533,9 @@ impl Consumer {
     }
 
     /// Counts a handler error against the record's topic and this consumer.
-    pub(crate) fn count_error(&self, record: &Record) {
+    pub(crate) fn count_error(&self, topic: &TopicName) {
         let st = self.state.lock();
-        if let Some(c) = st.cursors.iter().find(|c| c.topic.name == record.topic) {
+        if let Some(c) = st.cursors.iter().find(|c| c.name == *topic) {
             self.count(&c.topic, |c| c.add_errors(1));
         }
     }
@@ -546,6 +570,7 @@ impl Consumer {
         }
         drop(st);
         self.signal.notify_all();
+        self.acks.notify_all();
     }
 
     /// Whether the consumer has nothing left to deliver or settle.

@@ -113,6 +113,7 @@ impl DeadLetter {
 
 /// Builds the record stored in the dead-letter queue.
 pub(crate) fn dead_letter_message(
+    topic: &TopicName,
     record: &Record,
     reason: &DeadLetterReason,
     attempts: u32,
@@ -122,7 +123,7 @@ pub(crate) fn dead_letter_message(
     h.insert(headers::REASON, reason.kind());
     h.insert(headers::DETAIL, reason.detail());
     h.insert(headers::ATTEMPTS, attempts.to_string());
-    h.insert(headers::SOURCE_TOPIC, record.topic.as_str());
+    h.insert(headers::SOURCE_TOPIC, topic.as_str());
     h.insert(headers::SOURCE_OFFSET, record.offset.to_string());
     let ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -202,6 +202,7 @@ impl Subscription {
                 let token = delivery.detach_ack();
                 let consumer = self.consumer.clone();
                 let record = delivery.record().clone();
+                let topic = delivery.topic().clone();
                 let handler = handler.clone();
                 let counts = pool_counts.clone();
                 let broker = self.broker.inner.clone();
@@ -217,8 +218,8 @@ impl Subscription {
                         }
                         Ok(Err(e)) => {
                             counts.failed.fetch_add(1, Ordering::Relaxed);
-                            consumer.count_error(&record);
-                            tracing::debug!(topic = %record.topic(), offset = record.offset(), error = %e, "handler failed");
+                            consumer.count_error(&topic);
+                            tracing::debug!(topic = %topic, offset = record.offset(), error = %e, "handler failed");
                             match e {
                                 HandlerError::Retry { delay, .. } => Settle::Nack(delay),
                                 HandlerError::Reject(reason) => Settle::Reject(reason),
@@ -226,8 +227,8 @@ impl Subscription {
                         }
                         Err(_) => {
                             counts.panicked.fetch_add(1, Ordering::Relaxed);
-                            consumer.count_error(&record);
-                            tracing::warn!(topic = %record.topic(), offset = record.offset(), "handler panicked");
+                            consumer.count_error(&topic);
+                            tracing::warn!(topic = %topic, offset = record.offset(), "handler panicked");
                             Settle::Nack(None)
                         }
                     };

@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 use crate::config::{Retention, TopicConfig};
 use crate::message::{Message, Record};
 use crate::signal::Signal;
-use crate::stats::Counters;
+use crate::stats::{Counters, Padded};
 use crate::topic::TopicName;
 
 /// The lowest offset a cursor still needs. Only ever increases.
@@ -75,7 +75,7 @@ pub(crate) struct Topic {
     pub(crate) log: Mutex<Log>,
     /// Next offset to assign, readable without the lock.
     tail: AtomicU64,
-    pub(crate) counters: Counters,
+    pub(crate) counters: Padded<Counters>,
     /// Publishers waiting for space.
     pub(crate) space: tokio::sync::Notify,
     pub(crate) blocked: AtomicUsize,
@@ -109,10 +109,17 @@ impl Topic {
                 closed: false,
             }),
             tail: AtomicU64::new(0),
-            counters: Counters::default(),
+            counters: Padded::default(),
             space: tokio::sync::Notify::new(),
             blocked: AtomicUsize::new(0),
         }
+    }
+
+    /// The topic's counters; `published` is the tail (every offset ever assigned).
+    pub(crate) fn counters(&self) -> crate::stats::CounterSnapshot {
+        let mut c = self.counters.snapshot();
+        c.published = self.tail();
+        c
     }
 
     /// Next offset to be assigned (SeqCst: pairs with [`Signal`]).
@@ -150,11 +157,7 @@ impl Topic {
                 log.bytes += message.size();
                 let offset = log.next;
                 log.next += 1;
-                log.records.push_back(Arc::new(Record {
-                    topic: self.name.clone(),
-                    offset,
-                    message,
-                }));
+                log.records.push_back(Arc::new(Record { offset, message }));
             }
         } else {
             log.next += n as u64;
@@ -164,7 +167,6 @@ impl Topic {
             self.counters.add_dropped(n as u64);
         }
         let end = log.next;
-        self.counters.add_published(n as u64);
         log.appends_since_gc += n;
         // Release consumed records every so often: at most a quarter of the capacity (and at
         // most GC_EVERY appends) linger after every cursor has passed them.
@@ -175,8 +177,11 @@ impl Topic {
             self.release(&mut log);
         }
         self.tail.store(end, Ordering::SeqCst);
-        for (_, w) in &log.watchers {
-            w.notify_one();
+        if !log.watchers.is_empty() {
+            crate::signal::fence();
+            for (_, w) in &log.watchers {
+                w.notify_one();
+            }
         }
         Ok(start..end)
     }

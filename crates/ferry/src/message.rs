@@ -19,8 +19,6 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::topic::TopicName;
-
 /// A unique, time-ordered message id (a UUID v7: the first 48 bits are the Unix time in ms).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MessageId(Uuid);
@@ -338,20 +336,15 @@ impl MessageBuilder {
     }
 }
 
-/// A published message as stored in a topic's log: the message plus its topic and offset.
+/// A published message as stored in a topic's log: the message plus its offset. Records do not
+/// carry their topic's name (deliveries do), so that publishing touches no shared counter.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Record {
-    pub(crate) topic: TopicName,
     pub(crate) offset: u64,
     pub(crate) message: Message,
 }
 
 impl Record {
-    /// The topic it was published to.
-    pub fn topic(&self) -> &TopicName {
-        &self.topic
-    }
-
     /// Its offset in the topic (0 for the topic's first record).
     pub fn offset(&self) -> u64 {
         self.offset

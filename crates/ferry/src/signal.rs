@@ -6,9 +6,11 @@
 //! [`Signal::notify_one`]. The `waiting` counter lets publishers skip the lock entirely while
 //! nobody sleeps, which is the common case under load.
 //!
-//! Invariant (no lost wake-up): the consumer's write of `waiting` and the publisher's write of the
-//! log's tail are both `SeqCst`, as are the reads that follow them, so at least one side sees the
-//! other: either the consumer's re-check sees the new record or the publisher sees the waiter.
+//! Invariant (no lost wake-up): the consumer increments `waiting` and then re-reads the log's
+//! tail; the publisher stores the tail and then reads `waiting`. A `SeqCst` fence sits between the
+//! write and the read on both sides ([`Signal::register`] issues the consumer's; the publisher
+//! calls [`fence`] once per append, before notifying), so at least one side sees the other: either
+//! the consumer's re-check sees the new record or the publisher sees the waiter.
 //! `loom` checks this in `tests` below (`RUSTFLAGS="--cfg ferry_loom" cargo test -p ferry --lib loom`).
 
 use std::task::Waker;
@@ -56,6 +58,8 @@ impl Signal {
             notified: false,
         });
         self.waiting.fetch_add(1, Ordering::SeqCst);
+        drop(waiters);
+        fence();
         false
     }
 
@@ -74,6 +78,7 @@ impl Signal {
     }
 
     /// Wakes one registered waiter, if any. Cheap (one atomic load) when none is waiting.
+    /// The caller must have issued [`fence`] after making its data visible.
     pub(crate) fn notify_one(&self) {
         if self.waiting.load(Ordering::SeqCst) == 0 {
             return;
@@ -105,6 +110,12 @@ impl Signal {
     }
 }
 
+/// The publisher's side of the hand-off: a `SeqCst` fence between storing the tail and reading
+/// the waiters' counters.
+pub(crate) fn fence() {
+    crate::sync::fence(Ordering::SeqCst);
+}
+
 #[cfg(all(test, ferry_loom))]
 mod tests {
     use super::*;
@@ -113,32 +124,60 @@ mod tests {
     use std::pin::Pin;
     use std::task::{Context, Poll};
 
-    /// A consumer future modelled on the engine's `poll_recv`: read the tail; if nothing new,
-    /// register, re-check, and sleep.
-    struct WaitFor<'a> {
+    /// A group member modelled on the engine's `poll_recv`: take one record if there is one
+    /// (passing the wake-up on if more remain); otherwise register, re-check, and sleep.
+    struct TakeOne<'a> {
         signal: &'a Signal,
         tail: &'a AtomicU64,
-        want: u64,
+        taken: &'a AtomicU64,
         key: u64,
+        registered: bool,
     }
 
-    impl Future for WaitFor<'_> {
+    impl Future for TakeOne<'_> {
         type Output = ();
-        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
             loop {
-                if self.tail.load(Ordering::SeqCst) >= self.want {
+                let t = self.taken.load(Ordering::SeqCst);
+                if t < self.tail.load(Ordering::SeqCst) {
+                    if self
+                        .taken
+                        .compare_exchange(t, t + 1, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_err()
+                    {
+                        continue;
+                    }
                     self.signal.unregister(self.key);
+                    if t + 1 < self.tail.load(Ordering::SeqCst) {
+                        self.signal.notify_one();
+                    }
                     return Poll::Ready(());
                 }
                 if self.signal.register(self.key, cx.waker()) {
+                    self.registered = false;
                     continue;
                 }
-                if self.tail.load(Ordering::SeqCst) >= self.want {
-                    self.signal.unregister(self.key);
-                    return Poll::Ready(());
+                if !self.registered {
+                    self.registered = true;
+                    continue;
                 }
                 return Poll::Pending;
             }
+        }
+    }
+
+    fn take_one<'a>(
+        signal: &'a Signal,
+        tail: &'a AtomicU64,
+        taken: &'a AtomicU64,
+        key: u64,
+    ) -> TakeOne<'a> {
+        TakeOne {
+            signal,
+            tail,
+            taken,
+            key,
+            registered: false,
         }
     }
 
@@ -147,54 +186,42 @@ mod tests {
         loom::model(|| {
             let signal = Arc::new(Signal::new());
             let tail = Arc::new(AtomicU64::new(0));
+            let taken = AtomicU64::new(0);
             let (s2, t2) = (signal.clone(), tail.clone());
             let producer = loom::thread::spawn(move || {
                 t2.store(1, Ordering::SeqCst);
+                fence();
                 s2.notify_one();
             });
-            loom::future::block_on(WaitFor {
-                signal: &signal,
-                tail: &tail,
-                want: 1,
-                key: 1,
-            });
+            loom::future::block_on(take_one(&signal, &tail, &taken, 1));
             producer.join().unwrap();
         });
     }
 
     #[test]
     fn loom_group_members_all_finish() {
-        // Two members of a group wait for two records published by one producer: a notification
-        // that reaches a member which then leaves must be passed on, so neither sleeps forever.
+        // Two members of a group each take one of two records published one by one: neither
+        // may sleep forever while a record is left.
         loom::model(|| {
             let signal = Arc::new(Signal::new());
             let tail = Arc::new(AtomicU64::new(0));
-            let (s2, t2) = (signal.clone(), tail.clone());
+            let taken = Arc::new(AtomicU64::new(0));
             let member = {
-                let (s, t) = (signal.clone(), tail.clone());
-                loom::thread::spawn(move || {
-                    loom::future::block_on(WaitFor {
-                        signal: &s,
-                        tail: &t,
-                        want: 1,
-                        key: 2,
-                    })
-                })
+                let (s, t, k) = (signal.clone(), tail.clone(), taken.clone());
+                loom::thread::spawn(move || loom::future::block_on(take_one(&s, &t, &k, 2)))
             };
+            let (s2, t2) = (signal.clone(), tail.clone());
             let producer = loom::thread::spawn(move || {
-                t2.store(1, Ordering::SeqCst);
-                s2.notify_one();
-                t2.store(2, Ordering::SeqCst);
-                s2.notify_one();
+                for n in 1..=2 {
+                    t2.store(n, Ordering::SeqCst);
+                    fence();
+                    s2.notify_one();
+                }
             });
-            loom::future::block_on(WaitFor {
-                signal: &signal,
-                tail: &tail,
-                want: 2,
-                key: 1,
-            });
+            loom::future::block_on(take_one(&signal, &tail, &taken, 1));
             member.join().unwrap();
             producer.join().unwrap();
+            assert_eq!(taken.load(Ordering::SeqCst), 2);
         });
     }
 }

@@ -14,6 +14,19 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+/// Aligns its content to its own cache lines, so that counters written by consumers do not
+/// share a line with the log lock and tail that publishers write.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct Padded<T>(pub(crate) T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
 macro_rules! counters {
     ($($name:ident => $add:ident),* $(,)?) => {
         /// A set of monotonically increasing counters.

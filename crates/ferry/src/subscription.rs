@@ -46,14 +46,16 @@ pub enum StartPosition {
 /// nacks it (it is redelivered and the attempt counts). In auto-ack mode these are no-ops.
 pub struct Delivery {
     record: Arc<Record>,
+    topic: TopicName,
     attempt: u32,
     ack: Option<(Arc<Consumer>, u64)>,
 }
 
 impl Delivery {
-    pub(crate) fn auto(record: Arc<Record>) -> Self {
+    pub(crate) fn auto(record: Arc<Record>, topic: TopicName) -> Self {
         Delivery {
             record,
+            topic,
             attempt: 1,
             ack: None,
         }
@@ -61,12 +63,14 @@ impl Delivery {
 
     pub(crate) fn manual(
         record: Arc<Record>,
+        topic: TopicName,
         attempt: u32,
         consumer: Arc<Consumer>,
         tag: u64,
     ) -> Self {
         Delivery {
             record,
+            topic,
             attempt,
             ack: Some((consumer, tag)),
         }
@@ -74,7 +78,7 @@ impl Delivery {
 
     /// The topic the message was published to.
     pub fn topic(&self) -> &TopicName {
-        &self.record.topic
+        &self.topic
     }
 
     /// Its offset in the topic.
@@ -87,7 +91,7 @@ impl Delivery {
         &self.record.message
     }
 
-    /// The shared record (topic, offset, message).
+    /// The shared record (offset and message).
     pub fn record(&self) -> &Arc<Record> {
         &self.record
     }
@@ -147,7 +151,7 @@ impl std::ops::Deref for Delivery {
 impl std::fmt::Debug for Delivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Delivery")
-            .field("topic", &self.record.topic)
+            .field("topic", &self.topic)
             .field("offset", &self.record.offset)
             .field("attempt", &self.attempt)
             .field("id", &self.record.message.id())
@@ -264,7 +268,9 @@ pub struct Subscription {
     pub(crate) member: u64,
     pub(crate) batch: usize,
     buf: VecDeque<Delivery>,
-    registered: bool,
+    /// Which signal this member is registered with, if any: `Some(false)` the consumer's data
+    /// signal, `Some(true)` its acknowledgement signal (when throttled by prefetch).
+    registered: Option<bool>,
     sleep: Option<Pin<Box<Sleep>>>,
 }
 
@@ -276,7 +282,7 @@ impl Subscription {
             member,
             batch,
             buf: VecDeque::new(),
-            registered: false,
+            registered: None,
             sleep: None,
         }
     }
@@ -337,28 +343,30 @@ impl Subscription {
             }
             let f = self.consumer.fetch(self.member, self.batch, &mut self.buf);
             if f.got > 0 {
-                if self.registered {
-                    self.registered = false;
-                    self.consumer.signal.unregister(self.member);
-                }
+                self.unregister();
                 continue;
             }
             if let Some(e) = f.closed {
-                if self.registered {
-                    self.registered = false;
-                    self.consumer.signal.unregister(self.member);
-                }
+                self.unregister();
                 return Poll::Ready(Err(e));
             }
-            let notified = self.consumer.signal.register(self.member, cx.waker());
-            if notified {
+            let on_acks = f.throttled;
+            if self.registered.is_some_and(|r| r != on_acks) {
+                self.unregister();
+            }
+            let signal = if on_acks {
+                &self.consumer.acks
+            } else {
+                &*self.consumer.signal
+            };
+            if signal.register(self.member, cx.waker()) {
                 // Woken since we registered: look again.
-                self.registered = false;
+                self.registered = None;
                 continue;
             }
-            if !self.registered {
+            if self.registered.is_none() {
                 // Newly registered: check once more before sleeping (no lost wake-up).
-                self.registered = true;
+                self.registered = Some(on_acks);
                 continue;
             }
             if let Some(deadline) = f.next_wake {
@@ -373,6 +381,14 @@ impl Subscription {
                 }
             }
             return Poll::Pending;
+        }
+    }
+
+    fn unregister(&mut self) {
+        match self.registered.take() {
+            Some(true) => self.consumer.acks.unregister(self.member),
+            Some(false) => self.consumer.signal.unregister(self.member),
+            None => {}
         }
     }
 
@@ -437,7 +453,7 @@ impl Drop for Subscription {
                 Some(token) => {
                     let _ = token.settle(Settle::Returned);
                 }
-                None => unreceived.push(d.record.clone()),
+                None => unreceived.push(d.topic.clone()),
             }
         }
         if !unreceived.is_empty() {

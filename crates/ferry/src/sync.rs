@@ -3,13 +3,13 @@
 
 #[cfg(ferry_loom)]
 pub(crate) use loom::sync::{
-    atomic::{AtomicU64, AtomicUsize, Ordering},
+    atomic::{fence, AtomicU64, AtomicUsize, Ordering},
     Arc, Mutex, MutexGuard,
 };
 
 #[cfg(not(ferry_loom))]
 pub(crate) use std::sync::{
-    atomic::{AtomicUsize, Ordering},
+    atomic::{fence, AtomicUsize, Ordering},
     Mutex, MutexGuard,
 };
 

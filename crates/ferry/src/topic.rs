@@ -98,6 +98,12 @@ impl TopicName {
         }
     }
 
+    /// The same name in an allocation of its own, so that reference counting on it does not
+    /// contend with other threads' copies (each cursor keeps one for its deliveries).
+    pub(crate) fn private_copy(&self) -> TopicName {
+        TopicName(Arc::from(&*self.0))
+    }
+
     /// The name as a string slice.
     pub fn as_str(&self) -> &str {
         &self.0

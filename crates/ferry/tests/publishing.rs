@@ -119,3 +119,27 @@ async fn closed_broker_refuses_work_without_panicking() {
     assert_eq!(broker.shutdown(Duration::from_secs(1)).await, report);
     assert_eq!(broker.health().status, "closed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_published_to_nobody_are_counted_and_skipped() {
+    let broker = Broker::default();
+    for _ in 0..2000 {
+        broker.publish("quiet", "x").await.unwrap();
+    }
+    // Releasing offsets that were never stored must terminate.
+    tokio::time::timeout(Duration::from_secs(5), async { broker.maintain() })
+        .await
+        .unwrap();
+    let mut sub = broker
+        .subscription("quiet")
+        .start(ferry::StartPosition::Earliest)
+        .build()
+        .unwrap();
+    assert_eq!(broker.publish("quiet", "heard").await.unwrap(), 2000);
+    let d = sub.recv().await.unwrap();
+    assert_eq!((d.offset(), d.payload().as_ref()), (2000, &b"heard"[..]));
+    let s = broker.topic_stats("quiet").unwrap();
+    assert_eq!(s.counters.dropped, 2000);
+    assert_eq!(s.counters.published, 2001);
+    assert_eq!(s.lag.max_lag, 0);
+}

@@ -225,3 +225,79 @@ async fn memory_pressure_events() {
     }
     assert!(normal);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_by_bytes_and_age() {
+    let broker = Broker::default();
+    let by_bytes = TopicConfig {
+        keep_consumed: true,
+        retention: Retention {
+            max_bytes: Some(10 * 1024),
+            ..Retention::default()
+        },
+        ..TopicConfig::default()
+    };
+    broker.create_topic("bytes", by_bytes).unwrap();
+    for _ in 0..100 {
+        broker.publish("bytes", vec![0u8; 1024]).await.unwrap();
+    }
+    let s = broker.topic_stats("bytes").unwrap();
+    assert!(s.bytes <= 10 * 1024, "{} bytes retained", s.bytes);
+    assert!(s.depth >= 8 && s.depth < 10, "{} records retained", s.depth);
+
+    let by_age = TopicConfig {
+        keep_consumed: true,
+        retention: Retention {
+            max_age: Some(Duration::from_secs(3600)),
+            ..Retention::default()
+        },
+        ..TopicConfig::default()
+    };
+    broker.create_topic("age", by_age).unwrap();
+    let old = SystemTime::now() - Duration::from_secs(7200);
+    for _ in 0..5 {
+        broker
+            .publish(
+                "age",
+                Message::builder().payload("old").timestamp(old).build(),
+            )
+            .await
+            .unwrap();
+    }
+    broker.publish("age", "new").await.unwrap();
+    broker.maintain();
+    let s = broker.topic_stats("age").unwrap();
+    assert_eq!((s.depth, s.first_offset), (1, 5));
+    // A new subscription asking for offset 0 starts at the first retained record.
+    let mut sub = broker
+        .subscription("bytes")
+        .start(StartPosition::Offset(0))
+        .build()
+        .unwrap();
+    let first = sub.recv().await.unwrap().offset();
+    assert!(first >= 90, "{first}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_evicted_under_a_lagging_subscriber_are_counted_as_dropped() {
+    let broker = Broker::default();
+    broker
+        .create_topic(
+            "log",
+            TopicConfig {
+                keep_consumed: true,
+                retention: Retention {
+                    max_messages: Some(10),
+                    ..Retention::default()
+                },
+                ..TopicConfig::default()
+            },
+        )
+        .unwrap();
+    let mut sub = broker.subscribe("log").unwrap();
+    publish_n(&broker, "log", 30).await;
+    assert_eq!(sub.recv().await.unwrap().offset(), 20);
+    let s = sub.stats();
+    assert_eq!(s.counters.dropped, 20);
+    assert_eq!(s.unaccounted(), 0);
+}
