@@ -30,7 +30,7 @@ use crate::events::BrokerEvent;
 use crate::filter::TopicFilter;
 use crate::filter_index::FilterIndex;
 use crate::log::{AppendError, Seek, Topic};
-use crate::message::Message;
+use crate::message::{Message, Record};
 use crate::stats::{BrokerStats, CounterSnapshot, Health, LagStats, SubscriptionStats, TopicStats};
 use crate::subscription::{StartPosition, Subscription, SubscriptionBuilder};
 use crate::topic::{TopicError, TopicName};
@@ -182,9 +182,8 @@ impl Broker {
         message: impl Into<Message>,
     ) -> Result<u64, PublishError> {
         let topic = self.inner.user_topic(topic)?;
-        let range = self
-            .inner
-            .append(&topic, std::iter::once(message.into()), &None)?;
+        let record = prepare(message.into(), &None);
+        let range = self.inner.append(&topic, std::iter::once(record))?;
         Ok(range.start)
     }
 
@@ -197,7 +196,8 @@ impl Broker {
     ) -> Result<Range<u64>, PublishError> {
         let topic = self.inner.user_topic(topic)?;
         let messages: Vec<Message> = messages.into_iter().collect();
-        self.inner.append_wait(&topic, messages, &None).await
+        let records = messages.into_iter().map(|m| prepare(m, &None)).collect();
+        self.inner.append_wait(&topic, records).await
     }
 
     /// A subscription builder for `filter` (exact topic, MQTT wildcard, glob; see
@@ -371,9 +371,10 @@ impl Publisher {
 
     /// Publishes without waiting.
     pub fn try_publish(&self, message: impl Into<Message>) -> Result<u64, PublishError> {
+        let record = prepare(message.into(), &self.producer);
         self.broker
             .inner
-            .append(&self.topic, std::iter::once(message.into()), &self.producer)
+            .append(&self.topic, std::iter::once(record))
             .map(|r| r.start)
     }
 
@@ -382,11 +383,11 @@ impl Publisher {
         &self,
         messages: impl IntoIterator<Item = Message>,
     ) -> Result<Range<u64>, PublishError> {
-        let messages: Vec<Message> = messages.into_iter().collect();
-        self.broker
-            .inner
-            .append_wait(&self.topic, messages, &self.producer)
-            .await
+        let records = messages
+            .into_iter()
+            .map(|m| prepare(m, &self.producer))
+            .collect();
+        self.broker.inner.append_wait(&self.topic, records).await
     }
 
     /// Publishes a batch without waiting (all or nothing).
@@ -394,10 +395,11 @@ impl Publisher {
         &self,
         messages: impl IntoIterator<Item = Message>,
     ) -> Result<Range<u64>, PublishError> {
-        let messages: Vec<Message> = messages.into_iter().collect();
-        self.broker
-            .inner
-            .append(&self.topic, messages.into_iter(), &self.producer)
+        let records: Vec<Arc<Record>> = messages
+            .into_iter()
+            .map(|m| prepare(m, &self.producer))
+            .collect();
+        self.broker.inner.append(&self.topic, records.into_iter())
     }
 }
 
@@ -464,13 +466,12 @@ impl BrokerInner {
     pub(crate) fn append(
         &self,
         topic: &Topic,
-        messages: impl ExactSizeIterator<Item = Message>,
-        producer: &Option<Arc<str>>,
+        records: impl ExactSizeIterator<Item = Arc<Record>>,
     ) -> Result<Range<u64>, PublishError> {
         if !self.running() {
             return Err(PublishError::Closed);
         }
-        topic.append(messages, producer).map_err(|e| match e {
+        topic.append(records).map_err(|e| match e {
             AppendError::Closed => PublishError::Closed,
             AppendError::Full => PublishError::Full {
                 topic: topic.name.to_string(),
@@ -492,22 +493,21 @@ impl BrokerInner {
         message: Message,
         producer: &Option<Arc<str>>,
     ) -> Result<u64, PublishError> {
-        let mut pending = Some(message).into_iter();
-        match self.append(topic, &mut pending, producer) {
+        let mut pending = Some(prepare(message, producer)).into_iter();
+        match self.append(topic, &mut pending) {
             Err(PublishError::Full { .. }) => {}
             other => return other.map(|r| r.start),
         }
-        let waiting = Box::pin(self.append_wait(topic, pending.collect(), producer));
+        let waiting = Box::pin(self.append_wait(topic, pending.collect()));
         waiting.await.map(|r| r.start)
     }
 
     async fn append_wait(
         &self,
         topic: &Topic,
-        messages: Vec<Message>,
-        producer: &Option<Arc<str>>,
+        records: Vec<Arc<Record>>,
     ) -> Result<Range<u64>, PublishError> {
-        let len = messages.len();
+        let len = records.len();
         if len > topic.config.capacity {
             return Err(PublishError::BatchTooLarge {
                 topic: topic.name.to_string(),
@@ -515,10 +515,10 @@ impl BrokerInner {
                 capacity: topic.config.capacity,
             });
         }
-        let mut pending = messages.into_iter();
+        let mut pending = records.into_iter();
         // `append` checks for space before it takes anything from the iterator, so on `Full`
-        // the messages are still in `pending` for the next try.
-        match self.append(topic, &mut pending, producer) {
+        // the records are still in `pending` for the next try.
+        match self.append(topic, &mut pending) {
             Err(PublishError::Full { .. }) => {}
             other => return other,
         }
@@ -527,16 +527,18 @@ impl BrokerInner {
             tokio::pin!(space);
             space.as_mut().enable();
             topic.blocked.fetch_add(1, Ordering::SeqCst);
-            let r = self.append(topic, &mut pending, producer);
+            let r = self.append(topic, &mut pending);
             if !matches!(r, Err(PublishError::Full { .. })) {
                 topic.blocked.fetch_sub(1, Ordering::SeqCst);
                 return r;
             }
-            // Consumers wake `space` when they release records; retry on each wake, and at
-            // least every 50 ms in case the space came from retention.
-            let _ = tokio::time::timeout(Duration::from_millis(50), space).await;
+            // The append set the hold that consumers must reach to wake us; check once more
+            // after publishing it (see `Topic::hold_advanced`), then sleep. Closing the broker
+            // or removing a subscription wakes us too.
+            if !topic.has_space(len) {
+                space.await;
+            }
             topic.blocked.fetch_sub(1, Ordering::SeqCst);
-            topic.collect();
         }
     }
 
@@ -686,7 +688,10 @@ impl BrokerInner {
         let message = dead_letter_message(&job.topic, &job.record, &job.reason, job.attempts);
         // Dead-letter topics never refuse for capacity; retention bounds them. If the broker is
         // already closed the dead letter is still stored (it was counted as dead-lettered).
-        if topic.append(std::iter::once(message), &None).is_ok() {
+        if topic
+            .append(std::iter::once(Record::pending(message)))
+            .is_ok()
+        {
             let mut reasons = self.dead_reasons.lock();
             *reasons
                 .entry(job.topic.clone())
@@ -859,6 +864,12 @@ impl BrokerInner {
         self.emit(BrokerEvent::Shutdown(report.clone()));
         report
     }
+}
+
+/// Stamps the producer id and wraps the message for the log (allocated outside the log lock).
+fn prepare(mut message: Message, producer: &Option<Arc<str>>) -> Arc<Record> {
+    message.set_producer_if_missing(producer);
+    Record::pending(message)
 }
 
 async fn maintenance(inner: Weak<BrokerInner>) {

@@ -72,9 +72,14 @@ struct Cursor {
 
 impl Cursor {
     fn update_hold(&self) {
-        let low = self.unsettled.first().copied().unwrap_or(self.next);
-        self.hold.set(low.min(self.next));
-        self.topic.wake_publishers();
+        let low = self
+            .unsettled
+            .first()
+            .copied()
+            .unwrap_or(self.next)
+            .min(self.next);
+        self.hold.set(low);
+        self.topic.hold_advanced(low);
     }
 }
 

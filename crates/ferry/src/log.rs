@@ -22,7 +22,7 @@ use std::time::SystemTime;
 use parking_lot::Mutex;
 
 use crate::config::{Retention, TopicConfig};
-use crate::message::{Message, Record};
+use crate::message::Record;
 use crate::signal::Signal;
 use crate::stats::{Counters, Padded};
 use crate::topic::TopicName;
@@ -79,6 +79,10 @@ pub(crate) struct Topic {
     /// Publishers waiting for space.
     pub(crate) space: tokio::sync::Notify,
     pub(crate) blocked: AtomicUsize,
+    /// The hold a cursor must reach before waiting publishers are worth waking (`u64::MAX`:
+    /// none). Set by a publisher that found the topic full, with some slack, so that a blocked
+    /// publisher wakes once per stretch of freed space rather than once per consumer batch.
+    space_target: AtomicU64,
 }
 
 /// How to find the first offset of a new cursor.
@@ -112,6 +116,7 @@ impl Topic {
             counters: Padded::default(),
             space: tokio::sync::Notify::new(),
             blocked: AtomicUsize::new(0),
+            space_target: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -127,13 +132,14 @@ impl Topic {
         self.tail.load(Ordering::SeqCst)
     }
 
-    /// Appends `messages` atomically: all of them, with contiguous offsets, or none.
+    /// Appends `records` (made by [`Record::pending`], so not shared yet) atomically: all of
+    /// them, with contiguous offsets, or none. Nothing is taken from the iterator unless the
+    /// append succeeds. The records are allocated by the caller, outside the lock.
     pub(crate) fn append(
         &self,
-        messages: impl ExactSizeIterator<Item = Message>,
-        producer: &Option<Arc<str>>,
+        records: impl ExactSizeIterator<Item = Arc<Record>>,
     ) -> Result<Range<u64>, AppendError> {
-        let n = messages.len();
+        let n = records.len();
         let mut log = self.log.lock();
         if log.closed {
             return Err(AppendError::Closed);
@@ -147,17 +153,29 @@ impl Topic {
             log.refresh_min_hold();
             if (log.next - log.min_hold) as usize + n > capacity {
                 self.release(&mut log);
+                let slack = (capacity / 16) as u64;
+                let target = (log.next + n as u64 + slack)
+                    .saturating_sub(capacity as u64)
+                    .min(log.next);
+                self.space_target.fetch_min(target, Ordering::SeqCst);
                 return Err(AppendError::Full);
             }
         }
         let start = log.next;
         if store {
-            for mut message in messages {
-                message.set_producer_if_missing(producer);
-                log.bytes += message.size();
+            for mut record in records {
                 let offset = log.next;
                 log.next += 1;
-                log.records.push_back(Arc::new(Record { offset, message }));
+                match Arc::get_mut(&mut record) {
+                    Some(r) => r.offset = offset,
+                    // Someone else holds it (not the case for `Record::pending`): copy.
+                    None => {
+                        let message = record.message.clone();
+                        record = Arc::new(Record { offset, message });
+                    }
+                }
+                log.bytes += record.message.size();
+                log.records.push_back(record);
             }
         } else {
             log.next += n as u64;
@@ -217,10 +235,32 @@ impl Topic {
         self.wake_publishers();
     }
 
+    /// Wakes every waiting publisher.
     pub(crate) fn wake_publishers(&self) {
         if self.blocked.load(Ordering::SeqCst) > 0 {
+            self.space_target.store(u64::MAX, Ordering::SeqCst);
             self.space.notify_waiters();
         }
+    }
+
+    /// A cursor's hold moved up to `low`: wake waiting publishers if that may free what they
+    /// wait for. Pairs with [`Topic::has_space`]: each side writes, fences, then reads the
+    /// other's variable, so a publisher never sleeps through the advance that frees it.
+    pub(crate) fn hold_advanced(&self, low: u64) {
+        crate::signal::fence();
+        if self.blocked.load(Ordering::SeqCst) > 0
+            && low >= self.space_target.load(Ordering::SeqCst)
+        {
+            self.wake_publishers();
+        }
+    }
+
+    /// Whether `n` records fit now (a blocked publisher's re-check after setting its target).
+    pub(crate) fn has_space(&self, n: usize) -> bool {
+        crate::signal::fence();
+        let mut log = self.log.lock();
+        log.refresh_min_hold();
+        log.holds.is_empty() || (log.next - log.min_hold) as usize + n <= self.config.capacity
     }
 
     /// Attaches a cursor: registers its hold and its consumer's signal, and resolves where it

@@ -345,6 +345,11 @@ pub struct Record {
 }
 
 impl Record {
+    /// Wraps a message for appending; the log sets the offset (the record is not shared yet).
+    pub(crate) fn pending(message: Message) -> Arc<Record> {
+        Arc::new(Record { offset: 0, message })
+    }
+
     /// Its offset in the topic (0 for the topic's first record).
     pub fn offset(&self) -> u64 {
         self.offset
