@@ -12,6 +12,12 @@ mod inproc;
 mod measure;
 mod report;
 
+/// Every system in a run shares this allocator, the one the `ferry` binary uses. With glibc's
+/// malloc, records allocated on one thread and freed on another make it grow and trim its
+/// per-thread heaps (mprotect calls and page faults) often enough to dominate the profile.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 

@@ -16,6 +16,11 @@ use tracing_subscriber::EnvFilter;
 
 mod demo;
 
+/// mimalloc rather than glibc's malloc: a broker allocates records on publishing threads and
+/// frees them on consuming threads, a pattern that makes glibc grow and trim per-thread heaps.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The environment variable holding the log filter.
 const LOG_ENV: &str = "FERRY_LOG";
 

@@ -34,12 +34,14 @@ pub(crate) struct Hold {
 }
 
 impl Hold {
+    // SeqCst: a consumer's advance and a blocked publisher's re-check pair like the wake-up
+    // hand-off (see `Topic::hold_advanced`).
     pub(crate) fn get(&self) -> u64 {
-        self.pos.load(Ordering::Acquire)
+        self.pos.load(Ordering::SeqCst)
     }
 
     pub(crate) fn set(&self, pos: u64) {
-        self.pos.fetch_max(pos, Ordering::AcqRel);
+        self.pos.fetch_max(pos, Ordering::SeqCst);
     }
 }
 

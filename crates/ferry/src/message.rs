@@ -31,24 +31,25 @@ impl MessageId {
 
     fn at(now: SystemTime) -> Self {
         thread_local! {
-            // (last millisecond, counter) - the counter is seeded randomly per thread and
-            // incremented per id, so ids from one thread are strictly increasing.
-            static STATE: Cell<(u64, u64)> = Cell::new((0, seed()));
+            // (last millisecond, counter, salt): the counter starts at a random value per thread
+            // and is incremented per id, so ids from one thread are strictly increasing; the
+            // random salt keeps threads (and processes) starting in the same millisecond apart.
+            static STATE: Cell<(u64, u64, u16)> = Cell::new(seed());
         }
         let ms = now
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let (ms, counter) = STATE.with(|s| {
-            let (last, counter) = s.get();
+        let (ms, counter, salt) = STATE.with(|s| {
+            let (last, counter, salt) = s.get();
             let ms = ms.max(last);
             let next = counter.wrapping_add(1);
-            s.set((ms, next));
-            (ms, next)
+            s.set((ms, next, salt));
+            (ms, next, salt)
         });
         let mut random = [0u8; 10];
         random[..8].copy_from_slice(&counter.to_be_bytes());
-        random[8..].copy_from_slice(&thread_salt().to_be_bytes());
+        random[8..].copy_from_slice(&salt.to_be_bytes());
         MessageId(uuid::Builder::from_unix_timestamp_millis(ms, &random).into_uuid())
     }
 
@@ -63,17 +64,10 @@ impl MessageId {
     }
 }
 
-fn seed() -> u64 {
-    // The counter's high bits are random so that two threads (or processes) starting in the same
-    // millisecond do not produce the same ids.
-    RandomState::new().hash_one(std::thread::current().id()) & 0x0000_FFFF_FFFF_FFFF
-}
-
-fn thread_salt() -> u16 {
-    thread_local! {
-        static SALT: u16 = RandomState::new().hash_one(0u8) as u16;
-    }
-    SALT.with(|s| *s)
+fn seed() -> (u64, u64, u16) {
+    let random = RandomState::new().hash_one(std::thread::current().id());
+    // The counter's top bits stay clear so that it does not wrap in practice.
+    (0, random & 0x0000_FFFF_FFFF_FFFF, (random >> 48) as u16)
 }
 
 impl Default for MessageId {

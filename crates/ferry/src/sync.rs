@@ -9,7 +9,7 @@ pub(crate) use loom::sync::{
 
 #[cfg(not(ferry_loom))]
 pub(crate) use std::sync::{
-    atomic::{fence, AtomicUsize, Ordering},
+    atomic::{AtomicUsize, Ordering},
     Mutex, MutexGuard,
 };
 
