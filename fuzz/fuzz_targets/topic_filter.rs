@@ -1,0 +1,33 @@
+//! Topic names and subscription filters from arbitrary bytes: parsing and matching never panic,
+//! a parsed filter keeps its source text, an exact filter matches its own topic, and `#` matches
+//! every valid (non-system) topic name.
+#![no_main]
+
+use ferry::{TopicFilter, TopicName};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let text = String::from_utf8_lossy(data);
+    let (filter, topic) = text.split_once('\u{1}').unwrap_or((&text, "a/b"));
+    let name = TopicName::new(topic);
+    for parsed in [
+        TopicFilter::parse(filter),
+        TopicFilter::mqtt(filter),
+        TopicFilter::glob(filter),
+        TopicFilter::exact(filter),
+        TopicFilter::regex(filter),
+    ] {
+        if let Ok(f) = parsed {
+            let _ = f.matches(topic);
+            assert_eq!(f.as_str(), filter);
+        }
+    }
+    if let Ok(exact) = TopicFilter::exact(filter) {
+        assert!(exact.matches(filter));
+    }
+    if let Ok(name) = name {
+        assert!(TopicFilter::parse("#")
+            .map(|f| f.matches(name.as_str()))
+            .unwrap_or(false));
+    }
+});
