@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::io::Write as _;
 
 use anyhow::{bail, Result};
+use ferry::stats::thousands;
 use serde::Serialize;
 
 use crate::inproc::{RunSpec, System};
@@ -272,31 +273,5 @@ impl Report {
              much CPU other processes leave."
         )?;
         Ok(())
-    }
-}
-
-/// `1234567` -> `1,234,567`.
-fn thousands(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::with_capacity(s.len() + s.len() / 3);
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::thousands;
-
-    #[test]
-    fn thousands_separators() {
-        assert_eq!(thousands(0), "0");
-        assert_eq!(thousands(999), "999");
-        assert_eq!(thousands(1000), "1,000");
-        assert_eq!(thousands(5_123_456), "5,123,456");
     }
 }

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use ferry::stats::thousands;
 use ferry::{
     Broker, BrokerConfig, Message, Publisher, ShutdownReport, Subscription, SubscriptionStats,
 };
@@ -1409,19 +1410,6 @@ impl Fleet {
 // ---------------------------------------------------------------------------------------------
 // Formatting
 // ---------------------------------------------------------------------------------------------
-
-/// `1234567` as `1,234,567`.
-fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    out
-}
 
 /// A rate with a k/M suffix: `950/s`, `20.0k/s`, `1.20M/s`.
 fn per_sec(r: f64) -> String {

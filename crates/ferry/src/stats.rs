@@ -209,6 +209,42 @@ pub struct Health {
     pub subscriptions: usize,
 }
 
+/// Formats a count with thousands separators (`1234567` -> `1,234,567`), for human-readable
+/// stats output.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
 pub(crate) fn ser_secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(5_123_456), "5,123,456");
+        assert_eq!(thousands(u64::MAX), "18,446,744,073,709,551,615");
+    }
+
+    #[test]
+    fn lag_stats() {
+        let l = LagStats::from_lags([3u64, 0, 9].into_iter());
+        assert_eq!((l.consumers, l.max_lag), (3, 9));
+        assert!((l.avg_lag - 4.0).abs() < 1e-12);
+        assert_eq!(LagStats::from_lags(std::iter::empty()).avg_lag, 0.0);
+    }
 }
