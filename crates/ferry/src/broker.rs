@@ -22,14 +22,14 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
-use crate::config::{BrokerConfig, TopicConfig};
+use crate::config::{BrokerConfig, Overflow, TopicConfig};
 use crate::consumer::{AckMode, AckPolicy, Consumer, ConsumerSpec, DeadJob};
 use crate::dlq::{dead_letter_message, dlq_name, DeadLetterQueue};
 use crate::error::{PublishError, SubscribeError};
 use crate::events::BrokerEvent;
 use crate::filter::TopicFilter;
 use crate::filter_index::FilterIndex;
-use crate::log::{AppendError, Seek, Topic};
+use crate::log::{AppendError, MemoryGauge, Pending, Seek, Topic};
 use crate::message::{Message, Record};
 use crate::stats::{BrokerStats, CounterSnapshot, Health, LagStats, SubscriptionStats, TopicStats};
 use crate::subscription::{StartPosition, Subscription, SubscriptionBuilder};
@@ -60,6 +60,7 @@ pub(crate) struct BrokerInner {
     pub(crate) active_handlers: AtomicUsize,
     report: Mutex<Option<ShutdownReport>>,
     weak: Weak<BrokerInner>,
+    memory: Option<Arc<MemoryGauge>>,
 }
 
 /// What shutdown found.
@@ -103,6 +104,7 @@ impl Broker {
     /// when [`Broker::maintain`] is called.
     pub fn new(config: BrokerConfig) -> Self {
         let (events, _) = broadcast::channel(config.event_capacity.max(1));
+        let memory = config.memory_limit.map(|l| Arc::new(MemoryGauge::new(l)));
         let inner = Arc::new_cyclic(|weak| BrokerInner {
             config,
             registry: RwLock::new(Registry::default()),
@@ -115,6 +117,7 @@ impl Broker {
             active_handlers: AtomicUsize::new(0),
             report: Mutex::new(None),
             weak: weak.clone(),
+            memory,
         });
         match tokio::runtime::Handle::try_current() {
             // The task announces the start, so that a receiver made right after `new` sees it.
@@ -183,7 +186,7 @@ impl Broker {
     ) -> Result<u64, PublishError> {
         let topic = self.inner.user_topic(topic)?;
         let record = prepare(message.into(), &None);
-        let range = self.inner.append(&topic, std::iter::once(record))?;
+        let range = self.inner.append(&topic, &mut Some(record))?;
         Ok(range.start)
     }
 
@@ -374,8 +377,21 @@ impl Publisher {
         let record = prepare(message.into(), &self.producer);
         self.broker
             .inner
-            .append(&self.topic, std::iter::once(record))
+            .append(&self.topic, &mut Some(record))
             .map(|r| r.start)
+    }
+
+    /// Publishes, waiting at most `timeout` for space; [`PublishError::Timeout`] (and nothing
+    /// stored) if none was freed in time.
+    pub async fn publish_timeout(
+        &self,
+        message: impl Into<Message>,
+        timeout: Duration,
+    ) -> Result<u64, PublishError> {
+        match tokio::time::timeout(timeout, self.publish(message)).await {
+            Ok(r) => r,
+            Err(_) => Err(PublishError::Timeout(self.topic.name.to_string())),
+        }
     }
 
     /// Publishes a batch atomically, waiting while the topic is full.
@@ -395,11 +411,11 @@ impl Publisher {
         &self,
         messages: impl IntoIterator<Item = Message>,
     ) -> Result<Range<u64>, PublishError> {
-        let records: Vec<Arc<Record>> = messages
+        let mut records: Vec<Arc<Record>> = messages
             .into_iter()
             .map(|m| prepare(m, &self.producer))
             .collect();
-        self.broker.inner.append(&self.topic, records.into_iter())
+        self.broker.inner.append(&self.topic, &mut records)
     }
 }
 
@@ -442,6 +458,7 @@ impl BrokerInner {
                 capacity: usize::MAX / 2,
                 keep_consumed: true,
                 retention: self.config.dead_letter_retention.clone(),
+                ..TopicConfig::default()
             }
         } else {
             reg.configs
@@ -449,7 +466,14 @@ impl BrokerInner {
                 .cloned()
                 .unwrap_or_else(|| self.config.topic_defaults.clone())
         };
-        let topic = Arc::new(Topic::new(name.clone(), config));
+        // Dead-letter topics are bounded by their retention, not by the memory limit: a dead
+        // letter is never refused.
+        let gauge = if name.is_system() {
+            None
+        } else {
+            self.memory.clone()
+        };
+        let topic = Arc::new(Topic::new(name.clone(), config, gauge));
         let mut matching = Vec::new();
         reg.index
             .for_each_match(name.as_str(), |id, _| matching.push(id));
@@ -466,12 +490,13 @@ impl BrokerInner {
     pub(crate) fn append(
         &self,
         topic: &Topic,
-        records: impl ExactSizeIterator<Item = Arc<Record>>,
+        records: &mut impl Pending,
     ) -> Result<Range<u64>, PublishError> {
         if !self.running() {
             return Err(PublishError::Closed);
         }
         topic.append(records).map_err(|e| match e {
+            AppendError::MemoryLimit { used, limit } => PublishError::MemoryLimit { used, limit },
             AppendError::Closed => PublishError::Closed,
             AppendError::Full => PublishError::Full {
                 topic: topic.name.to_string(),
@@ -493,12 +518,12 @@ impl BrokerInner {
         message: Message,
         producer: &Option<Arc<str>>,
     ) -> Result<u64, PublishError> {
-        let mut pending = Some(prepare(message, producer)).into_iter();
+        let mut pending = Some(prepare(message, producer));
         match self.append(topic, &mut pending) {
-            Err(PublishError::Full { .. }) => {}
+            Err(PublishError::Full { .. }) if topic.config.overflow == Overflow::Block => {}
             other => return other.map(|r| r.start),
         }
-        let waiting = Box::pin(self.append_wait(topic, pending.collect()));
+        let waiting = Box::pin(self.append_wait(topic, pending.into_iter().collect()));
         waiting.await.map(|r| r.start)
     }
 
@@ -515,13 +540,17 @@ impl BrokerInner {
                 capacity: topic.config.capacity,
             });
         }
-        let mut pending = records.into_iter();
-        // `append` checks for space before it takes anything from the iterator, so on `Full`
-        // the records are still in `pending` for the next try.
+        let mut pending = records;
+        // A failed append leaves the records in `pending` for the next try.
         match self.append(topic, &mut pending) {
-            Err(PublishError::Full { .. }) => {}
+            Err(PublishError::Full { .. }) if topic.config.overflow == Overflow::Block => {}
             other => return other,
         }
+        let bytes = if topic.config.max_bytes.is_some() {
+            pending.bytes()
+        } else {
+            0
+        };
         loop {
             let space = topic.space.notified();
             tokio::pin!(space);
@@ -535,7 +564,7 @@ impl BrokerInner {
             // The append set the hold that consumers must reach to wake us; check once more
             // after publishing it (see `Topic::hold_advanced`), then sleep. Closing the broker
             // or removing a subscription wakes us too.
-            if !topic.has_space(len) {
+            if !topic.has_space(len, bytes) {
                 space.await;
             }
             topic.blocked.fetch_sub(1, Ordering::SeqCst);
@@ -688,10 +717,7 @@ impl BrokerInner {
         let message = dead_letter_message(&job.topic, &job.record, &job.reason, job.attempts);
         // Dead-letter topics never refuse for capacity; retention bounds them. If the broker is
         // already closed the dead letter is still stored (it was counted as dead-lettered).
-        if topic
-            .append(std::iter::once(Record::pending(message)))
-            .is_ok()
-        {
+        if topic.append(&mut Some(Record::pending(message))).is_ok() {
             let mut reasons = self.dead_reasons.lock();
             *reasons
                 .entry(job.topic.clone())

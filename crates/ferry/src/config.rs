@@ -15,12 +15,32 @@ pub struct Retention {
     pub max_age: Option<Duration>,
 }
 
+/// What a bounded topic does with a publish that does not fit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Overflow {
+    /// `publish` waits until subscribers free space (honouring cancellation, and a timeout with
+    /// [`Publisher::publish_timeout`](crate::Publisher::publish_timeout)); `try_publish` is
+    /// refused with [`PublishError::Full`](crate::PublishError::Full).
+    #[default]
+    Block,
+    /// Every publish that does not fit is refused at once with `PublishError::Full`.
+    Reject,
+    /// The oldest records are released to make room, read or not; a subscription that had not
+    /// read them counts them as dropped.
+    DropOldest,
+}
+
 /// Per-topic settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicConfig {
-    /// The most records a subscription may lag behind before publishers wait (`publish`) or are
-    /// refused with [`PublishError::Full`](crate::PublishError::Full) (`try_publish`).
+    /// The most unconsumed records the topic holds (how far the slowest subscription may lag)
+    /// before `overflow` applies.
     pub capacity: usize,
+    /// The most bytes of unconsumed records (by [`Message::size`](crate::Message::size)) before
+    /// `overflow` applies; unbounded if `None`.
+    pub max_bytes: Option<usize>,
+    /// What a publish that does not fit does.
+    pub overflow: Overflow,
     /// Keep records that every subscription has consumed, within `retention`, so that new
     /// subscriptions can start from the earliest retained record or a past offset or time.
     /// When `false` (the default), a record is released as soon as no subscription needs it,
@@ -34,6 +54,8 @@ impl Default for TopicConfig {
     fn default() -> Self {
         TopicConfig {
             capacity: 100_000,
+            max_bytes: None,
+            overflow: Overflow::Block,
             keep_consumed: false,
             retention: Retention::default(),
         }
@@ -58,6 +80,9 @@ pub struct BrokerConfig {
     pub stale_after: Option<Duration>,
     /// Evict stale subscriptions automatically (their `recv` then returns `Evicted`).
     pub evict_stale: bool,
+    /// A broker-wide bound on the bytes of stored records: a publish that would exceed it is
+    /// refused with [`PublishError::MemoryLimit`](crate::PublishError::MemoryLimit).
+    pub memory_limit: Option<usize>,
     /// Emit a memory-pressure event when retained records exceed this many bytes, and a
     /// memory-normal event when they fall back under 80% of it.
     pub memory_high_watermark: Option<usize>,
@@ -81,6 +106,7 @@ impl Default for BrokerConfig {
             prefetch: 1000,
             stale_after: None,
             evict_stale: false,
+            memory_limit: None,
             memory_high_watermark: None,
             maintenance_interval: Duration::from_secs(1),
             event_capacity: 1024,

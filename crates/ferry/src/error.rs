@@ -21,8 +21,9 @@ pub enum PublishError {
         /// Its capacity in records.
         capacity: usize,
     },
-    /// A batch is larger than the topic's capacity and could never fit.
-    #[error("batch of {len} records exceeds the capacity of topic {topic} ({capacity})")]
+    /// A batch (or a single record) could never fit: more records than the topic's capacity,
+    /// or more bytes than its byte bound.
+    #[error("batch of {len} records can never fit in topic {topic} (capacity {capacity} records, or its byte bound)")]
     BatchTooLarge {
         /// The topic.
         topic: String,
@@ -31,6 +32,17 @@ pub enum PublishError {
         /// The topic's capacity.
         capacity: usize,
     },
+    /// The broker-wide memory limit would be exceeded.
+    #[error("memory limit exceeded: {used} of {limit} bytes in use")]
+    MemoryLimit {
+        /// Bytes of stored records.
+        used: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// A blocking publish did not find space within its timeout (nothing was stored).
+    #[error("timed out waiting for space in topic {0}")]
+    Timeout(String),
     /// Publishing into a system topic (`$...`) is not allowed.
     #[error("topic {0} is a system topic")]
     SystemTopic(String),
@@ -44,6 +56,8 @@ impl PublishError {
             PublishError::Closed => "closed",
             PublishError::Full { .. } => "queue_full",
             PublishError::BatchTooLarge { .. } => "batch_too_large",
+            PublishError::MemoryLimit { .. } => "memory_limit",
+            PublishError::Timeout(_) => "timeout",
             PublishError::SystemTopic(_) => "system_topic",
         }
     }

@@ -52,7 +52,7 @@ mod sync;
 pub mod topic;
 
 pub use broker::{Broker, Publisher, ShutdownReport};
-pub use config::{BrokerConfig, Retention, TopicConfig};
+pub use config::{BrokerConfig, Overflow, Retention, TopicConfig};
 pub use consumer::AckMode;
 pub use dlq::{DeadLetter, DeadLetterQueue, DeadLetterReason};
 pub use error::{AckError, DeadLetterError, PublishError, RecvError, SubscribeError, TryRecvError};

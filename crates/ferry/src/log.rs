@@ -21,7 +21,7 @@ use std::time::SystemTime;
 
 use parking_lot::Mutex;
 
-use crate::config::{Retention, TopicConfig};
+use crate::config::{Overflow, Retention, TopicConfig};
 use crate::message::Record;
 use crate::signal::Signal;
 use crate::stats::{Counters, Padded};
@@ -51,6 +51,61 @@ pub(crate) enum AppendError {
     Full,
     TooLarge(usize),
     Closed,
+    MemoryLimit { used: usize, limit: usize },
+}
+
+/// Bytes of records stored across the broker, against its memory limit.
+#[derive(Debug)]
+pub(crate) struct MemoryGauge {
+    pub(crate) limit: usize,
+    used: AtomicUsize,
+}
+
+impl MemoryGauge {
+    pub(crate) fn new(limit: usize) -> Self {
+        MemoryGauge {
+            limit,
+            used: AtomicUsize::new(0),
+        }
+    }
+
+    pub(crate) fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+/// Records waiting to be appended: one (the common case, no allocation) or a batch. An append
+/// takes all of them or none.
+pub(crate) trait Pending {
+    fn count(&self) -> usize;
+    fn bytes(&self) -> usize;
+    fn take_all(&mut self, f: impl FnMut(Arc<Record>));
+}
+
+impl Pending for Option<Arc<Record>> {
+    fn count(&self) -> usize {
+        usize::from(self.is_some())
+    }
+    fn bytes(&self) -> usize {
+        self.as_ref().map_or(0, |r| r.message.size())
+    }
+    fn take_all(&mut self, mut f: impl FnMut(Arc<Record>)) {
+        if let Some(r) = self.take() {
+            f(r);
+        }
+    }
+}
+
+impl Pending for Vec<Arc<Record>> {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn bytes(&self) -> usize {
+        self.iter().map(|r| r.message.size()).sum()
+    }
+    fn take_all(&mut self, f: impl FnMut(Arc<Record>)) {
+        self.drain(..).for_each(f);
+    }
 }
 
 #[derive(Debug)]
@@ -67,6 +122,7 @@ pub(crate) struct Log {
     min_hold: u64,
     appends_since_gc: usize,
     closed: bool,
+    gauge: Option<Arc<MemoryGauge>>,
 }
 
 /// A topic: its name, configuration, log and counters.
@@ -99,7 +155,11 @@ pub(crate) enum Seek {
 const GC_EVERY: usize = 1024;
 
 impl Topic {
-    pub(crate) fn new(name: TopicName, config: TopicConfig) -> Self {
+    pub(crate) fn new(
+        name: TopicName,
+        config: TopicConfig,
+        gauge: Option<Arc<MemoryGauge>>,
+    ) -> Self {
         Topic {
             name,
             config,
@@ -113,6 +173,7 @@ impl Topic {
                 min_hold: 0,
                 appends_since_gc: 0,
                 closed: false,
+                gauge,
             }),
             tail: AtomicU64::new(0),
             counters: Padded::default(),
@@ -134,38 +195,42 @@ impl Topic {
         self.tail.load(Ordering::SeqCst)
     }
 
-    /// Appends `records` (made by [`Record::pending`], so not shared yet) atomically: all of
-    /// them, with contiguous offsets, or none. Nothing is taken from the iterator unless the
-    /// append succeeds. The records are allocated by the caller, outside the lock.
-    pub(crate) fn append(
-        &self,
-        records: impl ExactSizeIterator<Item = Arc<Record>>,
-    ) -> Result<Range<u64>, AppendError> {
-        let n = records.len();
-        let mut log = self.log.lock();
-        if log.closed {
-            return Err(AppendError::Closed);
-        }
+    /// Appends `pending` (records made by [`Record::pending`], so not shared yet) atomically:
+    /// all of them, with contiguous offsets, or none; on failure `pending` is left as it was.
+    /// The records are allocated by the caller, outside the lock.
+    pub(crate) fn append(&self, pending: &mut impl Pending) -> Result<Range<u64>, AppendError> {
+        let n = pending.count();
         let capacity = self.config.capacity;
         if n > capacity {
             return Err(AppendError::TooLarge(n));
         }
+        let mut log = self.log.lock();
+        let weigh = self.config.max_bytes.is_some() || log.gauge.is_some();
+        let add_bytes = if weigh { pending.bytes() } else { 0 };
+        if add_bytes > self.config.max_bytes.unwrap_or(usize::MAX) {
+            // It could never fit: refuse rather than wait (or evict) forever.
+            return Err(AppendError::TooLarge(n));
+        }
+        if log.closed {
+            return Err(AppendError::Closed);
+        }
         let store = !log.holds.is_empty() || self.config.keep_consumed;
-        if !log.holds.is_empty() && (log.next - log.min_hold) as usize + n > capacity {
-            log.refresh_min_hold();
-            if (log.next - log.min_hold) as usize + n > capacity {
-                self.release(&mut log);
-                let slack = (capacity / 16) as u64;
-                let target = (log.next + n as u64 + slack)
-                    .saturating_sub(capacity as u64)
-                    .min(log.next);
-                self.space_target.fetch_min(target, Ordering::SeqCst);
-                return Err(AppendError::Full);
+        if store {
+            self.make_room(&mut log, n, add_bytes)?;
+            if let Some(g) = &log.gauge {
+                let used = g.used();
+                if used + add_bytes > g.limit {
+                    return Err(AppendError::MemoryLimit {
+                        used,
+                        limit: g.limit,
+                    });
+                }
             }
         }
         let start = log.next;
         if store {
-            for mut record in records {
+            let log = &mut *log;
+            pending.take_all(|mut record| {
                 let offset = log.next;
                 log.next += 1;
                 match Arc::get_mut(&mut record) {
@@ -176,10 +241,10 @@ impl Topic {
                         record = Arc::new(Record { offset, message });
                     }
                 }
-                log.bytes += record.message.size();
-                log.records.push_back(record);
-            }
+                log.push_back(record);
+            });
         } else {
+            pending.take_all(drop);
             log.next += n as u64;
             if log.records.is_empty() {
                 log.base = log.next;
@@ -204,6 +269,61 @@ impl Topic {
             }
         }
         Ok(start..end)
+    }
+
+    /// Applies the overflow policy so that `n` more records of `bytes` fit, or says `Full`.
+    fn make_room(&self, log: &mut Log, n: usize, bytes: usize) -> Result<(), AppendError> {
+        let capacity = self.config.capacity;
+        let max_bytes = self.config.max_bytes.unwrap_or(usize::MAX);
+        if self.fits(log, n, bytes) {
+            return Ok(());
+        }
+        log.refresh_min_hold();
+        self.release(log);
+        if self.fits(log, n, bytes) {
+            return Ok(());
+        }
+        if self.config.overflow == Overflow::DropOldest {
+            // Release the oldest records, read or not; lagging cursors skip them (and count them
+            // as dropped) on their next read.
+            while (log.records.len() + n > capacity || log.bytes.saturating_add(bytes) > max_bytes)
+                && !log.records.is_empty()
+            {
+                log.pop_front();
+            }
+            log.min_hold = log.min_hold.max(log.base);
+            return Ok(());
+        }
+        // Wake waiting publishers once the slowest cursor passes the offset that frees what this
+        // append needs, plus a sixteenth of the capacity.
+        let slack = (capacity / 16) as u64;
+        let mut target = (log.next + n as u64 + slack).saturating_sub(capacity as u64);
+        if log.bytes.saturating_add(bytes) > max_bytes {
+            let mut excess = log.bytes.saturating_add(bytes) - max_bytes;
+            let mut offset = log.base;
+            for r in &log.records {
+                if excess == 0 {
+                    break;
+                }
+                excess = excess.saturating_sub(r.message.size());
+                offset += 1;
+            }
+            target = target.max(offset + slack);
+        }
+        self.space_target
+            .fetch_min(target.min(log.next), Ordering::SeqCst);
+        Err(AppendError::Full)
+    }
+
+    /// Whether `n` more records of `bytes` fit within the capacity and the byte bound.
+    fn fits(&self, log: &Log, n: usize, bytes: usize) -> bool {
+        let unconsumed = if log.holds.is_empty() {
+            0
+        } else {
+            (log.next - log.min_hold) as usize
+        };
+        unconsumed + n <= self.config.capacity
+            && log.bytes.saturating_add(bytes) <= self.config.max_bytes.unwrap_or(usize::MAX)
     }
 
     /// Releases what no hold needs (or what retention evicts). Called with the lock held.
@@ -258,11 +378,12 @@ impl Topic {
     }
 
     /// Whether `n` records fit now (a blocked publisher's re-check after setting its target).
-    pub(crate) fn has_space(&self, n: usize) -> bool {
+    pub(crate) fn has_space(&self, n: usize, bytes: usize) -> bool {
         crate::signal::fence();
         let mut log = self.log.lock();
         log.refresh_min_hold();
-        log.holds.is_empty() || (log.next - log.min_hold) as usize + n <= self.config.capacity
+        self.release(&mut log);
+        self.fits(&log, n, bytes)
     }
 
     /// Attaches a cursor: registers its hold and its consumer's signal, and resolves where it
@@ -384,9 +505,22 @@ impl Topic {
 }
 
 impl Log {
+    fn push_back(&mut self, record: Arc<Record>) {
+        let size = record.message.size();
+        self.bytes += size;
+        if let Some(g) = &self.gauge {
+            g.used.fetch_add(size, Ordering::Relaxed);
+        }
+        self.records.push_back(record);
+    }
+
     fn pop_front(&mut self) {
         if let Some(r) = self.records.pop_front() {
-            self.bytes = self.bytes.saturating_sub(r.message.size());
+            let size = r.message.size();
+            self.bytes = self.bytes.saturating_sub(size);
+            if let Some(g) = &self.gauge {
+                g.used.fetch_sub(size, Ordering::Relaxed);
+            }
             self.base += 1;
         }
     }
