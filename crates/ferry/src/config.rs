@@ -48,6 +48,11 @@ pub struct TopicConfig {
     pub keep_consumed: bool,
     /// Retention bounds.
     pub retention: Retention,
+    /// Time to live of messages that set no expiry of their own.
+    pub default_ttl: Option<Duration>,
+    /// Send expired messages to the dead-letter queue (reason `expired`) instead of only
+    /// counting them.
+    pub dead_letter_expired: bool,
 }
 
 impl Default for TopicConfig {
@@ -58,6 +63,8 @@ impl Default for TopicConfig {
             overflow: Overflow::Block,
             keep_consumed: false,
             retention: Retention::default(),
+            default_ttl: None,
+            dead_letter_expired: false,
         }
     }
 }

@@ -127,6 +127,8 @@ pub(crate) enum Settle {
     Reject(String),
     /// Given back by a member that left without processing it.
     Returned,
+    /// It expired in the member's buffer before the subscriber received it.
+    Expired,
 }
 
 /// The result of a fetch.
@@ -264,6 +266,10 @@ impl Consumer {
             let Some(tag) = st.ready.pop_front() else {
                 break;
             };
+            if st.inflight.get(&tag).is_some_and(|e| e.record.expired(now)) {
+                self.expire(&mut st, tag, &mut dead);
+                continue;
+            }
             let Some(e) = st.inflight.remove(&tag) else {
                 continue;
             };
@@ -279,45 +285,67 @@ impl Consumer {
         }
         let n = st.cursors.len();
         let mut scratch = Vec::new();
-        for i in 0..n {
-            if got >= budget {
-                break;
-            }
-            let idx = (st.rr + i) % n;
-            let c = &mut st.cursors[idx];
-            if c.topic.tail() <= c.next {
-                continue;
-            }
-            let want = budget - got;
-            let skipped;
-            if manual {
-                skipped = c.topic.read(&mut c.next, want, &mut |r| scratch.push(r));
-            } else {
-                let before = out.len();
-                let name = &c.name;
-                skipped = c.topic.read(&mut c.next, want, &mut |r| {
-                    out.push_back(Delivery::auto(r, name.clone()));
+        let mut expired = Vec::new();
+        // Expired records are skipped, so a pass may deliver nothing while records remain:
+        // keep reading until something is delivered or nothing is left.
+        loop {
+            let mut progressed = false;
+            for i in 0..n {
+                if got >= budget {
+                    break;
+                }
+                let idx = (st.rr + i) % n;
+                let c = &mut st.cursors[idx];
+                if c.topic.tail() <= c.next {
+                    continue;
+                }
+                progressed = true;
+                let want = budget - got;
+                let skipped = c.topic.read(&mut c.next, want, &mut |r| {
+                    if r.expired(now) {
+                        expired.push(r);
+                    } else {
+                        scratch.push(r);
+                    }
                 });
-                let k = (out.len() - before) as u64;
-                got += k as usize;
-                c.update_hold();
                 let topic = c.topic.clone();
-                self.count(&topic, |c| {
-                    c.add_delivered(k);
-                    c.add_acked(k);
-                });
-            }
-            let topic = st.cursors[idx].topic.clone();
-            self.count(&topic, |c| c.add_dropped(skipped));
-            for r in scratch.drain(..) {
-                st.cursors[idx].unsettled.insert(r.offset);
-                self.count(&topic, |c| c.add_delivered(1));
-                let d = self.deliver(&mut st, now, member, r, idx, 1);
-                out.push_back(d);
-                got += 1;
-            }
-            if manual {
+                let name = c.name.clone();
+                let lapsed = expired.len() as u64;
+                self.count(&topic, |c| c.add_dropped(skipped));
+                if topic.config.dead_letter_expired {
+                    // Counted once, as dead-lettered.
+                    self.count(&topic, |c| c.add_dead_lettered(lapsed));
+                    dead.extend(expired.drain(..).map(|record| DeadJob {
+                        topic: name.clone(),
+                        record,
+                        reason: DeadLetterReason::Expired,
+                        attempts: 0,
+                    }));
+                } else {
+                    self.count(&topic, |c| c.add_expired(lapsed));
+                    expired.clear();
+                }
+                if manual {
+                    for r in scratch.drain(..) {
+                        st.cursors[idx].unsettled.insert(r.offset);
+                        self.count(&topic, |c| c.add_delivered(1));
+                        let d = self.deliver(&mut st, now, member, r, idx, 1);
+                        out.push_back(d);
+                        got += 1;
+                    }
+                } else {
+                    let k = scratch.len();
+                    out.extend(scratch.drain(..).map(|r| Delivery::auto(r, name.clone())));
+                    got += k;
+                    self.count(&topic, |c| {
+                        c.add_delivered(k as u64);
+                        c.add_acked(k as u64);
+                    });
+                }
                 st.cursors[idx].update_hold();
+            }
+            if got > 0 || got >= budget || !progressed {
+                break;
             }
         }
         if n > 0 {
@@ -391,6 +419,22 @@ impl Consumer {
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// An unsettled delivery's record expired before it could be redelivered.
+    fn expire(&self, st: &mut State, tag: u64, dead: &mut Vec<DeadJob>) {
+        let Some(e) = st.inflight.get(&tag) else {
+            return;
+        };
+        let topic = st.cursors[e.cursor].topic.clone();
+        if topic.config.dead_letter_expired {
+            self.to_dead(st, tag, DeadLetterReason::Expired, dead);
+        } else if let Some(e) = st.inflight.remove(&tag) {
+            let c = &mut st.cursors[e.cursor];
+            c.unsettled.remove(&e.record.offset);
+            c.update_hold();
+            self.count(&topic, |c| c.add_expired(1));
         }
     }
 
@@ -475,6 +519,7 @@ impl Consumer {
                 self.count(&record_topic, |c| c.add_nacked(1));
                 self.to_dead(&mut st, tag, DeadLetterReason::Rejected(reason), &mut dead);
             }
+            Settle::Expired => self.expire(&mut st, tag, &mut dead),
             Settle::Returned => {
                 if let Some(e) = st.inflight.get_mut(&tag) {
                     e.returned = true;
@@ -534,6 +579,31 @@ impl Consumer {
                     c.add_dropped(1);
                 });
             }
+        }
+    }
+
+    /// An auto-ack record expired in a member's buffer: re-counted from acknowledged to expired
+    /// (or dead-lettered, if the topic says so).
+    pub(crate) fn expire_buffered(&self, topic: &TopicName, record: &Arc<Record>) {
+        let st = self.state.lock();
+        let Some(c) = st.cursors.iter().find(|c| c.name == *topic) else {
+            return;
+        };
+        let t = c.topic.clone();
+        drop(st);
+        self.count(&t, |c| {
+            c.acked.fetch_sub(1, Ordering::Relaxed);
+        });
+        if t.config.dead_letter_expired {
+            self.count(&t, |c| c.add_dead_lettered(1));
+            self.bury(vec![DeadJob {
+                topic: topic.clone(),
+                record: record.clone(),
+                reason: DeadLetterReason::Expired,
+                attempts: 0,
+            }]);
+        } else {
+            self.count(&t, |c| c.add_expired(1));
         }
     }
 

@@ -40,6 +40,8 @@ pub enum DeadLetterReason {
     MaxAttempts,
     /// A subscriber or handler rejected it, with this reason.
     Rejected(String),
+    /// Its time to live passed before it was delivered.
+    Expired,
 }
 
 impl DeadLetterReason {
@@ -48,12 +50,13 @@ impl DeadLetterReason {
         match self {
             DeadLetterReason::MaxAttempts => "max_attempts",
             DeadLetterReason::Rejected(_) => "rejected",
+            DeadLetterReason::Expired => "expired",
         }
     }
 
     fn detail(&self) -> &str {
         match self {
-            DeadLetterReason::MaxAttempts => "",
+            DeadLetterReason::MaxAttempts | DeadLetterReason::Expired => "",
             DeadLetterReason::Rejected(r) => r,
         }
     }
@@ -61,6 +64,7 @@ impl DeadLetterReason {
     fn parse(kind: &str, detail: &str) -> Self {
         match kind {
             "max_attempts" => DeadLetterReason::MaxAttempts,
+            "expired" => DeadLetterReason::Expired,
             _ => DeadLetterReason::Rejected(detail.to_string()),
         }
     }

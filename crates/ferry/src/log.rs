@@ -17,12 +17,12 @@ use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
 
 use crate::config::{Overflow, Retention, TopicConfig};
-use crate::message::Record;
+use crate::message::{Message, Record};
 use crate::signal::Signal;
 use crate::stats::{Counters, Padded};
 use crate::topic::TopicName;
@@ -228,17 +228,26 @@ impl Topic {
             }
         }
         let start = log.next;
+        let default_ttl = self.config.default_ttl;
         if store {
             let log = &mut *log;
             pending.take_all(|mut record| {
                 let offset = log.next;
                 log.next += 1;
+                let expires = expiry(&record.message, default_ttl);
                 match Arc::get_mut(&mut record) {
-                    Some(r) => r.offset = offset,
+                    Some(r) => {
+                        r.offset = offset;
+                        r.expires = expires;
+                    }
                     // Someone else holds it (not the case for `Record::pending`): copy.
                     None => {
                         let message = record.message.clone();
-                        record = Arc::new(Record { offset, message });
+                        record = Arc::new(Record {
+                            offset,
+                            message,
+                            expires,
+                        });
                     }
                 }
                 log.push_back(record);
@@ -501,6 +510,20 @@ impl Topic {
 
     pub(crate) fn subscriber_count(&self) -> usize {
         self.log.lock().holds.len()
+    }
+}
+
+/// When a message expires on the broker's clock (tokio's, so that tests can run on virtual
+/// time): its own expiry converted from wall-clock time, or the topic's default time to live.
+fn expiry(message: &Message, default_ttl: Option<Duration>) -> Option<tokio::time::Instant> {
+    match message.expires_at() {
+        Some(at) => {
+            let left = at
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            Some(tokio::time::Instant::now() + left)
+        }
+        None => default_ttl.map(|ttl| tokio::time::Instant::now() + ttl),
     }
 }
 

@@ -12,7 +12,7 @@ use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
@@ -177,6 +177,7 @@ pub struct Message {
     timestamp: SystemTime,
     key: Option<Bytes>,
     producer_id: Option<Arc<str>>,
+    expires_at: Option<SystemTime>,
 }
 
 impl Message {
@@ -190,6 +191,7 @@ impl Message {
             timestamp,
             key: None,
             producer_id: None,
+            expires_at: None,
         }
     }
 
@@ -242,6 +244,11 @@ impl Message {
     /// The optional partitioning/ordering key.
     pub fn key(&self) -> Option<&Bytes> {
         self.key.as_ref()
+    }
+
+    /// When the message expires: it is never delivered after that.
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        self.expires_at
     }
 
     /// The optional id of the producer that created the message.
@@ -318,6 +325,18 @@ impl MessageBuilder {
         self
     }
 
+    /// Expires the message `ttl` after its timestamp.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.message.expires_at = self.message.timestamp.checked_add(ttl);
+        self
+    }
+
+    /// Expires the message at `at`.
+    pub fn expires_at(mut self, at: SystemTime) -> Self {
+        self.message.expires_at = Some(at);
+        self
+    }
+
     /// Overrides the timestamp.
     pub fn timestamp(mut self, timestamp: SystemTime) -> Self {
         self.message.timestamp = timestamp;
@@ -336,12 +355,23 @@ impl MessageBuilder {
 pub struct Record {
     pub(crate) offset: u64,
     pub(crate) message: Message,
+    /// When it expires, on the broker's (virtualisable) clock.
+    pub(crate) expires: Option<tokio::time::Instant>,
 }
 
 impl Record {
     /// Wraps a message for appending; the log sets the offset (the record is not shared yet).
     pub(crate) fn pending(message: Message) -> Arc<Record> {
-        Arc::new(Record { offset: 0, message })
+        Arc::new(Record {
+            offset: 0,
+            message,
+            expires: None,
+        })
+    }
+
+    /// Whether the record has expired at `now`.
+    pub(crate) fn expired(&self, now: tokio::time::Instant) -> bool {
+        self.expires.is_some_and(|e| e <= now)
     }
 
     /// Its offset in the topic (0 for the topic's first record).

@@ -5,7 +5,7 @@
 //!
 //! Accounting invariant, per subscription: every record it was obliged to process (from its start
 //! position to the topic's tail) is, at any time, exactly one of: acknowledged (`acked`, which
-//! includes auto-acknowledged deliveries), `dead_lettered`, `dropped`, in flight, or still unread
+//! includes auto-acknowledged deliveries), `dead_lettered`, `dropped`, `expired`, in flight, or still unread
 //! (`lag`). [`SubscriptionStats::unaccounted`] computes the difference, which must be zero.
 
 use std::collections::BTreeMap;
@@ -77,6 +77,7 @@ counters! {
     redelivered => add_redelivered,
     dead_lettered => add_dead_lettered,
     dropped => add_dropped,
+    expired => add_expired,
     errors => add_errors,
 }
 
@@ -161,12 +162,14 @@ pub struct SubscriptionStats {
 }
 
 impl SubscriptionStats {
-    /// `assigned - (acked + dead_lettered + dropped + in_flight + lag)`; zero when nothing has
-    /// silently disappeared.
+    /// `assigned - (acked + dead_lettered + dropped + expired + in_flight + lag)`; zero when
+    /// nothing has silently disappeared. (A record that expires and is dead-lettered counts
+    /// once, as dead-lettered.)
     pub fn unaccounted(&self) -> i128 {
         let c = &self.counters;
         self.assigned as i128
-            - (c.acked + c.dead_lettered + c.dropped + self.in_flight + self.lag) as i128
+            - (c.acked + c.dead_lettered + c.dropped + c.expired + self.in_flight + self.lag)
+                as i128
     }
 }
 

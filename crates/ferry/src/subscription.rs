@@ -300,13 +300,15 @@ impl Subscription {
 
     /// The next delivery if one is available now.
     pub fn try_recv(&mut self) -> Result<Delivery, TryRecvError> {
-        if let Some(d) = self.buf.pop_front() {
-            return Ok(d);
-        }
-        let f = self.consumer.fetch(self.member, self.batch, &mut self.buf);
-        match self.buf.pop_front() {
-            Some(d) => Ok(d),
-            None => Err(f.closed.map_or(TryRecvError::Empty, Into::into)),
+        loop {
+            if let Some(d) = self.pop_buffered() {
+                return Ok(d);
+            }
+            // Everything fetched may have expired in the buffer: fetch until nothing comes.
+            let f = self.consumer.fetch(self.member, self.batch, &mut self.buf);
+            if f.got == 0 {
+                return Err(f.closed.map_or(TryRecvError::Empty, Into::into));
+            }
         }
     }
 
@@ -335,10 +337,26 @@ impl Subscription {
         Ok(out)
     }
 
+    /// The next buffered delivery that has not expired meanwhile.
+    fn pop_buffered(&mut self) -> Option<Delivery> {
+        while let Some(mut d) = self.buf.pop_front() {
+            if d.record.expires.is_none() || !d.record.expired(tokio::time::Instant::now()) {
+                return Some(d);
+            }
+            match d.detach_ack() {
+                Some(token) => {
+                    let _ = token.settle(Settle::Expired);
+                }
+                None => self.consumer.expire_buffered(&d.topic, &d.record),
+            }
+        }
+        None
+    }
+
     /// Polls for the next delivery.
     pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Result<Delivery, RecvError>> {
         loop {
-            if let Some(d) = self.buf.pop_front() {
+            if let Some(d) = self.pop_buffered() {
                 return Poll::Ready(Ok(d));
             }
             let f = self.consumer.fetch(self.member, self.batch, &mut self.buf);
