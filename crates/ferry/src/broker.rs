@@ -34,6 +34,11 @@ use crate::message::{Message, Record};
 use crate::stats::{BrokerStats, CounterSnapshot, Health, LagStats, SubscriptionStats, TopicStats};
 use crate::subscription::{StartPosition, Subscription, SubscriptionBuilder};
 use crate::topic::{TopicError, TopicName};
+use crate::tx::{Transaction, TxError, TxState};
+
+/// How long a finished transaction stays known by id (so that a late commit by id reports what
+/// happened to it instead of "unknown").
+const FORGET_FINISHED_TX: Duration = Duration::from_secs(600);
 
 const RUNNING: u8 = 0;
 const DRAINING: u8 = 1;
@@ -61,6 +66,7 @@ pub(crate) struct BrokerInner {
     report: Mutex<Option<ShutdownReport>>,
     weak: Weak<BrokerInner>,
     memory: Option<Arc<MemoryGauge>>,
+    transactions: Mutex<HashMap<u64, Arc<TxState>>>,
 }
 
 /// What shutdown found.
@@ -118,6 +124,7 @@ impl Broker {
             report: Mutex::new(None),
             weak: weak.clone(),
             memory,
+            transactions: Mutex::new(HashMap::new()),
         });
         match tokio::runtime::Handle::try_current() {
             // The task announces the start, so that a receiver made right after `new` sees it.
@@ -243,6 +250,40 @@ impl Broker {
             broker: self.clone(),
             name: dlq_name(&source),
             source,
+        })
+    }
+
+    /// Begins a transaction with the configured timeout.
+    pub fn begin(&self) -> Result<Transaction, PublishError> {
+        self.begin_with_timeout(self.inner.config.transaction_timeout)
+    }
+
+    /// Begins a transaction that is rolled back if not committed within `timeout`.
+    pub fn begin_with_timeout(&self, timeout: Duration) -> Result<Transaction, PublishError> {
+        if !self.inner.running() {
+            return Err(PublishError::Closed);
+        }
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let state = Arc::new(TxState::new(id, timeout));
+        self.inner.transactions.lock().insert(id, state.clone());
+        Ok(Transaction {
+            broker: self.clone(),
+            state,
+        })
+    }
+
+    /// The transaction with this id, if it is still known (open, or finished recently).
+    pub fn transaction(&self, id: u64) -> Result<Transaction, TxError> {
+        let state = self
+            .inner
+            .transactions
+            .lock()
+            .get(&id)
+            .cloned()
+            .ok_or(TxError::Unknown(id))?;
+        Ok(Transaction {
+            broker: self.clone(),
+            state,
         })
     }
 
@@ -420,7 +461,7 @@ impl Publisher {
 }
 
 impl BrokerInner {
-    fn running(&self) -> bool {
+    pub(crate) fn running(&self) -> bool {
         self.state.load(Ordering::Acquire) == RUNNING
     }
 
@@ -495,7 +536,14 @@ impl BrokerInner {
         if !self.running() {
             return Err(PublishError::Closed);
         }
-        topic.append(records).map_err(|e| match e {
+        topic
+            .append(records)
+            .map_err(|e| BrokerInner::append_error(topic, e))
+    }
+
+    /// The publish error for a failed append to `topic`.
+    pub(crate) fn append_error(topic: &Topic, e: AppendError) -> PublishError {
+        match e {
             AppendError::MemoryLimit { used, limit } => PublishError::MemoryLimit { used, limit },
             AppendError::Closed => PublishError::Closed,
             AppendError::Full => PublishError::Full {
@@ -507,7 +555,7 @@ impl BrokerInner {
                 len,
                 capacity: topic.config.capacity,
             },
-        })
+        }
     }
 
     /// Publishes one message: a synchronous attempt first; only a full topic pays for the
@@ -790,6 +838,11 @@ impl BrokerInner {
 
     /// One maintenance pass.
     fn maintain(&self) {
+        // Roll back expired transactions; forget finished ones after a while.
+        let now = Instant::now();
+        self.transactions
+            .lock()
+            .retain(|_, tx| !tx.expire_if_due(now, FORGET_FINISHED_TX));
         let mut total = 0;
         for t in self.all_topics() {
             t.collect();
@@ -893,7 +946,7 @@ impl BrokerInner {
 }
 
 /// Stamps the producer id and wraps the message for the log (allocated outside the log lock).
-fn prepare(mut message: Message, producer: &Option<Arc<str>>) -> Arc<Record> {
+pub(crate) fn prepare(mut message: Message, producer: &Option<Arc<str>>) -> Arc<Record> {
     message.set_producer_if_missing(producer);
     Record::pending(message)
 }

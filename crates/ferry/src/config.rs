@@ -93,6 +93,8 @@ pub struct BrokerConfig {
     /// Emit a memory-pressure event when retained records exceed this many bytes, and a
     /// memory-normal event when they fall back under 80% of it.
     pub memory_high_watermark: Option<usize>,
+    /// How long a transaction may stay open before it is rolled back.
+    pub transaction_timeout: Duration,
     /// How often the maintenance task runs (retention by age, stale detection, memory).
     pub maintenance_interval: Duration,
     /// Capacity of the lifecycle event channel (slow event readers lose the oldest events).
@@ -114,6 +116,7 @@ impl Default for BrokerConfig {
             stale_after: None,
             evict_stale: false,
             memory_limit: None,
+            transaction_timeout: Duration::from_secs(30),
             memory_high_watermark: None,
             maintenance_interval: Duration::from_secs(1),
             event_capacity: 1024,

@@ -50,6 +50,7 @@ pub mod stats;
 pub mod subscription;
 mod sync;
 pub mod topic;
+mod tx;
 
 pub use broker::{Broker, Publisher, ShutdownReport};
 pub use config::{BrokerConfig, Overflow, Retention, TopicConfig};
@@ -63,5 +64,6 @@ pub use message::{Headers, Message, MessageBuilder, MessageId, PayloadError, Rec
 pub use stats::{BrokerStats, CounterSnapshot, Health, LagStats, SubscriptionStats, TopicStats};
 pub use subscription::{Delivery, StartPosition, Subscription, SubscriptionBuilder};
 pub use topic::{TopicError, TopicName};
+pub use tx::{Transaction, TxError};
 
 pub use bytes::Bytes;

@@ -199,12 +199,23 @@ impl Topic {
     /// all of them, with contiguous offsets, or none; on failure `pending` is left as it was.
     /// The records are allocated by the caller, outside the lock.
     pub(crate) fn append(&self, pending: &mut impl Pending) -> Result<Range<u64>, AppendError> {
+        let mut log = self.log.lock();
+        let store = self.check(&mut log, pending)?;
+        Ok(self.commit(&mut log, pending, store))
+    }
+
+    /// Locks the log (for appends to several topics at once: lock them in name order).
+    pub(crate) fn lock(&self) -> parking_lot::MutexGuard<'_, Log> {
+        self.log.lock()
+    }
+
+    /// Checks that `pending` can be appended now (making room under `DropOldest`); returns
+    /// whether the records will be stored (`false`: nobody listens, they are counted as dropped).
+    pub(crate) fn check(&self, log: &mut Log, pending: &impl Pending) -> Result<bool, AppendError> {
         let n = pending.count();
-        let capacity = self.config.capacity;
-        if n > capacity {
+        if n > self.config.capacity {
             return Err(AppendError::TooLarge(n));
         }
-        let mut log = self.log.lock();
         let weigh = self.config.max_bytes.is_some() || log.gauge.is_some();
         let add_bytes = if weigh { pending.bytes() } else { 0 };
         if add_bytes > self.config.max_bytes.unwrap_or(usize::MAX) {
@@ -216,7 +227,7 @@ impl Topic {
         }
         let store = !log.holds.is_empty() || self.config.keep_consumed;
         if store {
-            self.make_room(&mut log, n, add_bytes)?;
+            self.make_room(log, n, add_bytes)?;
             if let Some(g) = &log.gauge {
                 let used = g.used();
                 if used + add_bytes > g.limit {
@@ -227,10 +238,22 @@ impl Topic {
                 }
             }
         }
+        Ok(store)
+    }
+
+    /// Appends what [`check`](Self::check) accepted, publishes the new tail and wakes waiting
+    /// consumers.
+    pub(crate) fn commit(
+        &self,
+        log: &mut Log,
+        pending: &mut impl Pending,
+        store: bool,
+    ) -> Range<u64> {
+        let n = pending.count();
+        let capacity = self.config.capacity;
         let start = log.next;
         let default_ttl = self.config.default_ttl;
         if store {
-            let log = &mut *log;
             pending.take_all(|mut record| {
                 let offset = log.next;
                 log.next += 1;
@@ -268,7 +291,7 @@ impl Topic {
         if log.appends_since_gc >= gc_every || self.config.keep_consumed {
             log.appends_since_gc = 0;
             log.refresh_min_hold();
-            self.release(&mut log);
+            self.release(log);
         }
         self.tail.store(end, Ordering::SeqCst);
         if !log.watchers.is_empty() {
@@ -277,7 +300,7 @@ impl Topic {
                 w.notify_one();
             }
         }
-        Ok(start..end)
+        start..end
     }
 
     /// Applies the overflow policy so that `n` more records of `bytes` fit, or says `Full`.

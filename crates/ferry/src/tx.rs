@@ -1,0 +1,238 @@
+//! Transactions: stage publishes to one or more topics, then commit them all at once or roll
+//! them back.
+//!
+//! Invariants:
+//! - nothing staged is visible before commit; a rolled-back or expired transaction leaves no
+//!   trace in any topic;
+//! - a commit appends each topic's staged records as one contiguous batch, in staging order,
+//!   with every involved topic's log locked (in name order, so commits cannot deadlock) until
+//!   all are appended: a reader of any of them sees all of the transaction or none of it;
+//! - a commit that cannot fit (a full topic) changes nothing and leaves the transaction open;
+//! - an open transaction past its timeout is rolled back (by the maintenance task, or by the
+//!   next call on it) and reports [`TxError::Expired`].
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use crate::broker::{prepare, Broker, BrokerInner};
+use crate::error::PublishError;
+use crate::log::Topic;
+use crate::message::{Message, Record};
+use crate::topic::TopicName;
+
+/// Why a transaction operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TxError {
+    /// No transaction has this id (never begun, or finished long ago).
+    #[error("unknown transaction {0}")]
+    Unknown(u64),
+    /// The transaction timed out and was rolled back.
+    #[error("transaction {0} expired and was rolled back")]
+    Expired(u64),
+    /// The transaction was already committed.
+    #[error("transaction {0} was already committed")]
+    Committed(u64),
+    /// The transaction was already rolled back.
+    #[error("transaction {0} was already rolled back")]
+    RolledBack(u64),
+    /// Staging or committing failed (invalid topic, full topic, closed broker, ...).
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+}
+
+impl TxError {
+    /// A stable code for the wire.
+    pub fn code(&self) -> &'static str {
+        match self {
+            TxError::Unknown(_) => "tx_unknown",
+            TxError::Expired(_) => "tx_expired",
+            TxError::Committed(_) => "tx_committed",
+            TxError::RolledBack(_) => "tx_rolled_back",
+            TxError::Publish(e) => e.code(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Open,
+    Committed,
+    RolledBack,
+    Expired,
+}
+
+#[derive(Debug)]
+struct Inner {
+    status: Status,
+    staged: Vec<(Arc<Topic>, Arc<Record>)>,
+    finished_at: Option<Instant>,
+}
+
+/// Shared state of one transaction (also held by the broker's registry).
+#[derive(Debug)]
+pub(crate) struct TxState {
+    id: u64,
+    deadline: Instant,
+    inner: Mutex<Inner>,
+}
+
+impl TxState {
+    pub(crate) fn new(id: u64, timeout: Duration) -> Self {
+        TxState {
+            id,
+            deadline: Instant::now() + timeout,
+            inner: Mutex::new(Inner {
+                status: Status::Open,
+                staged: Vec::new(),
+                finished_at: None,
+            }),
+        }
+    }
+
+    /// Rolls the transaction back if it is open and past its deadline. Returns whether it is
+    /// finished and has been for at least `forget_after` (the registry may then drop it).
+    pub(crate) fn expire_if_due(&self, now: Instant, forget_after: Duration) -> bool {
+        let mut inner = self.inner.lock();
+        self.expire_locked(&mut inner, now);
+        inner
+            .finished_at
+            .is_some_and(|t| now.saturating_duration_since(t) >= forget_after)
+    }
+
+    fn expire_locked(&self, inner: &mut Inner, now: Instant) {
+        if inner.status == Status::Open && now >= self.deadline {
+            inner.status = Status::Expired;
+            inner.staged.clear();
+            inner.finished_at = Some(now);
+        }
+    }
+
+    /// The state, or the error that says why it is not open.
+    fn open<'a>(&self, inner: &'a mut Inner) -> Result<&'a mut Inner, TxError> {
+        self.expire_locked(inner, Instant::now());
+        match inner.status {
+            Status::Open => Ok(inner),
+            Status::Committed => Err(TxError::Committed(self.id)),
+            Status::RolledBack => Err(TxError::RolledBack(self.id)),
+            Status::Expired => Err(TxError::Expired(self.id)),
+        }
+    }
+}
+
+/// A transaction; made by [`Broker::begin`]. Clones share one transaction.
+#[derive(Debug, Clone)]
+pub struct Transaction {
+    pub(crate) broker: Broker,
+    pub(crate) state: Arc<TxState>,
+}
+
+impl Transaction {
+    /// Its id (to find it again with [`Broker::transaction`]).
+    pub fn id(&self) -> u64 {
+        self.state.id
+    }
+
+    /// Stages `message` for `topic`; nothing is visible before [`commit`](Self::commit).
+    pub fn publish(&self, topic: &str, message: impl Into<Message>) -> Result<(), TxError> {
+        let name = TopicName::new(topic).map_err(PublishError::from)?;
+        let topic = self.broker.inner.topic(&name);
+        let record = prepare(message.into(), &None);
+        let mut inner = self.state.inner.lock();
+        let inner = self.state.open(&mut inner)?;
+        inner.staged.push((topic, record));
+        Ok(())
+    }
+
+    /// Staged messages.
+    pub fn len(&self) -> usize {
+        self.state.inner.lock().staged.len()
+    }
+
+    /// Whether nothing is staged.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Makes every staged message visible at once: per topic, contiguous offsets in staging
+    /// order. Returns each topic's offsets. If a topic cannot take its records now (full, or
+    /// over the memory limit), nothing is appended and the transaction stays open.
+    pub fn commit(&self) -> Result<Vec<(TopicName, Range<u64>)>, TxError> {
+        let mut guard = self.state.inner.lock();
+        let inner = self.state.open(&mut guard)?;
+        if !self.broker.inner.running() {
+            return Err(PublishError::Closed.into());
+        }
+        // Group by topic, in name order (the lock order), keeping staging order within each.
+        let mut by_topic: BTreeMap<TopicName, (Arc<Topic>, Vec<Arc<Record>>)> = BTreeMap::new();
+        for (topic, record) in inner.staged.drain(..) {
+            by_topic
+                .entry(topic.name.clone())
+                .or_insert_with(|| (topic.clone(), Vec::new()))
+                .1
+                .push(record);
+        }
+        let (topics, mut batches): (Vec<Arc<Topic>>, Vec<Vec<Arc<Record>>>) =
+            by_topic.into_values().unzip();
+        let checked = {
+            let mut logs: Vec<_> = topics.iter().map(|t| t.lock()).collect();
+            let mut stores = Vec::with_capacity(topics.len());
+            let mut failure = None;
+            for ((topic, records), log) in topics.iter().zip(&batches).zip(logs.iter_mut()) {
+                match topic.check(log, records) {
+                    Ok(store) => stores.push(store),
+                    Err(e) => {
+                        failure = Some(BrokerInner::append_error(topic, e));
+                        break;
+                    }
+                }
+            }
+            match failure {
+                Some(e) => Err(e),
+                None => {
+                    let mut ranges = Vec::with_capacity(topics.len());
+                    for (((topic, records), log), store) in topics
+                        .iter()
+                        .zip(batches.iter_mut())
+                        .zip(logs.iter_mut())
+                        .zip(stores)
+                    {
+                        let range = topic.commit(log, records, store);
+                        ranges.push((topic.name.clone(), range));
+                    }
+                    Ok(ranges)
+                }
+            }
+        };
+        match checked {
+            Ok(ranges) => {
+                inner.status = Status::Committed;
+                inner.finished_at = Some(Instant::now());
+                Ok(ranges)
+            }
+            Err(e) => {
+                // Put everything back, in order, for a later attempt.
+                for (topic, records) in topics.into_iter().zip(batches) {
+                    inner
+                        .staged
+                        .extend(records.into_iter().map(|r| (topic.clone(), r)));
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Discards every staged message.
+    pub fn rollback(&self) -> Result<(), TxError> {
+        let mut guard = self.state.inner.lock();
+        let inner = self.state.open(&mut guard)?;
+        inner.staged.clear();
+        inner.status = Status::RolledBack;
+        inner.finished_at = Some(Instant::now());
+        Ok(())
+    }
+}
