@@ -192,7 +192,7 @@ impl Broker {
         message: impl Into<Message>,
     ) -> Result<u64, PublishError> {
         let topic = self.inner.user_topic(topic)?;
-        let record = prepare(message.into(), &None);
+        let record = topic.wrap(message.into(), &None);
         let range = self.inner.append(&topic, &mut Some(record))?;
         Ok(range.start)
     }
@@ -206,7 +206,7 @@ impl Broker {
     ) -> Result<Range<u64>, PublishError> {
         let topic = self.inner.user_topic(topic)?;
         let messages: Vec<Message> = messages.into_iter().collect();
-        let records = messages.into_iter().map(|m| prepare(m, &None)).collect();
+        let records = messages.into_iter().map(|m| topic.wrap(m, &None)).collect();
         self.inner.append_wait(&topic, records).await
     }
 
@@ -415,7 +415,7 @@ impl Publisher {
 
     /// Publishes without waiting.
     pub fn try_publish(&self, message: impl Into<Message>) -> Result<u64, PublishError> {
-        let record = prepare(message.into(), &self.producer);
+        let record = self.topic.wrap(message.into(), &self.producer);
         self.broker
             .inner
             .append(&self.topic, &mut Some(record))
@@ -442,7 +442,7 @@ impl Publisher {
     ) -> Result<Range<u64>, PublishError> {
         let records = messages
             .into_iter()
-            .map(|m| prepare(m, &self.producer))
+            .map(|m| self.topic.wrap(m, &self.producer))
             .collect();
         self.broker.inner.append_wait(&self.topic, records).await
     }
@@ -454,7 +454,7 @@ impl Publisher {
     ) -> Result<Range<u64>, PublishError> {
         let mut records: Vec<Arc<Record>> = messages
             .into_iter()
-            .map(|m| prepare(m, &self.producer))
+            .map(|m| self.topic.wrap(m, &self.producer))
             .collect();
         self.broker.inner.append(&self.topic, &mut records)
     }
@@ -566,7 +566,7 @@ impl BrokerInner {
         message: Message,
         producer: &Option<Arc<str>>,
     ) -> Result<u64, PublishError> {
-        let mut pending = Some(prepare(message, producer));
+        let mut pending = Some(topic.wrap(message, producer));
         match self.append(topic, &mut pending) {
             Err(PublishError::Full { .. }) if topic.config.overflow == Overflow::Block => {}
             other => return other.map(|r| r.start),
@@ -765,7 +765,7 @@ impl BrokerInner {
         let message = dead_letter_message(&job.topic, &job.record, &job.reason, job.attempts);
         // Dead-letter topics never refuse for capacity; retention bounds them. If the broker is
         // already closed the dead letter is still stored (it was counted as dead-lettered).
-        if topic.append(&mut Some(Record::pending(message))).is_ok() {
+        if topic.append(&mut Some(topic.wrap(message, &None))).is_ok() {
             let mut reasons = self.dead_reasons.lock();
             *reasons
                 .entry(job.topic.clone())
@@ -943,12 +943,6 @@ impl BrokerInner {
         self.emit(BrokerEvent::Shutdown(report.clone()));
         report
     }
-}
-
-/// Stamps the producer id and wraps the message for the log (allocated outside the log lock).
-pub(crate) fn prepare(mut message: Message, producer: &Option<Arc<str>>) -> Arc<Record> {
-    message.set_producer_if_missing(producer);
-    Record::pending(message)
 }
 
 async fn maintenance(inner: Weak<BrokerInner>) {

@@ -139,6 +139,9 @@ pub(crate) struct Fetch {
     pub(crate) closed: Option<RecvError>,
     /// The member holds `prefetch` unsettled deliveries: it must wait for its own settlements.
     pub(crate) throttled: bool,
+    /// Some delivered record has an expiry (or a redelivery may): the member must check
+    /// expiry again when it hands a buffered delivery over.
+    pub(crate) expiring: bool,
 }
 
 /// Identity and options of a consumer, fixed at creation.
@@ -247,6 +250,7 @@ impl Consumer {
                 next_wake: None,
                 closed: Some(status_error(status)),
                 throttled: false,
+                expiring: false,
             };
         }
         let now = Instant::now();
@@ -262,6 +266,7 @@ impl Consumer {
             budget = budget.min(self.policy.prefetch.saturating_sub(used));
         }
         let mut got = 0;
+        let mut expiring = false;
         while got < budget {
             let Some(tag) = st.ready.pop_front() else {
                 break;
@@ -274,6 +279,7 @@ impl Consumer {
                 continue;
             };
             let attempt = if e.returned { e.attempt } else { e.attempt + 1 };
+            expiring |= e.record.expires.is_some();
             let topic = st.cursors[e.cursor].topic.clone();
             self.count(&topic, |c| {
                 c.add_delivered(1);
@@ -301,12 +307,18 @@ impl Consumer {
                 }
                 progressed = true;
                 let want = budget - got;
+                let check = c.topic.may_expire();
+                // Under the topic lock, only collect the records; deliveries are made after it is
+                // released, so that readers and publishers hold the lock as briefly as possible.
                 let skipped = c.topic.read(&mut c.next, want, &mut |r| {
-                    if r.expired(now) {
-                        expired.push(r);
-                    } else {
-                        scratch.push(r);
+                    if check && r.expires.is_some() {
+                        expiring = true;
+                        if r.expired(now) {
+                            expired.push(r);
+                            return;
+                        }
                     }
+                    scratch.push(r);
                 });
                 let topic = c.topic.clone();
                 let name = c.name.clone();
@@ -327,7 +339,7 @@ impl Consumer {
                 }
                 if manual {
                     for r in scratch.drain(..) {
-                        st.cursors[idx].unsettled.insert(r.offset);
+                        st.cursors[idx].unsettled.insert(r.offset());
                         self.count(&topic, |c| c.add_delivered(1));
                         let d = self.deliver(&mut st, now, member, r, idx, 1);
                         out.push_back(d);
@@ -367,6 +379,7 @@ impl Consumer {
             next_wake,
             closed: None,
             throttled: got == 0 && budget == 0,
+            expiring,
         }
     }
 
@@ -432,7 +445,7 @@ impl Consumer {
             self.to_dead(st, tag, DeadLetterReason::Expired, dead);
         } else if let Some(e) = st.inflight.remove(&tag) {
             let c = &mut st.cursors[e.cursor];
-            c.unsettled.remove(&e.record.offset);
+            c.unsettled.remove(&e.record.offset());
             c.update_hold();
             self.count(&topic, |c| c.add_expired(1));
         }
@@ -455,7 +468,7 @@ impl Consumer {
     fn to_dead(&self, st: &mut State, tag: u64, reason: DeadLetterReason, dead: &mut Vec<DeadJob>) {
         if let Some(e) = st.inflight.remove(&tag) {
             let c = &mut st.cursors[e.cursor];
-            c.unsettled.remove(&e.record.offset);
+            c.unsettled.remove(&e.record.offset());
             c.update_hold();
             let topic = c.topic.clone();
             let name = c.name.clone();
@@ -493,7 +506,7 @@ impl Consumer {
             Settle::Ack => {
                 if let Some(e) = st.inflight.remove(&tag) {
                     let c = &mut st.cursors[e.cursor];
-                    c.unsettled.remove(&e.record.offset);
+                    c.unsettled.remove(&e.record.offset());
                     c.update_hold();
                 }
                 self.count(&record_topic, |c| c.add_acked(1));

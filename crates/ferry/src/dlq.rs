@@ -110,7 +110,7 @@ impl DeadLetter {
             source_topic,
             source_offset,
             dead_lettered_at: UNIX_EPOCH + Duration::from_millis(ms),
-            offset: record.offset,
+            offset: record.offset(),
         })
     }
 }
@@ -128,7 +128,7 @@ pub(crate) fn dead_letter_message(
     h.insert(headers::DETAIL, reason.detail());
     h.insert(headers::ATTEMPTS, attempts.to_string());
     h.insert(headers::SOURCE_TOPIC, topic.as_str());
-    h.insert(headers::SOURCE_OFFSET, record.offset.to_string());
+    h.insert(headers::SOURCE_OFFSET, record.offset().to_string());
     let ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -200,7 +200,7 @@ impl DeadLetterQueue {
         };
         let (first, _) = t.bounds();
         let records = t.snapshot(first, max);
-        let Some(last) = records.last().map(|r| r.offset) else {
+        let Some(last) = records.last().map(|r| r.offset()) else {
             return Ok(0);
         };
         let letters: Vec<Message> = records

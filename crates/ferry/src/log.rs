@@ -15,7 +15,7 @@
 
 use std::collections::VecDeque;
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -141,6 +141,9 @@ pub(crate) struct Topic {
     /// none). Set by a publisher that found the topic full, with some slack, so that a blocked
     /// publisher wakes once per stretch of freed space rather than once per consumer batch.
     space_target: AtomicU64,
+    /// Whether any record ever appended has an expiry. Until one does, readers skip the
+    /// per-record expiry check (and the cache line it would touch).
+    expiring: AtomicBool,
 }
 
 /// How to find the first offset of a new cursor.
@@ -180,6 +183,7 @@ impl Topic {
             space: tokio::sync::Notify::new(),
             blocked: AtomicUsize::new(0),
             space_target: AtomicU64::new(u64::MAX),
+            expiring: AtomicBool::new(false),
         }
     }
 
@@ -188,6 +192,23 @@ impl Topic {
         let mut c = self.counters.snapshot();
         c.published = self.tail();
         c
+    }
+
+    /// Wraps `message` for this topic (outside the log lock): stamps the producer id and works
+    /// out the expiry.
+    pub(crate) fn wrap(&self, mut message: Message, producer: &Option<Arc<str>>) -> Arc<Record> {
+        message.set_producer_if_missing(producer);
+        let expires = expiry(&message, self.config.default_ttl);
+        if expires.is_some() {
+            self.expiring.store(true, Ordering::Relaxed);
+        }
+        Record::pending(message, expires)
+    }
+
+    /// Whether records of this topic may expire (read under or after the log lock, which orders
+    /// it after the appends that set it).
+    pub(crate) fn may_expire(&self) -> bool {
+        self.expiring.load(Ordering::Relaxed)
     }
 
     /// Next offset to be assigned (SeqCst: pairs with [`Signal`]).
@@ -252,27 +273,11 @@ impl Topic {
         let n = pending.count();
         let capacity = self.config.capacity;
         let start = log.next;
-        let default_ttl = self.config.default_ttl;
         if store {
-            pending.take_all(|mut record| {
+            pending.take_all(|record| {
                 let offset = log.next;
                 log.next += 1;
-                let expires = expiry(&record.message, default_ttl);
-                match Arc::get_mut(&mut record) {
-                    Some(r) => {
-                        r.offset = offset;
-                        r.expires = expires;
-                    }
-                    // Someone else holds it (not the case for `Record::pending`): copy.
-                    None => {
-                        let message = record.message.clone();
-                        record = Arc::new(Record {
-                            offset,
-                            message,
-                            expires,
-                        });
-                    }
-                }
+                record.set_offset(offset);
                 log.push_back(record);
             });
         } else {

@@ -11,6 +11,7 @@ use std::cell::Cell;
 use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -351,22 +352,28 @@ impl MessageBuilder {
 
 /// A published message as stored in a topic's log: the message plus its offset. Records do not
 /// carry their topic's name (deliveries do), so that publishing touches no shared counter.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Record {
-    pub(crate) offset: u64,
-    pub(crate) message: Message,
     /// When it expires, on the broker's (virtualisable) clock.
     pub(crate) expires: Option<tokio::time::Instant>,
+    /// Set once, under the topic's log lock, before the record becomes visible (the log's
+    /// SeqCst tail publishes it); a plain store, so appending costs no read-modify-write.
+    offset: AtomicU64,
+    pub(crate) message: Message,
 }
 
 impl Record {
-    /// Wraps a message for appending; the log sets the offset (the record is not shared yet).
-    pub(crate) fn pending(message: Message) -> Arc<Record> {
+    /// Wraps a message for appending (outside any lock); the log sets the offset.
+    pub(crate) fn pending(message: Message, expires: Option<tokio::time::Instant>) -> Arc<Record> {
         Arc::new(Record {
-            offset: 0,
+            offset: AtomicU64::new(0),
             message,
-            expires: None,
+            expires,
         })
+    }
+
+    pub(crate) fn set_offset(&self, offset: u64) {
+        self.offset.store(offset, Ordering::Relaxed);
     }
 
     /// Whether the record has expired at `now`.
@@ -376,7 +383,7 @@ impl Record {
 
     /// Its offset in the topic (0 for the topic's first record).
     pub fn offset(&self) -> u64 {
-        self.offset
+        self.offset.load(Ordering::Relaxed)
     }
 
     /// The message.

@@ -83,7 +83,7 @@ impl Delivery {
 
     /// Its offset in the topic.
     pub fn offset(&self) -> u64 {
-        self.record.offset
+        self.record.offset()
     }
 
     /// The message.
@@ -152,7 +152,7 @@ impl std::fmt::Debug for Delivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Delivery")
             .field("topic", &self.topic)
-            .field("offset", &self.record.offset)
+            .field("offset", &self.record.offset())
             .field("attempt", &self.attempt)
             .field("id", &self.record.message.id())
             .finish()
@@ -272,6 +272,8 @@ pub struct Subscription {
     /// signal, `Some(true)` its acknowledgement signal (when throttled by prefetch).
     registered: Option<bool>,
     sleep: Option<Pin<Box<Sleep>>>,
+    /// The buffer may hold records with an expiry (checked again when handed over).
+    expiring: bool,
 }
 
 impl Subscription {
@@ -284,6 +286,7 @@ impl Subscription {
             buf: VecDeque::new(),
             registered: None,
             sleep: None,
+            expiring: false,
         }
     }
 
@@ -305,7 +308,7 @@ impl Subscription {
                 return Ok(d);
             }
             // Everything fetched may have expired in the buffer: fetch until nothing comes.
-            let f = self.consumer.fetch(self.member, self.batch, &mut self.buf);
+            let f = self.fetch();
             if f.got == 0 {
                 return Err(f.closed.map_or(TryRecvError::Empty, Into::into));
             }
@@ -340,7 +343,7 @@ impl Subscription {
     /// The next buffered delivery that has not expired meanwhile.
     fn pop_buffered(&mut self) -> Option<Delivery> {
         while let Some(mut d) = self.buf.pop_front() {
-            if d.record.expires.is_none() || !d.record.expired(tokio::time::Instant::now()) {
+            if !self.expiring || !d.record.expired(tokio::time::Instant::now()) {
                 return Some(d);
             }
             match d.detach_ack() {
@@ -359,7 +362,7 @@ impl Subscription {
             if let Some(d) = self.pop_buffered() {
                 return Poll::Ready(Ok(d));
             }
-            let f = self.consumer.fetch(self.member, self.batch, &mut self.buf);
+            let f = self.fetch();
             if f.got > 0 {
                 self.unregister();
                 continue;
@@ -400,6 +403,13 @@ impl Subscription {
             }
             return Poll::Pending;
         }
+    }
+
+    /// Refills the (empty) buffer from the consumer.
+    fn fetch(&mut self) -> crate::consumer::Fetch {
+        let f = self.consumer.fetch(self.member, self.batch, &mut self.buf);
+        self.expiring = f.expiring;
+        f
     }
 
     fn unregister(&mut self) {

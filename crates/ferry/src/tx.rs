@@ -19,7 +19,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use crate::broker::{prepare, Broker, BrokerInner};
+use crate::broker::{Broker, BrokerInner};
 use crate::error::PublishError;
 use crate::log::Topic;
 use crate::message::{Message, Record};
@@ -141,7 +141,7 @@ impl Transaction {
     pub fn publish(&self, topic: &str, message: impl Into<Message>) -> Result<(), TxError> {
         let name = TopicName::new(topic).map_err(PublishError::from)?;
         let topic = self.broker.inner.topic(&name);
-        let record = prepare(message.into(), &None);
+        let record = topic.wrap(message.into(), &None);
         let mut inner = self.state.inner.lock();
         let inner = self.state.open(&mut inner)?;
         inner.staged.push((topic, record));
