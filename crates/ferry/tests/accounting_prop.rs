@@ -4,6 +4,8 @@
 //! counted as dropped.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::time::Duration;
 
 use ferry::{Broker, BrokerConfig, Delivery, Subscription, TopicConfig};
@@ -47,12 +49,7 @@ fn check(broker: &Broker) -> Result<(), TestCaseError> {
 }
 
 fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    rt.block_on(async move {
+    common::paused_runtime().block_on(async move {
         let broker = Broker::new(BrokerConfig {
             ack_timeout: Duration::from_secs(10),
             topic_defaults: TopicConfig {

@@ -2,6 +2,8 @@
 //! delivered, is counted, and optionally dead-lettered with reason `expired`. On virtual time.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::time::{Duration, SystemTime};
 
 use ferry::{Broker, DeadLetterReason, Message, TopicConfig, TryRecvError};
@@ -128,12 +130,7 @@ proptest! {
         ops in proptest::collection::vec((0u8..4, 1u64..20), 1..100),
         manual in any::<bool>(),
     ) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
-        rt.block_on(async move {
+        common::paused_runtime().block_on(async move {
             use std::collections::HashMap;
             use tokio::time::Instant;
             let broker = Broker::default();
