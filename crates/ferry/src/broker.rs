@@ -26,7 +26,7 @@ use crate::config::{BrokerConfig, Overflow, TopicConfig};
 use crate::consumer::{AckMode, AckPolicy, Consumer, ConsumerSpec, DeadJob};
 use crate::dlq::{dead_letter_message, dlq_name, DeadLetterQueue};
 use crate::error::{PublishError, SubscribeError};
-use crate::events::BrokerEvent;
+use crate::events::{BrokerEvent, EventReceiver};
 use crate::filter::TopicFilter;
 use crate::filter_index::FilterIndex;
 use crate::log::{AppendError, MemoryGauge, Pending, Seek, Topic};
@@ -126,10 +126,8 @@ impl Broker {
             memory,
             transactions: Mutex::new(HashMap::new()),
         });
-        match tokio::runtime::Handle::try_current() {
-            // The task announces the start, so that a receiver made right after `new` sees it.
-            Ok(handle) => drop(handle.spawn(maintenance(Arc::downgrade(&inner)))),
-            Err(_) => inner.emit(BrokerEvent::Started),
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(maintenance(Arc::downgrade(&inner)));
         }
         Broker { inner }
     }
@@ -358,9 +356,12 @@ impl Broker {
         }
     }
 
-    /// Lifecycle events from now on.
-    pub fn events(&self) -> broadcast::Receiver<BrokerEvent> {
-        self.inner.events.subscribe()
+    /// Lifecycle events from now on, starting with `Started` if the broker is running.
+    pub fn events(&self) -> EventReceiver {
+        EventReceiver {
+            rx: self.inner.events.subscribe(),
+            started: self.inner.running(),
+        }
     }
 
     /// Whether shutdown has begun.
@@ -947,10 +948,7 @@ impl BrokerInner {
 
 async fn maintenance(inner: Weak<BrokerInner>) {
     let interval = match inner.upgrade() {
-        Some(i) => {
-            i.emit(BrokerEvent::Started);
-            i.config.maintenance_interval
-        }
+        Some(i) => i.config.maintenance_interval,
         None => return,
     };
     loop {

@@ -1,10 +1,14 @@
 //! Lifecycle events, broadcast to every [`Broker::events`](crate::Broker::events) receiver.
 //! A receiver that falls behind by more than `event_capacity` events loses the oldest ones
-//! (`RecvError::Lagged`), never blocking the broker.
+//! (`RecvError::Lagged`), never blocking the broker. A receiver made while the broker runs
+//! starts with [`BrokerEvent::Started`], so that no receiver misses the start however early or
+//! late it subscribes.
 
 use std::time::Duration;
 
 use serde::Serialize;
+use tokio::sync::broadcast;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use crate::broker::ShutdownReport;
 
@@ -51,4 +55,30 @@ pub enum BrokerEvent {
     ShutdownStarted,
     /// Shutdown finished.
     Shutdown(ShutdownReport),
+}
+
+/// A receiver of lifecycle events; made by [`Broker::events`](crate::Broker::events).
+#[derive(Debug)]
+pub struct EventReceiver {
+    pub(crate) rx: broadcast::Receiver<BrokerEvent>,
+    /// Yield `Started` first (the broker was running when the receiver was made).
+    pub(crate) started: bool,
+}
+
+impl EventReceiver {
+    /// The next event, waiting for one.
+    pub async fn recv(&mut self) -> Result<BrokerEvent, RecvError> {
+        if std::mem::take(&mut self.started) {
+            return Ok(BrokerEvent::Started);
+        }
+        self.rx.recv().await
+    }
+
+    /// The next event if there is one now.
+    pub fn try_recv(&mut self) -> Result<BrokerEvent, TryRecvError> {
+        if std::mem::take(&mut self.started) {
+            return Ok(BrokerEvent::Started);
+        }
+        self.rx.try_recv()
+    }
 }

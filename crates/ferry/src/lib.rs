@@ -57,7 +57,7 @@ pub use config::{BrokerConfig, Overflow, Retention, TopicConfig};
 pub use consumer::AckMode;
 pub use dlq::{DeadLetter, DeadLetterQueue, DeadLetterReason};
 pub use error::{AckError, DeadLetterError, PublishError, RecvError, SubscribeError, TryRecvError};
-pub use events::BrokerEvent;
+pub use events::{BrokerEvent, EventReceiver};
 pub use filter::TopicFilter;
 pub use handler::{HandlerError, HandlerHandle, HandlerOptions, HandlerStats};
 pub use message::{Headers, Message, MessageBuilder, MessageId, PayloadError, Record};

@@ -3,6 +3,8 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry::{Broker, Message, SubscribeError, TryRecvError};
@@ -19,12 +21,16 @@ async fn each_message_goes_to_exactly_one_member() {
                 .unwrap()
         })
         .collect();
+    let received = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for mut m in members {
+        let received = received.clone();
         tasks.push(tokio::spawn(async move {
             let mut got = Vec::new();
-            while let Ok(Ok(d)) = tokio::time::timeout(Duration::from_millis(300), m.recv()).await {
+            // Ends when the broker closes.
+            while let Ok(d) = m.recv().await {
                 got.push(d.decode::<u32>().unwrap());
+                received.fetch_add(1, Ordering::SeqCst);
             }
             got
         }));
@@ -35,13 +41,21 @@ async fn each_message_goes_to_exactly_one_member() {
             .await
             .unwrap();
     }
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while received.load(Ordering::SeqCst) < 2000 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let s = broker.subscription_stats();
+    broker.shutdown(Duration::from_secs(5)).await;
     let mut all = Vec::new();
     for t in tasks {
         all.extend(t.await.unwrap());
     }
     all.sort_unstable();
     assert_eq!(all, (0..2000).collect::<Vec<_>>());
-    let s = broker.subscription_stats();
     assert_eq!(s.len(), 1, "a group is one consumer");
     assert_eq!(s[0].counters.delivered, 2000);
 }
