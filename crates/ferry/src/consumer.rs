@@ -97,6 +97,8 @@ struct Inflight {
     attempt: u32,
     /// Returned by a leaving member: the next delivery keeps the same attempt number.
     returned: bool,
+    /// Waiting for its delivery time (never delivered yet).
+    scheduled: bool,
     phase: Phase,
 }
 
@@ -257,9 +259,7 @@ impl Consumer {
         let mut dead = Vec::new();
         let mut st = self.state.lock();
         let manual = self.manual();
-        if manual {
-            self.fire_timers(&mut st, now, &mut dead);
-        }
+        self.fire_timers(&mut st, now, &mut dead);
         let mut budget = max;
         if manual {
             let used = st.member_inflight.get(&member).copied().unwrap_or(0);
@@ -283,15 +283,27 @@ impl Consumer {
             let topic = st.cursors[e.cursor].topic.clone();
             self.count(&topic, |c| {
                 c.add_delivered(1);
-                c.add_redelivered(1);
+                if !e.scheduled {
+                    c.add_redelivered(1);
+                }
             });
-            let d = self.deliver(&mut st, now, member, e.record, e.cursor, attempt);
-            out.push_back(d);
+            if manual {
+                let d = self.deliver(&mut st, now, member, e.record, e.cursor, attempt);
+                out.push_back(d);
+            } else {
+                // A delayed record for an auto-ack subscription: acknowledged on hand-over.
+                let c = &mut st.cursors[e.cursor];
+                c.unsettled.remove(&e.record.offset());
+                c.update_hold();
+                self.count(&topic, |c| c.add_acked(1));
+                out.push_back(Delivery::auto(e.record, c.name.clone()));
+            }
             got += 1;
         }
         let n = st.cursors.len();
         let mut scratch = Vec::new();
         let mut expired = Vec::new();
+        let mut delayed = Vec::new();
         // Expired records are skipped, so a pass may deliver nothing while records remain:
         // keep reading until something is delivered or nothing is left.
         loop {
@@ -307,14 +319,20 @@ impl Consumer {
                 }
                 progressed = true;
                 let want = budget - got;
-                let check = c.topic.may_expire();
+                let check = c.topic.timed();
                 // Under the topic lock, only collect the records; deliveries are made after it is
                 // released, so that readers and publishers hold the lock as briefly as possible.
                 let skipped = c.topic.read(&mut c.next, want, &mut |r| {
-                    if check && r.expires.is_some() {
-                        expiring = true;
-                        if r.expired(now) {
-                            expired.push(r);
+                    if check {
+                        if r.expires.is_some() {
+                            expiring = true;
+                            if r.expired(now) {
+                                expired.push(r);
+                                return;
+                            }
+                        }
+                        if r.not_before.is_some_and(|t| t > now) {
+                            delayed.push(r);
                             return;
                         }
                     }
@@ -336,6 +354,26 @@ impl Consumer {
                 } else {
                     self.count(&topic, |c| c.add_expired(lapsed));
                     expired.clear();
+                }
+                // Delayed records wait in the timer heap, holding their place in the topic, and
+                // become ready when due (one heap per consumer, no task or timer per message).
+                for r in delayed.drain(..) {
+                    let due = r.not_before.unwrap_or(now);
+                    let tag = st.next_tag;
+                    st.next_tag += 1;
+                    st.cursors[idx].unsettled.insert(r.offset());
+                    st.inflight.insert(
+                        tag,
+                        Inflight {
+                            record: r,
+                            cursor: idx,
+                            attempt: 0,
+                            returned: false,
+                            scheduled: true,
+                            phase: Phase::Delayed { due },
+                        },
+                    );
+                    st.timers.push(Reverse((due, tag)));
                 }
                 if manual {
                     for r in scratch.drain(..) {
@@ -402,6 +440,7 @@ impl Consumer {
                 cursor,
                 attempt,
                 returned: false,
+                scheduled: false,
                 phase: Phase::Delivered { member, deadline },
             },
         );

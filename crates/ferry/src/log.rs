@@ -141,9 +141,9 @@ pub(crate) struct Topic {
     /// none). Set by a publisher that found the topic full, with some slack, so that a blocked
     /// publisher wakes once per stretch of freed space rather than once per consumer batch.
     space_target: AtomicU64,
-    /// Whether any record ever appended has an expiry. Until one does, readers skip the
-    /// per-record expiry check (and the cache line it would touch).
-    expiring: AtomicBool,
+    /// Whether any record ever appended has an expiry or a delivery time. Until one does,
+    /// readers skip those per-record checks (and the cache line they would touch).
+    timed: AtomicBool,
 }
 
 /// How to find the first offset of a new cursor.
@@ -183,7 +183,7 @@ impl Topic {
             space: tokio::sync::Notify::new(),
             blocked: AtomicUsize::new(0),
             space_target: AtomicU64::new(u64::MAX),
-            expiring: AtomicBool::new(false),
+            timed: AtomicBool::new(false),
         }
     }
 
@@ -199,16 +199,17 @@ impl Topic {
     pub(crate) fn wrap(&self, mut message: Message, producer: &Option<Arc<str>>) -> Arc<Record> {
         message.set_producer_if_missing(producer);
         let expires = expiry(&message, self.config.default_ttl);
-        if expires.is_some() {
-            self.expiring.store(true, Ordering::Relaxed);
+        let not_before = message.deliver_at().map(on_broker_clock);
+        if expires.is_some() || not_before.is_some() {
+            self.timed.store(true, Ordering::Relaxed);
         }
-        Record::pending(message, expires)
+        Record::pending(message, expires, not_before)
     }
 
-    /// Whether records of this topic may expire (read under or after the log lock, which orders
-    /// it after the appends that set it).
-    pub(crate) fn may_expire(&self) -> bool {
-        self.expiring.load(Ordering::Relaxed)
+    /// Whether records of this topic may expire or be delayed (read under or after the log
+    /// lock, which orders it after the appends that set it).
+    pub(crate) fn timed(&self) -> bool {
+        self.timed.load(Ordering::Relaxed)
     }
 
     /// Next offset to be assigned (SeqCst: pairs with [`Signal`]).
@@ -545,14 +546,17 @@ impl Topic {
 /// time): its own expiry converted from wall-clock time, or the topic's default time to live.
 fn expiry(message: &Message, default_ttl: Option<Duration>) -> Option<tokio::time::Instant> {
     match message.expires_at() {
-        Some(at) => {
-            let left = at
-                .duration_since(SystemTime::now())
-                .unwrap_or(Duration::ZERO);
-            Some(tokio::time::Instant::now() + left)
-        }
+        Some(at) => Some(on_broker_clock(at)),
         None => default_ttl.map(|ttl| tokio::time::Instant::now() + ttl),
     }
+}
+
+/// A wall-clock time on the broker's clock (now, if it is in the past).
+fn on_broker_clock(at: SystemTime) -> tokio::time::Instant {
+    let left = at
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    tokio::time::Instant::now() + left
 }
 
 impl Log {

@@ -179,6 +179,7 @@ pub struct Message {
     key: Option<Bytes>,
     producer_id: Option<Arc<str>>,
     expires_at: Option<SystemTime>,
+    deliver_at: Option<SystemTime>,
 }
 
 impl Message {
@@ -193,6 +194,7 @@ impl Message {
             key: None,
             producer_id: None,
             expires_at: None,
+            deliver_at: None,
         }
     }
 
@@ -250,6 +252,12 @@ impl Message {
     /// When the message expires: it is never delivered after that.
     pub fn expires_at(&self) -> Option<SystemTime> {
         self.expires_at
+    }
+
+    /// When the message is to be delivered: it is appended (and gets its offset) at once, but no
+    /// subscription receives it before then.
+    pub fn deliver_at(&self) -> Option<SystemTime> {
+        self.deliver_at
     }
 
     /// The optional id of the producer that created the message.
@@ -338,6 +346,18 @@ impl MessageBuilder {
         self
     }
 
+    /// Delivers the message `delay` after its timestamp, not before.
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.message.deliver_at = self.message.timestamp.checked_add(delay);
+        self
+    }
+
+    /// Delivers the message at `at`, not before.
+    pub fn deliver_at(mut self, at: SystemTime) -> Self {
+        self.message.deliver_at = Some(at);
+        self
+    }
+
     /// Overrides the timestamp.
     pub fn timestamp(mut self, timestamp: SystemTime) -> Self {
         self.message.timestamp = timestamp;
@@ -356,6 +376,8 @@ impl MessageBuilder {
 pub struct Record {
     /// When it expires, on the broker's (virtualisable) clock.
     pub(crate) expires: Option<tokio::time::Instant>,
+    /// Not to be delivered before this, on the broker's clock.
+    pub(crate) not_before: Option<tokio::time::Instant>,
     /// Set once, under the topic's log lock, before the record becomes visible (the log's
     /// SeqCst tail publishes it); a plain store, so appending costs no read-modify-write.
     offset: AtomicU64,
@@ -364,11 +386,16 @@ pub struct Record {
 
 impl Record {
     /// Wraps a message for appending (outside any lock); the log sets the offset.
-    pub(crate) fn pending(message: Message, expires: Option<tokio::time::Instant>) -> Arc<Record> {
+    pub(crate) fn pending(
+        message: Message,
+        expires: Option<tokio::time::Instant>,
+        not_before: Option<tokio::time::Instant>,
+    ) -> Arc<Record> {
         Arc::new(Record {
             offset: AtomicU64::new(0),
             message,
             expires,
+            not_before,
         })
     }
 
