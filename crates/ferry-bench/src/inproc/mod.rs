@@ -66,7 +66,8 @@ pub struct Args {
     /// Skip the warm-up runs.
     #[arg(long)]
     pub no_warmup: bool,
-    /// Measure each combination this many times and report the run with the median throughput.
+    /// Measure each combination this many times, in rounds that alternate the systems, and
+    /// report each system's run with the median throughput.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub repeat: u32,
 }
@@ -244,33 +245,51 @@ pub fn run(args: &Args) -> Result<()> {
                 capacity: args.capacity,
                 sample_every: args.sample_every,
             };
-            for &system in &args.systems {
-                let note = match system.plan(scenario) {
+            // Warm every system up, then interleave the measured runs (system after system, round
+            // after round), so that a slow phase of this noisy machine hits every system alike
+            // and the ratios stay meaningful; each system reports its median run.
+            let mut planned: Vec<_> = args
+                .systems
+                .iter()
+                .map(|&system| (system, system.plan(scenario), Vec::new()))
+                .collect();
+            if !args.no_warmup {
+                let warm = RunSpec {
+                    per_producer: (per_producer / 10).max(1),
+                    ..spec.clone()
+                };
+                for (system, plan, _) in &planned {
+                    if let Plan::Run(_) = plan {
+                        run_one(*system, &warm).with_context(|| {
+                            format!("warm-up of {system} in {}", scenario.name())
+                        })?;
+                    }
+                }
+            }
+            for round in 0..args.repeat {
+                for (system, plan, runs) in &mut planned {
+                    if let Plan::Skip(_) = plan {
+                        continue;
+                    }
+                    eprintln!(
+                        "running {} {system} {payload} B ({} messages, round {})",
+                        scenario.name(),
+                        spec.published(),
+                        round + 1
+                    );
+                    runs.push(run_one(*system, &spec).with_context(|| {
+                        format!("{system} in {} with {payload} B", scenario.name())
+                    })?);
+                }
+            }
+            for (system, plan, mut runs) in planned {
+                let note = match plan {
                     Plan::Skip(why) => {
                         report.skip(scenario.name(), system, payload, why);
                         continue;
                     }
                     Plan::Run(note) => note,
                 };
-                if !args.no_warmup {
-                    let warm = RunSpec {
-                        per_producer: (per_producer / 10).max(1),
-                        ..spec.clone()
-                    };
-                    run_one(system, &warm)
-                        .with_context(|| format!("warm-up of {system} in {}", scenario.name()))?;
-                }
-                eprintln!(
-                    "running {} {system} {payload} B ({} messages)",
-                    scenario.name(),
-                    spec.published()
-                );
-                let mut runs = Vec::with_capacity(args.repeat as usize);
-                for _ in 0..args.repeat {
-                    runs.push(run_one(system, &spec).with_context(|| {
-                        format!("{system} in {} with {payload} B", scenario.name())
-                    })?);
-                }
                 runs.sort_by(|x, y| x.msgs_per_s().total_cmp(&y.msgs_per_s()));
                 let outcome = runs.swap_remove(runs.len() / 2);
                 report.row(Row::new(
