@@ -224,6 +224,7 @@ impl Broker {
             prefetch: None,
             start: StartPosition::Latest,
             batch: 256,
+            headers: Vec::new(),
         }
     }
 
@@ -653,10 +654,13 @@ impl BrokerInner {
         let mut reg = self.registry.write();
         if let Some(group) = &b.group {
             if let Some(c) = reg.groups.get(group).and_then(|id| reg.consumers.get(id)) {
-                if c.filter != filter || c.policy.mode != policy.mode {
+                if c.filter != filter || c.policy.mode != policy.mode || c.headers != b.headers {
                     return Err(SubscribeError::GroupMismatch {
                         group: group.clone(),
-                        existing: format!("filter {} and {:?} ack", c.filter, c.policy.mode),
+                        existing: format!(
+                            "filter {}, {:?} ack and header conditions {:?}",
+                            c.filter, c.policy.mode, c.headers
+                        ),
                     });
                 }
                 c.members.fetch_add(1, Ordering::AcqRel);
@@ -681,6 +685,7 @@ impl BrokerInner {
                 filter: filter.clone(),
                 group: b.group.is_some(),
                 policy,
+                headers: b.headers.clone(),
             },
             self.weak.clone(),
             self.epoch,

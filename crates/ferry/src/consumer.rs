@@ -28,6 +28,7 @@ use crate::broker::BrokerInner;
 use crate::dlq::DeadLetterReason;
 use crate::error::{AckError, RecvError};
 use crate::filter::TopicFilter;
+use crate::headers_filter::{all_match, HeaderMatch};
 use crate::log::{Hold, Seek, Topic};
 use crate::message::Record;
 use crate::signal::Signal;
@@ -153,6 +154,7 @@ pub(crate) struct ConsumerSpec {
     pub(crate) filter: TopicFilter,
     pub(crate) group: bool,
     pub(crate) policy: AckPolicy,
+    pub(crate) headers: Vec<HeaderMatch>,
 }
 
 pub(crate) struct Consumer {
@@ -161,6 +163,8 @@ pub(crate) struct Consumer {
     pub(crate) filter: TopicFilter,
     pub(crate) group: bool,
     pub(crate) policy: AckPolicy,
+    /// Header conditions every delivered record satisfies.
+    pub(crate) headers: Vec<HeaderMatch>,
     state: Mutex<State>,
     /// Members waiting for records (topics notify it on append).
     pub(crate) signal: Arc<Signal>,
@@ -185,6 +189,7 @@ impl Consumer {
             filter: spec.filter,
             group: spec.group,
             policy: spec.policy,
+            headers: spec.headers,
             state: Mutex::new(State::default()),
             signal: Arc::new(Signal::new()),
             acks: Signal::new(),
@@ -340,6 +345,12 @@ impl Consumer {
                 });
                 let topic = c.topic.clone();
                 let name = c.name.clone();
+                if !self.headers.is_empty() {
+                    let before = scratch.len();
+                    scratch.retain(|r| all_match(&self.headers, &r.message));
+                    let filtered = (before - scratch.len()) as u64;
+                    self.count(&topic, |c| c.add_filtered(filtered));
+                }
                 let lapsed = expired.len() as u64;
                 self.count(&topic, |c| c.add_dropped(skipped));
                 if topic.config.dead_letter_expired {

@@ -78,6 +78,7 @@ counters! {
     dead_lettered => add_dead_lettered,
     dropped => add_dropped,
     expired => add_expired,
+    filtered => add_filtered,
     errors => add_errors,
 }
 
@@ -162,14 +163,19 @@ pub struct SubscriptionStats {
 }
 
 impl SubscriptionStats {
-    /// `assigned - (acked + dead_lettered + dropped + expired + in_flight + lag)`; zero when
+    /// `assigned - (acked + dead_lettered + dropped + expired + filtered + in_flight + lag)`; zero when
     /// nothing has silently disappeared. (A record that expires and is dead-lettered counts
     /// once, as dead-lettered.)
     pub fn unaccounted(&self) -> i128 {
         let c = &self.counters;
         self.assigned as i128
-            - (c.acked + c.dead_lettered + c.dropped + c.expired + self.in_flight + self.lag)
-                as i128
+            - (c.acked
+                + c.dead_lettered
+                + c.dropped
+                + c.expired
+                + c.filtered
+                + self.in_flight
+                + self.lag) as i128
     }
 }
 

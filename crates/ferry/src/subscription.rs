@@ -20,6 +20,7 @@ use tokio::time::Sleep;
 use crate::broker::Broker;
 use crate::consumer::{AckMode, Consumer, Settle};
 use crate::error::{AckError, RecvError, SubscribeError, TryRecvError};
+use crate::headers_filter::HeaderMatch;
 use crate::message::{Message, Record};
 use crate::stats::SubscriptionStats;
 use crate::topic::TopicName;
@@ -195,6 +196,7 @@ pub struct SubscriptionBuilder {
     pub(crate) prefetch: Option<usize>,
     pub(crate) start: StartPosition,
     pub(crate) batch: usize,
+    pub(crate) headers: Vec<HeaderMatch>,
 }
 
 impl SubscriptionBuilder {
@@ -245,6 +247,13 @@ impl SubscriptionBuilder {
     /// Where to start reading.
     pub fn start(mut self, start: StartPosition) -> Self {
         self.start = start;
+        self
+    }
+
+    /// Delivers only messages whose headers satisfy `condition` (conditions add up: all must
+    /// hold). Other messages are skipped and counted as `filtered`.
+    pub fn where_header(mut self, condition: HeaderMatch) -> Self {
+        self.headers.push(condition);
         self
     }
 
