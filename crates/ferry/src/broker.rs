@@ -211,10 +211,18 @@ impl Broker {
     /// A subscription builder for `filter` (exact topic, MQTT wildcard, glob; see
     /// [`TopicFilter::parse`]).
     pub fn subscription(&self, filter: &str) -> SubscriptionBuilder {
+        self.builder(TopicFilter::parse(filter))
+    }
+
+    /// A subscription builder for a ready-made filter (for example a regex filter).
+    pub fn subscription_to(&self, filter: &TopicFilter) -> SubscriptionBuilder {
+        self.builder(Ok(filter.clone()))
+    }
+
+    pub(crate) fn builder(&self, filter: Result<TopicFilter, TopicError>) -> SubscriptionBuilder {
         SubscriptionBuilder {
             broker: self.clone(),
-            filter: filter.to_string(),
-            system: false,
+            filter,
             name: None,
             group: None,
             mode: AckMode::Auto,
@@ -226,15 +234,6 @@ impl Broker {
             batch: 256,
             headers: Vec::new(),
         }
-    }
-
-    /// A subscription builder for a ready-made filter (for example a regex filter).
-    pub fn subscription_to(&self, filter: &TopicFilter) -> SubscriptionBuilder {
-        let mut b = self.subscription(filter.as_str());
-        if let TopicFilter::Regex(_) = filter {
-            b.filter = format!("{REGEX_PREFIX}{}", filter.as_str());
-        }
-        b
     }
 
     /// Subscribes to `filter` with the defaults: fanout, auto-ack, from the latest record.
@@ -383,9 +382,6 @@ impl Broker {
         self.inner.shutdown(timeout).await
     }
 }
-
-/// The prefix that marks a regex filter in [`SubscriptionBuilder`]'s filter string.
-pub(crate) const REGEX_PREFIX: &str = "\u{0}regex:";
 
 /// A publisher bound to one topic.
 #[derive(Clone, Debug)]
@@ -629,13 +625,7 @@ impl BrokerInner {
         if !self.running() {
             return Err(SubscribeError::Closed);
         }
-        let filter = if b.system {
-            crate::dlq::system_filter(&b.filter)
-        } else if let Some(pattern) = b.filter.strip_prefix(REGEX_PREFIX) {
-            TopicFilter::regex(pattern)?
-        } else {
-            TopicFilter::parse(&b.filter)?
-        };
+        let filter = b.filter?;
         let policy = AckPolicy {
             mode: b.mode,
             ack_timeout: b.ack_timeout.unwrap_or(self.config.ack_timeout),

@@ -386,18 +386,17 @@ impl Consumer {
                     );
                     st.timers.push(Reverse((due, tag)));
                 }
+                let k = scratch.len();
+                got += k;
                 if manual {
+                    self.count(&topic, |c| c.add_delivered(k as u64));
                     for r in scratch.drain(..) {
                         st.cursors[idx].unsettled.insert(r.offset());
-                        self.count(&topic, |c| c.add_delivered(1));
                         let d = self.deliver(&mut st, now, member, r, idx, 1);
                         out.push_back(d);
-                        got += 1;
                     }
                 } else {
-                    let k = scratch.len();
                     out.extend(scratch.drain(..).map(|r| Delivery::auto(r, name.clone())));
-                    got += k;
                     self.count(&topic, |c| {
                         c.add_delivered(k as u64);
                         c.add_acked(k as u64);
@@ -405,7 +404,7 @@ impl Consumer {
                 }
                 st.cursors[idx].update_hold();
             }
-            if got > 0 || got >= budget || !progressed {
+            if got > 0 || !progressed {
                 break;
             }
         }

@@ -184,12 +184,9 @@ impl DeadLetterQueue {
     /// A subscription to the dead letters (from the earliest by default); decode each with
     /// [`DeadLetter::from_record`].
     pub fn subscription(&self) -> SubscriptionBuilder {
-        let mut b = self
-            .broker
-            .subscription(self.name.as_str())
-            .start(crate::StartPosition::Earliest);
-        b.system = true;
-        b
+        self.broker
+            .builder(Ok(TopicFilter::exact_system(self.name.clone())))
+            .start(crate::StartPosition::Earliest)
     }
 
     /// Republishes up to `max` of the oldest dead letters to their source topic (without the
@@ -223,9 +220,4 @@ impl DeadLetterQueue {
             .existing_topic(&self.name)
             .map_or(0, |t| t.truncate_before(u64::MAX) as usize)
     }
-}
-
-/// An exact filter on a system topic (used for dead-letter subscriptions).
-pub(crate) fn system_filter(name: &str) -> TopicFilter {
-    TopicFilter::exact_system(TopicName::system(name.to_string()))
 }

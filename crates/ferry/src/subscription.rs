@@ -20,10 +20,11 @@ use tokio::time::Sleep;
 use crate::broker::Broker;
 use crate::consumer::{AckMode, Consumer, Settle};
 use crate::error::{AckError, RecvError, SubscribeError, TryRecvError};
+use crate::filter::TopicFilter;
 use crate::headers_filter::HeaderMatch;
 use crate::message::{Message, Record};
 use crate::stats::SubscriptionStats;
-use crate::topic::TopicName;
+use crate::topic::{TopicError, TopicName};
 
 /// Where a new subscription (or a new consumer group) starts reading the topics that exist when
 /// it is created. Topics created later are read from their beginning.
@@ -185,8 +186,8 @@ impl AckToken {
 #[must_use]
 pub struct SubscriptionBuilder {
     pub(crate) broker: Broker,
-    pub(crate) filter: String,
-    pub(crate) system: bool,
+    /// The parsed filter, or why it did not parse (reported by `build`).
+    pub(crate) filter: Result<TopicFilter, TopicError>,
     pub(crate) name: Option<String>,
     pub(crate) group: Option<String>,
     pub(crate) mode: AckMode,
