@@ -50,6 +50,10 @@ pub struct TopicConfig {
     pub retention: Retention,
     /// Time to live of messages that set no expiry of their own.
     pub default_ttl: Option<Duration>,
+    /// Against starvation under priorities: a message that has waited this long for a
+    /// subscription is delivered as if it had the highest priority. Without it, a steady stream
+    /// of higher-priority messages can delay lower ones indefinitely.
+    pub priority_aging: Option<Duration>,
     /// Send expired messages to the dead-letter queue (reason `expired`) instead of only
     /// counting them.
     pub dead_letter_expired: bool,
@@ -64,6 +68,7 @@ impl Default for TopicConfig {
             keep_consumed: false,
             retention: Retention::default(),
             default_ttl: None,
+            priority_aging: None,
             dead_letter_expired: false,
         }
     }

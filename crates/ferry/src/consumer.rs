@@ -103,8 +103,21 @@ struct Inflight {
     phase: Phase,
 }
 
+/// A record read from a prioritized topic, waiting in its priority lane.
+struct Laned {
+    record: Arc<Record>,
+    cursor: usize,
+    since: Instant,
+}
+
+/// How many records a consumer reads ahead of delivery on prioritized topics, so that it can
+/// deliver the highest-priority waiting record first.
+const LOOKAHEAD: usize = 4096;
+
 #[derive(Default)]
 struct State {
+    /// Priority lanes (index = level): records read but not yet delivered.
+    lanes: [VecDeque<Laned>; 5],
     cursors: Vec<Cursor>,
     rr: usize,
     inflight: HashMap<u64, Inflight>,
@@ -318,12 +331,23 @@ impl Consumer {
                     break;
                 }
                 let idx = (st.rr + i) % n;
+                let laned: usize = st.lanes.iter().map(VecDeque::len).sum();
                 let c = &mut st.cursors[idx];
                 if c.topic.tail() <= c.next {
                     continue;
                 }
+                // On a prioritized topic, read ahead into the priority lanes (delivered below,
+                // highest first); elsewhere read just what can be delivered.
+                let prio = c.topic.prioritized();
+                let want = if prio {
+                    LOOKAHEAD.saturating_sub(laned)
+                } else {
+                    budget - got
+                };
+                if want == 0 {
+                    continue;
+                }
                 progressed = true;
-                let want = budget - got;
                 let check = c.topic.timed();
                 // Under the topic lock, only collect the records; deliveries are made after it is
                 // released, so that readers and publishers hold the lock as briefly as possible.
@@ -386,6 +410,19 @@ impl Consumer {
                     );
                     st.timers.push(Reverse((due, tag)));
                 }
+                if prio {
+                    for r in scratch.drain(..) {
+                        st.cursors[idx].unsettled.insert(r.offset());
+                        let lane = r.message.priority() as usize;
+                        st.lanes[lane].push_back(Laned {
+                            record: r,
+                            cursor: idx,
+                            since: now,
+                        });
+                    }
+                    st.cursors[idx].update_hold();
+                    continue;
+                }
                 let k = scratch.len();
                 got += k;
                 if manual {
@@ -404,6 +441,7 @@ impl Consumer {
                 }
                 st.cursors[idx].update_hold();
             }
+            got += self.deliver_lanes(&mut st, now, member, budget - got, out);
             if got > 0 || !progressed {
                 break;
             }
@@ -412,7 +450,9 @@ impl Consumer {
             st.rr = (st.rr + 1) % n;
         }
         let next_wake = st.timers.peek().map(|Reverse((t, _))| *t);
-        let more = !st.ready.is_empty() || st.cursors.iter().any(|c| c.topic.tail() > c.next);
+        let more = !st.ready.is_empty()
+            || st.lanes.iter().any(|l| !l.is_empty())
+            || st.cursors.iter().any(|c| c.topic.tail() > c.next);
         drop(st);
         self.bury(dead);
         if got > 0 {
@@ -429,6 +469,55 @@ impl Consumer {
             throttled: got == 0 && budget == 0,
             expiring,
         }
+    }
+
+    /// Delivers up to `max` records from the priority lanes: the highest non-empty lane first,
+    /// except that a record that has waited `priority_aging` goes before all others.
+    fn deliver_lanes(
+        self: &Arc<Self>,
+        st: &mut State,
+        now: Instant,
+        member: u64,
+        max: usize,
+        out: &mut VecDeque<Delivery>,
+    ) -> usize {
+        let mut got = 0;
+        while got < max {
+            let aged = st
+                .lanes
+                .iter()
+                .enumerate()
+                .filter_map(|(i, l)| l.front().map(|f| (i, f)))
+                .filter(|(_, f)| {
+                    let aging = st.cursors[f.cursor].topic.config.priority_aging;
+                    aging.is_some_and(|a| now.saturating_duration_since(f.since) >= a)
+                })
+                .min_by_key(|(_, f)| f.since)
+                .map(|(i, _)| i);
+            let Some(lane) = aged.or_else(|| st.lanes.iter().rposition(|l| !l.is_empty())) else {
+                break;
+            };
+            let Some(Laned { record, cursor, .. }) = st.lanes[lane].pop_front() else {
+                break;
+            };
+            let topic = st.cursors[cursor].topic.clone();
+            if self.manual() {
+                self.count(&topic, |c| c.add_delivered(1));
+                let d = self.deliver(st, now, member, record, cursor, 1);
+                out.push_back(d);
+            } else {
+                let c = &mut st.cursors[cursor];
+                c.unsettled.remove(&record.offset());
+                c.update_hold();
+                self.count(&topic, |c| {
+                    c.add_delivered(1);
+                    c.add_acked(1);
+                });
+                out.push_back(Delivery::auto(record, c.name.clone()));
+            }
+            got += 1;
+        }
+        got
     }
 
     fn deliver(
@@ -687,6 +776,12 @@ impl Consumer {
             return;
         }
         let mut st = self.state.lock();
+        for lane in std::mem::take(&mut st.lanes) {
+            for l in lane {
+                let topic = st.cursors[l.cursor].topic.clone();
+                self.count(&topic, |c| c.add_dropped(1));
+            }
+        }
         let inflight = std::mem::take(&mut st.inflight);
         for e in inflight.into_values() {
             let topic = st.cursors[e.cursor].topic.clone();
@@ -713,7 +808,9 @@ impl Consumer {
     /// Whether the consumer has nothing left to deliver or settle.
     pub(crate) fn drained(&self) -> bool {
         let st = self.state.lock();
-        st.inflight.is_empty() && st.cursors.iter().all(|c| c.topic.tail() <= c.next)
+        st.inflight.is_empty()
+            && st.lanes.iter().all(VecDeque::is_empty)
+            && st.cursors.iter().all(|c| c.topic.tail() <= c.next)
     }
 
     /// (lag, in flight, assigned).
@@ -726,7 +823,8 @@ impl Consumer {
             lag += tail.saturating_sub(c.next);
             assigned += tail.saturating_sub(c.start);
         }
-        (lag, st.inflight.len() as u64, assigned)
+        let laned: usize = st.lanes.iter().map(VecDeque::len).sum();
+        (lag, (st.inflight.len() + laned) as u64, assigned)
     }
 
     pub(crate) fn lag(&self) -> u64 {

@@ -63,7 +63,7 @@ pub use events::{BrokerEvent, EventReceiver};
 pub use filter::TopicFilter;
 pub use handler::{HandlerError, HandlerHandle, HandlerOptions, HandlerStats};
 pub use headers_filter::HeaderMatch;
-pub use message::{Headers, Message, MessageBuilder, MessageId, PayloadError, Record};
+pub use message::{Headers, Message, MessageBuilder, MessageId, PayloadError, Priority, Record};
 pub use router::Router;
 pub use stats::{BrokerStats, CounterSnapshot, Health, LagStats, SubscriptionStats, TopicStats};
 pub use subscription::{Delivery, StartPosition, Subscription, SubscriptionBuilder};

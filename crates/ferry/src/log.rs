@@ -144,6 +144,9 @@ pub(crate) struct Topic {
     /// Whether any record ever appended has an expiry or a delivery time. Until one does,
     /// readers skip those per-record checks (and the cache line they would touch).
     timed: AtomicBool,
+    /// Whether any record ever appended has a priority other than normal; until one does,
+    /// readers deliver in log order without sorting into priority lanes.
+    prioritized: AtomicBool,
 }
 
 /// How to find the first offset of a new cursor.
@@ -184,6 +187,7 @@ impl Topic {
             blocked: AtomicUsize::new(0),
             space_target: AtomicU64::new(u64::MAX),
             timed: AtomicBool::new(false),
+            prioritized: AtomicBool::new(false),
         }
     }
 
@@ -203,7 +207,15 @@ impl Topic {
         if expires.is_some() || not_before.is_some() {
             self.timed.store(true, Ordering::Relaxed);
         }
+        if message.priority() != crate::message::Priority::Normal {
+            self.prioritized.store(true, Ordering::Relaxed);
+        }
         Record::pending(message, expires, not_before)
+    }
+
+    /// Whether records of this topic may carry priorities (see `timed` for the ordering).
+    pub(crate) fn prioritized(&self) -> bool {
+        self.prioritized.load(Ordering::Relaxed)
     }
 
     /// Whether records of this topic may expire or be delayed (read under or after the log

@@ -163,6 +163,34 @@ impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Headers {
     }
 }
 
+/// Delivery priority: among the messages waiting for a subscription, higher priority is
+/// delivered first, first-in first-out within a level.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Priority {
+    /// The lowest level.
+    Lowest = 0,
+    /// Below normal.
+    Low = 1,
+    /// The default.
+    #[default]
+    Normal = 2,
+    /// Above normal.
+    High = 3,
+    /// The highest level.
+    Highest = 4,
+}
+
+impl Priority {
+    /// Every level, lowest first.
+    pub const ALL: [Priority; 5] = [
+        Priority::Lowest,
+        Priority::Low,
+        Priority::Normal,
+        Priority::High,
+        Priority::Highest,
+    ];
+}
+
 /// Errors from encoding or decoding a JSON payload.
 #[derive(Debug, thiserror::Error)]
 #[error("payload is not valid JSON for the requested type: {0}")]
@@ -180,6 +208,7 @@ pub struct Message {
     producer_id: Option<Arc<str>>,
     expires_at: Option<SystemTime>,
     deliver_at: Option<SystemTime>,
+    priority: Priority,
 }
 
 impl Message {
@@ -195,6 +224,7 @@ impl Message {
             producer_id: None,
             expires_at: None,
             deliver_at: None,
+            priority: Priority::Normal,
         }
     }
 
@@ -252,6 +282,11 @@ impl Message {
     /// When the message expires: it is never delivered after that.
     pub fn expires_at(&self) -> Option<SystemTime> {
         self.expires_at
+    }
+
+    /// Its delivery priority.
+    pub fn priority(&self) -> Priority {
+        self.priority
     }
 
     /// When the message is to be delivered: it is appended (and gets its offset) at once, but no
@@ -343,6 +378,12 @@ impl MessageBuilder {
     /// Expires the message at `at`.
     pub fn expires_at(mut self, at: SystemTime) -> Self {
         self.message.expires_at = Some(at);
+        self
+    }
+
+    /// Sets the delivery priority.
+    pub fn priority(mut self, priority: Priority) -> Self {
+        self.message.priority = priority;
         self
     }
 
