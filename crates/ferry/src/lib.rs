@@ -51,6 +51,7 @@ mod signal;
 pub mod stats;
 pub mod subscription;
 mod sync;
+pub mod tasks;
 pub mod topic;
 mod tx;
 
@@ -67,6 +68,7 @@ pub use message::{Headers, Message, MessageBuilder, MessageId, PayloadError, Pri
 pub use router::Router;
 pub use stats::{BrokerStats, CounterSnapshot, Health, LagStats, SubscriptionStats, TopicStats};
 pub use subscription::{Delivery, StartPosition, Subscription, SubscriptionBuilder};
+pub use tasks::{GroupCollector, TaskQueue};
 pub use topic::{TopicError, TopicName};
 pub use tx::{Transaction, TxError};
 

@@ -381,6 +381,13 @@ impl MessageBuilder {
         self
     }
 
+    /// Marks the message as one of the `size` messages of group `id` (see
+    /// [`GroupCollector`](crate::tasks::GroupCollector)).
+    pub fn in_group(self, id: impl Into<String>, size: usize) -> Self {
+        self.header(crate::tasks::headers::GROUP_ID, id)
+            .header(crate::tasks::headers::GROUP_SIZE, size.to_string())
+    }
+
     /// Sets the delivery priority.
     pub fn priority(mut self, priority: Priority) -> Self {
         self.message.priority = priority;
