@@ -72,6 +72,13 @@ struct Cursor {
 }
 
 impl Cursor {
+    /// Offset `offset` is settled (acked, dead-lettered, expired, or handed over for good):
+    /// it no longer holds the topic.
+    fn settle(&mut self, offset: u64) {
+        self.unsettled.remove(&offset);
+        self.update_hold();
+    }
+
     fn update_hold(&self) {
         let low = self
             .unsettled
@@ -305,17 +312,7 @@ impl Consumer {
                     c.add_redelivered(1);
                 }
             });
-            if manual {
-                let d = self.deliver(&mut st, now, member, e.record, e.cursor, attempt);
-                out.push_back(d);
-            } else {
-                // A delayed record for an auto-ack subscription: acknowledged on hand-over.
-                let c = &mut st.cursors[e.cursor];
-                c.unsettled.remove(&e.record.offset());
-                c.update_hold();
-                self.count(&topic, |c| c.add_acked(1));
-                out.push_back(Delivery::auto(e.record, c.name.clone()));
-            }
+            out.push_back(self.hand_over(&mut st, now, member, e.record, e.cursor, attempt));
             got += 1;
         }
         let n = st.cursors.len();
@@ -501,23 +498,32 @@ impl Consumer {
                 break;
             };
             let topic = st.cursors[cursor].topic.clone();
-            if self.manual() {
-                self.count(&topic, |c| c.add_delivered(1));
-                let d = self.deliver(st, now, member, record, cursor, 1);
-                out.push_back(d);
-            } else {
-                let c = &mut st.cursors[cursor];
-                c.unsettled.remove(&record.offset());
-                c.update_hold();
-                self.count(&topic, |c| {
-                    c.add_delivered(1);
-                    c.add_acked(1);
-                });
-                out.push_back(Delivery::auto(record, c.name.clone()));
-            }
+            self.count(&topic, |c| c.add_delivered(1));
+            out.push_back(self.hand_over(st, now, member, record, cursor, 1));
             got += 1;
         }
         got
+    }
+
+    /// Hands over a record that waited in the consumer (a redelivery, a delayed record, or one
+    /// from a priority lane): in flight with manual acks; acknowledged at once with auto acks.
+    fn hand_over(
+        self: &Arc<Self>,
+        st: &mut State,
+        now: Instant,
+        member: u64,
+        record: Arc<Record>,
+        cursor: usize,
+        attempt: u32,
+    ) -> Delivery {
+        if self.manual() {
+            return self.deliver(st, now, member, record, cursor, attempt);
+        }
+        let c = &mut st.cursors[cursor];
+        c.settle(record.offset());
+        let topic = c.topic.clone();
+        self.count(&topic, |c| c.add_acked(1));
+        Delivery::auto(record, c.name.clone())
     }
 
     fn deliver(
@@ -583,8 +589,7 @@ impl Consumer {
             self.to_dead(st, tag, DeadLetterReason::Expired, dead);
         } else if let Some(e) = st.inflight.remove(&tag) {
             let c = &mut st.cursors[e.cursor];
-            c.unsettled.remove(&e.record.offset());
-            c.update_hold();
+            c.settle(e.record.offset());
             self.count(&topic, |c| c.add_expired(1));
         }
     }
@@ -606,8 +611,7 @@ impl Consumer {
     fn to_dead(&self, st: &mut State, tag: u64, reason: DeadLetterReason, dead: &mut Vec<DeadJob>) {
         if let Some(e) = st.inflight.remove(&tag) {
             let c = &mut st.cursors[e.cursor];
-            c.unsettled.remove(&e.record.offset());
-            c.update_hold();
+            c.settle(e.record.offset());
             let topic = c.topic.clone();
             let name = c.name.clone();
             self.count(&topic, |c| c.add_dead_lettered(1));
@@ -644,8 +648,7 @@ impl Consumer {
             Settle::Ack => {
                 if let Some(e) = st.inflight.remove(&tag) {
                     let c = &mut st.cursors[e.cursor];
-                    c.unsettled.remove(&e.record.offset());
-                    c.update_hold();
+                    c.settle(e.record.offset());
                 }
                 self.count(&record_topic, |c| c.add_acked(1));
             }
@@ -719,13 +722,21 @@ impl Consumer {
             .saturating_sub(1)
     }
 
+    /// The topic of the cursor whose name is `name`.
+    fn topic_named(st: &State, name: &TopicName) -> Option<Arc<Topic>> {
+        st.cursors
+            .iter()
+            .find(|c| c.name == *name)
+            .map(|c| c.topic.clone())
+    }
+
     /// Auto-ack records that were handed over but never received (the subscription dropped
     /// them): they are re-counted from acknowledged to dropped.
     pub(crate) fn forget_buffered(&self, topics: &[TopicName]) {
         let st = self.state.lock();
         for t in topics {
-            if let Some(c) = st.cursors.iter().find(|c| c.name == *t) {
-                self.count(&c.topic, |c| {
+            if let Some(topic) = Self::topic_named(&st, t) {
+                self.count(&topic, |c| {
                     c.acked.fetch_sub(1, Ordering::Relaxed);
                     c.add_dropped(1);
                 });
@@ -736,12 +747,9 @@ impl Consumer {
     /// An auto-ack record expired in a member's buffer: re-counted from acknowledged to expired
     /// (or dead-lettered, if the topic says so).
     pub(crate) fn expire_buffered(&self, topic: &TopicName, record: &Arc<Record>) {
-        let st = self.state.lock();
-        let Some(c) = st.cursors.iter().find(|c| c.name == *topic) else {
+        let Some(t) = Self::topic_named(&self.state.lock(), topic) else {
             return;
         };
-        let t = c.topic.clone();
-        drop(st);
         self.count(&t, |c| {
             c.acked.fetch_sub(1, Ordering::Relaxed);
         });
@@ -760,9 +768,8 @@ impl Consumer {
 
     /// Counts a handler error against the record's topic and this consumer.
     pub(crate) fn count_error(&self, topic: &TopicName) {
-        let st = self.state.lock();
-        if let Some(c) = st.cursors.iter().find(|c| c.name == *topic) {
-            self.count(&c.topic, |c| c.add_errors(1));
+        if let Some(t) = Self::topic_named(&self.state.lock(), topic) {
+            self.count(&t, |c| c.add_errors(1));
         }
     }
 
