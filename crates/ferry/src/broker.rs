@@ -714,8 +714,25 @@ impl BrokerInner {
         Ok(Subscription::new(broker.clone(), consumer, member, batch))
     }
 
-    /// Removes a consumer from the registry and closes it.
-    pub(crate) fn remove_consumer(&self, id: u64) -> Option<Arc<Consumer>> {
+    /// Removes a consumer from the registry and closes it (unsubscribed). Returns whether it
+    /// was registered.
+    pub(crate) fn remove_consumer(&self, id: u64) -> bool {
+        self.unregister(id, false).is_some()
+    }
+
+    /// Removes a consumer and closes it as evicted (its members' `recv` say so).
+    fn evict(&self, id: u64) -> bool {
+        let Some(c) = self.unregister(id, true) else {
+            return false;
+        };
+        self.emit(BrokerEvent::SubscriberEvicted {
+            id,
+            name: c.name.clone(),
+        });
+        true
+    }
+
+    fn unregister(&self, id: u64, evicted: bool) -> Option<Arc<Consumer>> {
         let mut reg = self.registry.write();
         let c = reg.consumers.remove(&id)?;
         reg.index.remove(&c.filter, id);
@@ -726,24 +743,8 @@ impl BrokerInner {
         debug_assert_eq!(reg.index.len(), reg.consumers.len());
         debug_assert_eq!(reg.index.is_empty(), reg.consumers.is_empty());
         drop(reg);
-        c.close(false);
+        c.close(evicted);
         Some(c)
-    }
-
-    fn evict(&self, id: u64) -> bool {
-        let mut reg = self.registry.write();
-        let Some(c) = reg.consumers.remove(&id) else {
-            return false;
-        };
-        reg.index.remove(&c.filter, id);
-        reg.groups.retain(|_, g| *g != id);
-        drop(reg);
-        c.close(true);
-        self.emit(BrokerEvent::SubscriberEvicted {
-            id,
-            name: c.name.clone(),
-        });
-        true
     }
 
     pub(crate) fn consumers(&self) -> Vec<Arc<Consumer>> {

@@ -13,10 +13,6 @@ pub(crate) use std::sync::{
     Mutex, MutexGuard,
 };
 
-#[cfg(all(not(ferry_loom), test))]
-#[allow(unused_imports)]
-pub(crate) use std::sync::{atomic::AtomicU64, Arc};
-
 /// Locks `m`, recovering the data if a panicking thread poisoned it: every critical section in
 /// this crate leaves its data consistent before anything that can panic.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
