@@ -203,7 +203,6 @@ impl Broker {
         messages: impl IntoIterator<Item = Message>,
     ) -> Result<Range<u64>, PublishError> {
         let topic = self.inner.user_topic(topic)?;
-        let messages: Vec<Message> = messages.into_iter().collect();
         let records = messages.into_iter().map(|m| topic.wrap(m, &None)).collect();
         self.inner.append_wait(&topic, records).await
     }
