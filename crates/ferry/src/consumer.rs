@@ -644,6 +644,7 @@ impl Consumer {
         };
         let before = st.member_inflight.get(&member).copied().unwrap_or(0);
         dec(&mut st.member_inflight, member);
+        let mut rearm = false;
         match how {
             Settle::Ack => {
                 if let Some(e) = st.inflight.remove(&tag) {
@@ -665,6 +666,8 @@ impl Consumer {
                             e.phase = Phase::Delayed { due };
                         }
                         st.timers.push(Reverse((due, tag)));
+                        // A member waiting for the next timer must see this earlier one.
+                        rearm = true;
                     }
                     _ => self.fail(&mut st, tag, &mut dead),
                 }
@@ -682,7 +685,7 @@ impl Consumer {
                 st.ready.push_front(tag);
             }
         }
-        let redeliver = !st.ready.is_empty();
+        let redeliver = rearm || !st.ready.is_empty();
         drop(st);
         self.bury(dead);
         if redeliver {

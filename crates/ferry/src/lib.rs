@@ -28,6 +28,7 @@
 //! - `consumer`: cursors, the in-flight table, redelivery and dead-lettering;
 //! - [`subscription`]: the consumer-side handle, its builder and deliveries;
 //! - [`handler`]: handler pools with a concurrency limit and panic isolation;
+//! - [`middleware`]: `tower` layers for handlers (timeouts, retries, limits, batches, dedup);
 //! - [`dlq`]: dead-letter queues; [`stats`]: counters and snapshots; [`events`]: lifecycle events;
 //! - `broker`: the registry, publishing, stats, maintenance and graceful shutdown;
 //! - `signal`: the publisher-to-consumer wake-up hand-off (checked with loom).
@@ -46,6 +47,7 @@ pub mod handler;
 mod headers_filter;
 mod log;
 pub mod message;
+pub mod middleware;
 mod router;
 mod signal;
 pub mod stats;
@@ -62,12 +64,14 @@ pub use dlq::{DeadLetter, DeadLetterQueue, DeadLetterReason};
 pub use error::{AckError, DeadLetterError, PublishError, RecvError, SubscribeError, TryRecvError};
 pub use events::{BrokerEvent, EventReceiver};
 pub use filter::TopicFilter;
-pub use handler::{HandlerError, HandlerHandle, HandlerOptions, HandlerStats};
+pub use handler::{
+    BoxError, HandlerError, HandlerHandle, HandlerOptions, HandlerStats, Rejected, RetryAfter,
+};
 pub use headers_filter::HeaderMatch;
 pub use message::{Headers, Message, MessageBuilder, MessageId, PayloadError, Priority, Record};
 pub use router::Router;
 pub use stats::{BrokerStats, CounterSnapshot, Health, LagStats, SubscriptionStats, TopicStats};
-pub use subscription::{Delivery, StartPosition, Subscription, SubscriptionBuilder};
+pub use subscription::{Delivery, Envelope, StartPosition, Subscription, SubscriptionBuilder};
 pub use tasks::{GroupCollector, TaskQueue};
 pub use topic::{TopicError, TopicName};
 pub use tx::{Transaction, TxError};

@@ -41,43 +41,17 @@ pub enum StartPosition {
     Timestamp(SystemTime),
 }
 
-/// A message handed to a subscriber, with its acknowledgement handle.
-///
-/// In manual-ack mode, settle it with [`ack`](Self::ack), [`nack`](Self::nack),
-/// [`nack_after`](Self::nack_after) or [`reject`](Self::reject). Dropping an unsettled delivery
-/// nacks it (it is redelivered and the attempt counts). In auto-ack mode these are no-ops.
-pub struct Delivery {
+/// A delivered message without its acknowledgement handle: the record, its topic and which
+/// attempt this is. Cheap to clone (two reference counts); this is what handler services receive,
+/// so that middleware such as retries can hold on to it. Dereferences to the [`Message`].
+#[derive(Clone)]
+pub struct Envelope {
     record: Arc<Record>,
     topic: TopicName,
     attempt: u32,
-    ack: Option<(Arc<Consumer>, u64)>,
 }
 
-impl Delivery {
-    pub(crate) fn auto(record: Arc<Record>, topic: TopicName) -> Self {
-        Delivery {
-            record,
-            topic,
-            attempt: 1,
-            ack: None,
-        }
-    }
-
-    pub(crate) fn manual(
-        record: Arc<Record>,
-        topic: TopicName,
-        attempt: u32,
-        consumer: Arc<Consumer>,
-        tag: u64,
-    ) -> Self {
-        Delivery {
-            record,
-            topic,
-            attempt,
-            ack: Some((consumer, tag)),
-        }
-    }
-
+impl Envelope {
     /// The topic the message was published to.
     pub fn topic(&self) -> &TopicName {
         &self.topic
@@ -101,6 +75,70 @@ impl Delivery {
     /// Which delivery attempt this is, from 1.
     pub fn attempt(&self) -> u32 {
         self.attempt
+    }
+}
+
+impl std::ops::Deref for Envelope {
+    type Target = Message;
+    fn deref(&self) -> &Message {
+        &self.record.message
+    }
+}
+
+impl std::fmt::Debug for Envelope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Envelope")
+            .field("topic", &self.topic)
+            .field("offset", &self.record.offset())
+            .field("attempt", &self.attempt)
+            .field("id", &self.record.message.id())
+            .finish()
+    }
+}
+
+/// A message handed to a subscriber, with its acknowledgement handle.
+///
+/// In manual-ack mode, settle it with [`ack`](Self::ack), [`nack`](Self::nack),
+/// [`nack_after`](Self::nack_after) or [`reject`](Self::reject). Dropping an unsettled delivery
+/// nacks it (it is redelivered and the attempt counts). In auto-ack mode these are no-ops.
+/// Dereferences to its [`Envelope`] (topic, offset, attempt), and through it to the [`Message`].
+pub struct Delivery {
+    envelope: Envelope,
+    ack: Option<(Arc<Consumer>, u64)>,
+}
+
+impl Delivery {
+    pub(crate) fn auto(record: Arc<Record>, topic: TopicName) -> Self {
+        Delivery {
+            envelope: Envelope {
+                record,
+                topic,
+                attempt: 1,
+            },
+            ack: None,
+        }
+    }
+
+    pub(crate) fn manual(
+        record: Arc<Record>,
+        topic: TopicName,
+        attempt: u32,
+        consumer: Arc<Consumer>,
+        tag: u64,
+    ) -> Self {
+        Delivery {
+            envelope: Envelope {
+                record,
+                topic,
+                attempt,
+            },
+            ack: Some((consumer, tag)),
+        }
+    }
+
+    /// The delivered message without the acknowledgement handle.
+    pub fn envelope(&self) -> &Envelope {
+        &self.envelope
     }
 
     /// Whether this delivery must be settled by the subscriber.
@@ -135,28 +173,28 @@ impl Delivery {
         }
     }
 
-    /// Takes the acknowledgement handle out (handlers settle from their result).
-    pub(crate) fn detach_ack(&mut self) -> Option<AckToken> {
-        self.ack
+    /// Splits off the acknowledgement handle (handler pools settle from the handler's result).
+    pub(crate) fn detach(mut self) -> (Envelope, Option<AckToken>) {
+        let token = self
+            .ack
             .take()
-            .map(|(consumer, tag)| AckToken { consumer, tag })
+            .map(|(consumer, tag)| AckToken { consumer, tag });
+        (self.envelope.clone(), token)
     }
 }
 
 impl std::ops::Deref for Delivery {
-    type Target = Message;
-    fn deref(&self) -> &Message {
-        &self.record.message
+    type Target = Envelope;
+    fn deref(&self) -> &Envelope {
+        &self.envelope
     }
 }
 
 impl std::fmt::Debug for Delivery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Delivery")
-            .field("topic", &self.topic)
-            .field("offset", &self.record.offset())
-            .field("attempt", &self.attempt)
-            .field("id", &self.record.message.id())
+            .field("envelope", &self.envelope)
+            .field("needs_ack", &self.ack.is_some())
             .finish()
     }
 }
@@ -352,15 +390,17 @@ impl Subscription {
 
     /// The next buffered delivery that has not expired meanwhile.
     fn pop_buffered(&mut self) -> Option<Delivery> {
-        while let Some(mut d) = self.buf.pop_front() {
-            if !self.expiring || !d.record.expired(tokio::time::Instant::now()) {
+        while let Some(d) = self.buf.pop_front() {
+            if !self.expiring || !d.record().expired(tokio::time::Instant::now()) {
                 return Some(d);
             }
-            match d.detach_ack() {
-                Some(token) => {
+            match d.detach() {
+                (_, Some(token)) => {
                     let _ = token.settle(Settle::Expired);
                 }
-                None => self.consumer.expire_buffered(&d.topic, &d.record),
+                (envelope, None) => self
+                    .consumer
+                    .expire_buffered(envelope.topic(), envelope.record()),
             }
         }
         None
@@ -486,12 +526,12 @@ impl std::fmt::Debug for Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         let mut unreceived = Vec::new();
-        for mut d in self.buf.drain(..) {
-            match d.detach_ack() {
-                Some(token) => {
+        for d in self.buf.drain(..) {
+            match d.detach() {
+                (_, Some(token)) => {
                     let _ = token.settle(Settle::Returned);
                 }
-                None => unreceived.push(d.topic.clone()),
+                (envelope, None) => unreceived.push(envelope.topic().clone()),
             }
         }
         if !unreceived.is_empty() {
