@@ -137,6 +137,7 @@ pub struct ConsumerTally {
     pub lost: u64,
     last: Option<Instant>,
     hist: Histogram<u64>,
+    once: Option<ExactlyOnce>,
 }
 
 impl ConsumerTally {
@@ -148,7 +149,24 @@ impl ConsumerTally {
             lost: 0,
             last: None,
             hist: new_histogram()?,
+            once: None,
         })
+    }
+
+    /// Also checks, through [`observe_seq`](Self::observe_seq), that this consumer sees each of
+    /// the sequence numbers `0..n` exactly once.
+    pub fn exactly_once(mut self, n: u64) -> Self {
+        self.once = Some(ExactlyOnce::new(n));
+        self
+    }
+
+    /// Records the sequence number (for Ferry, the offset) of the delivery just observed, if
+    /// this tally checks for exactly-once delivery.
+    #[inline]
+    pub fn observe_seq(&mut self, seq: u64) {
+        if let Some(once) = &mut self.once {
+            once.observe(seq);
+        }
     }
 
     /// Counts one delivery of `payload` (and records its latency if it is stamped).
@@ -174,6 +192,44 @@ impl ConsumerTally {
     }
 }
 
+/// Checks that each of the sequence numbers `0..n` is seen exactly once (a bit per number).
+#[derive(Debug)]
+pub struct ExactlyOnce {
+    seen: Vec<u64>,
+    n: u64,
+    duplicates: u64,
+}
+
+impl ExactlyOnce {
+    /// A check for `0..n`, nothing seen yet.
+    pub fn new(n: u64) -> Self {
+        ExactlyOnce {
+            seen: vec![0; usize::try_from(n.div_ceil(64)).unwrap_or(usize::MAX)],
+            n,
+            duplicates: 0,
+        }
+    }
+
+    /// Records `seq`; one seen before or outside `0..n` counts as a duplicate.
+    #[inline]
+    pub fn observe(&mut self, seq: u64) {
+        let bit = 1u64 << (seq % 64);
+        match usize::try_from(seq / 64)
+            .ok()
+            .filter(|_| seq < self.n)
+            .and_then(|i| self.seen.get_mut(i))
+        {
+            Some(word) if *word & bit == 0 => *word |= bit,
+            _ => self.duplicates += 1,
+        }
+    }
+
+    /// Sequence numbers seen twice or more, or outside `0..n`.
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates
+    }
+}
+
 fn new_histogram() -> Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, MAX_LATENCY_NS, 3).context("creating a latency histogram")
 }
@@ -185,6 +241,9 @@ pub struct Outcome {
     pub delivered: u64,
     /// Deliveries the system reported as lost.
     pub lost: u64,
+    /// Deliveries of a message the consumer had already received, where the run checked for
+    /// exactly-once delivery (see [`ConsumerTally::exactly_once`]).
+    pub duplicates: Option<u64>,
     /// From the first publish to the last delivery.
     pub wall: Duration,
     /// Publish -> delivery latency samples, in nanoseconds.
@@ -194,6 +253,22 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// An outcome without publish -> delivery latency samples.
+    pub fn without_latency(
+        delivered: u64,
+        duplicates: Option<u64>,
+        wall: Duration,
+    ) -> Result<Self> {
+        Ok(Outcome {
+            delivered,
+            lost: 0,
+            duplicates,
+            wall,
+            latency: new_histogram()?,
+            cpu: None,
+        })
+    }
+
     /// Combines the tallies of a run's producers and consumers.
     pub fn combine(producers: &[ProducerTally], consumers: Vec<ConsumerTally>) -> Result<Self> {
         let start = producers
@@ -203,10 +278,13 @@ impl Outcome {
             .ok_or_else(|| anyhow!("a run needs at least one producer"))?;
         let mut end = producers.iter().map(|p| p.finish).max().unwrap_or(start);
         let mut latency = new_histogram()?;
-        let (mut delivered, mut lost) = (0, 0);
+        let (mut delivered, mut lost, mut duplicates) = (0, 0, None);
         for c in consumers {
             delivered += c.delivered;
             lost += c.lost;
+            if let Some(once) = &c.once {
+                *duplicates.get_or_insert(0) += once.duplicates();
+            }
             if let Some(last) = c.last {
                 end = end.max(last);
             }
@@ -217,6 +295,7 @@ impl Outcome {
         Ok(Outcome {
             delivered,
             lost,
+            duplicates,
             wall: end.saturating_duration_since(start),
             latency,
             cpu: None,
@@ -249,6 +328,12 @@ impl Outcome {
     }
 }
 
+/// The lengths of the chunks of `size` (the last one shorter) that make up `n`.
+pub fn chunks(n: u64, size: u64) -> impl Iterator<Item = u64> {
+    let size = size.max(1);
+    (0..n.div_ceil(size)).map(move |i| size.min(n - i * size))
+}
+
 /// CPU time (user + system) used so far by the whole process, from `/proc/self/stat` (Linux;
 /// `None` elsewhere). The resolution is one clock tick (10 ms).
 pub fn process_cpu_time() -> Option<Duration> {
@@ -262,6 +347,21 @@ pub fn process_cpu_time() -> Option<Duration> {
     let utime: u64 = fields.next()?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
     Some(Duration::from_millis((utime + stime) * 1000 / TICKS_PER_S))
+}
+
+/// The resident set size of the process in bytes (`VmRSS` in `/proc/self/status`; Linux, `None`
+/// elsewhere).
+pub fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 /// The 1-minute load average (Linux; `None` elsewhere).

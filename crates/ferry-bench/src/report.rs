@@ -2,18 +2,20 @@
 //! throughput divided by each peer's) or, with `--json`, as one JSON object per line.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::io::Write as _;
 
 use anyhow::{bail, Result};
 use ferry::stats::thousands;
-use serde::Serialize;
+use hdrhistogram::Histogram;
+use serde::ser::{Serialize, SerializeMap as _, Serializer};
 
 use crate::inproc::{RunSpec, System};
 use crate::measure::Outcome;
 
 /// One measured (scenario, system, payload). The first seven fields are the stable JSON schema;
 /// the rest are extras.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Row {
     /// Scenario name (`a-1p1s`, ...).
     pub scenario: &'static str,
@@ -41,8 +43,12 @@ pub struct Row {
     pub expected: u64,
     /// Deliveries made.
     pub delivered: u64,
-    /// Deliveries missing (expected - delivered) or reported lost by the system.
+    /// Deliveries missing (expected - distinct deliveries) or reported lost by the system.
     pub lost: u64,
+    /// Deliveries of a message already received, where the run checked for exactly-once
+    /// delivery.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duplicates: Option<u64>,
     /// Wall time of the run, first publish to last delivery, in seconds.
     pub wall_s: f64,
     /// Latency samples behind the percentiles.
@@ -54,19 +60,83 @@ pub struct Row {
     /// How the system implements the scenario, when that needs saying.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<&'static str>,
+    /// Figures of this scenario only (JSON: a field each; table: the notes column).
+    #[serde(flatten)]
+    pub extra: Extras,
+}
+
+/// A scenario-specific figure.
+#[derive(Debug, Clone, Copy)]
+pub enum Extra {
+    /// A count (messages, bytes).
+    Count(u64),
+    /// A measurement or ratio (3 decimals).
+    Value(f64),
+}
+
+impl Serialize for Extra {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match *self {
+            Extra::Count(n) => s.serialize_u64(n),
+            Extra::Value(x) => s.serialize_f64(round3(x)),
+        }
+    }
+}
+
+impl fmt::Display for Extra {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Extra::Count(n) => f.write_str(&thousands(n)),
+            Extra::Value(x) if x.abs() >= 1000.0 => f.write_str(&thousands(x.round() as u64)),
+            Extra::Value(x) => write!(f, "{x:.3}"),
+        }
+    }
+}
+
+/// Named [`Extra`]s in the order they were added; serialized as fields of the row.
+#[derive(Debug, Clone, Default)]
+pub struct Extras(Vec<(&'static str, Extra)>);
+
+impl Extras {
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Serialize for Extras {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
+impl fmt::Display for Extras {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (k, v)) in self.0.iter().enumerate() {
+            write!(f, "{}{k}={v}", if i == 0 { "" } else { " " })?;
+        }
+        Ok(())
+    }
 }
 
 impl Row {
     /// A row for `outcome`.
     pub fn new(
         scenario: &'static str,
-        system: System,
+        system: impl fmt::Display,
         payload_bytes: usize,
         spec: &RunSpec,
         outcome: &Outcome,
         note: Option<&'static str>,
     ) -> Self {
         let expected = spec.expected();
+        let distinct = outcome
+            .delivered
+            .saturating_sub(outcome.duplicates.unwrap_or(0));
         Row {
             scenario,
             system: system.to_string(),
@@ -81,13 +151,34 @@ impl Row {
             published: spec.published(),
             expected,
             delivered: outcome.delivered,
-            lost: expected.saturating_sub(outcome.delivered).max(outcome.lost),
+            lost: expected.saturating_sub(distinct).max(outcome.lost),
+            duplicates: outcome.duplicates,
             wall_s: round3(outcome.wall.as_secs_f64()),
             latency_samples: outcome.latency.len(),
             cpu_s: outcome.cpu.map(|c| round3(c.as_secs_f64())),
             cpu_ns_per_msg: outcome.cpu_ns_per_delivery().map(f64::round),
             note,
+            extra: Extras::default(),
         }
+    }
+
+    /// Adds a scenario-specific figure.
+    pub fn add(&mut self, name: &'static str, value: Extra) {
+        self.extra.0.push((name, value));
+    }
+
+    /// Takes the latency columns from `hist`, recorded in microseconds (instead of the run's
+    /// publish -> delivery samples).
+    pub fn set_latency_us(&mut self, hist: &Histogram<u64>) {
+        let at = |q| {
+            round3(if hist.is_empty() {
+                0
+            } else {
+                hist.value_at_quantile(q)
+            } as f64)
+        };
+        (self.p50_us, self.p99_us, self.p999_us) = (at(0.5), at(0.99), at(0.999));
+        self.latency_samples = hist.len();
     }
 }
 
@@ -147,7 +238,7 @@ impl Report {
     pub fn skip(
         &mut self,
         scenario: &'static str,
-        system: System,
+        system: impl fmt::Display,
         payload_bytes: usize,
         why: &'static str,
     ) {
@@ -172,15 +263,20 @@ impl Report {
             .lines
             .iter()
             .filter_map(|l| match l {
-                Line::Measured(r) if r.lost > 0 => Some(format!(
-                    "{} {} {} B: {} of {} deliveries missing",
-                    r.scenario, r.system, r.payload_bytes, r.lost, r.expected
+                Line::Measured(r) if r.lost > 0 || r.duplicates.unwrap_or(0) > 0 => Some(format!(
+                    "{} {} {} B: {} of {} deliveries missing, {} duplicated",
+                    r.scenario,
+                    r.system,
+                    r.payload_bytes,
+                    r.lost,
+                    r.expected,
+                    r.duplicates.unwrap_or(0)
                 )),
                 _ => None,
             })
             .collect();
         if !lossy.is_empty() {
-            bail!("deliveries were lost:\n{}", lossy.join("\n"));
+            bail!("deliveries were lost or duplicated:\n{}", lossy.join("\n"));
         }
         Ok(())
     }
@@ -222,6 +318,12 @@ impl Report {
                     let mut notes = Vec::new();
                     if r.lost > 0 {
                         notes.push(format!("LOST {} of {}", r.lost, r.expected));
+                    }
+                    if let Some(d) = r.duplicates.filter(|d| *d > 0) {
+                        notes.push(format!("DUPLICATED {d}"));
+                    }
+                    if !r.extra.is_empty() {
+                        notes.push(r.extra.to_string());
                     }
                     notes.extend(r.note.map(str::to_string));
                     let cpu = r
@@ -270,7 +372,9 @@ impl Report {
              (one message in N per producer carries its send time).\nferry/x: Ferry's msgs/s \
              divided by this row's (same scenario and payload).\ncpu ns: process CPU time (all \
              threads, 10 ms resolution) per delivery; unlike msgs/s it does not depend on how \
-             much CPU other processes leave."
+             much CPU other processes leave.\nd-f: Ferry only, scenario figures in the notes \
+             (see the README); in e-delayed the latency columns are the lateness, receive time - \
+             deliver_at."
         )?;
         Ok(())
     }

@@ -104,6 +104,27 @@ pub struct BrokerConfig {
     pub maintenance_interval: Duration,
     /// Capacity of the lifecycle event channel (slow event readers lose the oldest events).
     pub event_capacity: usize,
+    /// With durable storage: how many recent records each topic keeps in memory. Older
+    /// records are read back from disk, so memory does not grow with the data retained.
+    pub hot_window: HotWindow,
+}
+
+/// The in-memory window of a durable topic: at most this many records and bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HotWindow {
+    /// Records.
+    pub records: usize,
+    /// Bytes (by [`Message::size`](crate::Message::size)).
+    pub bytes: usize,
+}
+
+impl Default for HotWindow {
+    fn default() -> Self {
+        HotWindow {
+            records: 65_536,
+            bytes: 32 << 20,
+        }
+    }
 }
 
 impl Default for BrokerConfig {
@@ -125,6 +146,7 @@ impl Default for BrokerConfig {
             memory_high_watermark: None,
             maintenance_interval: Duration::from_secs(1),
             event_capacity: 1024,
+            hot_window: HotWindow::default(),
         }
     }
 }

@@ -175,6 +175,8 @@ pub(crate) struct ConsumerSpec {
     pub(crate) group: bool,
     pub(crate) policy: AckPolicy,
     pub(crate) headers: Vec<HeaderMatch>,
+    /// The key its positions are saved under (durable brokers; groups and named subscriptions).
+    pub(crate) durable_key: Option<String>,
 }
 
 pub(crate) struct Consumer {
@@ -185,6 +187,8 @@ pub(crate) struct Consumer {
     pub(crate) policy: AckPolicy,
     /// Header conditions every delivered record satisfies.
     pub(crate) headers: Vec<HeaderMatch>,
+    /// The key its positions are saved under, if they are.
+    pub(crate) durable_key: Option<String>,
     state: Mutex<State>,
     /// Members waiting for records (topics notify it on append).
     pub(crate) signal: Arc<Signal>,
@@ -210,6 +214,7 @@ impl Consumer {
             group: spec.group,
             policy: spec.policy,
             headers: spec.headers,
+            durable_key: spec.durable_key,
             state: Mutex::new(State::default()),
             signal: Arc::new(Signal::new()),
             acks: Signal::new(),
@@ -241,6 +246,15 @@ impl Consumer {
         now.saturating_sub(Duration::from_millis(
             self.last_active.load(Ordering::Relaxed),
         ))
+    }
+
+    /// For each topic, the first offset not settled yet (where a restart resumes).
+    pub(crate) fn saved_positions(&self) -> Vec<(String, u64)> {
+        let st = self.state.lock();
+        st.cursors
+            .iter()
+            .map(|c| (c.topic.name.to_string(), c.hold.get()))
+            .collect()
     }
 
     /// Adds a cursor on `topic`.

@@ -46,6 +46,10 @@ pub enum PublishError {
     /// Publishing into a system topic (`$...`) is not allowed.
     #[error("topic {0} is a system topic")]
     SystemTopic(String),
+    /// The topic's durable log could not take the records (nothing was acknowledged; the
+    /// topic refuses further publishes until the broker is reopened).
+    #[error("storage failed: {0}")]
+    Storage(String),
 }
 
 impl PublishError {
@@ -58,6 +62,7 @@ impl PublishError {
             PublishError::BatchTooLarge { .. } => "batch_too_large",
             PublishError::MemoryLimit { .. } => "memory_limit",
             PublishError::Timeout(_) => "timeout",
+            PublishError::Storage(_) => "storage",
             PublishError::SystemTopic(_) => "system_topic",
         }
     }
@@ -83,6 +88,9 @@ pub enum SubscribeError {
     /// An option is out of range.
     #[error("invalid subscription option: {0}")]
     InvalidOption(&'static str),
+    /// A topic's durable log could not be opened.
+    #[error("storage failed: {0}")]
+    Storage(String),
 }
 
 impl SubscribeError {
@@ -93,6 +101,7 @@ impl SubscribeError {
             SubscribeError::Closed => "closed",
             SubscribeError::GroupMismatch { .. } => "group_mismatch",
             SubscribeError::InvalidOption(_) => "invalid_option",
+            SubscribeError::Storage(_) => "storage",
         }
     }
 }

@@ -38,6 +38,7 @@
 mod broker;
 mod config;
 mod consumer;
+pub mod disk;
 pub mod dlq;
 mod error;
 pub mod events;
@@ -51,6 +52,7 @@ pub mod middleware;
 mod router;
 mod signal;
 pub mod stats;
+pub mod storage;
 pub mod subscription;
 mod sync;
 pub mod tasks;
@@ -58,7 +60,7 @@ pub mod topic;
 mod tx;
 
 pub use broker::{Broker, Publisher, ShutdownReport};
-pub use config::{BrokerConfig, Overflow, Retention, TopicConfig};
+pub use config::{BrokerConfig, HotWindow, Overflow, Retention, TopicConfig};
 pub use consumer::AckMode;
 pub use dlq::{DeadLetter, DeadLetterQueue, DeadLetterReason};
 pub use error::{AckError, DeadLetterError, PublishError, RecvError, SubscribeError, TryRecvError};

@@ -12,6 +12,12 @@
 //!   retention bounds, and then the cursor that skips it counts it as `dropped`;
 //! - with no hold and `keep_consumed == false`, a published record is counted as dropped
 //!   (no subscriber) instead of being stored.
+//!
+//! A durable topic also has a [`TopicStore`]: records are appended to it under the lock, in
+//! offset order, before they enter the in-memory log, which then is only a bounded window of
+//! recent records (`hot`). A cursor behind that window reads from the store. When the store
+//! waits for its sync (fsync-always), `tail` moves only after the sync, so subscribers never see
+//! a record that a crash could still take away.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -25,6 +31,7 @@ use crate::config::{Overflow, Retention, TopicConfig};
 use crate::message::{Message, Record};
 use crate::signal::Signal;
 use crate::stats::{Counters, Padded};
+use crate::storage::{StorageError, TopicStore};
 use crate::topic::TopicName;
 
 /// The lowest offset a cursor still needs. Only ever increases.
@@ -52,6 +59,7 @@ pub(crate) enum AppendError {
     TooLarge(usize),
     Closed,
     MemoryLimit { used: usize, limit: usize },
+    Storage(String),
 }
 
 /// Bytes of records stored across the broker, against its memory limit.
@@ -80,6 +88,7 @@ pub(crate) trait Pending {
     fn count(&self) -> usize;
     fn bytes(&self) -> usize;
     fn take_all(&mut self, f: impl FnMut(Arc<Record>));
+    fn messages(&self) -> Vec<&Message>;
 }
 
 impl Pending for Option<Arc<Record>> {
@@ -94,6 +103,9 @@ impl Pending for Option<Arc<Record>> {
             f(r);
         }
     }
+    fn messages(&self) -> Vec<&Message> {
+        self.iter().map(|r| &r.message).collect()
+    }
 }
 
 impl Pending for Vec<Arc<Record>> {
@@ -105,6 +117,9 @@ impl Pending for Vec<Arc<Record>> {
     }
     fn take_all(&mut self, f: impl FnMut(Arc<Record>)) {
         self.drain(..).for_each(f);
+    }
+    fn messages(&self) -> Vec<&Message> {
+        self.iter().map(|r| &r.message).collect()
     }
 }
 
@@ -147,6 +162,18 @@ pub(crate) struct Topic {
     /// Whether any record ever appended has a priority other than normal; until one does,
     /// readers deliver in log order without sorting into priority lanes.
     prioritized: AtomicBool,
+    /// The durable log, if the topic has one.
+    durable: Option<Durable>,
+}
+
+/// A durable topic's store and the bounds of its in-memory window.
+#[derive(Debug, Clone)]
+pub(crate) struct Durable {
+    pub(crate) store: Arc<dyn TopicStore>,
+    /// The most records kept in memory for fast reads.
+    pub(crate) hot_records: usize,
+    /// The most bytes of records kept in memory.
+    pub(crate) hot_bytes: usize,
 }
 
 /// How to find the first offset of a new cursor.
@@ -165,15 +192,20 @@ impl Topic {
         name: TopicName,
         config: TopicConfig,
         gauge: Option<Arc<MemoryGauge>>,
+        durable: Option<Durable>,
     ) -> Self {
+        // A durable topic continues where its store ends; its memory window starts empty.
+        let next = durable.as_ref().map_or(0, |d| d.store.end());
+        // Records read back from the store may be timed or prioritized: readers must check.
+        let stored = durable.as_ref().is_some_and(|d| d.store.start() < next);
         Topic {
             name,
             config,
             log: Mutex::new(Log {
-                base: 0,
+                base: next,
                 records: VecDeque::new(),
                 bytes: 0,
-                next: 0,
+                next,
                 watchers: Vec::new(),
                 holds: Vec::new(),
                 min_hold: 0,
@@ -181,14 +213,20 @@ impl Topic {
                 closed: false,
                 gauge,
             }),
-            tail: AtomicU64::new(0),
+            tail: AtomicU64::new(next),
             counters: Padded::default(),
             space: tokio::sync::Notify::new(),
             blocked: AtomicUsize::new(0),
             space_target: AtomicU64::new(u64::MAX),
-            timed: AtomicBool::new(false),
-            prioritized: AtomicBool::new(false),
+            timed: AtomicBool::new(stored),
+            prioritized: AtomicBool::new(stored),
+            durable,
         }
+    }
+
+    /// The durable store, if the topic has one.
+    pub(crate) fn store(&self) -> Option<&Arc<dyn TopicStore>> {
+        self.durable.as_ref().map(|d| &d.store)
     }
 
     /// The topic's counters; `published` is the tail (every offset ever assigned).
@@ -232,10 +270,52 @@ impl Topic {
     /// Appends `pending` (records made by [`Record::pending`], so not shared yet) atomically:
     /// all of them, with contiguous offsets, or none; on failure `pending` is left as it was.
     /// The records are allocated by the caller, outside the lock.
+    /// On a store that waits for its sync, the records are not visible yet: call
+    /// [`sync_and_reveal`](Self::sync_and_reveal) (or let the broker do it).
     pub(crate) fn append(&self, pending: &mut impl Pending) -> Result<Range<u64>, AppendError> {
         let mut log = self.log.lock();
         let store = self.check(&mut log, pending)?;
-        Ok(self.commit(&mut log, pending, store))
+        self.commit(&mut log, pending, store)
+    }
+
+    /// Whether appended records become visible only after a sync of the store.
+    pub(crate) fn waits_for_sync(&self) -> bool {
+        self.durable
+            .as_ref()
+            .is_some_and(|d| d.store.waits_for_sync())
+    }
+
+    /// Waits (blocking) until the store has made everything below `end` durable, then makes it
+    /// visible to subscribers. A no-op for topics without a store that waits.
+    pub(crate) fn sync_and_reveal(&self, end: u64) -> Result<(), AppendError> {
+        let Some(d) = &self.durable else {
+            return Ok(());
+        };
+        if !d.store.waits_for_sync() {
+            return Ok(());
+        }
+        d.store.sync(end).map_err(|e| self.storage_failed(e))?;
+        self.reveal(end);
+        Ok(())
+    }
+
+    /// Moves the visible tail up to `end` and wakes the consumers watching the topic.
+    fn reveal(&self, end: u64) {
+        if self.tail.fetch_max(end, Ordering::SeqCst) >= end {
+            return;
+        }
+        let log = self.log.lock();
+        if !log.watchers.is_empty() {
+            crate::signal::fence();
+            for (_, w) in &log.watchers {
+                w.notify_one();
+            }
+        }
+    }
+
+    fn storage_failed(&self, e: StorageError) -> AppendError {
+        tracing::error!(topic = %self.name, error = %e, "topic storage failed");
+        AppendError::Storage(e.to_string())
     }
 
     /// Locks the log (for appends to several topics at once: lock them in name order).
@@ -259,7 +339,7 @@ impl Topic {
         if log.closed {
             return Err(AppendError::Closed);
         }
-        let store = !log.holds.is_empty() || self.config.keep_consumed;
+        let store = !log.holds.is_empty() || self.config.keep_consumed || self.durable.is_some();
         if store {
             self.make_room(log, n, add_bytes)?;
             if let Some(g) = &log.gauge {
@@ -282,10 +362,15 @@ impl Topic {
         log: &mut Log,
         pending: &mut impl Pending,
         store: bool,
-    ) -> Range<u64> {
+    ) -> Result<Range<u64>, AppendError> {
         let n = pending.count();
         let capacity = self.config.capacity;
         let start = log.next;
+        if let Some(d) = &self.durable {
+            d.store
+                .append(start, &pending.messages())
+                .map_err(|e| self.storage_failed(e))?;
+        }
         if store {
             pending.take_all(|record| {
                 let offset = log.next;
@@ -311,6 +396,10 @@ impl Topic {
             log.refresh_min_hold();
             self.release(log);
         }
+        if self.waits_for_sync() {
+            // Visible once durable (`sync_and_reveal`).
+            return Ok(start..end);
+        }
         self.tail.store(end, Ordering::SeqCst);
         if !log.watchers.is_empty() {
             crate::signal::fence();
@@ -318,7 +407,7 @@ impl Topic {
                 w.notify_one();
             }
         }
-        start..end
+        Ok(start..end)
     }
 
     /// Applies the overflow policy so that `n` more records of `bytes` fit, or says `Full`.
@@ -378,6 +467,22 @@ impl Topic {
 
     /// Releases what no hold needs (or what retention evicts). Called with the lock held.
     fn release(&self, log: &mut Log) {
+        if let Some(d) = &self.durable {
+            // The store keeps what retention keeps; memory keeps what cursors still need, within
+            // the hot window. Cursors behind the window read from the store.
+            let keep_from = log.min_hold.max(log.base);
+            while (log.base < keep_from
+                || log.records.len() > d.hot_records
+                || log.bytes > d.hot_bytes)
+                && !log.records.is_empty()
+            {
+                log.pop_front();
+            }
+            if log.records.is_empty() {
+                log.base = log.next;
+            }
+            return;
+        }
         let keep_from = if self.config.keep_consumed {
             log.base
         } else {
@@ -404,6 +509,11 @@ impl Topic {
         log.refresh_min_hold();
         self.release(&mut log);
         drop(log);
+        if let Some(store) = self.store() {
+            if let Err(e) = store.apply_retention() {
+                tracing::warn!(topic = %self.name, error = %e, "retention of the topic log failed");
+            }
+        }
         self.wake_publishers();
     }
 
@@ -444,15 +554,25 @@ impl Topic {
         signal: &Arc<Signal>,
         seek: Seek,
     ) -> (Arc<Hold>, u64) {
+        let time_offset = match (seek, self.store()) {
+            // Looked up before taking the lock: it may read the store's time index.
+            (Seek::Time(t), Some(store)) => Some(store.offset_at(t).unwrap_or_else(|e| {
+                tracing::warn!(topic = %self.name, error = %e, "time lookup failed; starting at the tail");
+                self.tail()
+            })),
+            _ => None,
+        };
         let mut log = self.log.lock();
+        let tail = self.tail();
+        let first = self.store().map_or(log.base, |s| s.start());
         let pos = match seek {
-            Seek::Tail => log.next,
-            Seek::Earliest => log.base,
-            Seek::Offset(o) => o.clamp(log.base, log.next),
-            Seek::Time(t) => {
+            Seek::Tail => tail,
+            Seek::Earliest => first,
+            Seek::Offset(o) => o.clamp(first, tail),
+            Seek::Time(t) => time_offset.unwrap_or_else(|| {
                 let i = log.records.partition_point(|r| r.message.timestamp() < t);
                 log.base + i as u64
-            }
+            }),
         };
         let hold = Arc::new(Hold {
             pos: AtomicU64::new(pos),
@@ -485,17 +605,67 @@ impl Topic {
         out: &mut impl FnMut(Arc<Record>),
     ) -> u64 {
         let log = self.log.lock();
+        if *next < log.base {
+            if let Some(store) = self.store() {
+                drop(log);
+                return self.read_store(store, next, max, out);
+            }
+        }
         let mut skipped = 0;
         if *next < log.base {
             skipped = log.base - *next;
             *next = log.base;
         }
+        let visible = self.tail().saturating_sub(*next) as usize;
         let start = (*next - log.base) as usize;
-        let n = max.min(log.records.len().saturating_sub(start));
+        let n = max
+            .min(visible)
+            .min(log.records.len().saturating_sub(start));
         for r in log.records.range(start..start + n) {
             out(r.clone());
         }
         *next += n as u64;
+        skipped
+    }
+
+    /// Reads records behind the memory window from the store (outside the topic lock).
+    /// Records that retention deleted are skipped and returned as the count.
+    fn read_store(
+        &self,
+        store: &Arc<dyn TopicStore>,
+        next: &mut u64,
+        max: usize,
+        out: &mut impl FnMut(Arc<Record>),
+    ) -> u64 {
+        let mut skipped = 0;
+        let start = store.start();
+        if *next < start {
+            skipped = start - *next;
+            *next = start;
+        }
+        // Only what is visible: records past the tail may still wait for their sync.
+        let max = max.min(self.tail().saturating_sub(*next) as usize);
+        if max == 0 {
+            return skipped;
+        }
+        match store.read(*next, max) {
+            Ok(stored) => {
+                for s in stored {
+                    if s.offset != *next {
+                        tracing::error!(topic = %self.name, expected = *next, found = s.offset, "store returned records out of order");
+                        break;
+                    }
+                    let record = self.wrap(s.message, &None);
+                    record.set_offset(s.offset);
+                    out(record);
+                    *next += 1;
+                }
+            }
+            Err(e) => {
+                // The cursor stays where it is and tries again on its next read.
+                tracing::error!(topic = %self.name, offset = *next, error = %e, "reading the topic log failed");
+            }
+        }
         skipped
     }
 
@@ -506,16 +676,30 @@ impl Topic {
 
     /// Stored records and their bytes, after releasing what no cursor needs.
     pub(crate) fn depth(&self) -> (usize, usize) {
+        if let Some(store) = self.store() {
+            let records = self.tail().saturating_sub(store.start());
+            return (records as usize, store.size_bytes() as usize);
+        }
         let mut log = self.log.lock();
         log.refresh_min_hold();
         self.release(&mut log);
         (log.records.len(), log.bytes)
     }
 
+    /// Bytes of records held in memory.
+    pub(crate) fn memory_bytes(&self) -> usize {
+        self.log.lock().bytes
+    }
+
     /// The first retained offset and the next offset.
     pub(crate) fn bounds(&self) -> (u64, u64) {
-        let log = self.log.lock();
-        (log.base, log.next)
+        match self.store() {
+            Some(store) => (store.start(), self.tail()),
+            None => {
+                let log = self.log.lock();
+                (log.base, log.next)
+            }
+        }
     }
 
     /// A copy of the retained records from `from`, at most `max`.
@@ -530,6 +714,17 @@ impl Topic {
     /// Returns how many were released.
     pub(crate) fn truncate_before(&self, until: u64) -> u64 {
         let mut log = self.log.lock();
+        if let Some(store) = self.store() {
+            let before = store.start();
+            if let Err(e) = store.truncate_before(until) {
+                tracing::error!(topic = %self.name, error = %e, "truncating the topic log failed");
+                return 0;
+            }
+            while log.base < until && !log.records.is_empty() {
+                log.pop_front();
+            }
+            return store.start().saturating_sub(before);
+        }
         let mut n = 0;
         while log.base < until && !log.records.is_empty() {
             log.pop_front();

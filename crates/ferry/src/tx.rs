@@ -140,7 +140,7 @@ impl Transaction {
     /// Stages `message` for `topic`; nothing is visible before [`commit`](Self::commit).
     pub fn publish(&self, topic: &str, message: impl Into<Message>) -> Result<(), TxError> {
         let name = TopicName::new(topic).map_err(PublishError::from)?;
-        let topic = self.broker.inner.topic(&name);
+        let topic = self.broker.inner.topic(&name)?;
         let record = topic.wrap(message.into(), &None);
         let mut inner = self.state.inner.lock();
         let inner = self.state.open(&mut inner)?;
@@ -201,8 +201,10 @@ impl Transaction {
                         .zip(logs.iter_mut())
                         .zip(stores)
                     {
-                        let range = topic.commit(log, records, store);
-                        ranges.push((topic.name.clone(), range));
+                        match topic.commit(log, records, store) {
+                            Ok(range) => ranges.push((topic.name.clone(), range)),
+                            Err(e) => return Err(BrokerInner::append_error(topic, e).into()),
+                        }
                     }
                     Ok(ranges)
                 }
@@ -210,6 +212,12 @@ impl Transaction {
         };
         match checked {
             Ok(ranges) => {
+                // Durable topics that wait for their sync show the records once it is done.
+                for (topic, (_, range)) in topics.iter().zip(&ranges) {
+                    topic
+                        .sync_and_reveal(range.end)
+                        .map_err(|e| BrokerInner::append_error(topic, e))?;
+                }
                 inner.status = Status::Committed;
                 inner.finished_at = Some(Instant::now());
                 Ok(ranges)

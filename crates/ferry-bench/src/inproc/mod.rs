@@ -12,22 +12,32 @@
 //! every channel; the group is one MPMC channel with four receivers) and `crossbeam` (the same
 //! with bounded `crossbeam-channel`s, on OS threads since it blocks).
 //!
+//! Delivery-control scenarios, Ferry only (see [`control`]):
+//! - `d-priority-3`: one producer, one subscriber; priorities cycling over Low/Normal/High vs all
+//!   at the default level;
+//! - `e-delayed`: a million messages delayed by up to 10 s; lateness and scheduler memory;
+//! - `f-tx-10`: one producer, one subscriber; transactions of 10 messages vs batches of 10.
+//!
 //! Every async system runs on its own multi-threaded Tokio runtime with two worker threads, built
 //! per run. Each measured run is preceded by an unmeasured warm-up run with a tenth of the
-//! messages.
+//! messages (except in `e-delayed`).
 
 mod broadcast;
+mod control;
 mod crossbeam;
 mod ferry;
 mod flume;
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Args as ClapArgs, ValueEnum};
 
+use self::ferry::Mode;
 use crate::measure::{load_average, process_cpu_time, template, Outcome, RunClock};
 use crate::report::{Report, Row};
 
@@ -44,7 +54,7 @@ pub struct Args {
     #[arg(long)]
     pub quick: bool,
     /// Scenarios to run.
-    #[arg(long, value_delimiter = ',', default_values = ["a", "b", "c"])]
+    #[arg(long, value_delimiter = ',', default_values = ["a", "b", "c", "d", "e", "f"])]
     pub scenarios: Vec<Scenario>,
     /// Systems to run (Ferry is needed for the ratio column).
     #[arg(
@@ -70,6 +80,13 @@ pub struct Args {
     /// report each system's run with the median throughput.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub repeat: u32,
+    /// Scenario e: delayed messages to publish (default 1,000,000; 100,000 with --quick).
+    #[arg(long, value_name = "N")]
+    pub delayed_messages: Option<u64>,
+    /// Scenario e: the delivery times are spread over this many seconds after each publish
+    /// (default 10; 2 with --quick).
+    #[arg(long, value_name = "SECONDS")]
+    pub delay_window: Option<f64>,
 }
 
 const DEFAULT_MESSAGES: u64 = 2_000_000;
@@ -84,6 +101,12 @@ pub enum Scenario {
     B,
     /// Four producers, a consumer group of four.
     C,
+    /// Ferry only: priorities cycling over 3 levels vs all at the default level (1p1s).
+    D,
+    /// Ferry only: delayed messages spread over a window, lateness and scheduler memory.
+    E,
+    /// Ferry only: transactions of 10 messages vs batches of 10 (1p1s).
+    F,
 }
 
 impl Scenario {
@@ -93,12 +116,16 @@ impl Scenario {
             Scenario::A => "a-1p1s",
             Scenario::B => "b-4p5s-fanout",
             Scenario::C => "c-4p4c-group",
+            Scenario::D => "d-priority-3",
+            Scenario::E => "e-delayed",
+            Scenario::F => "f-tx-10",
         }
     }
 
-    fn shape(self) -> Shape {
+    /// Producers and consumers of the scenario.
+    pub fn shape(self) -> Shape {
         match self {
-            Scenario::A => Shape {
+            Scenario::A | Scenario::D | Scenario::E | Scenario::F => Shape {
                 producers: 1,
                 consumers: 1,
                 group: false,
@@ -164,8 +191,11 @@ impl System {
     }
 }
 
-enum Plan {
+/// Whether a contender runs a scenario.
+pub enum Plan {
+    /// It does, with a note on how when that needs saying.
     Run(Option<&'static str>),
+    /// It does not, and why.
     Skip(&'static str),
 }
 
@@ -224,116 +254,245 @@ pub fn run(args: &Args) -> Result<()> {
     if let Some(p) = args.payloads.iter().find(|p| **p < 8) {
         bail!("payload size {p} is too small: the first 8 bytes carry the send timestamp");
     }
-    let templates: HashMap<usize, &'static [u8]> =
-        args.payloads.iter().map(|&p| (p, template(p))).collect();
     if let Some(load) = load_average().filter(|l| *l >= 1.0) {
         eprintln!(
             "note: load average {load:.2} before starting: other processes compete for the CPUs, \
              throughput will be lower and noisier (the cpu ns column is less affected)"
         );
     }
-    let mut report = Report::new(args.json);
+    let mut bench = Bench {
+        args,
+        messages,
+        templates: args.payloads.iter().map(|&p| (p, template(p))).collect(),
+        report: Report::new(args.json),
+    };
     for &scenario in &args.scenarios {
-        let shape = scenario.shape();
-        let per_producer = (messages / shape.producers as u64).max(1);
-        for &payload in &args.payloads {
-            let template = templates.get(&payload).copied().unwrap_or_default();
-            let spec = RunSpec {
-                shape,
-                per_producer,
-                template,
-                capacity: args.capacity,
-                sample_every: args.sample_every,
-            };
-            // Warm every system up, then interleave the measured runs (system after system, round
-            // after round), so that a slow phase of this noisy machine hits every system alike
-            // and the ratios stay meaningful; each system reports its median run.
-            let mut planned: Vec<_> = args
-                .systems
-                .iter()
-                .map(|&system| (system, system.plan(scenario), Vec::new()))
-                .collect();
-            if !args.no_warmup {
-                let warm = RunSpec {
-                    per_producer: (per_producer / 10).max(1),
-                    ..spec.clone()
-                };
-                for (system, plan, _) in &planned {
-                    if let Plan::Run(_) = plan {
-                        run_one(*system, &warm).with_context(|| {
-                            format!("warm-up of {system} in {}", scenario.name())
-                        })?;
-                    }
-                }
-            }
-            for round in 0..args.repeat {
-                for (system, plan, runs) in &mut planned {
-                    if let Plan::Skip(_) = plan {
-                        continue;
-                    }
-                    eprintln!(
-                        "running {} {system} {payload} B ({} messages, round {})",
-                        scenario.name(),
-                        spec.published(),
-                        round + 1
-                    );
-                    runs.push(run_one(*system, &spec).with_context(|| {
-                        format!("{system} in {} with {payload} B", scenario.name())
-                    })?);
-                }
-            }
-            for (system, plan, mut runs) in planned {
-                let note = match plan {
-                    Plan::Skip(why) => {
-                        report.skip(scenario.name(), system, payload, why);
-                        continue;
-                    }
-                    Plan::Run(note) => note,
-                };
-                runs.sort_by(|x, y| x.msgs_per_s().total_cmp(&y.msgs_per_s()));
-                let outcome = runs.swap_remove(runs.len() / 2);
-                report.row(Row::new(
-                    scenario.name(),
-                    system,
-                    payload,
-                    &spec,
-                    &outcome,
-                    note,
-                ))?;
-            }
+        match scenario {
+            Scenario::A | Scenario::B | Scenario::C => bench.compare_systems(scenario)?,
+            Scenario::D => control::priority_mix(&mut bench)?,
+            Scenario::E => control::delayed(&mut bench)?,
+            Scenario::F => control::transactions(&mut bench)?,
         }
     }
-    report.finish()
+    bench.report.finish()
 }
 
-/// Runs one system once, measuring the process's CPU time too.
+/// One way of running a scenario's workload: a system, or a way of using Ferry's API.
+pub struct Contender<'a> {
+    /// The `system` column.
+    pub name: String,
+    /// Whether and how it runs the scenario.
+    pub plan: Plan,
+    /// Runs the workload once.
+    pub run: RunFn<'a>,
+}
+
+/// Runs a workload once.
+pub type RunFn<'a> = Box<dyn Fn(&RunSpec) -> Result<Outcome> + 'a>;
+
+impl Contender<'static> {
+    /// Ferry publishing in `mode`.
+    pub fn ferry(name: &str, mode: Mode, note: Option<&'static str>) -> Self {
+        Contender {
+            name: name.to_string(),
+            plan: Plan::Run(note),
+            run: Box::new(move |spec| run_ferry(spec, mode)),
+        }
+    }
+}
+
+/// A contender's result: its median row, or why it was not run.
+pub enum Measured {
+    /// Measured.
+    Row(Box<Row>),
+    /// Not run (system, why).
+    Skipped(String, &'static str),
+}
+
+/// A run of `inproc`: the options and the report being built.
+pub struct Bench<'a> {
+    /// The options.
+    pub args: &'a Args,
+    /// Messages per run of the throughput scenarios.
+    pub messages: u64,
+    templates: HashMap<usize, &'static [u8]>,
+    /// Where rows go.
+    pub report: Report,
+}
+
+impl Bench<'_> {
+    /// The spec of a run of `shape` with `per_producer` messages and `payload`-byte payloads.
+    pub fn spec(&self, shape: Shape, per_producer: u64, payload: usize) -> RunSpec {
+        RunSpec {
+            shape,
+            per_producer,
+            template: self.templates.get(&payload).copied().unwrap_or_default(),
+            capacity: self.args.capacity,
+            sample_every: self.args.sample_every,
+        }
+    }
+
+    /// Whether Ferry is among `--systems` (the delivery-control scenarios only run Ferry);
+    /// records `scenario` with `payloads` as skipped if not.
+    pub fn wants_ferry(&mut self, scenario: Scenario, payloads: &[usize]) -> bool {
+        let wanted = self.args.systems.contains(&System::Ferry);
+        if !wanted {
+            for &payload in payloads {
+                self.report.skip(
+                    scenario.name(),
+                    System::Ferry,
+                    payload,
+                    "ferry not in --systems",
+                );
+            }
+        }
+        wanted
+    }
+
+    /// Scenarios a-c: every system of `--systems`, for each payload.
+    fn compare_systems(&mut self, scenario: Scenario) -> Result<()> {
+        let shape = scenario.shape();
+        let per_producer = (self.messages / shape.producers as u64).max(1);
+        for &payload in &self.args.payloads {
+            let spec = self.spec(shape, per_producer, payload);
+            let contenders = self
+                .args
+                .systems
+                .iter()
+                .map(|&system| Contender {
+                    name: system.to_string(),
+                    plan: system.plan(scenario),
+                    run: Box::new(move |spec| run_one(system, spec)),
+                })
+                .collect();
+            let measured = self.measure(scenario, &spec, contenders)?;
+            self.add(scenario, payload, measured)?;
+        }
+        Ok(())
+    }
+
+    /// Measures each contender on `spec`: an unmeasured warm-up with a tenth of the messages
+    /// (unless `--no-warmup`), then `--repeat` rounds that alternate the contenders, so that a
+    /// slow phase of this noisy machine hits every contender alike and the ratios stay
+    /// meaningful; each contender reports its median-throughput run.
+    pub fn measure(
+        &self,
+        scenario: Scenario,
+        spec: &RunSpec,
+        contenders: Vec<Contender<'_>>,
+    ) -> Result<Vec<Measured>> {
+        let payload = spec.template.len();
+        let mut planned: Vec<_> = contenders.into_iter().map(|c| (c, Vec::new())).collect();
+        if !self.args.no_warmup {
+            let warm = RunSpec {
+                per_producer: (spec.per_producer / 10).max(1),
+                ..spec.clone()
+            };
+            for (c, _) in &planned {
+                if let Plan::Run(_) = c.plan {
+                    (c.run)(&warm)
+                        .with_context(|| format!("warm-up of {} in {}", c.name, scenario.name()))?;
+                }
+            }
+        }
+        for round in 0..self.args.repeat {
+            for (c, runs) in &mut planned {
+                if let Plan::Skip(_) = c.plan {
+                    continue;
+                }
+                eprintln!(
+                    "running {} {} {payload} B ({} messages, round {})",
+                    scenario.name(),
+                    c.name,
+                    spec.published(),
+                    round + 1
+                );
+                runs.push((c.run)(spec).with_context(|| {
+                    format!("{} in {} with {payload} B", c.name, scenario.name())
+                })?);
+            }
+        }
+        Ok(planned
+            .into_iter()
+            .map(|(c, mut runs)| match c.plan {
+                Plan::Skip(why) => Measured::Skipped(c.name, why),
+                Plan::Run(note) => {
+                    runs.sort_by(|x, y| x.msgs_per_s().total_cmp(&y.msgs_per_s()));
+                    let outcome = runs.swap_remove(runs.len() / 2);
+                    Measured::Row(Box::new(Row::new(
+                        scenario.name(),
+                        c.name,
+                        payload,
+                        spec,
+                        &outcome,
+                        note,
+                    )))
+                }
+            })
+            .collect())
+    }
+
+    /// Adds measured rows (and skips) to the report, in order.
+    pub fn add(
+        &mut self,
+        scenario: Scenario,
+        payload: usize,
+        measured: Vec<Measured>,
+    ) -> Result<()> {
+        for m in measured {
+            match m {
+                Measured::Row(row) => self.report.row(*row)?,
+                Measured::Skipped(system, why) => {
+                    self.report.skip(scenario.name(), system, payload, why)
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs one system once (Ferry as in scenarios a-c), measuring the process's CPU time too.
 fn run_one(system: System, spec: &RunSpec) -> Result<Outcome> {
-    let before = process_cpu_time();
-    let mut outcome = run_system(system, spec)?;
-    outcome.cpu = before
-        .zip(process_cpu_time())
-        .map(|(before, after)| after.saturating_sub(before));
+    let clock = RunClock::new(spec.shape.producers);
+    cpu_timed(|| match system {
+        System::Crossbeam => crossbeam::run(spec, clock),
+        System::Ferry => block_on(ferry::run(spec, clock, Mode::Plain)),
+        System::TokioBroadcast => block_on(broadcast::run(spec, clock)),
+        System::Flume => block_on(flume::run(spec, clock)),
+    })
+}
+
+/// Runs Ferry once, publishing in `mode`, measuring the process's CPU time too.
+pub fn run_ferry(spec: &RunSpec, mode: Mode) -> Result<Outcome> {
+    let clock = RunClock::new(spec.shape.producers);
+    cpu_timed(|| block_on(ferry::run(spec, clock, mode)))
+}
+
+/// Runs `f`, setting the CPU time the whole process used meanwhile on its outcome.
+fn cpu_timed(f: impl FnOnce() -> Result<Outcome>) -> Result<Outcome> {
+    let (mut outcome, cpu) = cpu_time(f)?;
+    outcome.cpu = cpu;
     Ok(outcome)
 }
 
-fn run_system(system: System, spec: &RunSpec) -> Result<Outcome> {
-    let clock = RunClock::new(spec.shape.producers);
-    if system == System::Crossbeam {
-        return crossbeam::run(spec, clock);
-    }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+/// Runs `f`, returning its result and the CPU time the whole process used meanwhile.
+pub fn cpu_time<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, Option<Duration>)> {
+    let before = process_cpu_time();
+    let out = f()?;
+    let cpu = before
+        .zip(process_cpu_time())
+        .map(|(before, after)| after.saturating_sub(before));
+    Ok((out, cpu))
+}
+
+/// Runs `future` on a fresh multi-threaded Tokio runtime with two worker threads.
+pub fn block_on<T>(future: impl Future<Output = Result<T>>) -> Result<T> {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .context("building the Tokio runtime")?;
-    runtime.block_on(async {
-        match system {
-            System::Ferry => ferry::run(spec, clock).await,
-            System::TokioBroadcast => broadcast::run(spec, clock).await,
-            System::Flume => flume::run(spec, clock).await,
-            System::Crossbeam => crossbeam::run(spec, clock),
-        }
-    })
+        .context("building the Tokio runtime")?
+        .block_on(future)
 }
 
 /// The senders every producer writes to and the receiver of each consumer: one channel per
@@ -395,6 +554,36 @@ mod tests {
                 );
                 ensure!(!outcome.latency.is_empty(), "{system}: no latency samples");
             }
+        }
+        Ok(())
+    }
+
+    /// Ferry delivers every message exactly once however it publishes (a small capacity makes
+    /// transaction commits meet a full topic).
+    #[test]
+    fn ferry_delivers_exactly_once_in_every_mode() -> Result<()> {
+        use ::ferry::Priority;
+        for mode in [
+            Mode::Priorities(&[Priority::Low, Priority::Normal, Priority::High]),
+            Mode::Batch(10),
+            Mode::Transaction(10),
+        ] {
+            let spec = RunSpec {
+                shape: Scenario::D.shape(),
+                per_producer: 2_005,
+                template: template(100),
+                capacity: 64,
+                sample_every: 4,
+            };
+            let outcome = run_ferry(&spec, mode)?;
+            ensure!(
+                outcome.delivered == spec.expected() && outcome.duplicates == Some(0),
+                "{mode:?}: delivered {} of {}, duplicates {:?}",
+                outcome.delivered,
+                spec.expected(),
+                outcome.duplicates
+            );
+            ensure!(!outcome.latency.is_empty(), "{mode:?}: no latency samples");
         }
         Ok(())
     }

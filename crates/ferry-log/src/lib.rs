@@ -1,0 +1,127 @@
+//! `ferry-log`: a synchronous, crash-safe, segmented append-only log (one per topic).
+//!
+//! A [`Log`] owns one directory of segment files. Appends take a batch of [`RecordIn`] and give
+//! it contiguous offsets, all or nothing; [`Durability`] says when `append` may return relative
+//! to fsync (with group commit for [`Durability::Always`]). Reads go to disk through a sparse
+//! offset index, apart from a small bounded cache of recently appended batches
+//! ([`LogConfig::cache_bytes`]): memory does not grow with the log. The log is `Send + Sync`
+//! and has no async code.
+//!
+//! ```
+//! # fn main() -> Result<(), ferry_log::LogError> {
+//! use ferry_log::{Durability, Log, LogConfig, RecordIn};
+//! # let dir = std::env::temp_dir().join(format!("ferry-log-doc-{}", std::process::id()));
+//! let log = Log::open(&dir, LogConfig { durability: Durability::Never, ..LogConfig::default() })?;
+//! let at = log.append(&[RecordIn::new("hello").with_key("k"), RecordIn::new("world")])?;
+//! assert_eq!((at.base_offset, at.last_offset), (0, 1));
+//! let records = log.read(0, 10, 1 << 20)?;
+//! assert_eq!(&records[1].payload[..], b"world");
+//! # drop(log); std::fs::remove_dir_all(&dir).ok();
+//! # Ok(()) }
+//! ```
+//!
+//! # Timestamps
+//! Milliseconds since the Unix epoch, `u64`. A record without one is stamped when appended.
+//! Timestamps need not increase; [`Log::offset_for_timestamp`] finds the first offset whose
+//! timestamp is at or after the target.
+//!
+//! # FORMAT (version 1)
+//! All integers are little-endian. A log directory holds, per segment, named by the segment's
+//! base offset on 20 digits:
+//! - `<base>.log`: a 32-byte file header, then batches back to back;
+//! - `<base>.index`: sparse offset index, 16-byte entries `(offset u64, position u64)`: the
+//!   batch starting at `offset` is at byte `position` of the `.log`. At most one entry every
+//!   [`LogConfig::index_interval_bytes`] (4 KiB by default);
+//! - `<base>.timeindex`: 16-byte entries `(timestamp u64, offset u64)`: `timestamp` is the
+//!   largest record timestamp in the segment *before* `offset` (a batch start), at the same
+//!   cadence. A sealed segment's time index ends with `(max timestamp, next offset)`.
+//!
+//! Both indexes are hints, rebuilt from the `.log` whenever missing or damaged.
+//!
+//! **File header** (32 bytes): magic `FERRYLOG` (8), format version `u16` = 1, flags `u16` = 0,
+//! base offset `u64`, creation time `u64` (ms), CRC32C of the preceding 28 bytes `u32`.
+//!
+//! **Batch** ([`BATCH_HEADER_LEN`] = 43-byte header, then the records section):
+//!
+//! | at | field | |
+//! |----|-------|-|
+//! | 0  | length `u32` | bytes after this field (so the batch is `4 + length` bytes), at most [`MAX_BATCH_BYTES`] |
+//! | 4  | crc `u32` | CRC32C (Castagnoli) of every byte after this field |
+//! | 8  | version `u8` = 1 | |
+//! | 9  | attributes `u16` | bits 0–2: codec (0 none, 1 LZ4 block); other bits 0 |
+//! | 11 | base offset `u64` | offset of the first record |
+//! | 19 | record count `u32` | at least 1 |
+//! | 23 | first timestamp `u64` | of the first record |
+//! | 31 | max timestamp `u64` | largest record timestamp |
+//! | 39 | records length `u32` | records section size, uncompressed |
+//! | 43 | records | as is, or one LZ4 block (only when smaller) |
+//!
+//! **Record** (lengths are unsigned LEB128 varints, at most 10 bytes):
+//! `length` (bytes of the record after this field), `offset delta` (= index in the batch),
+//! `timestamp delta` (zigzag varint of `timestamp - first timestamp`, wrapping), `flags` (`u16`),
+//! `key length + 1` (0 = no key) and key bytes, `header count`, then per header
+//! `name length`, UTF-8 name, `value length`, value; then `payload length` and payload.
+//!
+//! The decoder ([`decode_batches`], [`decode_batch`]) accepts any bytes without panicking:
+//! every length is checked against the remaining input and the format limits, the record count
+//! against the section size, and the LZ4 output size against the input size.
+//!
+//! # RECOVERY
+//! On open, segments other than the last (sealed) are checked cheaply: their indexes must be
+//! well-formed and the batches from the last index entry to the end of the file must be whole,
+//! CRC-valid, contiguous and end exactly at the next segment's base offset; otherwise their
+//! indexes are rebuilt by a full scan, and any damage found then is [`LogError::Corrupt`] (a
+//! sealed segment was complete when it was rolled, so damage there is never a torn write).
+//!
+//! The last (active) segment is scanned fully, checking every CRC and that offsets follow on.
+//! At the first batch that is not whole and valid (short, zero-filled, bad length or CRC):
+//! - **mid-segment corruption** if a whole, CRC-valid batch with a higher base offset starts
+//!   anywhere after it in the file: [`LogError::Corrupt`] with the segment and the position of
+//!   the bad batch, and the log does not open (nothing is silently skipped);
+//! - otherwise a **torn tail**: the file is cut at the last valid batch.
+//!
+//! A CRC-valid batch whose offset does not follow on is corruption wherever it is. The active
+//! segment's indexes are always rebuilt. A file header torn while the segment was created (file
+//! no longer than the header) is rewritten. Index files without a `.log` (interrupted deletion)
+//! are removed. Reads that meet damaged data return [`LogError::Corrupt`] too.
+//!
+//! # Durability
+//! - [`Durability::Always`]: `append` returns after `File::sync_data` covered its batch. The
+//!   first waiter that finds no fsync running syncs everything written so far and wakes the
+//!   others it covered (leader/follower over write sequence numbers, a `Mutex` + `Condvar`);
+//!   [`LogStats::fsyncs`] counts the fsyncs.
+//! - [`Durability::Interval`]: a background thread does the same every interval, and on drop.
+//! - [`Durability::Never`]: the OS writes back when it likes.
+//!
+//! Rolling fsyncs the sealed segment before creating the next one, and creating, deleting and
+//! cutting segment files fsyncs them and the directory, except with `Never` (where a power loss
+//! can leave a sealed segment torn, which the next open reports as [`LogError::Corrupt`]). An fsync failure closes the log ([`LogError::SyncFailed`], then
+//! [`LogError::Closed`]). Only one `Log` per directory may be open in a process
+//! ([`LogError::AlreadyOpen`]); nothing guards against two processes.
+
+#![deny(missing_docs)]
+
+mod cache;
+mod codec;
+mod config;
+mod error;
+mod log;
+mod record;
+mod recovery;
+mod segment;
+mod sync;
+
+pub use codec::{
+    decode_batch, decode_batches, encode_batch, reseal_batch, BatchHeader, Compression,
+    DecodeBatches, DecodedBatch, EncodeError, SegmentHeader, BATCH_HEADER_LEN, FORMAT_VERSION,
+    MAX_BATCH_BYTES, SEGMENT_HEADER_LEN, SEGMENT_MAGIC,
+};
+pub use config::{Durability, LogConfig, RetentionPolicy};
+pub use error::{DecodeError, LogError};
+pub use log::{Log, LogStats};
+pub use record::{AppendInfo, RecordIn, StoredRecord};
+
+pub(crate) use log::State;
+
+#[cfg(not(unix))]
+compile_error!("ferry-log uses positional file I/O (std::os::unix::fs::FileExt): Unix only");

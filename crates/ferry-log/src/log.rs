@@ -1,0 +1,769 @@
+//! [`Log`]: appends, reads, time look-ups, truncation, retention and durability.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::cache::{BatchCache, CachedBatch};
+use crate::codec::{encode_batch, encode_views, set_base_offset, RecordView};
+use crate::config::{Durability, LogConfig};
+use crate::error::LogError;
+use crate::record::{record_size, AppendInfo, RecordIn, StoredRecord};
+use crate::recovery::{open_active, recover, SegmentState};
+use crate::segment::{sync_dir, BatchSpan, DueEntries, Segment};
+use crate::sync::{Flusher, GroupCommit};
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Directories open in this process: a second `Log` on the same directory would corrupt it.
+static OPEN_DIRS: Mutex<BTreeSet<PathBuf>> = parking_lot::const_mutex(BTreeSet::new());
+
+/// Holds a directory in [`OPEN_DIRS`] until dropped.
+#[derive(Debug)]
+struct DirClaim(PathBuf);
+
+impl DirClaim {
+    fn claim(dir: &Path) -> Result<Self, LogError> {
+        let dir = dir
+            .canonicalize()
+            .map_err(|e| LogError::io("resolve", dir, e))?;
+        if !OPEN_DIRS.lock().insert(dir.clone()) {
+            return Err(LogError::AlreadyOpen(dir));
+        }
+        Ok(DirClaim(dir))
+    }
+}
+
+impl Drop for DirClaim {
+    fn drop(&mut self) {
+        OPEN_DIRS.lock().remove(&self.0);
+    }
+}
+
+/// The segments and write progress, published to readers.
+#[derive(Debug)]
+pub(crate) struct State {
+    /// By base offset; never empty; the last one is active.
+    pub segments: Vec<SegmentState>,
+    /// Number of batches written since open (group commit sequence numbers).
+    pub written_seq: u64,
+    /// Sealed segments not fsynced since they were rolled (durability `Never` only).
+    pub unsynced: Vec<Arc<Segment>>,
+}
+
+impl State {
+    fn active(&self) -> &SegmentState {
+        &self.segments[self.segments.len() - 1]
+    }
+
+    fn active_mut(&mut self) -> &mut SegmentState {
+        let last = self.segments.len() - 1;
+        &mut self.segments[last]
+    }
+
+    fn start_offset(&self) -> u64 {
+        self.segments[0].seg.base
+    }
+
+    fn next_offset(&self) -> u64 {
+        self.active().meta.next_offset
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.meta.len).sum()
+    }
+
+    /// The segment holding `offset` (or starting at it, for the end of the log).
+    fn find(&self, offset: u64) -> Option<&SegmentState> {
+        let after = self.segments.partition_point(|s| s.seg.base <= offset);
+        after.checked_sub(1).map(|i| &self.segments[i])
+    }
+}
+
+/// Counters of a [`Log`], see [`Log::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogStats {
+    /// Batches appended.
+    pub appends: u64,
+    /// Records appended.
+    pub records_appended: u64,
+    /// Bytes appended (encoded batches).
+    pub bytes_appended: u64,
+    /// Data fsyncs issued by group commit, the flusher, `sync` and `close`.
+    pub fsyncs: u64,
+    /// Batches served from the cache by `read`.
+    pub cache_hits: u64,
+    /// Batches read from disk by `read`.
+    pub cache_misses: u64,
+    /// Segments rolled.
+    pub segments_rolled: u64,
+    /// Segments deleted by retention.
+    pub segments_deleted: u64,
+    /// Segments now on disk.
+    pub segments: usize,
+    /// Bytes now on disk in segment files.
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    appends: AtomicU64,
+    records: AtomicU64,
+    bytes: AtomicU64,
+    fsyncs: AtomicU64,
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
+    rolled: AtomicU64,
+    deleted: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+}
+
+/// Collects records for `read` within its limits.
+struct Collector {
+    records: Vec<StoredRecord>,
+    bytes: usize,
+    max_records: usize,
+    max_bytes: usize,
+    end: u64,
+}
+
+impl Collector {
+    fn full(&self) -> bool {
+        self.records.len() >= self.max_records
+    }
+
+    /// Adds the records of a batch from `from` on; stops when a limit is reached. The first
+    /// record is taken whatever its size, so a large record cannot block a reader.
+    fn extend(&mut self, batch: &[StoredRecord], from: u64) {
+        for r in batch
+            .iter()
+            .filter(|r| r.offset >= from && r.offset < self.end)
+        {
+            let size = r.size();
+            if self.full() || (!self.records.is_empty() && self.bytes + size > self.max_bytes) {
+                self.max_records = self.records.len(); // done
+                return;
+            }
+            self.bytes += size;
+            self.records.push(r.clone());
+        }
+    }
+}
+
+/// Where a disk read is: the next batch of `seg` starts at `pos` with offset `next`.
+struct Cursor {
+    seg: SegmentState,
+    pos: u64,
+    next: u64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    dir: PathBuf,
+    config: LogConfig,
+    /// Serialises appends, rolls, truncation and retention (I/O happens under it, not under
+    /// `state`).
+    writer: Mutex<()>,
+    state: RwLock<State>,
+    /// Held shared by readers and exclusively by truncation, which shrinks files under them.
+    readers: RwLock<()>,
+    cache: Mutex<BatchCache>,
+    commit: GroupCommit,
+    counters: Counters,
+    closed: AtomicBool,
+    _claim: DirClaim,
+}
+
+/// A segmented, crash-safe append-only log in one directory. `Send + Sync`: share it with an
+/// `Arc`; appends are serialised, reads run concurrently with them.
+#[derive(Debug)]
+pub struct Log {
+    shared: Arc<Shared>,
+    flusher: Mutex<Option<Flusher>>,
+}
+
+impl Log {
+    /// Opens the log in `dir`, creating the directory if missing and recovering existing data
+    /// (see the crate docs, RECOVERY).
+    pub fn open(dir: impl AsRef<Path>, config: LogConfig) -> Result<Log, LogError> {
+        config.validate()?;
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| LogError::io("create directory", dir, e))?;
+        let claim = DirClaim::claim(dir)?;
+        let state = recover(dir, &config, now_ms())?;
+        let shared = Arc::new(Shared {
+            dir: dir.to_path_buf(),
+            cache: Mutex::new(BatchCache::new(config.cache_bytes)),
+            config,
+            writer: Mutex::new(()),
+            state: RwLock::new(state),
+            readers: RwLock::new(()),
+            commit: GroupCommit::default(),
+            counters: Counters::default(),
+            closed: AtomicBool::new(false),
+            _claim: claim,
+        });
+        let flusher = match shared.config.durability {
+            Durability::Interval(every) => {
+                let weak: Weak<Shared> = Arc::downgrade(&shared);
+                let tick = move || {
+                    weak.upgrade()
+                        .is_some_and(|s| s.check_open().is_ok() && s.sync_written().is_ok())
+                };
+                Some(
+                    Flusher::spawn(every, tick)
+                        .map_err(|e| LogError::io("spawn flusher", dir, e))?,
+                )
+            }
+            _ => None,
+        };
+        Ok(Log {
+            shared,
+            flusher: Mutex::new(flusher),
+        })
+    }
+
+    /// The directory of the log.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// The configuration the log was opened with.
+    pub fn config(&self) -> &LogConfig {
+        &self.shared.config
+    }
+
+    /// Appends `records` as one batch with contiguous offsets, all or nothing. Returns once the
+    /// configured [`Durability`] holds.
+    pub fn append(&self, records: &[RecordIn]) -> Result<AppendInfo, LogError> {
+        let (info, seq) = self.write_batch(records)?;
+        let s = &*self.shared;
+        if s.config.durability == Durability::Always {
+            s.commit.wait_synced(seq, || s.sync_all_written())?;
+        }
+        Ok(info)
+    }
+
+    /// Appends like [`append`](Self::append) but returns once the batch is written to the OS,
+    /// whatever the [`Durability`]: for callers that order appends under a lock of their own and
+    /// then wait for durability outside it with [`sync`](Self::sync), which concurrent callers
+    /// share (group commit).
+    pub fn append_buffered(&self, records: &[RecordIn]) -> Result<AppendInfo, LogError> {
+        self.write_batch(records).map(|(info, _)| info)
+    }
+
+    /// Writes one batch; returns where it went and its write sequence number.
+    fn write_batch(&self, records: &[RecordIn]) -> Result<(AppendInfo, u64), LogError> {
+        let s = &*self.shared;
+        s.check_open()?;
+        if records.is_empty() {
+            return Err(LogError::EmptyBatch);
+        }
+        let now = now_ms();
+        let views: Vec<RecordView<'_>> = records.iter().map(|r| r.view(now)).collect();
+        let max = u64::from(s.config.max_batch_bytes);
+        let too_large = |size| LogError::RecordTooLarge { size, max };
+        let mut frame =
+            encode_views(0, &views, s.config.compression).map_err(|e| too_large(e.size))?;
+        if frame.len() as u64 > max {
+            return Err(too_large(frame.len() as u64));
+        }
+        let count = records.len() as u64;
+        let max_ts = views.iter().map(|v| v.timestamp).max().unwrap_or(now);
+        let (info, seq) = {
+            let _writer = s.writer.lock();
+            s.check_open()?;
+            let mut active = s.state.read().active().clone();
+            let base = active.meta.next_offset;
+            set_base_offset(&mut frame, base);
+            if s.should_roll(&active, frame.len() as u64, now) {
+                active = s.roll(active, now)?;
+            }
+            let span = BatchSpan {
+                base_offset: base,
+                next_offset: base + count,
+                len: frame.len() as u64,
+                max_ts,
+            };
+            let pos = active.meta.len;
+            let written = active.seg.write_at(&frame, pos).and_then(|()| {
+                let due = active.meta.push_batch(span, s.config.index_interval_bytes);
+                write_entries(&active, due)
+            });
+            if let Err(e) = written {
+                // Leave no partial batch behind the published end (best effort).
+                let _ = active.seg.set_len(pos);
+                return Err(e);
+            }
+            let seq = {
+                let mut st = s.state.write();
+                st.written_seq += 1;
+                st.active_mut().meta = active.meta;
+                st.written_seq
+            };
+            if s.config.cache_bytes > 0 {
+                let stored = records
+                    .iter()
+                    .zip(&views)
+                    .zip(base..)
+                    .map(|((r, v), offset)| r.to_stored(offset, v.timestamp))
+                    .collect();
+                let size = views
+                    .iter()
+                    .map(|v| record_size(v.key, v.headers, v.payload))
+                    .sum();
+                s.cache.lock().insert(stored, size);
+            }
+            (
+                AppendInfo {
+                    base_offset: base,
+                    last_offset: base + count - 1,
+                },
+                seq,
+            )
+        };
+        bump(&s.counters.appends, 1);
+        bump(&s.counters.records, count);
+        bump(&s.counters.bytes, frame.len() as u64);
+        Ok((info, seq))
+    }
+
+    /// Reads records from `from_offset` on: at most `max_records`, and stopping before the
+    /// record that would bring the total [`StoredRecord::size`] over `max_bytes` (the first
+    /// record is returned whatever its size). Reading at the end gives an empty vector; outside
+    /// `[start_offset, next_offset]` is [`LogError::OffsetOutOfRange`].
+    pub fn read(
+        &self,
+        from_offset: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredRecord>, LogError> {
+        let s = &*self.shared;
+        s.check_open()?;
+        let _readers = s.readers.read();
+        let end = s.check_range(from_offset)?;
+        let mut out = Collector {
+            records: Vec::new(),
+            bytes: 0,
+            max_records,
+            max_bytes,
+            end,
+        };
+        let mut offset = from_offset;
+        let mut cursor: Option<Cursor> = None;
+        while offset < end && !out.full() {
+            if let Some(batch) = s.cached(offset) {
+                out.extend(&batch.records, offset);
+                offset = batch.next_offset();
+                cursor = None;
+                continue;
+            }
+            let c = match cursor.take() {
+                Some(c) if c.pos < c.seg.meta.len => c,
+                _ => s.locate(offset)?,
+            };
+            let h = c.seg.seg.header_at(c.pos, c.seg.meta.len, c.next)?;
+            if h.next_offset() > offset {
+                let batch = c.seg.seg.decode_at(c.pos, h)?;
+                bump(&s.counters.cache_misses, 1);
+                out.extend(&batch.records, offset);
+                offset = h.next_offset();
+            }
+            cursor = Some(Cursor {
+                pos: c.pos + h.total_len(),
+                next: h.next_offset(),
+                seg: c.seg,
+            });
+        }
+        Ok(out.records)
+    }
+
+    /// The first offset whose record timestamp is `>= timestamp_ms`, or `None` if every record
+    /// is older. Timestamps need not be monotonic: the time index records, per segment, the
+    /// largest timestamp before each indexed batch.
+    pub fn offset_for_timestamp(&self, timestamp_ms: u64) -> Result<Option<u64>, LogError> {
+        let s = &*self.shared;
+        s.check_open()?;
+        let _readers = s.readers.read();
+        let segments = s.state.read().segments.clone();
+        for sg in segments
+            .iter()
+            .filter(|sg| sg.meta.max_ts.is_some_and(|m| m >= timestamp_ms))
+        {
+            if let Some(offset) = first_at_or_after(sg, timestamp_ms)? {
+                return Ok(Some(offset));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The first retained offset.
+    pub fn start_offset(&self) -> u64 {
+        self.shared.state.read().start_offset()
+    }
+
+    /// The offset the next appended record will get (the end of the log).
+    pub fn next_offset(&self) -> u64 {
+        self.shared.state.read().next_offset()
+    }
+
+    /// Fsyncs everything appended so far (whatever the [`Durability`]).
+    pub fn sync(&self) -> Result<(), LogError> {
+        self.shared.check_open()?;
+        self.shared.sync_written()
+    }
+
+    /// Drops every record after `offset` (keeps `..=offset`); a no-op at or past the end.
+    pub fn truncate_after(&self, offset: u64) -> Result<(), LogError> {
+        self.truncate_to(offset.saturating_add(1))
+    }
+
+    /// Drops every record at or after `new_end`, which becomes the next offset; `new_end` may
+    /// be `start_offset()` (drops everything). Later segments are deleted newest first and the
+    /// batch holding `new_end` is cut (its first records rewritten as a batch of their own), so
+    /// a crash during truncation leaves a valid log that may keep the truncated records, or lose
+    /// that one cut batch. If cutting the last segment fails, the log closes itself (reopen it
+    /// to recover).
+    pub fn truncate_to(&self, new_end: u64) -> Result<(), LogError> {
+        let s = &*self.shared;
+        s.check_open()?;
+        let _writer = s.writer.lock();
+        let _readers = s.readers.write();
+        let (start, end) = {
+            let st = s.state.read();
+            (st.start_offset(), st.next_offset())
+        };
+        if new_end >= end {
+            return Ok(());
+        }
+        if new_end < start {
+            return Err(LogError::OffsetOutOfRange {
+                offset: new_end,
+                start,
+                end,
+            });
+        }
+        s.cache.lock().remove_from(new_end);
+        // Newest first, so that a crash leaves a contiguous prefix of segments.
+        let target = loop {
+            let mut st = s.state.write();
+            if st.segments.len() == 1 || st.active().seg.base <= new_end {
+                break st.active().clone();
+            }
+            if let Some(later) = st.segments.pop() {
+                drop(st);
+                later.seg.delete()?;
+            }
+        };
+        let meta = s.cut_segment(&target, new_end).inspect_err(|_| {
+            // The active segment's metadata no longer matches its file: reopen to recover.
+            s.closed.store(true, Ordering::SeqCst);
+        })?;
+        s.state.write().active_mut().meta = meta;
+        if s.durable_meta() {
+            sync_dir(&s.dir)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the oldest sealed segments while a [`crate::RetentionPolicy`] limit is exceeded
+    /// (total size, record count, or newest timestamp older than the maximum age). Returns how
+    /// many segments were deleted. The active segment is never deleted.
+    pub fn apply_retention(&self) -> Result<u64, LogError> {
+        let s = &*self.shared;
+        s.check_open()?;
+        let _writer = s.writer.lock();
+        let policy = s.config.retention;
+        let now = now_ms();
+        let mut deleted = 0;
+        loop {
+            let victim = {
+                let mut st = s.state.write();
+                if st.segments.len() < 2 {
+                    break;
+                }
+                // Size and count bounds are floors, as in Kafka: a segment goes only if what
+                // stays still meets the bound, so the log never keeps less than asked.
+                let first = &st.segments[0].meta;
+                let first_records = first.next_offset - st.start_offset();
+                let expired = policy
+                    .max_bytes
+                    .is_some_and(|m| st.size_bytes().saturating_sub(first.len) >= m)
+                    || policy.max_records.is_some_and(|m| {
+                        (st.next_offset() - st.start_offset()).saturating_sub(first_records) >= m
+                    })
+                    || policy.max_age.is_some_and(|age| {
+                        first
+                            .max_ts
+                            .is_some_and(|ts| now.saturating_sub(ts) > millis(age))
+                    });
+                if !expired {
+                    break;
+                }
+                st.segments.remove(0)
+            };
+            s.cache.lock().remove_below(victim.meta.next_offset);
+            victim.seg.delete()?;
+            deleted += 1;
+            bump(&s.counters.deleted, 1);
+        }
+        if deleted > 0 && s.durable_meta() {
+            sync_dir(&s.dir)?;
+        }
+        Ok(deleted)
+    }
+
+    /// Counters and sizes.
+    pub fn stats(&self) -> LogStats {
+        let s = &*self.shared;
+        let c = &s.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let st = s.state.read();
+        LogStats {
+            appends: get(&c.appends),
+            records_appended: get(&c.records),
+            bytes_appended: get(&c.bytes),
+            fsyncs: get(&c.fsyncs),
+            cache_hits: get(&c.cache_hits),
+            cache_misses: get(&c.cache_misses),
+            segments_rolled: get(&c.rolled),
+            segments_deleted: get(&c.deleted),
+            segments: st.segments.len(),
+            size_bytes: st.size_bytes(),
+        }
+    }
+
+    /// Syncs everything and closes the log: later calls return [`LogError::Closed`].
+    pub fn close(&self) -> Result<(), LogError> {
+        let result = self.sync();
+        self.shutdown();
+        result
+    }
+
+    fn shutdown(&self) {
+        self.shared.closed.store(true, Ordering::SeqCst);
+        if let Some(mut flusher) = self.flusher.lock().take() {
+            flusher.stop();
+        }
+    }
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        let s = &*self.shared;
+        if s.config.durability != Durability::Never && s.check_open().is_ok() {
+            let _ = s.sync_written();
+        }
+        self.shutdown();
+    }
+}
+
+/// Writes the index entries due after a batch (their slots are the last counted ones).
+fn write_entries(sg: &SegmentState, (index, time): DueEntries) -> Result<(), LogError> {
+    if let Some(entry) = index {
+        sg.seg.index.put(sg.meta.index_count - 1, entry)?;
+    }
+    if let Some(entry) = time {
+        sg.seg.time.put(sg.meta.time_count - 1, entry)?;
+    }
+    Ok(())
+}
+
+/// The first offset of `sg` with a timestamp `>= ts`.
+fn first_at_or_after(sg: &SegmentState, ts: u64) -> Result<Option<u64>, LogError> {
+    // Every record before the last entry with a smaller running maximum is older than `ts`.
+    let from = sg
+        .seg
+        .time
+        .search_last(sg.meta.time_count, |(t, _)| t < ts)?
+        .map_or(sg.seg.base, |(_, o)| o);
+    let (mut pos, mut next) = sg.seg.seek(&sg.meta, from)?;
+    while pos < sg.meta.len {
+        let h = sg.seg.header_at(pos, sg.meta.len, next)?;
+        if h.next_offset() > from && h.max_timestamp >= ts {
+            let batch = sg.seg.decode_at(pos, h)?;
+            let found = batch
+                .records
+                .iter()
+                .find(|r| r.offset >= from && r.timestamp >= ts);
+            if let Some(r) = found {
+                return Ok(Some(r.offset));
+            }
+        }
+        pos += h.total_len();
+        next = h.next_offset();
+    }
+    Ok(None)
+}
+
+impl Shared {
+    fn check_open(&self) -> Result<(), LogError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(LogError::Closed);
+        }
+        Ok(())
+    }
+
+    /// Whether segment creation, deletion and truncation are fsynced (with their directory).
+    fn durable_meta(&self) -> bool {
+        self.config.durability != Durability::Never
+    }
+
+    /// The end of the log if `offset` is within `[start, end]`.
+    fn check_range(&self, offset: u64) -> Result<u64, LogError> {
+        let st = self.state.read();
+        let (start, end) = (st.start_offset(), st.next_offset());
+        if offset < start || offset > end {
+            return Err(LogError::OffsetOutOfRange { offset, start, end });
+        }
+        Ok(end)
+    }
+
+    fn cached(&self, offset: u64) -> Option<Arc<CachedBatch>> {
+        let batch = self.cache.lock().get(offset)?;
+        bump(&self.counters.cache_hits, 1);
+        Some(batch)
+    }
+
+    /// A disk cursor at the batch holding `offset` (or one before it).
+    fn locate(&self, offset: u64) -> Result<Cursor, LogError> {
+        let found = {
+            let st = self.state.read();
+            st.find(offset).cloned().ok_or(LogError::OffsetOutOfRange {
+                offset,
+                start: st.start_offset(),
+                end: st.next_offset(),
+            })?
+        };
+        let (pos, next) = found.seg.seek(&found.meta, offset)?;
+        Ok(Cursor {
+            seg: found,
+            pos,
+            next,
+        })
+    }
+
+    fn should_roll(&self, active: &SegmentState, batch_len: u64, now: u64) -> bool {
+        let meta = &active.meta;
+        !meta.is_empty()
+            && (meta.len.saturating_add(batch_len) > self.config.segment_bytes
+                || self
+                    .config
+                    .segment_max_age
+                    .is_some_and(|age| now.saturating_sub(meta.created_ms) >= millis(age)))
+    }
+
+    /// Seals `old` (closing its time index) and starts a new active segment after it. Unless
+    /// durability is `Never`, the old segment is fsynced first, so that a sealed segment is
+    /// always whole on disk (a torn write can only be in the last segment); with `Never` the
+    /// next `sync` does it.
+    fn roll(&self, mut old: SegmentState, now: u64) -> Result<SegmentState, LogError> {
+        if let Some(seal) = old.meta.seal_entry() {
+            old.seg.time.put(old.meta.time_count, seal)?;
+            old.meta.time_count += 1;
+        }
+        let durable = self.durable_meta();
+        if durable {
+            old.seg.sync_all()?;
+            bump(&self.counters.fsyncs, 1);
+        }
+        let (seg, meta) = Segment::create(&self.dir, old.meta.next_offset, now, durable)?;
+        let new = SegmentState {
+            seg: Arc::new(seg),
+            meta,
+        };
+        {
+            let mut st = self.state.write();
+            if !durable {
+                st.unsynced.push(Arc::clone(&old.seg));
+            }
+            *st.active_mut() = old;
+            st.segments.push(new.clone());
+        }
+        bump(&self.counters.rolled, 1);
+        Ok(new)
+    }
+
+    /// Fsyncs everything written so far; returns the write sequence number covered. A failure
+    /// closes the log.
+    fn sync_all_written(&self) -> Result<u64, LogError> {
+        let (sealed, active, seq) = {
+            let mut st = self.state.write();
+            let sealed = std::mem::take(&mut st.unsynced);
+            (sealed, Arc::clone(&st.active().seg), st.written_seq)
+        };
+        let result = sealed
+            .iter()
+            .try_for_each(|seg| seg.sync_all())
+            .and_then(|()| active.sync_data());
+        bump(&self.counters.fsyncs, sealed.len() as u64 + 1);
+        if result.is_err() {
+            self.closed.store(true, Ordering::SeqCst);
+        }
+        result.map(|()| seq)
+    }
+
+    /// Group-commit sync of everything written so far.
+    fn sync_written(&self) -> Result<(), LogError> {
+        let seq = self.state.read().written_seq;
+        self.commit.wait_synced(seq, || self.sync_all_written())
+    }
+
+    /// Cuts `target` (now the last segment) so that its data ends before `new_end`, then
+    /// rebuilds its metadata and indexes.
+    fn cut_segment(
+        &self,
+        target: &SegmentState,
+        new_end: u64,
+    ) -> Result<crate::segment::SegmentMeta, LogError> {
+        let seg = &target.seg;
+        let (mut pos, mut next) = seg.seek(&target.meta, new_end)?;
+        let header = loop {
+            let h = seg.header_at(pos, target.meta.len, next)?;
+            if h.next_offset() > new_end {
+                break h;
+            }
+            pos += h.total_len();
+            next = h.next_offset();
+        };
+        let kept = (new_end - header.base_offset) as usize;
+        let prefix = if kept > 0 {
+            let mut batch = seg.decode_at(pos, header)?;
+            batch.records.truncate(kept);
+            Some(
+                encode_batch(header.base_offset, &batch.records, header.compression).map_err(
+                    |e| LogError::RecordTooLarge {
+                        size: e.size,
+                        max: u64::from(self.config.max_batch_bytes),
+                    },
+                )?,
+            )
+        } else {
+            None
+        };
+        seg.set_len(pos)?;
+        if let Some(frame) = prefix {
+            seg.write_at(&frame, pos)?;
+        }
+        if self.durable_meta() {
+            seg.sync_data()?;
+        }
+        open_active(seg, &self.config, now_ms())
+    }
+}

@@ -1,0 +1,214 @@
+//! Opening a log directory: listing segments, checking sealed ones, repairing the active one.
+//!
+//! Rules (also in the crate docs, RECOVERY):
+//! - sealed segments (all but the last) are trusted up to a cheap check: well-formed indexes and
+//!   a valid tail from the last index entry to the end of the file, ending exactly where the next
+//!   segment starts. If the indexes are missing or damaged they are rebuilt by a full scan; any
+//!   damage in the data of a sealed segment is [`LogError::Corrupt`];
+//! - the active (last) segment is scanned fully, checking every CRC. At the first batch that is
+//!   not whole and valid, the rest of the file is searched for a whole, CRC-valid batch with a
+//!   higher offset: if there is one, the damage is in the middle ([`LogError::Corrupt`]);
+//!   otherwise it is a torn tail and the file is cut there. Its indexes are always rebuilt.
+
+use std::fs;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::codec::SEGMENT_HEADER_LEN;
+use crate::config::{Durability, LogConfig};
+use crate::error::LogError;
+use crate::segment::{Segment, SegmentMeta};
+use crate::State;
+
+/// A segment with its metadata, as the log holds it.
+#[derive(Debug, Clone)]
+pub(crate) struct SegmentState {
+    pub seg: Arc<Segment>,
+    pub meta: SegmentMeta,
+}
+
+/// Opens or creates the segments of `dir`, in offset order.
+pub(crate) fn recover(dir: &Path, config: &LogConfig, now_ms: u64) -> Result<State, LogError> {
+    let bases = list_segments(dir)?;
+    let mut segments = Vec::with_capacity(bases.len().max(1));
+    for (i, &base) in bases.iter().enumerate() {
+        let seg = Segment::open(dir, base)?;
+        let meta = match bases.get(i + 1) {
+            Some(&next) => open_sealed(&seg, next, config)?,
+            None => open_active(&seg, config, now_ms)?,
+        };
+        segments.push(SegmentState {
+            seg: Arc::new(seg),
+            meta,
+        });
+    }
+    if segments.is_empty() {
+        let (seg, meta) = Segment::create(dir, 0, now_ms, durable(config))?;
+        segments.push(SegmentState {
+            seg: Arc::new(seg),
+            meta,
+        });
+    }
+    Ok(State {
+        segments,
+        written_seq: 0,
+        unsynced: Vec::new(),
+    })
+}
+
+fn durable(config: &LogConfig) -> bool {
+    config.durability != Durability::Never
+}
+
+/// Base offsets of the segment files in `dir`, sorted; removes index files left without their
+/// log file (by an interrupted deletion).
+fn list_segments(dir: &Path) -> Result<Vec<u64>, LogError> {
+    let mut logs = Vec::new();
+    let mut indexes = Vec::new();
+    let entries = fs::read_dir(dir).map_err(|e| LogError::io("list", dir, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| LogError::io("list", dir, e))?;
+        let name = entry.file_name();
+        let Some((stem, ext)) = name.to_str().and_then(|n| n.split_once('.')) else {
+            continue;
+        };
+        let Some(base) = (stem.len() == 20)
+            .then(|| stem.parse::<u64>().ok())
+            .flatten()
+        else {
+            continue;
+        };
+        match ext {
+            "log" => logs.push(base),
+            "index" | "timeindex" => indexes.push((base, entry.path())),
+            _ => {}
+        }
+    }
+    logs.sort_unstable();
+    for (base, path) in indexes {
+        if logs.binary_search(&base).is_err() {
+            fs::remove_file(&path).map_err(|e| LogError::io("delete", path, e))?;
+        }
+    }
+    Ok(logs)
+}
+
+/// Checks a sealed segment that must end where the next one (`next_base`) starts.
+fn open_sealed(seg: &Segment, next_base: u64, config: &LogConfig) -> Result<SegmentMeta, LogError> {
+    let header = seg
+        .read_header()?
+        .map_err(|reason| LogError::corrupt(&seg.path, 0, reason))?;
+    let file_len = seg.file_len()?;
+    if let Some(meta) = check_sealed(seg, header.created_ms, file_len, next_base, config)? {
+        return Ok(meta);
+    }
+    // Indexes missing or damaged: a full scan, where any damage is corruption.
+    let scan = seg.scan(
+        SegmentMeta::empty(seg.base, header.created_ms),
+        file_len,
+        config.index_interval_bytes,
+    )?;
+    if let Some((pos, reason)) = scan.stopped {
+        return Err(LogError::corrupt(&seg.path, pos, reason));
+    }
+    let mut meta = scan.meta;
+    if meta.next_offset != next_base {
+        return Err(LogError::corrupt(
+            &seg.path,
+            file_len,
+            format!(
+                "segment ends at offset {}, the next one starts at {next_base}",
+                meta.next_offset
+            ),
+        ));
+    }
+    let mut time = scan.time;
+    time.extend(meta.seal_entry());
+    meta.time_count = time.len() as u64;
+    seg.index.rewrite(&scan.index)?;
+    seg.time.rewrite(&time)?;
+    Ok(meta)
+}
+
+/// The metadata of a sealed segment if its indexes are well-formed and the data after the last
+/// offset-index entry is whole, valid and ends at `next_base`; `None` means "rebuild".
+fn check_sealed(
+    seg: &Segment,
+    created_ms: u64,
+    file_len: u64,
+    next_base: u64,
+    config: &LogConfig,
+) -> Result<Option<SegmentMeta>, LogError> {
+    let Some((index, time)) = seg.load_sealed_indexes(file_len, next_base)? else {
+        return Ok(None);
+    };
+    let Some(&(seal_ts, _)) = time.last() else {
+        return Ok(None);
+    };
+    let (pos, offset) = index
+        .last()
+        .map_or((SEGMENT_HEADER_LEN, seg.base), |&(o, p)| (p, o));
+    let mut start = SegmentMeta::empty(seg.base, created_ms);
+    start.len = pos;
+    start.next_offset = offset;
+    let tail = match seg.scan(start, file_len, config.index_interval_bytes) {
+        Ok(tail) => tail,
+        // An index entry pointing at the wrong batch: rebuild rather than blame the data.
+        Err(LogError::Corrupt { .. }) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let consistent = tail.stopped.is_none()
+        && tail.meta.next_offset == next_base
+        && tail.meta.max_ts.is_some_and(|m| m <= seal_ts);
+    Ok(consistent.then_some(SegmentMeta {
+        len: file_len,
+        next_offset: next_base,
+        max_ts: Some(seal_ts),
+        created_ms,
+        index_count: index.len() as u64,
+        time_count: time.len() as u64,
+        last_index_pos: pos,
+        last_time_pos: pos,
+    }))
+}
+
+/// Recovers the active segment: full scan, torn tail cut, indexes rebuilt.
+pub(crate) fn open_active(
+    seg: &Segment,
+    config: &LogConfig,
+    now_ms: u64,
+) -> Result<SegmentMeta, LogError> {
+    let file_len = seg.file_len()?;
+    let header = match seg.read_header()? {
+        Ok(h) => h,
+        // Torn while being created: nothing was ever appended to it.
+        Err(_) if file_len <= SEGMENT_HEADER_LEN => {
+            seg.write_header(now_ms, durable(config))?;
+            seg.index.rewrite(&[])?;
+            seg.time.rewrite(&[])?;
+            return Ok(SegmentMeta::empty(seg.base, now_ms));
+        }
+        Err(reason) => return Err(LogError::corrupt(&seg.path, 0, reason)),
+    };
+    let scan = seg.scan(
+        SegmentMeta::empty(seg.base, header.created_ms),
+        file_len,
+        config.index_interval_bytes,
+    )?;
+    if let Some((pos, reason)) = scan.stopped {
+        if seg.valid_batch_follows(pos, scan.meta.next_offset, file_len)? {
+            return Err(LogError::corrupt(
+                &seg.path,
+                pos,
+                format!("{reason} (valid batches follow: not a torn tail)"),
+            ));
+        }
+        seg.set_len(pos)?;
+        if durable(config) {
+            seg.sync_data()?;
+        }
+    }
+    seg.index.rewrite(&scan.index)?;
+    seg.time.rewrite(&scan.time)?;
+    Ok(scan.meta)
+}

@@ -1,0 +1,137 @@
+//! The engine's storage trait: where a durable topic keeps its log, and where the broker keeps
+//! consumer positions across restarts.
+//!
+//! The engine stays the source of truth for offsets: it assigns them under the topic's lock and
+//! hands records to [`TopicStore::append`] in offset order, under that lock, so the stored log
+//! and the in-memory log agree. Durability is a separate step, [`TopicStore::sync`], taken
+//! outside the lock so that concurrent publishers share one flush (group commit); a durable
+//! topic makes records visible to subscribers, and acknowledges them to their publisher, only
+//! once their sync returned.
+//!
+//! Implementations block (disk I/O). The engine calls `append` under the topic lock (so it must
+//! be a buffered write, not a flush) and `sync` from a blocking-friendly thread.
+//!
+//! [`crate::disk::DiskStorage`] implements it over the `ferry-log` segmented log.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crate::config::TopicConfig;
+use crate::message::Message;
+use crate::topic::TopicName;
+
+/// Why a storage operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// An I/O error on a path.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The log of a topic failed (corruption is reported with its position).
+    #[error("topic {topic}: {reason}")]
+    Log {
+        /// The topic.
+        topic: String,
+        /// What went wrong, with the file and position where it applies.
+        reason: String,
+    },
+    /// The engine and the store disagree on the next offset (the store was changed behind the
+    /// broker's back).
+    #[error("topic {topic}: the store expected offset {store} but the engine appends at {engine}")]
+    OffsetMismatch {
+        /// The topic.
+        topic: String,
+        /// The store's next offset.
+        store: u64,
+        /// The engine's next offset.
+        engine: u64,
+    },
+    /// A stored message could not be decoded.
+    #[error("topic {topic}: record {offset} is not a Ferry message: {reason}")]
+    BadRecord {
+        /// The topic.
+        topic: String,
+        /// Its offset.
+        offset: u64,
+        /// Why.
+        reason: String,
+    },
+    /// The positions file could not be read or written.
+    #[error("consumer positions: {0}")]
+    Positions(String),
+}
+
+/// A record read back from a store.
+#[derive(Debug, Clone)]
+pub struct StoredMessage {
+    /// Its offset.
+    pub offset: u64,
+    /// The message, as published (id, payload, headers, key, producer, times, priority).
+    pub message: Message,
+}
+
+/// One topic's durable log.
+pub trait TopicStore: Send + Sync + std::fmt::Debug {
+    /// Appends `messages` at offsets `first..first + messages.len()`, all or none. Called under
+    /// the topic lock, in offset order: a buffered write, durable only after [`sync`](Self::sync).
+    fn append(&self, first: u64, messages: &[&Message]) -> Result<(), StorageError>;
+
+    /// Returns once everything appended below `end` meets the store's durability policy
+    /// (an fsync shared with concurrent callers, or nothing to wait for).
+    fn sync(&self, end: u64) -> Result<(), StorageError>;
+
+    /// Whether [`sync`](Self::sync) has to wait for the disk (an fsync-always policy); if not,
+    /// records are visible as soon as they are appended.
+    fn waits_for_sync(&self) -> bool;
+
+    /// Up to `max` records from offset `from` (fewer at the end of the log).
+    fn read(&self, from: u64, max: usize) -> Result<Vec<StoredMessage>, StorageError>;
+
+    /// The first retained offset.
+    fn start(&self) -> u64;
+
+    /// The next offset to be appended.
+    fn end(&self) -> u64;
+
+    /// The first offset whose message was published at or after `time` (the end if none).
+    fn offset_at(&self, time: SystemTime) -> Result<u64, StorageError>;
+
+    /// Releases what the topic's retention no longer keeps (whole segments).
+    fn apply_retention(&self) -> Result<(), StorageError>;
+
+    /// Forgets every record below `offset` (purging a dead-letter queue).
+    fn truncate_before(&self, offset: u64) -> Result<(), StorageError>;
+
+    /// Bytes the log takes on disk.
+    fn size_bytes(&self) -> u64;
+}
+
+/// Consumer positions: for each durable consumer (a consumer group, or a named fanout
+/// subscription), the first offset of each topic it has not settled.
+pub type Positions = BTreeMap<String, BTreeMap<String, u64>>;
+
+/// Durable storage for a broker: topic logs and consumer positions.
+pub trait Storage: Send + Sync + std::fmt::Debug {
+    /// Opens (or creates) the log of topic `name`.
+    fn open_topic(
+        &self,
+        name: &TopicName,
+        config: &TopicConfig,
+    ) -> Result<Arc<dyn TopicStore>, StorageError>;
+
+    /// The topics that have a log.
+    fn topics(&self) -> Result<Vec<TopicName>, StorageError>;
+
+    /// The positions saved last.
+    fn load_positions(&self) -> Result<Positions, StorageError>;
+
+    /// Saves positions atomically (all of them or, after a crash, the previous set).
+    fn save_positions(&self, positions: &Positions) -> Result<(), StorageError>;
+}
