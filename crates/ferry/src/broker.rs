@@ -43,6 +43,9 @@ use crate::tx::{Transaction, TxError, TxState};
 /// happened to it instead of "unknown").
 const FORGET_FINISHED_TX: Duration = Duration::from_secs(600);
 
+/// How many transactions are tracked before finished ones are forgotten early.
+const TRACKED_TX: usize = 65_536;
+
 const RUNNING: u8 = 0;
 const DRAINING: u8 = 1;
 const CLOSED: u8 = 2;
@@ -322,7 +325,15 @@ impl Broker {
         }
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let state = Arc::new(TxState::new(id, timeout));
-        self.inner.transactions.lock().insert(id, state.clone());
+        let mut txs = self.inner.transactions.lock();
+        if txs.len() >= TRACKED_TX {
+            // Bounded memory at any transaction rate: forget finished ones early (a late lookup
+            // by id then reports "unknown" rather than how it ended).
+            let now = Instant::now();
+            txs.retain(|_, tx| !tx.expire_if_due(now, Duration::ZERO));
+        }
+        txs.insert(id, state.clone());
+        drop(txs);
         Ok(Transaction {
             broker: self.clone(),
             state,

@@ -15,8 +15,7 @@
 //! - lock order: broker registry -> consumer state -> topic log. Dead letters are published only
 //!   after the consumer state lock is released.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -34,6 +33,7 @@ use crate::message::Record;
 use crate::signal::Signal;
 use crate::stats::{Counters, SubscriptionStats};
 use crate::subscription::Delivery;
+use crate::timers::TimerQueue;
 use crate::topic::TopicName;
 
 /// How deliveries are acknowledged.
@@ -128,7 +128,7 @@ struct State {
     cursors: Vec<Cursor>,
     rr: usize,
     inflight: HashMap<u64, Inflight>,
-    timers: BinaryHeap<Reverse<(Instant, u64)>>,
+    timers: TimerQueue,
     ready: VecDeque<u64>,
     next_tag: u64,
     member_inflight: HashMap<u64, usize>,
@@ -277,6 +277,46 @@ impl Consumer {
         self.signal.notify_one();
     }
 
+    /// Hands `member` up to `budget` deliveries from the ready queue (redeliveries and delayed
+    /// records that fell due). Returns how many.
+    #[allow(clippy::too_many_arguments)]
+    fn take_ready(
+        self: &Arc<Self>,
+        st: &mut State,
+        now: Instant,
+        member: u64,
+        budget: usize,
+        out: &mut VecDeque<Delivery>,
+        dead: &mut Vec<DeadJob>,
+        expiring: &mut bool,
+    ) -> usize {
+        let mut got = 0;
+        while got < budget {
+            let Some(tag) = st.ready.pop_front() else {
+                break;
+            };
+            if st.inflight.get(&tag).is_some_and(|e| e.record.expired(now)) {
+                self.expire(st, tag, dead);
+                continue;
+            }
+            let Some(e) = st.inflight.remove(&tag) else {
+                continue;
+            };
+            let attempt = if e.returned { e.attempt } else { e.attempt + 1 };
+            *expiring |= e.record.expires.is_some();
+            let topic = st.cursors[e.cursor].topic.clone();
+            self.count(&topic, |c| {
+                c.add_delivered(1);
+                if !e.scheduled {
+                    c.add_redelivered(1);
+                }
+            });
+            out.push_back(self.hand_over(st, now, member, e.record, e.cursor, attempt));
+            got += 1;
+        }
+        got
+    }
+
     /// Moves up to `max` deliveries for `member` into `out`.
     pub(crate) fn fetch(
         self: &Arc<Self>,
@@ -304,31 +344,8 @@ impl Consumer {
             let used = st.member_inflight.get(&member).copied().unwrap_or(0);
             budget = budget.min(self.policy.prefetch.saturating_sub(used));
         }
-        let mut got = 0;
         let mut expiring = false;
-        while got < budget {
-            let Some(tag) = st.ready.pop_front() else {
-                break;
-            };
-            if st.inflight.get(&tag).is_some_and(|e| e.record.expired(now)) {
-                self.expire(&mut st, tag, &mut dead);
-                continue;
-            }
-            let Some(e) = st.inflight.remove(&tag) else {
-                continue;
-            };
-            let attempt = if e.returned { e.attempt } else { e.attempt + 1 };
-            expiring |= e.record.expires.is_some();
-            let topic = st.cursors[e.cursor].topic.clone();
-            self.count(&topic, |c| {
-                c.add_delivered(1);
-                if !e.scheduled {
-                    c.add_redelivered(1);
-                }
-            });
-            out.push_back(self.hand_over(&mut st, now, member, e.record, e.cursor, attempt));
-            got += 1;
-        }
+        let mut got = self.take_ready(&mut st, now, member, budget, out, &mut dead, &mut expiring);
         let n = st.cursors.len();
         let mut scratch = Vec::new();
         let mut expired = Vec::new();
@@ -419,7 +436,7 @@ impl Consumer {
                             phase: Phase::Delayed { due },
                         },
                     );
-                    st.timers.push(Reverse((due, tag)));
+                    st.timers.push(due, tag);
                 }
                 if prio {
                     for r in scratch.drain(..) {
@@ -453,6 +470,14 @@ impl Consumer {
                 st.cursors[idx].update_hold();
             }
             got += self.deliver_lanes(&mut st, now, member, budget - got, out);
+            if got == 0 && progressed && !st.timers.is_empty() {
+                // This pass only scheduled delayed records (or skipped expired ones): before
+                // reading on, hand over what fell due meanwhile, so that a fast stream of delayed
+                // publishes cannot hold back the records already due.
+                let now = Instant::now();
+                self.fire_timers(&mut st, now, &mut dead);
+                got += self.take_ready(&mut st, now, member, budget, out, &mut dead, &mut expiring);
+            }
             if got > 0 || !progressed {
                 break;
             }
@@ -460,7 +485,7 @@ impl Consumer {
         if n > 0 {
             st.rr = (st.rr + 1) % n;
         }
-        let next_wake = st.timers.peek().map(|Reverse((t, _))| *t);
+        let next_wake = st.timers.next_due();
         let more = !st.ready.is_empty()
             || st.lanes.iter().any(|l| !l.is_empty())
             || st.cursors.iter().any(|c| c.topic.tail() > c.next);
@@ -563,7 +588,7 @@ impl Consumer {
                 phase: Phase::Delivered { member, deadline },
             },
         );
-        st.timers.push(Reverse((deadline, tag)));
+        st.timers.push(deadline, tag);
         *st.member_inflight.entry(member).or_default() += 1;
         let topic = st.cursors[cursor].name.clone();
         Delivery::manual(record, topic, attempt, self.clone(), tag)
@@ -571,24 +596,22 @@ impl Consumer {
 
     /// Handles due ack deadlines and nack delays.
     fn fire_timers(&self, st: &mut State, now: Instant, dead: &mut Vec<DeadJob>) {
-        while let Some(Reverse((t, tag))) = st.timers.peek().copied() {
-            if t > now {
-                break;
-            }
-            st.timers.pop();
-            let Some(e) = st.inflight.get_mut(&tag) else {
-                continue;
-            };
-            match e.phase {
-                Phase::Delivered { member, deadline } if deadline == t => {
-                    dec(&mut st.member_inflight, member);
-                    self.fail(st, tag, dead);
+        while let Some(due) = st.timers.pop_due(now) {
+            for (t, tag) in due {
+                let Some(e) = st.inflight.get_mut(&tag) else {
+                    continue;
+                };
+                match e.phase {
+                    Phase::Delivered { member, deadline } if deadline == t => {
+                        dec(&mut st.member_inflight, member);
+                        self.fail(st, tag, dead);
+                    }
+                    Phase::Delayed { due } if due == t => {
+                        e.phase = Phase::Ready;
+                        st.ready.push_back(tag);
+                    }
+                    _ => {}
                 }
-                Phase::Delayed { due } if due == t => {
-                    e.phase = Phase::Ready;
-                    st.ready.push_back(tag);
-                }
-                _ => {}
             }
         }
     }
@@ -679,7 +702,7 @@ impl Consumer {
                         if let Some(e) = st.inflight.get_mut(&tag) {
                             e.phase = Phase::Delayed { due };
                         }
-                        st.timers.push(Reverse((due, tag)));
+                        st.timers.push(due, tag);
                         // A member waiting for the next timer must see this earlier one.
                         rearm = true;
                     }

@@ -56,6 +56,7 @@ pub mod storage;
 pub mod subscription;
 mod sync;
 pub mod tasks;
+mod timers;
 pub mod topic;
 mod tx;
 

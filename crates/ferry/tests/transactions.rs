@@ -190,3 +190,33 @@ async fn concurrent_readers_see_all_or_nothing() {
     assert_eq!(per_tx.keys().copied().collect::<HashSet<_>>(), committed);
     assert!(per_tx.values().all(|n| *n == 10));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_transactions_are_forgotten_before_memory_grows() {
+    let broker = Broker::default();
+    let first = broker.begin().unwrap();
+    first.rollback().unwrap();
+    let open = broker.begin().unwrap();
+    open.publish("t", "staged").unwrap();
+    for _ in 0..70_000 {
+        broker.begin().unwrap().rollback().unwrap();
+    }
+    let recent = broker.begin().unwrap();
+    recent.rollback().unwrap();
+    // Past the bound, finished transactions are forgotten (unknown by id); open ones and recent
+    // ones are still known.
+    assert_eq!(
+        broker.transaction(first.id()).unwrap_err(),
+        TxError::Unknown(first.id())
+    );
+    assert_eq!(
+        broker
+            .transaction(recent.id())
+            .unwrap()
+            .commit()
+            .unwrap_err(),
+        TxError::RolledBack(recent.id())
+    );
+    let again = broker.transaction(open.id()).unwrap();
+    assert_eq!(again.commit().unwrap()[0].1, 0..1);
+}
