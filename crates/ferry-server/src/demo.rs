@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use ferry::disk::{DiskConfig, Durability};
 use ferry::stats::thousands;
 use ferry::{
     Broker, BrokerConfig, Message, Publisher, ShutdownReport, Subscription, SubscriptionStats,
@@ -79,6 +80,45 @@ pub struct DemoArgs {
     /// Print the final report as JSON on stdout (the live lines then go to stderr).
     #[arg(long)]
     pub json: bool,
+    /// Keep the topics in this data directory (durable: segmented logs on disk, consumer
+    /// positions saved) instead of in memory.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<std::path::PathBuf>,
+    /// With --data-dir: when a publish is acknowledged. `always` fsyncs first (concurrent
+    /// publishes share one fsync), `interval` fsyncs every 10 ms, `never` leaves it to the OS.
+    #[arg(long, value_enum, default_value_t = Fsync::Always, requires = "data_dir")]
+    pub fsync: Fsync,
+}
+
+/// The durability policy of `--data-dir`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Fsync {
+    /// Fsync before acknowledging (group commit).
+    Always,
+    /// Fsync every 10 ms.
+    Interval,
+    /// Leave writing back to the OS.
+    Never,
+}
+
+impl DemoArgs {
+    /// The broker: in memory, or durable on `--data-dir`.
+    fn broker(&self) -> anyhow::Result<Broker> {
+        let Some(dir) = &self.data_dir else {
+            return Ok(Broker::new(BrokerConfig::default()));
+        };
+        let durability = match self.fsync {
+            Fsync::Always => Durability::Always,
+            Fsync::Interval => Durability::Interval(Duration::from_millis(10)),
+            Fsync::Never => Durability::Never,
+        };
+        let disk = DiskConfig {
+            durability,
+            ..DiskConfig::default()
+        };
+        Broker::open_with(dir, BrokerConfig::default(), disk)
+            .with_context(|| format!("opening the data directory {}", dir.display()))
+    }
 }
 
 impl DemoArgs {
@@ -136,7 +176,7 @@ pub struct GpuPoint {
 pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let duration = args.effective_duration();
     let out = Out::new(args.json);
-    let broker = Broker::new(BrokerConfig::default());
+    let broker = args.broker()?;
 
     // Consumers first, so that every one of them is obliged to process every point.
     let (collectors, workers) = spawn_consumers(&broker, &args)?;

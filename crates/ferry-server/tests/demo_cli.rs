@@ -136,6 +136,57 @@ fn demo_json_report_counts_exactly_with_a_message_limit() {
 }
 
 #[test]
+fn demo_on_a_data_directory_is_durable_and_resumes() {
+    let dir = std::env::temp_dir().join(format!("ferry-demo-{}", std::process::id()));
+    let dir_arg = dir.to_str().expect("a UTF-8 temp path");
+    let args = [
+        "demo",
+        "--producers",
+        "2",
+        "--collectors",
+        "1",
+        "--workers",
+        "1",
+        "--messages",
+        "100",
+        "--rate",
+        "0",
+        "--json",
+        "--data-dir",
+        dir_arg,
+    ];
+    for round in 1..=2u64 {
+        let run = ferry(&args);
+        let context = format!(
+            "round {round}\nstdout:\n{}\nstderr:\n{}",
+            run.stdout, run.stderr
+        );
+        assert!(
+            run.status.success(),
+            "exit status {:?}\n{context}",
+            run.status
+        );
+        let report: serde_json::Value =
+            serde_json::from_str(&run.stdout).expect("stdout is one JSON document");
+        assert_eq!(report["accounting"]["status"], "OK", "{context}");
+        // The second run appends after the first: its offsets continue on disk.
+        assert_eq!(report["published"], 200, "{context}");
+    }
+    let positions = std::fs::read_to_string(dir.join("positions.json")).expect("positions saved");
+    let positions: serde_json::Value = serde_json::from_str(&positions).expect("JSON positions");
+    // The group's position on each host's topic is past both runs' 100 points.
+    let group = positions["group:alerts"]
+        .as_object()
+        .expect("the group's positions");
+    assert_eq!(group.len(), 2, "{positions}");
+    assert!(
+        group.values().all(|p| p.as_u64() == Some(200)),
+        "{positions}"
+    );
+    std::fs::remove_dir_all(&dir).expect("clean up");
+}
+
+#[test]
 fn demo_rejects_invalid_options() {
     for args in [
         &["demo", "--producers", "0"][..],

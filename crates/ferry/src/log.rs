@@ -164,6 +164,8 @@ pub(crate) struct Topic {
     prioritized: AtomicBool,
     /// The durable log, if the topic has one.
     durable: Option<Durable>,
+    /// The tail when the topic was opened (0 unless it was reopened from its store).
+    opened_at: u64,
 }
 
 /// A durable topic's store and the bounds of its in-memory window.
@@ -221,6 +223,7 @@ impl Topic {
             timed: AtomicBool::new(stored),
             prioritized: AtomicBool::new(stored),
             durable,
+            opened_at: next,
         }
     }
 
@@ -229,10 +232,11 @@ impl Topic {
         self.durable.as_ref().map(|d| &d.store)
     }
 
-    /// The topic's counters; `published` is the tail (every offset ever assigned).
+    /// The topic's counters; `published` counts the offsets assigned since the topic was
+    /// opened (a durable topic's earlier runs are not counted again).
     pub(crate) fn counters(&self) -> crate::stats::CounterSnapshot {
         let mut c = self.counters.snapshot();
-        c.published = self.tail();
+        c.published = self.tail() - self.opened_at;
         c
     }
 
