@@ -782,22 +782,11 @@ impl BrokerInner {
             0
         };
         loop {
-            let space = topic.space.notified();
-            tokio::pin!(space);
-            space.as_mut().enable();
-            topic.blocked.fetch_add(1, Ordering::SeqCst);
-            let r = self.append_unsynced(topic, &mut pending);
+            let attempt = || self.append_unsynced(topic, &mut pending);
+            let r = wait_for_space(topic, (len, bytes), attempt, PublishError::is_full).await;
             if !matches!(r, Err(PublishError::Full { .. })) {
-                topic.blocked.fetch_sub(1, Ordering::SeqCst);
                 return r;
             }
-            // The append set the hold that consumers must reach to wake us; check once more
-            // after publishing it (see `Topic::hold_advanced`), then sleep. Closing the broker
-            // or removing a subscription wakes us too.
-            if !topic.has_space(len, bytes) {
-                space.await;
-            }
-            topic.blocked.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
@@ -1184,4 +1173,28 @@ async fn maintenance(inner: Weak<BrokerInner>) {
 /// The positions key of a consumer group.
 fn group_key(group: &str) -> String {
     format!("group:{group}")
+}
+
+/// Tries `attempt` once more as a blocked publisher of `topic` and, if it still finds the topic
+/// full, waits until consumers may have freed room for `len` records of `bytes` (or the broker
+/// closed, or a subscription went away). Returns the attempt's result; the caller retries.
+pub(crate) async fn wait_for_space<T, E>(
+    topic: &Topic,
+    (len, bytes): (usize, usize),
+    attempt: impl FnOnce() -> Result<T, E>,
+    is_full: impl Fn(&E) -> bool,
+) -> Result<T, E> {
+    let space = topic.space.notified();
+    tokio::pin!(space);
+    space.as_mut().enable();
+    topic.blocked.fetch_add(1, Ordering::SeqCst);
+    let r = attempt();
+    let full = matches!(&r, Err(e) if is_full(e));
+    if full && !topic.has_space(len, bytes) {
+        // The attempt set the hold that consumers must reach to wake us; checked once more
+        // after publishing it (see `Topic::hold_advanced`), now sleep.
+        space.await;
+    }
+    topic.blocked.fetch_sub(1, Ordering::SeqCst);
+    r
 }

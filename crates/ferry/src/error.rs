@@ -53,6 +53,11 @@ pub enum PublishError {
 }
 
 impl PublishError {
+    /// Whether the topic was full (the publish may succeed later).
+    pub fn is_full(&self) -> bool {
+        matches!(self, PublishError::Full { .. })
+    }
+
     /// A stable code for the wire.
     pub fn code(&self) -> &'static str {
         match self {

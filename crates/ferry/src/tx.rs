@@ -20,6 +20,7 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use crate::broker::{Broker, BrokerInner};
+use crate::config::Overflow;
 use crate::error::PublishError;
 use crate::log::Topic;
 use crate::message::{Message, Record};
@@ -232,6 +233,44 @@ impl Transaction {
                 Err(e.into())
             }
         }
+    }
+
+    /// Commits like [`commit`](Self::commit), but when a topic with the `Block` overflow policy
+    /// is full, waits for consumers to free room and tries again (cancel by dropping the future,
+    /// or bound it with `tokio::time::timeout`). Other errors return at once.
+    pub async fn commit_wait(&self) -> Result<Vec<(TopicName, Range<u64>)>, TxError> {
+        loop {
+            let full = match self.commit() {
+                Err(TxError::Publish(PublishError::Full { topic, .. })) => topic,
+                other => return other,
+            };
+            let Some((topic, len, bytes)) = self.staged_for(&full) else {
+                return self.commit();
+            };
+            if topic.config.overflow != Overflow::Block {
+                return self.commit();
+            }
+            let is_full = |e: &TxError| matches!(e, TxError::Publish(p) if p.is_full());
+            let r = crate::broker::wait_for_space(&topic, (len, bytes), || self.commit(), is_full)
+                .await;
+            match r {
+                Err(e) if is_full(&e) => continue,
+                other => return other,
+            }
+        }
+    }
+
+    /// The topic named `name` among the staged records, with how many records and bytes are
+    /// staged for it.
+    fn staged_for(&self, name: &str) -> Option<(Arc<Topic>, usize, usize)> {
+        let inner = self.state.inner.lock();
+        let mut found: Option<(Arc<Topic>, usize, usize)> = None;
+        for (topic, record) in inner.staged.iter().filter(|(t, _)| t.name.as_str() == name) {
+            let entry = found.get_or_insert_with(|| (topic.clone(), 0, 0));
+            entry.1 += 1;
+            entry.2 += record.message.size();
+        }
+        found
     }
 
     /// Discards every staged message.

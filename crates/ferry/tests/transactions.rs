@@ -220,3 +220,46 @@ async fn finished_transactions_are_forgotten_before_memory_grows() {
     let again = broker.transaction(open.id()).unwrap();
     assert_eq!(again.commit().unwrap()[0].1, 0..1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_wait_waits_for_room_on_a_full_topic() {
+    let broker = Broker::default();
+    broker
+        .create_topic(
+            "small",
+            TopicConfig {
+                capacity: 3,
+                ..TopicConfig::default()
+            },
+        )
+        .unwrap();
+    let mut s = broker.subscribe("small").unwrap();
+    for i in 0..3 {
+        broker.publish("small", i.to_string()).await.unwrap();
+    }
+    let tx = broker.begin().unwrap();
+    tx.publish("small", "3").unwrap();
+    tx.publish("small", "4").unwrap();
+    // Full: the commit waits until the subscriber has read two records, then goes through.
+    let waiting = tokio::spawn(async move { tx.commit_wait().await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!waiting.is_finished(), "no room yet");
+    let mut got = Vec::new();
+    while got.len() < 5 {
+        let d = tokio::time::timeout(Duration::from_secs(5), s.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        got.push(String::from_utf8(d.payload().to_vec()).unwrap());
+    }
+    let ranges = waiting.await.unwrap().unwrap();
+    assert_eq!(ranges[0].1, 3..5);
+    assert_eq!(got, ["0", "1", "2", "3", "4"]);
+    // Errors other than a full topic return at once.
+    let tx = broker.begin().unwrap();
+    tx.rollback().unwrap();
+    assert_eq!(
+        tx.commit_wait().await.unwrap_err(),
+        TxError::RolledBack(tx.id())
+    );
+}
