@@ -15,7 +15,7 @@
 //! // 30 s; a failure is retried 3 times, 1 s apart and doubling; then the message is
 //! // dead-lettered with the handler's error as the reason.
 //! let service = ServiceBuilder::new()
-//!     .layer(DeadLetterLayer)
+//!     .layer(DeadLetterLayer::new())
 //!     .layer(RetryPolicy::new(3, Backoff::exponential(Duration::from_secs(1))).into_layer())
 //!     .layer(TimeoutLayer::new(Duration::from_secs(30)))
 //!     .service_fn(|e: Envelope| async move {
@@ -242,113 +242,115 @@ impl<Req: Clone, Res, E: Failure> tower::retry::Policy<Req, Res, E> for RetryPol
     }
 }
 
+/// How a failure-rewriting layer turns a failed call's error into the one that settles the
+/// delivery (see [`RedeliveryLayer`] and [`DeadLetterLayer`]).
+pub trait RewriteFailure: Clone + Send + Sync + 'static {
+    /// The error to settle with, for a call on delivery attempt `attempt` that failed with
+    /// `error`.
+    fn rewrite(&self, attempt: u32, error: BoxError) -> BoxError;
+}
+
+/// A layer that rewrites the errors of the service it wraps with `R`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FailureLayer<R> {
+    rewrite: R,
+}
+
+impl<S, R: Clone> Layer<S> for FailureLayer<R> {
+    type Service = OnFailure<S, R>;
+    fn layer(&self, inner: S) -> OnFailure<S, R> {
+        OnFailure {
+            inner,
+            rewrite: self.rewrite.clone(),
+        }
+    }
+}
+
+/// The service of a [`FailureLayer`].
+#[derive(Debug, Clone)]
+pub struct OnFailure<S, R> {
+    inner: S,
+    rewrite: R,
+}
+
+impl<S, R> Service<Envelope> for OnFailure<S, R>
+where
+    S: Service<Envelope, Response = ()>,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    R: RewriteFailure,
+{
+    type Response = ();
+    type Error = BoxError;
+    type Future = BoxFuture<Result<(), BoxError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Envelope) -> Self::Future {
+        let attempt = req.attempt();
+        let rewrite = self.rewrite.clone();
+        let fut = self.inner.call(req);
+        Box::pin(async move { fut.await.map_err(|e| rewrite.rewrite(attempt, e.into())) })
+    }
+}
+
 /// Retries through the broker: a failed call nacks its delivery with the redelivery delay
 /// `backoff.delay(attempt - 1)`, so the delays grow with the delivery attempt; after the
 /// subscription's `max_attempts` the message is dead-lettered. Permanent failures and failures
 /// that already carry a delay pass unchanged.
+pub type RedeliveryLayer = FailureLayer<Redeliver>;
+
+/// The rewrite of [`RedeliveryLayer`]: a redelivery delay by attempt.
 #[derive(Debug, Clone, Copy)]
-pub struct RedeliveryLayer {
+pub struct Redeliver {
     backoff: Backoff,
 }
 
 impl RedeliveryLayer {
     /// Redelivery delays per `backoff`.
     pub fn new(backoff: Backoff) -> Self {
-        RedeliveryLayer { backoff }
-    }
-}
-
-impl<S> Layer<S> for RedeliveryLayer {
-    type Service = Redelivery<S>;
-    fn layer(&self, inner: S) -> Redelivery<S> {
-        Redelivery {
-            inner,
-            backoff: self.backoff,
+        FailureLayer {
+            rewrite: Redeliver { backoff },
         }
     }
 }
 
-/// The service of [`RedeliveryLayer`].
-#[derive(Debug, Clone)]
-pub struct Redelivery<S> {
-    inner: S,
-    backoff: Backoff,
-}
-
-impl<S> Service<Envelope> for Redelivery<S>
-where
-    S: Service<Envelope, Response = ()>,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-{
-    type Response = ();
-    type Error = BoxError;
-    type Future = BoxFuture<Result<(), BoxError>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, req: Envelope) -> Self::Future {
-        let delay = self.backoff.delay(req.attempt().saturating_sub(1));
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            fut.await.map_err(|e| {
-                let error: BoxError = e.into();
-                if is_permanent(&error) || error.is::<RetryAfter>() {
-                    error
-                } else {
-                    Box::new(RetryAfter { error, delay })
-                }
-            })
-        })
+impl RewriteFailure for Redeliver {
+    fn rewrite(&self, attempt: u32, error: BoxError) -> BoxError {
+        if is_permanent(&error) || error.is::<RetryAfter>() {
+            return error;
+        }
+        let delay = self.backoff.delay(attempt.saturating_sub(1));
+        Box::new(RetryAfter { error, delay })
     }
 }
 
 /// Makes every failure permanent: the message is dead-lettered at once with the error's text
 /// as its reason (seed 004's `DeadLetterHandler`). Put it outside a retry layer.
+pub type DeadLetterLayer = FailureLayer<DeadLetter>;
+
+impl DeadLetterLayer {
+    /// The layer.
+    pub fn new() -> Self {
+        FailureLayer {
+            rewrite: DeadLetter,
+        }
+    }
+}
+
+/// The rewrite of [`DeadLetterLayer`]: every failure becomes [`Rejected`].
 #[derive(Debug, Clone, Copy, Default)]
-pub struct DeadLetterLayer;
+pub struct DeadLetter;
 
-impl<S> Layer<S> for DeadLetterLayer {
-    type Service = DeadLetter<S>;
-    fn layer(&self, inner: S) -> DeadLetter<S> {
-        DeadLetter { inner }
-    }
-}
-
-/// The service of [`DeadLetterLayer`].
-#[derive(Debug, Clone)]
-pub struct DeadLetter<S> {
-    inner: S,
-}
-
-impl<S> Service<Envelope> for DeadLetter<S>
-where
-    S: Service<Envelope, Response = ()>,
-    S::Error: Into<BoxError>,
-    S::Future: Send + 'static,
-{
-    type Response = ();
-    type Error = BoxError;
-    type Future = BoxFuture<Result<(), BoxError>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, req: Envelope) -> Self::Future {
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            fut.await.map_err(|e| {
-                let error: BoxError = e.into();
-                if is_permanent(&error) {
-                    error
-                } else {
-                    Box::new(Rejected(error.to_string()))
-                }
-            })
-        })
+impl RewriteFailure for DeadLetter {
+    fn rewrite(&self, _attempt: u32, error: BoxError) -> BoxError {
+        if is_permanent(&error) {
+            error
+        } else {
+            Box::new(Rejected(error.to_string()))
+        }
     }
 }
 

@@ -53,7 +53,7 @@ async fn retrying_handler_then_dead_letter_handler() {
     let policy = RetryPolicy::new(3, Backoff::exponential(Duration::from_secs(1)));
     let c = calls.clone();
     let service = ServiceBuilder::new()
-        .layer(DeadLetterLayer)
+        .layer(DeadLetterLayer::new())
         .layer(policy.clone().into_layer())
         .service_fn(move |e: Envelope| {
             let c = c.clone();
