@@ -1,14 +1,17 @@
 //! `ferry-bench`: Ferry's benchmark harness.
 //!
-//! Each subcommand is a module that measures Ferry and its peers side by side in the same run
-//! and reports through [`report`]. Only `inproc` exists so far; `log`, `mqtt` and `backends`
-//! are meant to join it as sibling modules with a variant each in [`Command`].
+//! Each subcommand is a module that measures Ferry and its peers (or the machine's own limits)
+//! side by side in the same run and reports through [`report`]: `inproc` and `log` so far;
+//! `mqtt` and `backends` are meant to join them as sibling modules with a variant each in
+//! [`Command`].
 //!
 //! ```text
 //! cargo run --release -p ferry-bench -- inproc [--json] [--messages N] [--quick]
+//! cargo run --release -p ferry-bench -- log [--json] [--quick] [--dir PATH]
 //! ```
 
 mod inproc;
+mod log;
 mod measure;
 mod report;
 
@@ -33,11 +36,14 @@ struct Cli {
 enum Command {
     /// In-process throughput and latency: Ferry vs tokio broadcast, flume and crossbeam.
     Inproc(inproc::Args),
+    /// Durable topics: log append, engine publish, read and recovery vs the disk's own limits.
+    Log(log::Args),
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Inproc(args) => inproc::run(&args),
+        Command::Log(args) => log::run(&args),
     }
 }

@@ -1,6 +1,7 @@
 //! Measurement shared by every benchmark: payloads that carry a send timestamp, per-consumer
-//! tallies (deliveries, latency histogram, time of the last delivery) and their combination into
-//! one [`Outcome`] per run.
+//! tallies (deliveries, latency histogram, time of the last delivery), closed-loop tallies of
+//! timed operations ([`OpTally`]) and their combination into one [`Outcome`] per run; medians,
+//! CPU time and the Tokio runtime every async run uses.
 //!
 //! Timing model:
 //! - a run starts at the first publish (the earliest `Instant` a producer took just before its
@@ -15,6 +16,7 @@
 //!   `sample_every` per producer carries the nanoseconds since the run's base `Instant` (+1, so
 //!   that 0 means "not stamped") in its first 8 bytes (little endian).
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -230,7 +232,8 @@ impl ExactlyOnce {
     }
 }
 
-fn new_histogram() -> Result<Histogram<u64>> {
+/// An empty latency histogram in nanoseconds (1 ns to 120 s, 3 significant digits).
+pub fn new_histogram() -> Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, MAX_LATENCY_NS, 3).context("creating a latency histogram")
 }
 
@@ -267,6 +270,26 @@ impl Outcome {
             latency: new_histogram()?,
             cpu: None,
         })
+    }
+
+    /// Combines the tallies of a closed loop's workers: every operation counts as a delivery,
+    /// its duration as a latency sample, and the run lasts from the first start to the last end.
+    pub fn from_ops(workers: Vec<OpTally>) -> Result<Self> {
+        let start = workers
+            .iter()
+            .map(|w| w.first)
+            .min()
+            .ok_or_else(|| anyhow!("a run needs at least one worker"))?;
+        let end = workers.iter().map(|w| w.finish).max().unwrap_or(start);
+        let mut outcome = Outcome::without_latency(0, None, end.saturating_duration_since(start))?;
+        for w in workers {
+            outcome.delivered += w.ops;
+            outcome
+                .latency
+                .add(&w.hist)
+                .map_err(|e| anyhow!("merging latency histograms: {e:?}"))?;
+        }
+        Ok(outcome)
     }
 
     /// Combines the tallies of a run's producers and consumers.
@@ -326,6 +349,96 @@ impl Outcome {
         }
         self.latency.value_at_quantile(quantile) as f64 / 1_000.0
     }
+}
+
+/// What one worker of a closed loop saw: operations timed one by one, each starting when the
+/// previous one ended (for example appends, publishes waiting for their acknowledgement, or
+/// write + fsync pairs).
+#[derive(Debug)]
+pub struct OpTally {
+    /// Operations completed.
+    pub ops: u64,
+    /// When the first one started.
+    pub first: Instant,
+    /// When the last one ended.
+    pub finish: Instant,
+    hist: Histogram<u64>,
+}
+
+impl OpTally {
+    /// An empty tally starting now.
+    pub fn new() -> Result<Self> {
+        let now = Instant::now();
+        Ok(OpTally {
+            ops: 0,
+            first: now,
+            finish: now,
+            hist: new_histogram()?,
+        })
+    }
+
+    /// Runs `op` again and again until `deadline`, timing each run (one clock read per
+    /// operation: each one starts when the previous one ends).
+    pub fn run_until(deadline: Instant, mut op: impl FnMut() -> Result<()>) -> Result<OpTally> {
+        let mut tally = OpTally::new()?;
+        let mut at = tally.first;
+        while at < deadline {
+            op()?;
+            at = tally.record(at);
+        }
+        Ok(tally)
+    }
+
+    /// Counts an operation that started at `started` and ended now; returns now.
+    #[inline]
+    pub fn record(&mut self, started: Instant) -> Instant {
+        let now = Instant::now();
+        let nanos = u64::try_from(now.saturating_duration_since(started).as_nanos());
+        self.hist
+            .saturating_record(nanos.unwrap_or(u64::MAX).max(1));
+        self.ops += 1;
+        self.finish = now;
+        now
+    }
+}
+
+/// The middle element of `runs` by `key` (the upper one of an even count); `None` if empty.
+pub fn median_by<T>(mut runs: Vec<T>, key: impl Fn(&T) -> f64) -> Option<T> {
+    if runs.is_empty() {
+        return None;
+    }
+    runs.sort_by(|x, y| key(x).total_cmp(&key(y)));
+    let mid = runs.len() / 2;
+    Some(runs.swap_remove(mid))
+}
+
+/// Runs `f`, returning its result and the CPU time the whole process used meanwhile.
+pub fn cpu_time<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, Option<Duration>)> {
+    let before = process_cpu_time();
+    let out = f()?;
+    let cpu = before
+        .zip(process_cpu_time())
+        .map(|(before, after)| after.saturating_sub(before));
+    Ok((out, cpu))
+}
+
+/// Runs `future` on a fresh multi-threaded Tokio runtime with two worker threads.
+pub fn block_on<T>(future: impl Future<Output = Result<T>>) -> Result<T> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("building the Tokio runtime")?
+        .block_on(future)
+}
+
+/// Awaits spawned tasks in order, returning their results.
+pub async fn join_all<T>(handles: Vec<tokio::task::JoinHandle<Result<T>>>) -> Result<Vec<T>> {
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        out.push(h.await.context("a benchmark task panicked")??);
+    }
+    Ok(out)
 }
 
 /// The lengths of the chunks of `size` (the last one shorter) that make up `n`.

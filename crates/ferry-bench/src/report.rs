@@ -1,5 +1,6 @@
-//! Results: one [`Row`] per (scenario, system, payload), printed as a table (with Ferry's
-//! throughput divided by each peer's) or, with `--json`, as one JSON object per line.
+//! Results: one [`Row`] per (scenario, system, payload), printed as a table laid out by each
+//! subcommand's [`Table`] (in `inproc`, with Ferry's throughput divided by each peer's) or, with
+//! `--json`, as one JSON object per line.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -97,13 +98,6 @@ impl fmt::Display for Extra {
 #[derive(Debug, Clone, Default)]
 pub struct Extras(Vec<(&'static str, Extra)>);
 
-impl Extras {
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
 impl Serialize for Extras {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut map = s.serialize_map(Some(self.0.len()))?;
@@ -114,26 +108,43 @@ impl Serialize for Extras {
     }
 }
 
-impl fmt::Display for Extras {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, (k, v)) in self.0.iter().enumerate() {
-            write!(f, "{}{k}={v}", if i == 0 { "" } else { " " })?;
+/// The shape and delivery accounting of a row: how many producers and consumers, messages
+/// published and deliveries expected.
+#[derive(Debug, Clone, Copy)]
+pub struct Counts {
+    /// Producers (publishers, writers).
+    pub producers: usize,
+    /// Consumers (subscribers, readers).
+    pub consumers: usize,
+    /// Messages published.
+    pub published: u64,
+    /// Deliveries expected.
+    pub expected: u64,
+}
+
+impl From<&RunSpec> for Counts {
+    fn from(spec: &RunSpec) -> Self {
+        Counts {
+            producers: spec.shape.producers,
+            consumers: spec.shape.consumers,
+            published: spec.published(),
+            expected: spec.expected(),
         }
-        Ok(())
     }
 }
 
 impl Row {
-    /// A row for `outcome`.
+    /// A row for `outcome`, whose run had the shape and expectations of `counts`.
     pub fn new(
         scenario: &'static str,
         system: impl fmt::Display,
         payload_bytes: usize,
-        spec: &RunSpec,
+        counts: impl Into<Counts>,
         outcome: &Outcome,
         note: Option<&'static str>,
     ) -> Self {
-        let expected = spec.expected();
+        let counts = counts.into();
+        let expected = counts.expected;
         let distinct = outcome
             .delivered
             .saturating_sub(outcome.duplicates.unwrap_or(0));
@@ -146,9 +157,9 @@ impl Row {
             p99_us: round3(outcome.latency_us(0.99)),
             p999_us: round3(outcome.latency_us(0.999)),
             ratio_vs_ferry: None,
-            producers: spec.shape.producers,
-            consumers: spec.shape.consumers,
-            published: spec.published(),
+            producers: counts.producers,
+            consumers: counts.consumers,
+            published: counts.published,
             expected,
             delivered: outcome.delivered,
             lost: expected.saturating_sub(distinct).max(outcome.lost),
@@ -165,6 +176,15 @@ impl Row {
     /// Adds a scenario-specific figure.
     pub fn add(&mut self, name: &'static str, value: Extra) {
         self.extra.0.push((name, value));
+    }
+
+    /// The scenario-specific figure `name`, if added.
+    pub fn extra(&self, name: &str) -> Option<Extra> {
+        self.extra
+            .0
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| *v)
     }
 
     /// Takes the latency columns from `hist`, recorded in microseconds (instead of the run's
@@ -196,18 +216,47 @@ enum Line {
     },
 }
 
+/// What the table of a subcommand shows besides the stable columns (scenario, payload, system,
+/// throughput, latency percentiles, CPU per message, notes).
+#[derive(Debug, Clone, Copy)]
+pub struct Table {
+    /// Title of the throughput (`msgs_per_s`) column.
+    pub rate: &'static str,
+    /// Whether to show a `pubs` column (`producers`).
+    pub producers: bool,
+    /// Whether to show the `ferry/x` column (`ratio_vs_ferry`).
+    pub ratio: bool,
+    /// Extras shown in columns of their own after the throughput column...
+    pub after_rate: &'static [ExtraColumn],
+    /// ...and after the latency columns. The other extras go to the notes column.
+    pub after_latency: &'static [ExtraColumn],
+    /// Printed under the table.
+    pub legend: &'static str,
+}
+
+/// A table column showing extras.
+#[derive(Debug, Clone, Copy)]
+pub struct ExtraColumn {
+    /// The column title.
+    pub title: &'static str,
+    /// The extras it shows: the first one a row has (rows rarely have two).
+    pub fields: &'static [&'static str],
+}
+
 /// Collects rows and prints them.
 pub struct Report {
     json: bool,
+    table: Table,
     lines: Vec<Line>,
     ferry: HashMap<(&'static str, usize), u64>,
 }
 
 impl Report {
-    /// A report printed as JSON lines (`json`) or as a table at the end.
-    pub fn new(json: bool) -> Self {
+    /// A report printed as JSON lines (`json`) or as `table` at the end.
+    pub fn new(json: bool, table: Table) -> Self {
         Report {
             json,
+            table,
             lines: Vec::new(),
             ferry: HashMap::new(),
         }
@@ -232,6 +281,17 @@ impl Report {
         }
         self.lines.push(Line::Measured(row));
         Ok(())
+    }
+
+    /// The measured rows so far.
+    pub fn rows(&self) -> Vec<&Row> {
+        self.lines
+            .iter()
+            .filter_map(|l| match l {
+                Line::Measured(r) => Some(r),
+                Line::Skipped { .. } => None,
+            })
+            .collect()
     }
 
     /// Records a combination that was not run, and why.
@@ -282,20 +342,33 @@ impl Report {
     }
 
     fn print_table(&self) -> Result<()> {
-        let mut out = std::io::stdout().lock();
-        writeln!(
-            out,
-            "{:<14} {:>7}  {:<16} {:>13} {:>10} {:>10} {:>10} {:>8} {:>8}  notes",
-            "scenario",
-            "payload",
-            "system",
-            "msgs/s",
-            "p50 us",
-            "p99 us",
-            "p999 us",
-            "ferry/x",
-            "cpu ns"
-        )?;
+        let t = &self.table;
+        let mut columns = vec![
+            Column::left("scenario", 14, 0),
+            Column::right("payload", 7, 1),
+            Column::left("system", 16, 2),
+        ];
+        if t.producers {
+            columns.push(Column::right("pubs", 4, 1));
+        }
+        columns.push(Column::right(t.rate, 13, 1));
+        columns.extend(t.after_rate.iter().map(|c| Column::right(c.title, 10, 1)));
+        for title in ["p50 us", "p99 us", "p999 us"] {
+            columns.push(Column::right(title, 10, 1));
+        }
+        columns.extend(
+            t.after_latency
+                .iter()
+                .map(|c| Column::right(c.title, 10, 1)),
+        );
+        if t.ratio {
+            columns.push(Column::right("ferry/x", 8, 1));
+        }
+        columns.push(Column::right("cpu ns", 8, 1));
+        columns.push(Column::left("notes", 0, 2));
+
+        let mut lines: Vec<Option<Vec<String>>> = Vec::with_capacity(self.lines.len() * 2 + 1);
+        lines.push(Some(columns.iter().map(|c| c.title.to_string()).collect()));
         let mut previous = None;
         for line in &self.lines {
             let group = match line {
@@ -307,75 +380,159 @@ impl Report {
                 } => (*scenario, *payload_bytes),
             };
             if previous.is_some_and(|p| p != group) {
-                writeln!(out)?;
+                lines.push(None);
             }
             previous = Some(group);
-            match line {
-                Line::Measured(r) => {
-                    let ratio = r
-                        .ratio_vs_ferry
-                        .map_or_else(|| "-".to_string(), |x| format!("{x:.2}x"));
-                    let mut notes = Vec::new();
-                    if r.lost > 0 {
-                        notes.push(format!("LOST {} of {}", r.lost, r.expected));
-                    }
-                    if let Some(d) = r.duplicates.filter(|d| *d > 0) {
-                        notes.push(format!("DUPLICATED {d}"));
-                    }
-                    if !r.extra.is_empty() {
-                        notes.push(r.extra.to_string());
-                    }
-                    notes.extend(r.note.map(str::to_string));
-                    let cpu = r
-                        .cpu_ns_per_msg
-                        .map_or_else(|| "-".to_string(), |x| format!("{x:.0}"));
-                    writeln!(
-                        out,
-                        "{:<14} {:>7}  {:<16} {:>13} {:>10.1} {:>10.1} {:>10.1} {:>8} {:>8}  {}",
-                        r.scenario,
-                        format!("{} B", r.payload_bytes),
-                        r.system,
-                        thousands(r.msgs_per_s),
-                        r.p50_us,
-                        r.p99_us,
-                        r.p999_us,
-                        ratio,
-                        cpu,
-                        notes.join("; ")
-                    )?;
-                }
+            lines.push(Some(match line {
+                Line::Measured(r) => self.cells(r),
                 Line::Skipped {
                     scenario,
                     system,
                     payload_bytes,
                     why,
-                } => writeln!(
-                    out,
-                    "{:<14} {:>7}  {:<16} {:>13} {:>10} {:>10} {:>10} {:>8} {:>8}  {}",
-                    scenario,
-                    format!("{payload_bytes} B"),
-                    system,
-                    "n/a",
-                    "-",
-                    "-",
-                    "-",
-                    "-",
-                    "-",
-                    why
-                )?,
-            }
+                } => {
+                    let mut cells = vec![
+                        scenario.to_string(),
+                        size_label(*payload_bytes),
+                        system.clone(),
+                    ];
+                    cells.resize(columns.len() - 1, "-".to_string());
+                    if let Some(rate) = cells.get_mut(3 + usize::from(t.producers)) {
+                        *rate = "n/a".to_string();
+                    }
+                    cells.push(why.to_string());
+                    cells
+                }
+            }));
         }
-        writeln!(
-            out,
-            "\nmsgs/s: deliveries summed over consumers / wall time from first publish to last \
-             delivery.\nLatency: publish -> delivery under full load (queueing included), sampled \
-             (one message in N per producer carries its send time).\nferry/x: Ferry's msgs/s \
-             divided by this row's (same scenario and payload).\ncpu ns: process CPU time (all \
-             threads, 10 ms resolution) per delivery; unlike msgs/s it does not depend on how \
-             much CPU other processes leave.\nd-f: Ferry only, scenario figures in the notes \
-             (see the README); in e-delayed the latency columns are the lateness, receive time - \
-             deliver_at."
-        )?;
+        for (i, c) in columns.iter_mut().enumerate() {
+            let widest = lines
+                .iter()
+                .flatten()
+                .filter_map(|cells| cells.get(i))
+                .map(|cell| cell.chars().count())
+                .max();
+            c.width = c.width.max(widest.unwrap_or(0));
+        }
+        let last = columns.len() - 1;
+        let mut out = std::io::stdout().lock();
+        for cells in &lines {
+            let mut text = String::new();
+            for (i, (c, cell)) in columns.iter().zip(cells.iter().flatten()).enumerate() {
+                text.push_str(&" ".repeat(c.gap));
+                let pad = " ".repeat(c.width.saturating_sub(cell.chars().count()));
+                match (i == last, c.left) {
+                    (true, _) => text.push_str(cell),
+                    (false, true) => text.push_str(&format!("{cell}{pad}")),
+                    (false, false) => text.push_str(&format!("{pad}{cell}")),
+                }
+            }
+            writeln!(out, "{}", text.trim_end())?;
+        }
+        writeln!(out, "\n{}", t.legend)?;
         Ok(())
+    }
+
+    /// The table cells of a measured row.
+    fn cells(&self, r: &Row) -> Vec<String> {
+        let t = &self.table;
+        let extra = |c: &ExtraColumn| {
+            c.fields
+                .iter()
+                .find_map(|name| r.extra(name))
+                .map_or_else(|| "-".to_string(), |x| x.to_string())
+        };
+        let mut cells = vec![
+            r.scenario.to_string(),
+            size_label(r.payload_bytes),
+            r.system.clone(),
+        ];
+        if t.producers {
+            cells.push(r.producers.to_string());
+        }
+        cells.push(thousands(r.msgs_per_s));
+        cells.extend(t.after_rate.iter().map(extra));
+        for x in [r.p50_us, r.p99_us, r.p999_us] {
+            cells.push(if r.latency_samples == 0 {
+                "-".to_string()
+            } else {
+                format!("{x:.1}")
+            });
+        }
+        cells.extend(t.after_latency.iter().map(extra));
+        if t.ratio {
+            cells.push(
+                r.ratio_vs_ferry
+                    .map_or_else(|| "-".to_string(), |x| format!("{x:.2}x")),
+            );
+        }
+        cells.push(
+            r.cpu_ns_per_msg
+                .map_or_else(|| "-".to_string(), |x| format!("{x:.0}")),
+        );
+        let mut notes = Vec::new();
+        if r.lost > 0 {
+            notes.push(format!("LOST {} of {}", r.lost, r.expected));
+        }
+        if let Some(d) = r.duplicates.filter(|d| *d > 0) {
+            notes.push(format!("DUPLICATED {d}"));
+        }
+        let in_columns = |k: &str| {
+            t.after_rate
+                .iter()
+                .chain(t.after_latency)
+                .any(|c| c.fields.contains(&k))
+        };
+        let rest: Vec<String> = r
+            .extra
+            .0
+            .iter()
+            .filter(|(k, _)| !in_columns(k))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        if !rest.is_empty() {
+            notes.push(rest.join(" "));
+        }
+        notes.extend(r.note.map(str::to_string));
+        cells.push(notes.join("; "));
+        cells
+    }
+}
+
+/// A payload size for the table: in bytes, or in MiB from 1 MiB on when it is a whole number.
+fn size_label(bytes: usize) -> String {
+    const MIB: usize = 1 << 20;
+    if bytes >= MIB && bytes % MIB == 0 {
+        format!("{} MiB", bytes / MIB)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+/// A column of the table: at least `width` characters wide, after `gap` spaces.
+struct Column {
+    title: &'static str,
+    width: usize,
+    left: bool,
+    gap: usize,
+}
+
+impl Column {
+    fn left(title: &'static str, width: usize, gap: usize) -> Self {
+        Column {
+            title,
+            width,
+            left: true,
+            gap,
+        }
+    }
+
+    fn right(title: &'static str, width: usize, gap: usize) -> Self {
+        Column {
+            title,
+            width,
+            left: false,
+            gap,
+        }
     }
 }

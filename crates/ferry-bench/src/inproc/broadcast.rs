@@ -9,8 +9,8 @@ use anyhow::{anyhow, Result};
 use bytes::Bytes;
 use tokio::sync::broadcast::{self, error::RecvError};
 
-use super::{join_all, Clock, RunSpec};
-use crate::measure::{ConsumerTally, Outcome, PayloadSource, ProducerTally};
+use super::{Clock, RunSpec};
+use crate::measure::{join_all, ConsumerTally, Outcome, PayloadSource, ProducerTally};
 
 /// Runs `spec` on a fresh channel.
 pub async fn run(spec: &RunSpec, clock: Clock) -> Result<Outcome> {

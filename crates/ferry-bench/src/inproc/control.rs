@@ -25,8 +25,8 @@ use ferry::{Broker, Message, Priority, TopicConfig};
 use hdrhistogram::Histogram;
 
 use super::ferry::{Mode, TOPIC};
-use super::{block_on, cpu_time, Bench, Contender, Measured, RunSpec, Scenario};
-use crate::measure::{chunks, resident_bytes, ExactlyOnce, Outcome};
+use super::{Bench, Contender, Measured, RunSpec, Scenario};
+use crate::measure::{block_on, chunks, cpu_time, resident_bytes, ExactlyOnce, Outcome};
 use crate::report::{Extra, Row};
 
 /// The priority levels of `ferry-priority`, cycled over.

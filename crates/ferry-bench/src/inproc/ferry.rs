@@ -15,8 +15,8 @@ use ferry::{
     Broker, BrokerConfig, Message, Priority, PublishError, Publisher, TopicConfig, TxError,
 };
 
-use super::{join_all, Clock, RunSpec};
-use crate::measure::{chunks, ConsumerTally, Outcome, PayloadSource, ProducerTally};
+use super::{Clock, RunSpec};
+use crate::measure::{chunks, join_all, ConsumerTally, Outcome, PayloadSource, ProducerTally};
 
 /// The topic every run publishes to.
 pub const TOPIC: &str = "bench/inproc";

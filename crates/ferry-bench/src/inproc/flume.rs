@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Result};
 
-use super::{join_all, Clock, RunSpec};
-use crate::measure::{ConsumerTally, Outcome, PayloadSource, ProducerTally};
+use super::{Clock, RunSpec};
+use crate::measure::{join_all, ConsumerTally, Outcome, PayloadSource, ProducerTally};
 
 /// Runs `spec` on fresh channels.
 pub async fn run(spec: &RunSpec, clock: Clock) -> Result<Outcome> {

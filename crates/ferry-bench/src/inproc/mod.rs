@@ -30,16 +30,14 @@ mod flume;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 use clap::{Args as ClapArgs, ValueEnum};
 
 use self::ferry::Mode;
-use crate::measure::{load_average, process_cpu_time, template, Outcome, RunClock};
-use crate::report::{Report, Row};
+use crate::measure::{block_on, cpu_time, load_average, median_by, template, Outcome, RunClock};
+use crate::report::{Report, Row, Table};
 
 /// Options of `inproc`.
 #[derive(Debug, ClapArgs)]
@@ -88,6 +86,23 @@ pub struct Args {
     #[arg(long, value_name = "SECONDS")]
     pub delay_window: Option<f64>,
 }
+
+/// The table of `inproc`.
+const TABLE: Table = Table {
+    rate: "msgs/s",
+    producers: false,
+    ratio: true,
+    after_rate: &[],
+    after_latency: &[],
+    legend: "msgs/s: deliveries summed over consumers / wall time from first publish to last \
+             delivery.\nLatency: publish -> delivery under full load (queueing included), sampled \
+             (one message in N per producer carries its send time).\nferry/x: Ferry's msgs/s \
+             divided by this row's (same scenario and payload).\ncpu ns: process CPU time (all \
+             threads, 10 ms resolution) per delivery; unlike msgs/s it does not depend on how \
+             much CPU other processes leave.\nd-f: Ferry only, scenario figures in the notes \
+             (see the README); in e-delayed the latency columns are the lateness, receive time - \
+             deliver_at.",
+};
 
 const DEFAULT_MESSAGES: u64 = 2_000_000;
 const QUICK_MESSAGES: u64 = 20_000;
@@ -264,7 +279,7 @@ pub fn run(args: &Args) -> Result<()> {
         args,
         messages,
         templates: args.payloads.iter().map(|&p| (p, template(p))).collect(),
-        report: Report::new(args.json),
+        report: Report::new(args.json, TABLE),
     };
     for &scenario in &args.scenarios {
         match scenario {
@@ -412,24 +427,24 @@ impl Bench<'_> {
                 })?);
             }
         }
-        Ok(planned
+        planned
             .into_iter()
-            .map(|(c, mut runs)| match c.plan {
-                Plan::Skip(why) => Measured::Skipped(c.name, why),
+            .map(|(c, runs)| match c.plan {
+                Plan::Skip(why) => Ok(Measured::Skipped(c.name, why)),
                 Plan::Run(note) => {
-                    runs.sort_by(|x, y| x.msgs_per_s().total_cmp(&y.msgs_per_s()));
-                    let outcome = runs.swap_remove(runs.len() / 2);
-                    Measured::Row(Box::new(Row::new(
+                    let outcome = median_by(runs, Outcome::msgs_per_s)
+                        .ok_or_else(|| anyhow!("{} was not run", c.name))?;
+                    Ok(Measured::Row(Box::new(Row::new(
                         scenario.name(),
                         c.name,
                         payload,
                         spec,
                         &outcome,
                         note,
-                    )))
+                    ))))
                 }
             })
-            .collect())
+            .collect()
     }
 
     /// Adds measured rows (and skips) to the report, in order.
@@ -475,26 +490,6 @@ fn cpu_timed(f: impl FnOnce() -> Result<Outcome>) -> Result<Outcome> {
     Ok(outcome)
 }
 
-/// Runs `f`, returning its result and the CPU time the whole process used meanwhile.
-pub fn cpu_time<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, Option<Duration>)> {
-    let before = process_cpu_time();
-    let out = f()?;
-    let cpu = before
-        .zip(process_cpu_time())
-        .map(|(before, after)| after.saturating_sub(before));
-    Ok((out, cpu))
-}
-
-/// Runs `future` on a fresh multi-threaded Tokio runtime with two worker threads.
-pub fn block_on<T>(future: impl Future<Output = Result<T>>) -> Result<T> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("building the Tokio runtime")?
-        .block_on(future)
-}
-
 /// The senders every producer writes to and the receiver of each consumer: one channel per
 /// consumer for fanout, one shared channel for a group.
 fn topology<S, R: Clone>(shape: Shape, channel: impl Fn() -> (S, R)) -> (Vec<S>, Vec<R>) {
@@ -504,15 +499,6 @@ fn topology<S, R: Clone>(shape: Shape, channel: impl Fn() -> (S, R)) -> (Vec<S>,
     } else {
         (0..shape.consumers).map(|_| channel()).unzip()
     }
-}
-
-/// Awaits spawned tasks in order, returning their results.
-async fn join_all<T>(handles: Vec<tokio::task::JoinHandle<Result<T>>>) -> Result<Vec<T>> {
-    let mut out = Vec::with_capacity(handles.len());
-    for h in handles {
-        out.push(h.await.context("a benchmark task panicked")??);
-    }
-    Ok(out)
 }
 
 /// A clock shared with the tasks of one run.
