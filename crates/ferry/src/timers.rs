@@ -42,14 +42,17 @@ impl TimerQueue {
         Some(self.bucket_time(key))
     }
 
-    /// Takes the earliest bucket if it is due at `now`: its timers, in the order they were added.
+    /// Takes the earliest bucket if it is due at `now`: its timers in due order (ties in the
+    /// order they were added).
     pub(crate) fn pop_due(&mut self, now: Instant) -> Option<Vec<(Instant, u64)>> {
         let (&key, _) = self.buckets.first_key_value()?;
         if self.bucket_time(key) > now {
             return None;
         }
-        let (_, timers) = self.buckets.pop_first()?;
+        let (_, mut timers) = self.buckets.pop_first()?;
         self.len -= timers.len();
+        // Stable: timers due at the same instant keep their order (tags rise with it).
+        timers.sort_by_key(|(due, _)| *due);
         Some(timers)
     }
 
@@ -90,11 +93,14 @@ mod tests {
             prop_assert_eq!(q.len, offsets.len());
             let mut seen = 0;
             let mut last_bucket = start;
+            let mut last_due = start;
             while let Some(at) = q.next_due() {
                 prop_assert!(at >= last_bucket);
                 last_bucket = at;
                 prop_assert!(q.pop_due(at - Duration::from_nanos(1)).is_none());
                 for (due, tag) in q.pop_due(at).unwrap() {
+                    prop_assert!(due >= last_due, "out of due order");
+                    last_due = due;
                     prop_assert!(due <= at, "fired before its time");
                     prop_assert!(at - due <= GRAIN, "more than a grain late");
                     prop_assert_eq!(start + Duration::from_micros(offsets[tag as usize]), due);
