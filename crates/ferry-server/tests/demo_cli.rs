@@ -64,6 +64,21 @@ fn published_total(stdout: &str) -> Option<u64> {
     })
 }
 
+/// The JSON report of a successful `--json` run whose accounting is OK, and the run's output
+/// (prefixed with `label`) for assertion messages.
+fn json_report(run: &Run, label: &str) -> (serde_json::Value, String) {
+    let context = format!("{label}\nstdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
+    assert!(
+        run.status.success(),
+        "exit status {:?}\n{context}",
+        run.status
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&run.stdout).expect("stdout is one JSON document");
+    assert_eq!(report["accounting"]["status"], "OK", "{context}");
+    (report, context)
+}
+
 #[test]
 fn demo_runs_and_accounts_for_every_message() {
     let run = ferry(&["demo", "--duration", "1", "--rate", "2000"]);
@@ -97,15 +112,7 @@ fn demo_json_report_counts_exactly_with_a_message_limit() {
         "0",
         "--json",
     ]);
-    let context = format!("stdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
-    assert!(
-        run.status.success(),
-        "exit status {:?}\n{context}",
-        run.status
-    );
-    let report: serde_json::Value =
-        serde_json::from_str(&run.stdout).expect("stdout is one JSON document");
-    assert_eq!(report["accounting"]["status"], "OK", "{context}");
+    let (report, context) = json_report(&run, "");
     assert_eq!(report["accounting"]["ok"], true);
     assert_eq!(report["published"], 1000, "4 producers x 250 points");
     assert_eq!(report["shutdown"]["published"], 1000);
@@ -156,19 +163,7 @@ fn demo_on_a_data_directory_is_durable_and_resumes() {
         dir_arg,
     ];
     for round in 1..=2u64 {
-        let run = ferry(&args);
-        let context = format!(
-            "round {round}\nstdout:\n{}\nstderr:\n{}",
-            run.stdout, run.stderr
-        );
-        assert!(
-            run.status.success(),
-            "exit status {:?}\n{context}",
-            run.status
-        );
-        let report: serde_json::Value =
-            serde_json::from_str(&run.stdout).expect("stdout is one JSON document");
-        assert_eq!(report["accounting"]["status"], "OK", "{context}");
+        let (report, context) = json_report(&ferry(&args), &format!("round {round}"));
         // The second run appends after the first: its offsets continue on disk.
         assert_eq!(report["published"], 200, "{context}");
     }

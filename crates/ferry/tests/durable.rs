@@ -40,18 +40,23 @@ async fn publish_range(broker: &Broker, topic: &str, range: std::ops::Range<u32>
     }
 }
 
+/// A member of the `billing` group on `orders`, acknowledging by hand.
+fn billing(broker: &Broker) -> ferry::Subscription {
+    broker
+        .subscription("orders")
+        .group("billing")
+        .manual_ack()
+        .build()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_and_group_positions_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     {
         let broker = Broker::open(dir.path()).unwrap();
         assert!(broker.is_durable());
-        let mut sub = broker
-            .subscription("orders")
-            .group("billing")
-            .manual_ack()
-            .build()
-            .unwrap();
+        let mut sub = billing(&broker);
         publish_range(&broker, "orders", 0..10).await;
         let mut unacked = Vec::new();
         for i in 0..6 {
@@ -71,12 +76,7 @@ async fn records_and_group_positions_survive_a_restart() {
     }
     let broker = Broker::open(dir.path()).unwrap();
     assert_eq!(broker.topics().len(), 1);
-    let mut sub = broker
-        .subscription("orders")
-        .group("billing")
-        .manual_ack()
-        .build()
-        .unwrap();
+    let mut sub = billing(&broker);
     let mut got = Vec::new();
     for _ in 4..10 {
         let d = sub.recv().await.unwrap();
