@@ -1,20 +1,23 @@
 //! The `ferry` binary.
 //!
-//! Today it has one subcommand, `demo`, which runs the GPU-telemetry pipeline of the seed design
-//! inside one process and checks the broker's accounting. The command-line structure is meant to
-//! grow `serve` (MQTT/HTTP front ends), `pub`, `sub` and `stats` next to it: each subcommand is a
-//! variant of [`Command`] with its own `clap::Args` struct and module.
+//! Subcommands: `demo` runs the GPU-telemetry pipeline of the seed design inside one process and
+//! checks the broker's accounting; `serve` runs the MQTT 3.1.1/5 broker and the HTTP admin API
+//! (`ferry-net`); `hash-password` prints an argon2 hash for the `[mqtt] users` of the config.
+//! Each subcommand is a variant of [`Command`] with its own `clap::Args` struct and module.
 //!
 //! Logs go to stderr through `tracing`; set `FERRY_LOG` (an `EnvFilter` directive such as
-//! `info` or `ferry=debug`) to see more than warnings.
+//! `info` or `ferry=debug`) to change the level (default: warn, info for `serve`).
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use ferry_net::config::{LogFormat, ServeConfig};
 use tracing_subscriber::EnvFilter;
 
 mod demo;
+mod serve;
 
 /// mimalloc rather than glibc's malloc: a broker allocates records on publishing threads and
 /// frees them on consuming threads, a pattern that makes glibc grow and trim per-thread heaps.
@@ -48,12 +51,35 @@ enum Command {
     ///
     /// Exit status: 0 when the accounting is OK, 3 on an accounting mismatch, 1 on error.
     Demo(demo::DemoArgs),
+    /// Run the MQTT 3.1.1/5 broker and the HTTP admin API until SIGINT/SIGTERM.
+    ///
+    /// Settings: flags > FERRY_* environment variables > the TOML file (--config or
+    /// FERRY_CONFIG) > defaults (MQTT 0.0.0.0:1883, HTTP 0.0.0.0:8080, data in ./ferry-data).
+    Serve(serve::ServeArgs),
+    /// Print an argon2 hash of a password for the `[mqtt] users` list of the config file.
+    HashPassword {
+        /// The password.
+        password: String,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
-    match run(cli) {
+    let serve_config = match &cli.command {
+        Command::Serve(args) => match args.resolve() {
+            Ok(config) => Some(config),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(2);
+            }
+        },
+        _ => None,
+    };
+    match &serve_config {
+        Some(c) => init_tracing("info", c.log_format == LogFormat::Json),
+        None => init_tracing("warn", false),
+    }
+    match run(cli, serve_config) {
         Ok(code) => code,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "ferry failed");
@@ -63,7 +89,20 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+fn run(cli: Cli, serve_config: Option<ServeConfig>) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        Command::HashPassword { password } => {
+            println!("{}", ferry_net::auth::hash_password(password)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Serve(args) if args.print_config => {
+            if let Some(c) = &serve_config {
+                serve::print_config(c)?;
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("ferry")
@@ -72,25 +111,35 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     runtime.block_on(async move {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
+            Command::Serve(_) => match serve_config {
+                Some(config) => serve::run(config).await,
+                None => anyhow::bail!("no configuration"),
+            },
+            Command::HashPassword { .. } => Ok(ExitCode::SUCCESS),
         }
     })
 }
 
-/// Logs to stderr, filtered by `FERRY_LOG` (default `warn`). A malformed filter falls back to
-/// the default with a warning rather than failing the command.
-fn init_tracing() {
+/// Logs to stderr, filtered by `FERRY_LOG` (default `default`), as text or JSON lines. A
+/// malformed filter falls back to the default with a warning rather than failing the command.
+fn init_tracing(default: &str, json: bool) {
     let (filter, bad) = match std::env::var(LOG_ENV) {
         Ok(spec) if !spec.trim().is_empty() => match EnvFilter::try_new(&spec) {
             Ok(f) => (f, None),
-            Err(e) => (EnvFilter::new("warn"), Some(format!("{spec:?}: {e}"))),
+            Err(e) => (EnvFilter::new(default), Some(format!("{spec:?}: {e}"))),
         },
-        _ => (EnvFilter::new("warn"), None),
+        _ => (EnvFilter::new(default), None),
     };
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_target(true)
-        .init();
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(true);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
     if let Some(bad) = bad {
         tracing::warn!("ignoring invalid {LOG_ENV} filter {bad}");
     }

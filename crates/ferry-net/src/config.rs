@@ -1,0 +1,502 @@
+//! `ferry serve` configuration: a TOML file, `FERRY_*` environment variables and command-line
+//! flags, resolved with the precedence flags > environment > file > defaults.
+//!
+//! The file is a full [`ServeConfig`] in TOML where every key is optional:
+//!
+//! ```toml
+//! data_dir = "./ferry-data"   # durable topics (Broker::open); ignored with memory = true
+//! memory = false              # in-memory broker, nothing on disk
+//! log_format = "text"         # or "json"
+//! shutdown_timeout_secs = 10
+//!
+//! [mqtt]
+//! listen = "0.0.0.0:1883"
+//! allow_anonymous = true
+//! max_connections = 10000
+//! max_packet_size = 1048576
+//! max_inflight = 64           # outbound QoS>0 in flight per connection, and the receive maximum
+//! max_queued = 10000          # messages queued for an offline persistent session
+//! topic_alias_maximum = 64
+//! max_session_expiry_secs = 86400
+//! max_keep_alive_secs = 3600
+//! connect_timeout_secs = 10
+//! users = [{ username = "alice", password_hash = "$argon2id$v=19$..." }]
+//!
+//! [http]
+//! enabled = true
+//! listen = "0.0.0.0:8080"
+//!
+//! [broker]
+//! topic_capacity = 100000
+//! overflow = "drop_oldest"   # or "block", "reject"
+//! ```
+//!
+//! Environment variables (each overrides one key): `FERRY_DATA_DIR`, `FERRY_MEMORY`,
+//! `FERRY_LOG_FORMAT`, `FERRY_SHUTDOWN_TIMEOUT_SECS`, `FERRY_MQTT_LISTEN`,
+//! `FERRY_ALLOW_ANONYMOUS`, `FERRY_MAX_CONNECTIONS`, `FERRY_MAX_PACKET_SIZE`,
+//! `FERRY_MAX_INFLIGHT`, `FERRY_MAX_QUEUED`, `FERRY_HTTP_LISTEN`, `FERRY_HTTP_ENABLED`;
+//! `FERRY_CONFIG` names the file when `--config` is not given.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for a [`ServeConfig`].
+    #[error("parsing config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's error.
+        source: Box<toml::de::Error>,
+    },
+    /// An environment variable has a value of the wrong type.
+    #[error("environment variable {var}={value:?}: {reason}")]
+    Env {
+        /// The variable.
+        var: String,
+        /// Its value.
+        value: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A setting is out of range.
+    #[error("invalid setting {key}: {reason}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!(
+                "unknown log format {other:?} (expected text or json)"
+            )),
+        }
+    }
+}
+
+/// What a full topic does with a publish (mirrors [`ferry::Overflow`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OverflowPolicy {
+    /// Publishers wait for space.
+    Block,
+    /// Publishes that do not fit are refused.
+    Reject,
+    /// The oldest records make room (slow subscribers count them as dropped). The server's
+    /// default: one slow MQTT subscriber must not stall every publisher.
+    #[default]
+    DropOldest,
+}
+
+impl From<OverflowPolicy> for ferry::Overflow {
+    fn from(p: OverflowPolicy) -> Self {
+        match p {
+            OverflowPolicy::Block => ferry::Overflow::Block,
+            OverflowPolicy::Reject => ferry::Overflow::Reject,
+            OverflowPolicy::DropOldest => ferry::Overflow::DropOldest,
+        }
+    }
+}
+
+/// A user allowed to connect over MQTT.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserConfig {
+    /// The user name.
+    pub username: String,
+    /// An argon2 PHC string (`ferry hash-password` prints one).
+    pub password_hash: String,
+}
+
+/// The MQTT listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Whether clients without a user name may connect.
+    pub allow_anonymous: bool,
+    /// Users (argon2 hashes).
+    pub users: Vec<UserConfig>,
+    /// Most simultaneous connections; more are refused with Server busy / Server unavailable.
+    pub max_connections: usize,
+    /// Largest packet accepted (bytes, fixed header included); bigger ones end the connection
+    /// with Packet too large (0x95).
+    pub max_packet_size: usize,
+    /// Outbound QoS 1/2 messages in flight per connection (also capped by the client's receive
+    /// maximum), and the receive maximum announced to clients for inbound QoS 2.
+    pub max_inflight: u16,
+    /// Messages queued for an offline persistent session; a session whose backlog grows past it
+    /// is expired (its subscriptions removed) with a warning.
+    pub max_queued: u64,
+    /// Topic Alias Maximum announced to MQTT 5 clients (0 disables inbound aliases).
+    pub topic_alias_maximum: u16,
+    /// Cap on the session expiry interval clients ask for (seconds). MQTT 3.1.1 persistent
+    /// sessions use this value.
+    pub max_session_expiry_secs: u32,
+    /// Cap on keep alive (seconds); a client asking for more (or 0) is told this value
+    /// (MQTT 5 Server Keep Alive). 0: no cap.
+    pub max_keep_alive_secs: u16,
+    /// How long a new connection may take to send CONNECT.
+    pub connect_timeout_secs: u64,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            allow_anonymous: true,
+            users: Vec::new(),
+            max_connections: 10_000,
+            max_packet_size: 1 << 20,
+            max_inflight: 64,
+            max_queued: 10_000,
+            topic_alias_maximum: 64,
+            max_session_expiry_secs: 86_400,
+            max_keep_alive_secs: 0,
+            connect_timeout_secs: 10,
+        }
+    }
+}
+
+/// The HTTP admin API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Whether to serve it.
+    pub enabled: bool,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            enabled: true,
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+        }
+    }
+}
+
+/// Engine settings the server applies to every topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerSection {
+    /// Unconsumed records a topic holds before `overflow` applies.
+    pub topic_capacity: usize,
+    /// What a full topic does.
+    pub overflow: OverflowPolicy,
+}
+
+impl Default for BrokerSection {
+    fn default() -> Self {
+        BrokerSection {
+            topic_capacity: 100_000,
+            overflow: OverflowPolicy::DropOldest,
+        }
+    }
+}
+
+/// Everything `ferry serve` needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Data directory of the durable broker.
+    pub data_dir: PathBuf,
+    /// In-memory broker instead (nothing written to disk).
+    pub memory: bool,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// How long graceful shutdown waits for subscribers to drain.
+    pub shutdown_timeout_secs: u64,
+    /// The MQTT listener.
+    pub mqtt: MqttConfig,
+    /// The HTTP API.
+    pub http: HttpConfig,
+    /// Engine settings.
+    pub broker: BrokerSection,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            data_dir: PathBuf::from("./ferry-data"),
+            memory: false,
+            log_format: LogFormat::Text,
+            shutdown_timeout_secs: 10,
+            mqtt: MqttConfig::default(),
+            http: HttpConfig::default(),
+            broker: BrokerSection::default(),
+        }
+    }
+}
+
+/// Settings that the environment or the command line may override, each `None` when not given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// `data_dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `memory`.
+    pub memory: Option<bool>,
+    /// `log_format`.
+    pub log_format: Option<LogFormat>,
+    /// `shutdown_timeout_secs`.
+    pub shutdown_timeout_secs: Option<u64>,
+    /// `mqtt.listen`.
+    pub mqtt_listen: Option<SocketAddr>,
+    /// `mqtt.allow_anonymous`.
+    pub allow_anonymous: Option<bool>,
+    /// `mqtt.max_connections`.
+    pub max_connections: Option<usize>,
+    /// `mqtt.max_packet_size`.
+    pub max_packet_size: Option<usize>,
+    /// `mqtt.max_inflight`.
+    pub max_inflight: Option<u16>,
+    /// `mqtt.max_queued`.
+    pub max_queued: Option<u64>,
+    /// `http.listen`.
+    pub http_listen: Option<SocketAddr>,
+    /// `http.enabled`.
+    pub http_enabled: Option<bool>,
+}
+
+/// The environment variable naming the config file.
+pub const CONFIG_ENV: &str = "FERRY_CONFIG";
+
+fn env_parse<T: std::str::FromStr>(var: &str, value: &str) -> Result<T, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    value.trim().parse::<T>().map_err(|e| ConfigError::Env {
+        var: var.to_string(),
+        value: value.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn env_bool(var: &str, value: &str) -> Result<bool, ConfigError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(ConfigError::Env {
+            var: var.to_string(),
+            value: value.to_string(),
+            reason: "expected true/false".to_string(),
+        }),
+    }
+}
+
+impl Overrides {
+    /// The overrides set by `FERRY_*` variables among `vars` (pass `std::env::vars()`); other
+    /// variables are ignored, and so are empty values.
+    pub fn from_env<I, K, V>(vars: I) -> Result<Overrides, ConfigError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: AsRef<str>,
+    {
+        let mut o = Overrides::default();
+        for (k, v) in vars {
+            let (k, v) = (k.as_ref(), v.as_ref());
+            if v.trim().is_empty() {
+                continue;
+            }
+            match k {
+                "FERRY_DATA_DIR" => o.data_dir = Some(PathBuf::from(v)),
+                "FERRY_MEMORY" => o.memory = Some(env_bool(k, v)?),
+                "FERRY_LOG_FORMAT" => o.log_format = Some(env_parse(k, v)?),
+                "FERRY_SHUTDOWN_TIMEOUT_SECS" => o.shutdown_timeout_secs = Some(env_parse(k, v)?),
+                "FERRY_MQTT_LISTEN" => o.mqtt_listen = Some(env_parse(k, v)?),
+                "FERRY_ALLOW_ANONYMOUS" => o.allow_anonymous = Some(env_bool(k, v)?),
+                "FERRY_MAX_CONNECTIONS" => o.max_connections = Some(env_parse(k, v)?),
+                "FERRY_MAX_PACKET_SIZE" => o.max_packet_size = Some(env_parse(k, v)?),
+                "FERRY_MAX_INFLIGHT" => o.max_inflight = Some(env_parse(k, v)?),
+                "FERRY_MAX_QUEUED" => o.max_queued = Some(env_parse(k, v)?),
+                "FERRY_HTTP_LISTEN" => o.http_listen = Some(env_parse(k, v)?),
+                "FERRY_HTTP_ENABLED" => o.http_enabled = Some(env_bool(k, v)?),
+                _ => {}
+            }
+        }
+        Ok(o)
+    }
+
+    /// Writes every override that is set into `config`.
+    pub fn apply(&self, config: &mut ServeConfig) {
+        fn set<T: Clone>(slot: &mut T, value: &Option<T>) {
+            if let Some(v) = value {
+                *slot = v.clone();
+            }
+        }
+        set(&mut config.data_dir, &self.data_dir);
+        set(&mut config.memory, &self.memory);
+        set(&mut config.log_format, &self.log_format);
+        set(
+            &mut config.shutdown_timeout_secs,
+            &self.shutdown_timeout_secs,
+        );
+        set(&mut config.mqtt.listen, &self.mqtt_listen);
+        set(&mut config.mqtt.allow_anonymous, &self.allow_anonymous);
+        set(&mut config.mqtt.max_connections, &self.max_connections);
+        set(&mut config.mqtt.max_packet_size, &self.max_packet_size);
+        set(&mut config.mqtt.max_inflight, &self.max_inflight);
+        set(&mut config.mqtt.max_queued, &self.max_queued);
+        set(&mut config.http.listen, &self.http_listen);
+        set(&mut config.http.enabled, &self.http_enabled);
+    }
+}
+
+impl ServeConfig {
+    /// Parses a TOML document (missing keys take their defaults; unknown keys are errors).
+    pub fn from_toml(text: &str, path: &Path) -> Result<ServeConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        })
+    }
+
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<ServeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        ServeConfig::from_toml(&text, path)
+    }
+
+    /// Resolves the configuration: defaults, then the file (`file`, else `FERRY_CONFIG` from
+    /// `env`, else none), then the `FERRY_*` variables of `env`, then `flags`; finally checks it.
+    pub fn resolve<I, K, V>(
+        file: Option<&Path>,
+        env: I,
+        flags: &Overrides,
+    ) -> Result<ServeConfig, ConfigError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: AsRef<str>,
+        V: AsRef<str>,
+    {
+        let env: Vec<(String, String)> = env
+            .into_iter()
+            .map(|(k, v)| (k.as_ref().to_string(), v.as_ref().to_string()))
+            .collect();
+        let env_file = env
+            .iter()
+            .find(|(k, v)| k == CONFIG_ENV && !v.trim().is_empty())
+            .map(|(_, v)| PathBuf::from(v));
+        let mut config = match file.map(Path::to_path_buf).or(env_file) {
+            Some(path) => ServeConfig::from_file(&path)?,
+            None => ServeConfig::default(),
+        };
+        Overrides::from_env(env)?.apply(&mut config);
+        flags.apply(&mut config);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let m = &self.mqtt;
+        if m.max_packet_size < 64 || m.max_packet_size > 268_435_460 {
+            return Err(ConfigError::Invalid {
+                key: "mqtt.max_packet_size",
+                reason: format!("{} is outside 64..=268435460", m.max_packet_size),
+            });
+        }
+        if m.max_inflight == 0 {
+            return Err(ConfigError::Invalid {
+                key: "mqtt.max_inflight",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if m.max_connections == 0 {
+            return Err(ConfigError::Invalid {
+                key: "mqtt.max_connections",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.broker.topic_capacity == 0 {
+            return Err(ConfigError::Invalid {
+                key: "broker.topic_capacity",
+                reason: "must be at least 1".into(),
+            });
+        }
+        for u in &m.users {
+            if let Err(e) = argon2::PasswordHash::new(&u.password_hash) {
+                return Err(ConfigError::Invalid {
+                    key: "mqtt.users",
+                    reason: format!("password_hash of {:?} is not a PHC string: {e}", u.username),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Graceful shutdown timeout.
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.shutdown_timeout_secs)
+    }
+}
+
+/// The configuration as a TOML document (what `ferry serve --print-config` prints).
+pub fn to_toml(config: &ServeConfig) -> Result<String, toml::ser::Error> {
+    toml::to_string_pretty(config)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let c = ServeConfig::resolve(None, Vec::<(String, String)>::new(), &Overrides::default())
+            .unwrap();
+        assert_eq!(c.mqtt.listen.port(), 1883);
+        assert_eq!(c.http.listen.port(), 8080);
+        assert_eq!(c.data_dir, PathBuf::from("./ferry-data"));
+        assert!(!c.memory);
+    }
+
+    #[test]
+    fn bad_env_is_an_error() {
+        let e = Overrides::from_env([("FERRY_MAX_CONNECTIONS", "many")]).unwrap_err();
+        assert!(e.to_string().contains("FERRY_MAX_CONNECTIONS"));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let e = ServeConfig::from_toml("[mqtt]\nlisten_port = 3\n", Path::new("x.toml"));
+        assert!(e.is_err());
+    }
+}

@@ -1,0 +1,1009 @@
+//! One MQTT connection: CONNECT, then a loop over socket reads, engine deliveries and the
+//! keep-alive deadline, then the end of the session (DISCONNECT with a reason code in MQTT 5,
+//! will message, session kept or dropped).
+
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use ferry::{
+    Delivery, Message, PublishError, SubscribeError, Subscription, TopicFilter, TopicName,
+};
+use ferry_mqtt::{
+    decode, decode_connect, encode, encoded_len, ConnAck, ConnAckProperties, Connect, DecodeError,
+    Disconnect, DisconnectProperties, Packet, ProtocolVersion, PubAck, PubComp, PubRec, PubRel,
+    Publish, QoS, ReasonCode, RetainHandling, SubAck, Subscribe, UnsubAck, Unsubscribe, Will,
+};
+use futures::StreamExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::time::Instant;
+use tokio_stream::StreamMap;
+use tokio_util::sync::CancellationToken;
+
+use super::convert::{self, Inbound};
+use super::session::{self, StoredSession, SubEntry};
+use super::state::{self, InboundQos2, Negotiated, Outbound, Qos2Inbound, TopicAliases};
+use super::MqttShared;
+use crate::auth::AuthOutcome;
+
+/// How long an engine delivery may stay unacknowledged before the engine redelivers it. MQTT
+/// retransmits only on reconnect, so this is long; a dropped connection returns its deliveries
+/// at once.
+const MQTT_ACK_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// How long a new connection waits for the one it takes over to finish.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
+/// How long the final DISCONNECT may take to write.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Why a connection ended.
+#[derive(Debug)]
+enum End {
+    /// DISCONNECT with reason 0: no will.
+    Normal,
+    /// DISCONNECT with reason 0x04: publish the will.
+    NormalWithWill,
+    /// The peer closed the socket or it failed.
+    Gone(String),
+    /// No packet within 1.5 times the keep alive.
+    KeepAlive,
+    /// The peer broke the protocol (sent to MQTT 5 clients as the DISCONNECT reason).
+    Protocol(ReasonCode, String),
+    /// Another connection took the session over.
+    TakenOver,
+    /// The server is shutting down.
+    Shutdown,
+}
+
+impl End {
+    /// The DISCONNECT the server sends an MQTT 5 client, if any.
+    fn disconnect_code(&self) -> Option<ReasonCode> {
+        match self {
+            End::Normal | End::NormalWithWill | End::Gone(_) => None,
+            End::KeepAlive => Some(ReasonCode::KeepAliveTimeout),
+            End::Protocol(code, _) => Some(*code),
+            End::TakenOver => Some(ReasonCode::SessionTakenOver),
+            End::Shutdown => Some(ReasonCode::ServerShuttingDown),
+        }
+    }
+
+    fn publishes_will(&self) -> bool {
+        !matches!(self, End::Normal | End::Shutdown)
+    }
+}
+
+/// A message to send that does not come from an engine subscription (retained messages).
+struct Pending {
+    topic: String,
+    message: Message,
+    qos: QoS,
+    sub_id: Option<u32>,
+}
+
+/// Runs a connection to its end.
+pub(crate) async fn run<S>(
+    shared: Arc<MqttShared>,
+    stream: S,
+    peer: SocketAddr,
+    conn: u64,
+    over_limit: bool,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let mut rbuf = BytesMut::with_capacity(4096);
+    let max_packet = shared.config.max_packet_size;
+    let connect_timeout = Duration::from_secs(shared.config.connect_timeout_secs.max(1));
+    let connect = tokio::select! {
+        _ = shared.shutdown.cancelled() => return,
+        r = tokio::time::timeout(connect_timeout, read_connect(&mut reader, &mut rbuf, max_packet)) => r,
+    };
+    let connect = match connect {
+        Err(_) => {
+            tracing::debug!(%peer, "no CONNECT in time; closing");
+            return;
+        }
+        Ok(Err(ConnectReadError::Io(e))) => {
+            tracing::debug!(%peer, error = %e, "connection closed before CONNECT");
+            return;
+        }
+        Ok(Err(ConnectReadError::Decode(e))) => {
+            shared
+                .metrics
+                .protocol_errors
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%peer, error = %e, "invalid CONNECT; closing");
+            if matches!(e, DecodeError::UnsupportedProtocolVersion { .. }) {
+                // Refused in the 3.1.1 layout, which every client version reads.
+                let _ = refuse(
+                    &mut writer,
+                    ProtocolVersion::V311,
+                    ReasonCode::UnsupportedProtocolVersion,
+                )
+                .await;
+            }
+            return;
+        }
+        Ok(Ok(c)) => c,
+    };
+    let version = connect.protocol_version;
+    if over_limit {
+        shared.metrics.refused.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%peer, client = connect.client_id, "max_connections reached; refusing");
+        let code = match version {
+            ProtocolVersion::V5 => ReasonCode::ServerBusy,
+            ProtocolVersion::V311 => ReasonCode::ServerUnavailable,
+        };
+        let _ = refuse(&mut writer, version, code).await;
+        return;
+    }
+    let neg = match accept(&shared, &connect).await {
+        Ok(n) => n,
+        Err(code) => {
+            shared.metrics.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%peer, client = connect.client_id, code = code.description(), "CONNECT refused");
+            let _ = refuse(&mut writer, version, code).await;
+            return;
+        }
+    };
+    let registration = shared
+        .sessions
+        .connect(
+            &shared.broker,
+            &neg.client_id,
+            conn,
+            connect.clean_start,
+            TAKEOVER_WAIT,
+        )
+        .await;
+    let session_present = registration.resumed.is_some();
+    let mut c = Conn {
+        version,
+        inbound_qos2: InboundQos2::new(shared.config.max_inflight, HashSet::new()),
+        aliases: TopicAliases::new(if version == ProtocolVersion::V5 {
+            shared.config.topic_alias_maximum
+        } else {
+            0
+        }),
+        outbound: Outbound::new(neg.outbound_window),
+        subs: BTreeMap::new(),
+        streams: StreamMap::new(),
+        pending: VecDeque::new(),
+        wbuf: BytesMut::with_capacity(4096),
+        rbuf,
+        reader,
+        writer,
+        will: connect.will.clone(),
+        session_expiry: neg.session_expiry,
+        neg,
+        peer,
+        conn,
+        shared: shared.clone(),
+    };
+    c.send(&Packet::ConnAck(c.connack(session_present)));
+    if let Some(resumed) = registration.resumed {
+        c.resume(resumed);
+    }
+    tracing::info!(
+        %peer,
+        client = c.neg.client_id,
+        version = ?version,
+        clean_start = connect.clean_start,
+        session_present,
+        keep_alive = c.neg.keep_alive,
+        "MQTT client connected"
+    );
+    let end = c.run_loop(&registration.kick).await;
+    c.finish(end).await;
+    drop(registration.done);
+}
+
+enum ConnectReadError {
+    Io(std::io::Error),
+    Decode(DecodeError),
+}
+
+async fn read_connect<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    max_packet: usize,
+) -> Result<Connect, ConnectReadError> {
+    loop {
+        match decode_connect(buf, max_packet) {
+            Ok(Some(c)) => return Ok(c),
+            Ok(None) => {}
+            Err(e) => return Err(ConnectReadError::Decode(e)),
+        }
+        match reader.read_buf(buf).await {
+            Ok(0) => {
+                return Err(ConnectReadError::Io(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "closed",
+                )))
+            }
+            Ok(_) => {}
+            Err(e) => return Err(ConnectReadError::Io(e)),
+        }
+    }
+}
+
+/// Sends a refusing CONNACK and closes.
+async fn refuse<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    version: ProtocolVersion,
+    code: ReasonCode,
+) -> std::io::Result<()> {
+    let mut out = BytesMut::new();
+    let ack = ConnAck {
+        session_present: false,
+        reason_code: code,
+        properties: ConnAckProperties::default(),
+    };
+    if encode(&Packet::ConnAck(ack), version, &mut out).is_ok() {
+        tokio::time::timeout(GOODBYE_TIMEOUT, writer.write_all(&out))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    }
+    writer.shutdown().await
+}
+
+/// Checks a CONNECT: negotiation rules, authentication, will topic.
+async fn accept(shared: &Arc<MqttShared>, connect: &Connect) -> Result<Negotiated, ReasonCode> {
+    if connect.properties.authentication_method.is_some() {
+        return Err(ReasonCode::BadAuthenticationMethod);
+    }
+    let neg = state::negotiate(connect, &shared.config)?;
+    let auth = shared.auth.clone();
+    let user = connect.username.clone();
+    let password = connect.password.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        auth.check(user.as_deref(), password.as_ref().map(|p| &p[..]))
+    })
+    .await
+    .unwrap_or(AuthOutcome::BadCredentials);
+    match outcome {
+        AuthOutcome::Allowed => {}
+        AuthOutcome::BadCredentials => return Err(ReasonCode::BadUserNameOrPassword),
+        AuthOutcome::NotAuthorized => return Err(ReasonCode::NotAuthorized),
+    }
+    if let Some(will) = &connect.will {
+        if TopicName::new(&will.topic).is_err() {
+            return Err(ReasonCode::TopicNameInvalid);
+        }
+    }
+    Ok(neg)
+}
+
+/// The ack handle of an in-flight message: an engine delivery, or nothing for a retained one.
+type Handle = Option<Delivery>;
+
+struct Conn<S> {
+    shared: Arc<MqttShared>,
+    reader: ReadHalf<S>,
+    writer: WriteHalf<S>,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    version: ProtocolVersion,
+    neg: Negotiated,
+    peer: SocketAddr,
+    conn: u64,
+    /// Subscriptions by full filter (with any `$share/` prefix).
+    subs: BTreeMap<String, SubEntry>,
+    /// Their engine subscriptions, under the same keys.
+    streams: StreamMap<String, Subscription>,
+    outbound: Outbound<Handle>,
+    pending: VecDeque<Pending>,
+    inbound_qos2: InboundQos2,
+    aliases: TopicAliases,
+    will: Option<Will>,
+    session_expiry: Option<Duration>,
+}
+
+impl<S> Conn<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    fn v5(&self) -> bool {
+        self.version == ProtocolVersion::V5
+    }
+
+    fn connack(&self, session_present: bool) -> ConnAck {
+        let cfg = &self.shared.config;
+        let properties = if self.v5() {
+            ConnAckProperties {
+                session_expiry_interval: self.neg.session_expiry_capped,
+                receive_maximum: Some(cfg.max_inflight),
+                maximum_packet_size: u32::try_from(cfg.max_packet_size).ok(),
+                assigned_client_identifier: self
+                    .neg
+                    .assigned_id
+                    .then(|| self.neg.client_id.clone()),
+                topic_alias_maximum: (cfg.topic_alias_maximum > 0)
+                    .then_some(cfg.topic_alias_maximum),
+                retain_available: Some(true),
+                wildcard_subscription_available: Some(true),
+                subscription_identifiers_available: Some(true),
+                shared_subscription_available: Some(true),
+                server_keep_alive: self.neg.keep_alive_changed.then_some(self.neg.keep_alive),
+                ..ConnAckProperties::default()
+            }
+        } else {
+            ConnAckProperties::default()
+        };
+        ConnAck {
+            session_present,
+            reason_code: ReasonCode::Success,
+            properties,
+        }
+    }
+
+    /// Queues a packet for writing. Encoding only fails for packets we built wrongly; those
+    /// are logged and skipped.
+    fn send(&mut self, packet: &Packet) {
+        if let Err(e) = encode(packet, self.version, &mut self.wbuf) {
+            tracing::error!(client = self.neg.client_id, packet = %packet.packet_type(), error = %e, "encoding failed");
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.wbuf.is_empty() {
+            let out = self.wbuf.split();
+            self.writer.write_all(&out).await?;
+        }
+        Ok(())
+    }
+
+    /// Restores a persistent session: its subscriptions, QoS 2 state, PUBRELs to resend.
+    fn resume(&mut self, s: StoredSession) {
+        self.inbound_qos2 = InboundQos2::new(self.shared.config.max_inflight, s.inbound_qos2);
+        self.outbound.restore_pubcomp(&s.awaiting_pubcomp);
+        for id in &s.awaiting_pubcomp {
+            self.send(&Packet::PubRel(PubRel::new(*id)));
+        }
+        for (key, entry) in s.subscriptions {
+            match self.engine_subscription(&entry) {
+                Ok(sub) => {
+                    self.streams.insert(key.clone(), sub);
+                    self.subs.insert(key, entry);
+                }
+                Err(e) => {
+                    tracing::warn!(client = self.neg.client_id, filter = key, error = %e, "could not restore a subscription")
+                }
+            }
+        }
+    }
+
+    async fn run_loop(&mut self, kick: &CancellationToken) -> End {
+        let timeout = state::keep_alive_timeout(self.neg.keep_alive);
+        let mut deadline = timeout.map(|t| Instant::now() + t);
+        let shutdown = self.shared.shutdown.clone();
+        loop {
+            self.send_pending();
+            if let Err(e) = self.flush().await {
+                return End::Gone(e.to_string());
+            }
+            let can_send = self.outbound.has_room() && self.pending.is_empty();
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return End::Shutdown,
+                _ = kick.cancelled() => return End::TakenOver,
+                r = self.reader.read_buf(&mut self.rbuf) => match r {
+                    Ok(0) => return End::Gone("closed by peer".into()),
+                    Ok(_) => {
+                        deadline = timeout.map(|t| Instant::now() + t);
+                        if let Some(end) = self.handle_input().await {
+                            return end;
+                        }
+                    }
+                    Err(e) => return End::Gone(e.to_string()),
+                },
+                Some((key, delivery)) = self.streams.next(), if can_send => {
+                    self.deliver(&key, delivery);
+                }
+                _ = sleep => return End::KeepAlive,
+            }
+        }
+    }
+
+    /// Decodes and handles every complete packet in the read buffer.
+    async fn handle_input(&mut self) -> Option<End> {
+        loop {
+            let packet = match decode(
+                &mut self.rbuf,
+                self.version,
+                self.shared.config.max_packet_size,
+            ) {
+                Ok(Some(p)) => p,
+                Ok(None) => return None,
+                Err(e) => {
+                    return Some(End::Protocol(
+                        e.reason_code(),
+                        format!("invalid packet: {e}"),
+                    ))
+                }
+            };
+            if let Some(end) = self.handle(packet).await {
+                return Some(end);
+            }
+        }
+    }
+
+    async fn handle(&mut self, packet: Packet) -> Option<End> {
+        match packet {
+            Packet::Publish(p) => return self.on_publish(p).await,
+            Packet::PubAck(a) => match self.outbound.on_puback(a.packet_id) {
+                Ok(handle) => settle(handle.flatten()),
+                Err(e) => tracing::debug!(
+                    client = self.neg.client_id,
+                    id = a.packet_id,
+                    ?e,
+                    "unexpected PUBACK"
+                ),
+            },
+            Packet::PubRec(r) => match self.outbound.on_pubrec(r.packet_id, r.reason_code) {
+                Ok((handle, send_pubrel)) => {
+                    settle(handle.flatten());
+                    if send_pubrel {
+                        self.send(&Packet::PubRel(PubRel::new(r.packet_id)));
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(
+                        client = self.neg.client_id,
+                        id = r.packet_id,
+                        ?e,
+                        "unexpected PUBREC"
+                    );
+                    let mut rel = PubRel::new(r.packet_id);
+                    rel.reason_code = ReasonCode::PacketIdentifierNotFound;
+                    self.send(&Packet::PubRel(rel));
+                }
+            },
+            Packet::PubRel(r) => {
+                let mut comp = PubComp::new(r.packet_id);
+                if !self.inbound_qos2.on_pubrel(r.packet_id) {
+                    comp.reason_code = ReasonCode::PacketIdentifierNotFound;
+                }
+                self.send(&Packet::PubComp(comp));
+            }
+            Packet::PubComp(c) => {
+                if let Err(e) = self.outbound.on_pubcomp(c.packet_id) {
+                    tracing::debug!(
+                        client = self.neg.client_id,
+                        id = c.packet_id,
+                        ?e,
+                        "unexpected PUBCOMP"
+                    );
+                }
+            }
+            Packet::Subscribe(s) => self.on_subscribe(s),
+            Packet::Unsubscribe(u) => self.on_unsubscribe(u),
+            Packet::PingReq => self.send(&Packet::PingResp),
+            Packet::Disconnect(d) => return Some(self.on_disconnect(d)),
+            Packet::Auth(_) => {
+                return Some(End::Protocol(
+                    ReasonCode::ProtocolError,
+                    "AUTH without an authentication method".into(),
+                ))
+            }
+            other => {
+                return Some(End::Protocol(
+                    ReasonCode::ProtocolError,
+                    format!("unexpected {} from a client", other.packet_type()),
+                ))
+            }
+        }
+        None
+    }
+
+    async fn on_publish(&mut self, p: Publish) -> Option<End> {
+        self.shared
+            .metrics
+            .publish_received
+            .fetch_add(1, Ordering::Relaxed);
+        let topic = match self.aliases.resolve(&p.topic, p.properties.topic_alias) {
+            Ok(t) => t,
+            Err(code) => return Some(End::Protocol(code, "bad topic alias".into())),
+        };
+        if let Err(e) = TopicName::new(&topic) {
+            // A valid MQTT topic that Ferry does not accept (`$...`, `*`, control characters).
+            if self.v5() && p.qos > QoS::AtMostOnce {
+                tracing::info!(client = self.neg.client_id, topic, error = %e, "PUBLISH refused");
+                self.ack_publish(&p, ReasonCode::TopicNameInvalid);
+                return None;
+            }
+            return Some(End::Protocol(
+                ReasonCode::TopicNameInvalid,
+                format!("topic {topic:?} refused: {e}"),
+            ));
+        }
+        if p.properties.payload_format_indicator == Some(true)
+            && std::str::from_utf8(&p.payload).is_err()
+        {
+            if self.v5() && p.qos > QoS::AtMostOnce {
+                self.ack_publish(&p, ReasonCode::PayloadFormatInvalid);
+                return None;
+            }
+            return Some(End::Protocol(
+                ReasonCode::PayloadFormatInvalid,
+                "payload is not UTF-8".into(),
+            ));
+        }
+        if p.qos == QoS::ExactlyOnce {
+            let Some(id) = p.packet_id else {
+                return Some(End::Protocol(
+                    ReasonCode::ProtocolError,
+                    "no packet id".into(),
+                ));
+            };
+            match self.inbound_qos2.on_publish(id) {
+                Qos2Inbound::Publish => {}
+                Qos2Inbound::Duplicate => {
+                    self.ack_publish(&p, ReasonCode::Success);
+                    return None;
+                }
+                Qos2Inbound::ReceiveMaximumExceeded => {
+                    return Some(End::Protocol(
+                        ReasonCode::ReceiveMaximumExceeded,
+                        "too many unreleased QoS 2 messages".into(),
+                    ))
+                }
+            }
+        }
+        let message = Inbound::from_publish(p.qos, p.retain, &self.neg.client_id, &p.properties)
+            .to_message(p.payload.clone());
+        let code = match publish(&self.shared, &topic, message, p.retain).await {
+            Ok(()) => ReasonCode::Success,
+            Err(e) => {
+                tracing::warn!(client = self.neg.client_id, topic, error = %e, "publish failed");
+                if p.qos == QoS::ExactlyOnce {
+                    if let Some(id) = p.packet_id {
+                        self.inbound_qos2.on_pubrel(id);
+                    }
+                }
+                match p.qos {
+                    QoS::AtMostOnce => return None,
+                    _ if !self.v5() => {
+                        // 3.1.1 has no way to say no but closing.
+                        return Some(End::Protocol(
+                            ReasonCode::ImplementationSpecificError,
+                            format!("publish failed: {e}"),
+                        ));
+                    }
+                    _ => publish_error_code(&e),
+                }
+            }
+        };
+        self.ack_publish(&p, code);
+        None
+    }
+
+    fn ack_publish(&mut self, p: &Publish, code: ReasonCode) {
+        let Some(id) = p.packet_id else {
+            return;
+        };
+        match p.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => {
+                let mut a = PubAck::new(id);
+                a.reason_code = code;
+                self.send(&Packet::PubAck(a));
+            }
+            QoS::ExactlyOnce => {
+                let mut r = PubRec::new(id);
+                r.reason_code = code;
+                self.send(&Packet::PubRec(r));
+            }
+        }
+    }
+
+    /// Builds the engine subscription behind an MQTT subscription.
+    fn engine_subscription(&self, entry: &SubEntry) -> Result<Subscription, SubscribeError> {
+        let filter = engine_filter(&entry.filter)?;
+        let mut b = self
+            .shared
+            .broker
+            .subscription_to(&filter)
+            .ack_timeout(MQTT_ACK_TIMEOUT)
+            .max_attempts(u32::MAX)
+            .prefetch(usize::from(self.shared.config.max_inflight));
+        if let Some(group) = &entry.group {
+            b = b.group(group.clone()).manual_ack();
+        } else if entry.granted > QoS::AtMostOnce {
+            b = b.manual_ack();
+        }
+        b.build()
+    }
+
+    fn on_subscribe(&mut self, s: Subscribe) {
+        let sub_id = s.properties.subscription_identifier;
+        let mut codes = Vec::with_capacity(s.subscriptions.len());
+        for req in s.subscriptions {
+            let code = self.subscribe_one(&req.filter, req.options, sub_id);
+            codes.push(code);
+        }
+        self.send(&Packet::SubAck(SubAck {
+            packet_id: s.packet_id,
+            reason_codes: codes,
+            properties: Default::default(),
+        }));
+    }
+
+    fn subscribe_one(
+        &mut self,
+        full: &str,
+        options: ferry_mqtt::SubscriptionOptions,
+        sub_id: Option<u32>,
+    ) -> ReasonCode {
+        let (share, filter) = match ferry_mqtt::parse_shared_subscription(full) {
+            Ok(Some((g, f))) => (Some(g.to_string()), f.to_string()),
+            Ok(None) => {
+                if ferry_mqtt::validate_topic_filter(full).is_err() {
+                    return ReasonCode::TopicFilterInvalid;
+                }
+                (None, full.to_string())
+            }
+            Err(_) => return ReasonCode::TopicFilterInvalid,
+        };
+        let granted = options.qos;
+        let group = match (&share, self.session_expiry) {
+            (Some(g), _) => Some(session::share_group(g, &filter)),
+            (None, Some(_)) => Some(session::session_group(&self.neg.client_id, full)),
+            (None, None) => None,
+        };
+        let entry = SubEntry {
+            filter,
+            share,
+            options,
+            granted,
+            id: sub_id,
+            group,
+        };
+        let existed = self.subs.contains_key(full);
+        // An existing subscription keeps its engine subscription (and its position) when the
+        // acknowledgement mode does not change.
+        let keep = self.subs.get(full).is_some_and(|old| {
+            old.group.is_some()
+                || (old.granted > QoS::AtMostOnce) == (entry.granted > QoS::AtMostOnce)
+        }) && self.streams.contains_key(full);
+        if !keep {
+            self.streams.remove(full);
+            match self.engine_subscription(&entry) {
+                Ok(sub) => {
+                    self.streams.insert(full.to_string(), sub);
+                }
+                Err(e) => {
+                    tracing::info!(client = self.neg.client_id, filter = full, error = %e, "SUBSCRIBE refused");
+                    self.subs.remove(full);
+                    return match e {
+                        SubscribeError::InvalidFilter(_) => ReasonCode::TopicFilterInvalid,
+                        _ => ReasonCode::ImplementationSpecificError,
+                    };
+                }
+            }
+        }
+        let send_retained = entry.share.is_none()
+            && match options.retain_handling {
+                RetainHandling::SendAtSubscribe => true,
+                RetainHandling::SendAtSubscribeIfNew => !existed,
+                RetainHandling::DoNotSend => false,
+            };
+        if send_retained {
+            if let Ok(f) = engine_filter(&entry.filter) {
+                for (topic, message) in self.shared.retained.matching(&f) {
+                    let qos = convert::published_qos(&message).min(granted);
+                    self.pending.push_back(Pending {
+                        topic,
+                        message,
+                        qos,
+                        sub_id,
+                    });
+                }
+            }
+        }
+        self.subs.insert(full.to_string(), entry);
+        match granted {
+            QoS::AtMostOnce => ReasonCode::GRANTED_QOS_0,
+            QoS::AtLeastOnce => ReasonCode::GrantedQoS1,
+            QoS::ExactlyOnce => ReasonCode::GrantedQoS2,
+        }
+    }
+
+    fn on_unsubscribe(&mut self, u: Unsubscribe) {
+        let mut codes = Vec::with_capacity(u.filters.len());
+        for f in &u.filters {
+            self.streams.remove(f);
+            match self.subs.remove(f) {
+                Some(entry) => {
+                    if let (None, Some(g)) = (&entry.share, &entry.group) {
+                        self.shared.broker.delete_group(g);
+                    }
+                    codes.push(ReasonCode::Success);
+                }
+                None => codes.push(ReasonCode::NoSubscriptionExisted),
+            }
+        }
+        if !self.v5() {
+            codes.clear();
+        }
+        self.send(&Packet::UnsubAck(UnsubAck {
+            packet_id: u.packet_id,
+            reason_codes: codes,
+            properties: Default::default(),
+        }));
+    }
+
+    fn on_disconnect(&mut self, d: Disconnect) -> End {
+        if let Some(asked) = d.properties.session_expiry_interval {
+            if self.session_expiry.is_none() && asked > 0 {
+                return End::Protocol(
+                    ReasonCode::ProtocolError,
+                    "session expiry set at DISCONNECT after 0 at CONNECT".into(),
+                );
+            }
+            let granted = asked.min(self.shared.config.max_session_expiry_secs);
+            self.session_expiry = (granted > 0).then(|| Duration::from_secs(u64::from(granted)));
+        }
+        if d.reason_code == ReasonCode::DisconnectWithWillMessage {
+            End::NormalWithWill
+        } else {
+            End::Normal
+        }
+    }
+
+    /// Sends an engine delivery of subscription `key`.
+    fn deliver(&mut self, key: &str, delivery: Delivery) {
+        let Some(entry) = self.subs.get(key) else {
+            // Unsubscribed meanwhile; returned to the engine when dropped.
+            return;
+        };
+        if entry.options.no_local && delivery.producer_id() == Some(self.neg.client_id.as_str()) {
+            settle(Some(delivery));
+            return;
+        }
+        let qos = convert::published_qos(delivery.message()).min(entry.granted);
+        let retain =
+            entry.options.retain_as_published && convert::published_retained(delivery.message());
+        let sub_id = entry.id;
+        let topic = delivery.topic().as_str().to_string();
+        let message = delivery.message().clone();
+        let dup = delivery.attempt() > 1;
+        self.send_publish(topic, &message, qos, retain, sub_id, dup, Some(delivery));
+    }
+
+    /// Sends queued retained messages while the window has room.
+    fn send_pending(&mut self) {
+        while self.outbound.has_room() {
+            let Some(p) = self.pending.pop_front() else {
+                break;
+            };
+            self.send_publish(p.topic, &p.message, p.qos, true, p.sub_id, false, None);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn send_publish(
+        &mut self,
+        topic: String,
+        message: &Message,
+        qos: QoS,
+        retain: bool,
+        sub_id: Option<u32>,
+        dup: bool,
+        handle: Handle,
+    ) {
+        let expiry = convert::remaining_expiry(message, SystemTime::now());
+        if expiry == Some(0) {
+            settle(handle);
+            return;
+        }
+        let properties = if self.v5() {
+            let mut p = convert::outbound_properties(message, expiry);
+            p.subscription_identifiers = sub_id.into_iter().collect();
+            p
+        } else {
+            Default::default()
+        };
+        let mut publish = Publish {
+            dup: dup && qos > QoS::AtMostOnce,
+            qos,
+            retain,
+            topic,
+            packet_id: (qos > QoS::AtMostOnce).then_some(1),
+            payload: Bytes::clone(message.payload()),
+            properties,
+        };
+        let mut packet = Packet::Publish(publish.clone());
+        match encoded_len(&packet, self.version) {
+            Ok(len) if len <= self.neg.client_max_packet => {}
+            Ok(len) => {
+                tracing::debug!(
+                    client = self.neg.client_id,
+                    len,
+                    "message larger than the client's maximum packet size; dropped"
+                );
+                settle(handle);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(client = self.neg.client_id, error = %e, "message cannot be sent over MQTT; dropped");
+                settle(handle);
+                return;
+            }
+        }
+        if qos > QoS::AtMostOnce {
+            match self.outbound.start(qos, handle) {
+                Some(id) => publish.packet_id = Some(id),
+                None => return,
+            }
+            packet = Packet::Publish(publish);
+        } else {
+            settle(handle);
+        }
+        self.send(&packet);
+        self.shared
+            .metrics
+            .publish_sent
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Ends the connection: goodbye, in-flight deliveries back to the engine, will, session.
+    async fn finish(mut self, end: End) {
+        let client = self.neg.client_id.clone();
+        let m = &self.shared.metrics;
+        match &end {
+            End::Protocol(code, why) => {
+                m.protocol_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(client, peer = %self.peer, code = code.description(), reason = why, "closing MQTT connection: protocol error");
+            }
+            End::KeepAlive => {
+                m.keep_alive_timeouts.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(client, peer = %self.peer, "closing MQTT connection: keep alive expired");
+            }
+            End::Gone(why) => tracing::info!(client, reason = why, "MQTT connection lost"),
+            End::TakenOver => tracing::info!(client, "MQTT session taken over by a new connection"),
+            End::Normal | End::NormalWithWill => tracing::info!(client, "MQTT client disconnected"),
+            End::Shutdown => tracing::debug!(client, "closing MQTT connection: shutdown"),
+        }
+        if self.v5() {
+            if let Some(code) = end.disconnect_code() {
+                let d = Disconnect {
+                    reason_code: code,
+                    properties: DisconnectProperties::default(),
+                };
+                self.wbuf.clear();
+                self.send(&Packet::Disconnect(d));
+            }
+        }
+        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
+            let _ = self.flush().await;
+            let _ = self.writer.shutdown().await;
+        })
+        .await;
+        // Unsettled deliveries go back to the engine (a persistent session gets them again).
+        drop(self.outbound.drain_handles());
+        let awaiting_pubcomp = self.outbound.awaiting_pubcomp();
+        drop(std::mem::take(&mut self.streams));
+        if end.publishes_will() {
+            if let Some(will) = self.will.take() {
+                let delay = will
+                    .properties
+                    .will_delay_interval
+                    .map(|s| Duration::from_secs(u64::from(s)))
+                    .unwrap_or_default()
+                    .min(self.session_expiry.unwrap_or_default());
+                publish_will(&self.shared, will, client.clone(), delay).await;
+            }
+        }
+        let stored = StoredSession {
+            subscriptions: std::mem::take(&mut self.subs),
+            inbound_qos2: self.inbound_qos2.ids().clone(),
+            awaiting_pubcomp,
+            expiry: self.session_expiry.unwrap_or_default(),
+        };
+        if self.session_expiry.is_some() {
+            self.shared
+                .sessions
+                .disconnect(&client, self.conn_id(), Some(stored));
+        } else {
+            session::delete_groups(&self.shared.broker, &stored);
+            self.shared
+                .sessions
+                .disconnect(&client, self.conn_id(), None);
+        }
+    }
+
+    fn conn_id(&self) -> u64 {
+        self.conn
+    }
+}
+
+/// Acknowledges an engine delivery (if any).
+fn settle(handle: Handle) {
+    if let Some(d) = handle {
+        let _ = d.ack();
+    }
+}
+
+/// The engine filter of an MQTT topic filter (wildcards: an MQTT filter; otherwise exact).
+fn engine_filter(filter: &str) -> Result<TopicFilter, ferry::TopicError> {
+    if filter.contains(['+', '#']) {
+        TopicFilter::mqtt(filter)
+    } else {
+        TopicFilter::exact(filter)
+    }
+}
+
+/// Publishes an inbound message (and stores it as retained when asked).
+async fn publish(
+    shared: &MqttShared,
+    topic: &str,
+    message: Message,
+    retain: bool,
+) -> Result<(), PublishError> {
+    if retain {
+        shared.retained.set(topic, message.clone());
+    }
+    shared.broker.publish(topic, message).await?;
+    Ok(())
+}
+
+/// The PUBACK/PUBREC reason code of a failed publish.
+fn publish_error_code(e: &PublishError) -> ReasonCode {
+    match e {
+        PublishError::InvalidTopic(_) | PublishError::SystemTopic(_) => {
+            ReasonCode::TopicNameInvalid
+        }
+        PublishError::Full { .. }
+        | PublishError::BatchTooLarge { .. }
+        | PublishError::MemoryLimit { .. }
+        | PublishError::Timeout(_) => ReasonCode::QuotaExceeded,
+        PublishError::Closed | PublishError::Storage(_) => ReasonCode::ImplementationSpecificError,
+    }
+}
+
+/// Publishes a will, now or after `delay` (cancelled if the client reconnects first).
+async fn publish_will(shared: &Arc<MqttShared>, will: Will, client: String, delay: Duration) {
+    if delay.is_zero() {
+        publish_will_now(shared, &will, &client).await;
+        return;
+    }
+    let shared2 = shared.clone();
+    let client2 = client.clone();
+    let task = shared.tracker.spawn(async move {
+        tokio::select! {
+            _ = shared2.shutdown.cancelled() => {}
+            _ = tokio::time::sleep(delay) => {
+                shared2.sessions.will_published(&client2);
+                publish_will_now(&shared2, &will, &client2).await;
+            }
+        }
+    });
+    shared
+        .sessions
+        .add_delayed_will(&client, task.abort_handle());
+}
+
+async fn publish_will_now(shared: &MqttShared, will: &Will, client: &str) {
+    let message = Inbound::from_will(will, client).to_message(will.payload.clone());
+    match publish(shared, &will.topic, message, will.retain).await {
+        Ok(()) => {
+            shared
+                .metrics
+                .wills_published
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(client, topic = will.topic, "will published");
+        }
+        Err(e) => {
+            tracing::warn!(client, topic = will.topic, error = %e, "will could not be published")
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! The MQTT 3.1.1/5 server: a TCP listener, one task per connection.
+//!
+//! - [`state`]: the per-connection protocol state without I/O (negotiation, packet ids, QoS
+//!   windows, topic aliases, keep alive);
+//! - [`session`]: the session registry (takeover, persistent sessions, expiry);
+//! - [`retained`]: retained messages;
+//! - [`convert`]: PUBLISH <-> Ferry message;
+//! - `connection`: the connection task that drives all of it from the socket and the engine.
+//!
+//! MQTT topics are Ferry topics: a message published over MQTT reaches every engine subscriber
+//! of its topic, and every message published to the engine reaches matching MQTT subscribers.
+
+pub(crate) mod connection;
+pub mod convert;
+pub mod retained;
+pub mod session;
+pub mod state;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry::Broker;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Authenticator;
+use crate::config::MqttConfig;
+use retained::RetainedStore;
+use session::Sessions;
+
+/// Counters of the MQTT front end.
+#[derive(Debug, Default)]
+pub struct MqttMetrics {
+    /// Connections accepted (TCP).
+    pub accepted: AtomicU64,
+    /// Currently open connections.
+    pub active: AtomicUsize,
+    /// Connections refused at CONNECT (auth, limits, bad client id, ...).
+    pub refused: AtomicU64,
+    /// Connections ended because the peer broke the protocol (malformed or too large packets,
+    /// protocol errors).
+    pub protocol_errors: AtomicU64,
+    /// Connections ended by keep-alive expiry.
+    pub keep_alive_timeouts: AtomicU64,
+    /// PUBLISH packets received.
+    pub publish_received: AtomicU64,
+    /// PUBLISH packets sent.
+    pub publish_sent: AtomicU64,
+    /// Will messages published.
+    pub wills_published: AtomicU64,
+}
+
+/// A snapshot of [`MqttMetrics`] plus session counts, for `/stats` and `/metrics`.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct MqttStats {
+    /// Connections accepted (TCP).
+    pub accepted: u64,
+    /// Currently open connections.
+    pub active: usize,
+    /// Connections refused at CONNECT.
+    pub refused: u64,
+    /// Connections ended for protocol violations.
+    pub protocol_errors: u64,
+    /// Connections ended by keep-alive expiry.
+    pub keep_alive_timeouts: u64,
+    /// PUBLISH packets received.
+    pub publish_received: u64,
+    /// PUBLISH packets sent.
+    pub publish_sent: u64,
+    /// Will messages published.
+    pub wills_published: u64,
+    /// Connected sessions.
+    pub sessions_online: usize,
+    /// Persistent sessions kept for disconnected clients.
+    pub sessions_offline: usize,
+    /// Retained messages.
+    pub retained: usize,
+}
+
+/// State shared by every connection.
+pub(crate) struct MqttShared {
+    pub(crate) broker: Broker,
+    pub(crate) config: MqttConfig,
+    pub(crate) auth: Authenticator,
+    pub(crate) retained: Arc<RetainedStore>,
+    pub(crate) sessions: Sessions,
+    pub(crate) metrics: MqttMetrics,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tracker: TaskTracker,
+    next_conn: AtomicU64,
+}
+
+impl MqttShared {
+    pub(crate) fn stats(&self) -> MqttStats {
+        let m = &self.metrics;
+        let (online, offline) = self.sessions.counts();
+        MqttStats {
+            accepted: m.accepted.load(Ordering::Relaxed),
+            active: m.active.load(Ordering::Relaxed),
+            refused: m.refused.load(Ordering::Relaxed),
+            protocol_errors: m.protocol_errors.load(Ordering::Relaxed),
+            keep_alive_timeouts: m.keep_alive_timeouts.load(Ordering::Relaxed),
+            publish_received: m.publish_received.load(Ordering::Relaxed),
+            publish_sent: m.publish_sent.load(Ordering::Relaxed),
+            wills_published: m.wills_published.load(Ordering::Relaxed),
+            sessions_online: online,
+            sessions_offline: offline,
+            retained: self.retained.len(),
+        }
+    }
+}
+
+/// A handle on the MQTT front end, for stats.
+#[derive(Clone)]
+pub struct MqttHandle {
+    pub(crate) shared: Arc<MqttShared>,
+}
+
+impl MqttHandle {
+    /// Current counters.
+    pub fn stats(&self) -> MqttStats {
+        self.shared.stats()
+    }
+}
+
+/// Starts the MQTT front end on `listener`: the accept loop and the session maintenance task
+/// run until `shutdown` is cancelled; connection tasks are tracked by `tracker`.
+pub(crate) fn start(
+    broker: Broker,
+    config: MqttConfig,
+    retained: Arc<RetainedStore>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) -> MqttHandle {
+    let auth = Authenticator::new(&config.users, config.allow_anonymous);
+    let shared = Arc::new(MqttShared {
+        broker,
+        config,
+        auth,
+        retained,
+        sessions: Sessions::default(),
+        metrics: MqttMetrics::default(),
+        shutdown,
+        tracker: tracker.clone(),
+        next_conn: AtomicU64::new(1),
+    });
+    tracker.spawn(accept_loop(shared.clone(), listener));
+    tracker.spawn(maintenance(shared.clone()));
+    MqttHandle { shared }
+}
+
+async fn accept_loop(shared: Arc<MqttShared>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                spawn_connection(&shared, stream, peer);
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accepting an MQTT connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tracing::info!("MQTT listener stopped");
+}
+
+/// Runs one connection over any byte stream (TCP today; WebSocket or TLS later).
+pub(crate) fn spawn_connection<S>(shared: &Arc<MqttShared>, stream: S, peer: SocketAddr)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let m = &shared.metrics;
+    m.accepted.fetch_add(1, Ordering::Relaxed);
+    let active = m.active.fetch_add(1, Ordering::AcqRel) + 1;
+    let over_limit = active > shared.config.max_connections;
+    let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+    let shared2 = shared.clone();
+    shared.tracker.spawn(async move {
+        connection::run(shared2.clone(), stream, peer, conn, over_limit).await;
+        shared2.metrics.active.fetch_sub(1, Ordering::AcqRel);
+    });
+}
+
+/// Expires offline sessions (expiry interval, `max_queued`) and saves retained messages once a
+/// second.
+async fn maintenance(shared: Arc<MqttShared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        shared
+            .sessions
+            .expire(&shared.broker, shared.config.max_queued);
+        if let Err(e) = shared.retained.save() {
+            tracing::error!(error = %e, "saving retained messages failed");
+        }
+    }
+}
