@@ -351,6 +351,13 @@ impl MessageBuilder {
         self
     }
 
+    /// Adds a header, keeping earlier values of the same key (for protocols whose properties
+    /// may repeat, such as MQTT user properties).
+    pub fn append_header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.message.headers.append(key, value);
+        self
+    }
+
     /// Sets the key.
     pub fn key(mut self, key: impl Into<Bytes>) -> Self {
         self.message.key = Some(key.into());
@@ -484,6 +491,18 @@ mod tests {
         let ids: Vec<MessageId> = (0..10_000).map(|_| MessageId::new()).collect();
         assert!(ids.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(ids[0].as_uuid().get_version_num(), 7);
+    }
+
+    #[test]
+    fn header_replaces_and_append_header_keeps() {
+        let m = Message::builder()
+            .header("a", "1")
+            .header("a", "2")
+            .append_header("b", "1")
+            .append_header("b", "2")
+            .build();
+        let pairs: Vec<_> = m.headers().iter().collect();
+        assert_eq!(pairs, vec![("a", "2"), ("b", "1"), ("b", "2")]);
     }
 
     #[test]
