@@ -965,7 +965,10 @@ impl BrokerInner {
         let message = dead_letter_message(&job.topic, &job.record, &job.reason, job.attempts);
         // Dead-letter topics never refuse for capacity; retention bounds them. If the broker is
         // already closed the dead letter is still stored (it was counted as dead-lettered).
-        if topic.append(&mut Some(topic.wrap(message, &None))).is_ok() {
+        if topic
+            .append_visible(&mut Some(topic.wrap(message, &None)))
+            .is_ok()
+        {
             let mut reasons = self.dead_reasons.lock();
             *reasons
                 .entry(job.topic.clone())

@@ -303,6 +303,19 @@ impl Topic {
         Ok(())
     }
 
+    /// Appends and makes the records visible at once, even on a store that waits for its sync:
+    /// for dead letters, which are appended on a consumer's settle path (no fsync there). They
+    /// become durable with the next sync; positions are saved only after one, so a crash cannot
+    /// lose a dead letter whose source was settled on disk.
+    pub(crate) fn append_visible(
+        &self,
+        pending: &mut impl Pending,
+    ) -> Result<Range<u64>, AppendError> {
+        let range = self.append(pending)?;
+        self.reveal(range.end);
+        Ok(range)
+    }
+
     /// Moves the visible tail up to `end` and wakes the consumers watching the topic.
     fn reveal(&self, end: u64) {
         if self.tail.fetch_max(end, Ordering::SeqCst) >= end {

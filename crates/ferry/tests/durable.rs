@@ -162,6 +162,8 @@ async fn dead_letters_and_their_reasons_survive_a_restart() {
         sub.recv().await.unwrap().reject("bad input").unwrap();
         sub.recv().await.unwrap().ack().unwrap();
         sub.recv().await.unwrap().reject("worse input").unwrap();
+        // Visible at once, before any restart.
+        assert_eq!(broker.dead_letters("jobs").unwrap().list(10).len(), 2);
         broker.shutdown(Duration::from_secs(1)).await;
     }
     let broker = Broker::open(dir.path()).unwrap();

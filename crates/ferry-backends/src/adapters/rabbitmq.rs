@@ -1,0 +1,824 @@
+//! RabbitMQ (`amqp://user:pass@host:5672/vhost`).
+//!
+//! **Mapping.** Messages are published (persistent, with publisher confirms) to one durable
+//! topic exchange (default `ferry`, `?exchange=NAME`) with the topic as routing key, so wildcard
+//! filters are native binding keys (`*` one word, `#` any number). A consumer group is a durable
+//! quorum queue `<exchange>:<filter>:<group>` bound to the filter, with `x-delivery-limit` and
+//! the dead-letter exchange `<exchange>.dlx`; a fanout subscription is an exclusive, auto-delete
+//! classic queue of its own. `?queue_expires_s=N` sets `x-expires` on group queues (the server
+//! deletes a group queue unused that long). Dead letters of topic `t` land in the durable queue
+//! `<exchange>:dlq:<t>`, declared the first time this handle publishes to, subscribes to or asks
+//! for the dead letters of `t`.
+//!
+//! **Delivery.** Attempt = the `ferry-attempt` header (set when the adapter republishes) + the
+//! quorum queue's `x-delivery-count`. A nack on a group queue is `basic.nack(requeue)`: the
+//! queue counts it and dead-letters past the delivery limit natively. On a fanout (classic)
+//! queue, which counts nothing, the adapter republishes the message to its queue with the next
+//! attempt number and acknowledges the original. A delayed nack (emulated) republishes to a
+//! per-delay queue `<queue>:delay:<ms>` whose TTL dead-letters it back into the queue, then
+//! acknowledges the original: durable, but the redelivery goes to the back of the queue.
+//! RabbitMQ has no per-message ack timeout (only a channel-wide `consumer_timeout`), so the
+//! adapter emulates it: a task per subscription returns deliveries unsettled after the ack
+//! timeout (requeue, or republish on fanout queues) and a late ack then fails with
+//! [`BackendError::Stale`]. A consumer that dies returns its deliveries natively (channel close).
+//! Nacks on the last attempt and rejects publish the message with `ferry-dlq-*` headers to the
+//! dead-letter exchange and acknowledge the original.
+//!
+//! **Limits.** No replay (`Start::Earliest` is refused: queues hold only what arrived since they
+//! were declared). `publish_batch` is confirmed as a whole but not atomic.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use parking_lot::Mutex;
+use tokio::time::Instant;
+
+use crate::api::{
+    Acker, Backend, BackendMessage, BackendSubscription, Delivery, Position, PublishAck, Start,
+    SubscribeOptions, DLQ_ATTEMPTS_HEADER, DLQ_REASON_HEADER, DLQ_TOPIC_HEADER,
+};
+use crate::capabilities::{Capabilities, Support};
+use crate::connect::{query, query_num, ConnectOptions, Lifecycle};
+use crate::error::{BackendError, Result};
+use crate::filter::{check_filter, check_topic};
+
+const NAME: &str = "rabbitmq";
+const KEY_HEADER: &str = "ferry-key";
+const ATTEMPT_HEADER: &str = "ferry-attempt";
+const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
+/// The topic of a republished message (its routing key is then the queue's name).
+const TOPIC_HEADER: &str = "ferry-topic";
+
+fn amqp_error(operation: &str, e: &lapin::Error) -> BackendError {
+    let text = e.to_string();
+    if text.contains("IO error") || text.contains("connection") && text.contains("refused") {
+        BackendError::Unreachable {
+            backend: NAME,
+            reason: format!("{operation}: {text}"),
+        }
+    } else if text.contains("PRECONDITION_FAILED") || text.contains("ACCESS_REFUSED") {
+        BackendError::rejected(NAME, operation, text)
+    } else {
+        BackendError::backend(NAME, operation, text)
+    }
+}
+
+/// The RabbitMQ backend.
+pub struct RabbitBackend {
+    conn: Connection,
+    publisher: tokio::sync::Mutex<Channel>,
+    exchange: String,
+    dlx: String,
+    queue_expires: Option<u32>,
+    life: Lifecycle,
+    /// Topics whose dead-letter queue this handle declared.
+    dlqs: Mutex<HashSet<String>>,
+    /// Group queues this handle declared, by filter (for `delete_topic`).
+    queues: Mutex<HashMap<String, HashSet<String>>>,
+}
+
+impl std::fmt::Debug for RabbitBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RabbitBackend")
+            .field("exchange", &self.exchange)
+            .finish()
+    }
+}
+
+async fn confirm_channel(conn: &Connection) -> Result<Channel> {
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(|e| amqp_error("open channel", &e))?;
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| amqp_error("confirm select", &e))?;
+    Ok(ch)
+}
+
+fn properties(m: &BackendMessage, attempt: Option<u32>, topic: Option<&str>) -> BasicProperties {
+    let mut h = FieldTable::default();
+    for (k, v) in &m.headers {
+        h.insert(
+            ShortString::from(k.as_str()),
+            AMQPValue::LongString(LongString::from(v.as_bytes())),
+        );
+    }
+    if let Some(k) = &m.key {
+        h.insert(
+            KEY_HEADER.into(),
+            AMQPValue::LongString(LongString::from(k.as_bytes())),
+        );
+    }
+    if let Some(t) = topic {
+        h.insert(
+            TOPIC_HEADER.into(),
+            AMQPValue::LongString(LongString::from(t.as_bytes())),
+        );
+    }
+    if let Some(a) = attempt {
+        h.insert(ATTEMPT_HEADER.into(), AMQPValue::LongLongInt(i64::from(a)));
+    }
+    BasicProperties::default()
+        .with_message_id(ShortString::from(m.id.as_str()))
+        .with_delivery_mode(2)
+        .with_headers(h)
+}
+
+fn int_of(v: &AMQPValue) -> Option<i64> {
+    match v {
+        AMQPValue::ShortShortInt(x) => Some(i64::from(*x)),
+        AMQPValue::ShortShortUInt(x) => Some(i64::from(*x)),
+        AMQPValue::ShortInt(x) => Some(i64::from(*x)),
+        AMQPValue::ShortUInt(x) => Some(i64::from(*x)),
+        AMQPValue::LongInt(x) => Some(i64::from(*x)),
+        AMQPValue::LongUInt(x) => Some(i64::from(*x)),
+        AMQPValue::LongLongInt(x) => Some(*x),
+        AMQPValue::Timestamp(x) => i64::try_from(*x).ok(),
+        _ => None,
+    }
+}
+
+fn string_of(v: &AMQPValue) -> Option<String> {
+    match v {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        other => int_of(other).map(|i| i.to_string()),
+    }
+}
+
+/// The message, its attempt number and its topic.
+fn message_of(d: &lapin::message::Delivery) -> (BackendMessage, u32, String) {
+    let mut headers = BTreeMap::new();
+    let mut key = None;
+    let mut topic = None;
+    let mut attempt: i64 = 1;
+    let mut returned: i64 = 0;
+    let mut death_reason = None;
+    if let Some(h) = d.properties.headers() {
+        for (k, v) in h.inner() {
+            match k.as_str() {
+                KEY_HEADER => key = string_of(v),
+                TOPIC_HEADER => topic = string_of(v),
+                ATTEMPT_HEADER => attempt = int_of(v).unwrap_or(1),
+                DELIVERY_COUNT_HEADER => returned = int_of(v).unwrap_or(0),
+                "x-first-death-reason" => death_reason = string_of(v),
+                n if n.starts_with("x-") => {}
+                n => {
+                    if let Some(s) = string_of(v) {
+                        headers.insert(n.to_string(), s);
+                    }
+                }
+            }
+        }
+    }
+    // Dead-lettered natively (delivery limit): say why, as the adapter's own dead letters do.
+    if let Some(reason) = death_reason {
+        if !headers.contains_key(DLQ_REASON_HEADER) && reason != "expired" {
+            headers.insert(DLQ_REASON_HEADER.into(), reason);
+        }
+    }
+    let message = BackendMessage {
+        id: d
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str().to_string())
+            .unwrap_or_default(),
+        payload: bytes::Bytes::from(d.data.clone()),
+        headers,
+        key,
+    };
+    let attempt = u32::try_from(attempt.max(1).saturating_add(returned.max(0))).unwrap_or(u32::MAX);
+    let topic = topic.unwrap_or_else(|| d.routing_key.as_str().to_string());
+    (message, attempt, topic)
+}
+
+impl RabbitBackend {
+    /// The capability table.
+    pub const fn capabilities() -> Capabilities {
+        Capabilities {
+            fanout: Support::Native,
+            groups: Support::Native,
+            ordering: Support::Native,
+            ack_timeout: Support::Emulated,
+            nack_delay: Support::Emulated,
+            dead_letter: Support::Native,
+            wildcards: Support::Native,
+            replay: Support::Unsupported,
+            durable_groups: Support::Native,
+            atomic_batch: Support::Unsupported,
+        }
+    }
+
+    pub(crate) async fn connect(url: &url::Url, options: &ConnectOptions) -> Result<Self> {
+        let exchange = query(url, "exchange").unwrap_or_else(|| "ferry".into());
+        let queue_expires =
+            query_num::<u32>(url, "queue_expires_s")?.map(|s| s.saturating_mul(1000));
+        let mut base = url.clone();
+        base.set_query(None);
+        let uri = base.to_string();
+        let conn = options
+            .retry
+            .run(NAME, "connect", || {
+                let uri = uri.clone();
+                async move {
+                    Connection::connect(&uri, ConnectionProperties::default())
+                        .await
+                        .map_err(|e| BackendError::Unreachable {
+                            backend: NAME,
+                            reason: e.to_string(),
+                        })
+                }
+            })
+            .await?;
+        let ch = confirm_channel(&conn).await?;
+        let dlx = format!("{exchange}.dlx");
+        for name in [&exchange, &dlx] {
+            ch.exchange_declare(
+                name.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| amqp_error("declare exchange", &e))?;
+        }
+        Ok(RabbitBackend {
+            conn,
+            publisher: tokio::sync::Mutex::new(ch),
+            exchange,
+            dlx,
+            queue_expires,
+            life: Lifecycle::default(),
+            dlqs: Mutex::new(HashSet::new()),
+            queues: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn dlq_name(&self, topic: &str) -> String {
+        format!("{}:dlq:{topic}", self.exchange)
+    }
+
+    /// The publishing channel, reopened if a channel error closed it.
+    async fn publisher(&self) -> Result<Channel> {
+        let mut ch = self.publisher.lock().await;
+        if !ch.status().connected() {
+            *ch = confirm_channel(&self.conn).await?;
+        }
+        Ok(ch.clone())
+    }
+
+    /// Declares the dead-letter queue of `topic` once per handle.
+    async fn ensure_dlq(&self, topic: &str) -> Result<()> {
+        if self.dlqs.lock().contains(topic) {
+            return Ok(());
+        }
+        let ch = self.publisher().await?;
+        let q = self.dlq_name(topic);
+        ch.queue_declare(
+            q.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| amqp_error("declare dead-letter queue", &e))?;
+        ch.queue_bind(
+            q.as_str().into(),
+            self.dlx.as_str().into(),
+            topic.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| amqp_error("bind dead-letter queue", &e))?;
+        self.dlqs.lock().insert(topic.to_string());
+        Ok(())
+    }
+
+    async fn consume(
+        &self,
+        ch: Channel,
+        queue: String,
+        quorum: bool,
+        options: &SubscribeOptions,
+        with_timeouts: bool,
+    ) -> Result<Box<dyn BackendSubscription>> {
+        ch.basic_qos(
+            u16::try_from(options.prefetch).unwrap_or(u16::MAX),
+            BasicQosOptions::default(),
+        )
+        .await
+        .map_err(|e| amqp_error("qos", &e))?;
+        let tag = format!("ferry-{}", uuid::Uuid::new_v4().simple());
+        let consumer = ch
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| amqp_error("consume", &e))?;
+        let shared = Arc::new(SubShared {
+            ch,
+            publisher: self.publisher().await?,
+            queue,
+            quorum,
+            dlx: self.dlx.clone(),
+            max_attempts: options.max_attempts,
+            in_flight: Mutex::new(HashMap::new()),
+        });
+        let cancel = self.life.child();
+        if with_timeouts {
+            tokio::spawn(expire_loop(
+                Arc::downgrade(&shared),
+                options.ack_timeout,
+                cancel.clone(),
+            ));
+        }
+        Ok(Box::new(RabbitSubscription {
+            consumer,
+            tag,
+            shared,
+            cancel,
+            ack_timeout: options.ack_timeout,
+            closed: false,
+        }))
+    }
+}
+
+#[async_trait]
+impl Backend for RabbitBackend {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Self::capabilities()
+    }
+
+    async fn publish(&self, topic: &str, message: BackendMessage) -> Result<PublishAck> {
+        let mut acks = self.publish_batch(topic, vec![message]).await?;
+        acks.pop()
+            .ok_or_else(|| BackendError::backend(NAME, "publish", "no confirmation"))
+    }
+
+    async fn publish_batch(
+        &self,
+        topic: &str,
+        messages: Vec<BackendMessage>,
+    ) -> Result<Vec<PublishAck>> {
+        self.life.check()?;
+        check_topic(topic)?;
+        self.ensure_dlq(topic).await?;
+        let ch = self.publisher().await?;
+        let mut confirms = Vec::with_capacity(messages.len());
+        for m in &messages {
+            let c = ch
+                .basic_publish(
+                    self.exchange.as_str().into(),
+                    topic.into(),
+                    BasicPublishOptions::default(),
+                    &m.payload,
+                    properties(m, None, None),
+                )
+                .await
+                .map_err(|e| amqp_error("publish", &e))?;
+            confirms.push(c);
+        }
+        let mut out = Vec::with_capacity(messages.len());
+        for (m, c) in messages.into_iter().zip(confirms) {
+            match c.await.map_err(|e| amqp_error("publish", &e))? {
+                Confirmation::Nack(_) => {
+                    return Err(BackendError::rejected(NAME, "publish", "broker nacked"))
+                }
+                Confirmation::Ack(_) | Confirmation::NotRequested => out.push(PublishAck {
+                    id: m.id,
+                    position: Position::Confirmed,
+                }),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn subscribe(&self, options: SubscribeOptions) -> Result<Box<dyn BackendSubscription>> {
+        self.life.check()?;
+        options.validate()?;
+        check_filter(&options.filter)?;
+        if options.start == Start::Earliest {
+            return Err(BackendError::unsupported(NAME, "Start::Earliest (replay)"));
+        }
+        if !options.has_wildcards() {
+            self.ensure_dlq(&options.filter).await?;
+        }
+        let ch = self
+            .conn
+            .create_channel()
+            .await
+            .map_err(|e| amqp_error("open channel", &e))?;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(self.dlx.as_str().into()),
+        );
+        let (queue, quorum) = match &options.group {
+            Some(g) => {
+                let name = format!("{}:{}:{g}", self.exchange, options.filter);
+                args.insert(
+                    "x-queue-type".into(),
+                    AMQPValue::LongString("quorum".into()),
+                );
+                args.insert(
+                    "x-delivery-limit".into(),
+                    AMQPValue::LongLongInt(i64::from(options.max_attempts.saturating_sub(1))),
+                );
+                if let Some(ms) = self.queue_expires {
+                    args.insert("x-expires".into(), AMQPValue::LongLongInt(i64::from(ms)));
+                }
+                ch.queue_declare(
+                    name.as_str().into(),
+                    QueueDeclareOptions {
+                        durable: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    args,
+                )
+                .await
+                .map_err(|e| amqp_error("declare group queue", &e))?;
+                self.queues
+                    .lock()
+                    .entry(options.filter.clone())
+                    .or_default()
+                    .insert(name.clone());
+                (name, true)
+            }
+            None => {
+                let name = format!(
+                    "{}:{}:fanout-{}",
+                    self.exchange,
+                    options.filter,
+                    uuid::Uuid::new_v4().simple()
+                );
+                ch.queue_declare(
+                    name.as_str().into(),
+                    QueueDeclareOptions {
+                        exclusive: true,
+                        auto_delete: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    args,
+                )
+                .await
+                .map_err(|e| amqp_error("declare fanout queue", &e))?;
+                (name, false)
+            }
+        };
+        ch.queue_bind(
+            queue.as_str().into(),
+            self.exchange.as_str().into(),
+            options.filter.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| amqp_error("bind queue", &e))?;
+        self.consume(ch, queue, quorum, &options, true).await
+    }
+
+    async fn dead_letters(&self, topic: &str) -> Result<Box<dyn BackendSubscription>> {
+        self.life.check()?;
+        check_topic(topic)?;
+        self.ensure_dlq(topic).await?;
+        let ch = self
+            .conn
+            .create_channel()
+            .await
+            .map_err(|e| amqp_error("open channel", &e))?;
+        let options = SubscribeOptions::new(topic).max_attempts(u32::MAX);
+        self.consume(ch, self.dlq_name(topic), false, &options, false)
+            .await
+    }
+
+    async fn delete_topic(&self, topic: &str) -> Result<()> {
+        check_topic(topic)?;
+        let ch = self.publisher().await?;
+        let mut queues: Vec<String> = self
+            .queues
+            .lock()
+            .remove(topic)
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        queues.push(self.dlq_name(topic));
+        self.dlqs.lock().remove(topic);
+        for q in queues {
+            ch.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .map_err(|e| amqp_error("delete queue", &e))?;
+        }
+        Ok(())
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.life.is_closed() {
+            return Ok(());
+        }
+        self.life.close();
+        let _ = self.conn.close(200, "closed".into()).await;
+        Ok(())
+    }
+}
+
+/// A delivery not settled yet.
+struct InFlight {
+    deadline: Instant,
+    acker: lapin::Acker,
+    /// For republishing (fanout queues, delays, dead letters).
+    message: BackendMessage,
+    topic: String,
+    attempt: u32,
+}
+
+struct SubShared {
+    ch: Channel,
+    publisher: Channel,
+    queue: String,
+    quorum: bool,
+    dlx: String,
+    max_attempts: u32,
+    in_flight: Mutex<HashMap<u64, InFlight>>,
+}
+
+impl SubShared {
+    fn take(&self, tag: u64) -> Result<InFlight> {
+        self.in_flight
+            .lock()
+            .remove(&tag)
+            .ok_or(BackendError::Stale)
+    }
+
+    async fn publish_confirmed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        m: &BackendMessage,
+        props: BasicProperties,
+    ) -> Result<()> {
+        let c = self
+            .publisher
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                &m.payload,
+                props,
+            )
+            .await
+            .map_err(|e| amqp_error("republish", &e))?
+            .await
+            .map_err(|e| amqp_error("republish", &e))?;
+        if let Confirmation::Nack(_) = c {
+            return Err(BackendError::rejected(NAME, "republish", "broker nacked"));
+        }
+        Ok(())
+    }
+
+    async fn ack(&self, f: &InFlight) -> Result<()> {
+        f.acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(|e| amqp_error("ack", &e))?;
+        Ok(())
+    }
+
+    /// Redeliver: requeue on quorum queues (counted by the queue), republish with the next
+    /// attempt number elsewhere; via a delay queue when there is a delay.
+    async fn redeliver(&self, f: InFlight, delay: Option<Duration>) -> Result<()> {
+        if f.attempt >= self.max_attempts {
+            return self.dead_letter(f, "max_attempts").await;
+        }
+        match delay.filter(|d| !d.is_zero()) {
+            None if self.quorum => {
+                f.acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await
+                    .map_err(|e| amqp_error("nack", &e))?;
+                Ok(())
+            }
+            None => {
+                let props = properties(&f.message, Some(f.attempt + 1), Some(&f.topic));
+                self.publish_confirmed("", &self.queue, &f.message, props)
+                    .await?;
+                self.ack(&f).await
+            }
+            Some(delay) => {
+                let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX).max(1);
+                let delay_queue = format!("{}:delay:{ms}", self.queue);
+                let mut args = FieldTable::default();
+                args.insert(
+                    "x-message-ttl".into(),
+                    AMQPValue::LongLongInt(i64::try_from(ms).unwrap_or(i64::MAX)),
+                );
+                args.insert(
+                    "x-dead-letter-exchange".into(),
+                    AMQPValue::LongString("".into()),
+                );
+                args.insert(
+                    "x-dead-letter-routing-key".into(),
+                    AMQPValue::LongString(self.queue.as_str().into()),
+                );
+                args.insert(
+                    "x-expires".into(),
+                    AMQPValue::LongLongInt(
+                        i64::try_from(ms.saturating_add(60_000)).unwrap_or(i64::MAX),
+                    ),
+                );
+                self.publisher
+                    .queue_declare(
+                        delay_queue.as_str().into(),
+                        QueueDeclareOptions {
+                            durable: self.quorum,
+                            ..QueueDeclareOptions::default()
+                        },
+                        args,
+                    )
+                    .await
+                    .map_err(|e| amqp_error("declare delay queue", &e))?;
+                let props = properties(&f.message, Some(f.attempt + 1), Some(&f.topic));
+                self.publish_confirmed("", &delay_queue, &f.message, props)
+                    .await?;
+                self.ack(&f).await
+            }
+        }
+    }
+
+    async fn dead_letter(&self, f: InFlight, reason: &str) -> Result<()> {
+        let mut m = f.message.clone();
+        m.headers.insert(DLQ_REASON_HEADER.into(), reason.into());
+        m.headers
+            .insert(DLQ_ATTEMPTS_HEADER.into(), f.attempt.to_string());
+        m.headers.insert(DLQ_TOPIC_HEADER.into(), f.topic.clone());
+        let props = properties(&m, None, None);
+        self.publish_confirmed(&self.dlx, &f.topic, &m, props)
+            .await?;
+        self.ack(&f).await
+    }
+}
+
+/// Returns deliveries that outlived the ack timeout.
+async fn expire_loop(
+    shared: std::sync::Weak<SubShared>,
+    ack_timeout: Duration,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let tick = (ack_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(tick) => {}
+        }
+        let Some(s) = shared.upgrade() else { return };
+        let now = Instant::now();
+        let expired: Vec<InFlight> = {
+            let mut map = s.in_flight.lock();
+            let tags: Vec<u64> = map
+                .iter()
+                .filter(|(_, f)| f.deadline <= now)
+                .map(|(t, _)| *t)
+                .collect();
+            tags.iter().filter_map(|t| map.remove(t)).collect()
+        };
+        for f in expired {
+            if let Err(e) = s.redeliver(f, None).await {
+                tracing::warn!(error = %e, queue = %s.queue, "returning an expired delivery failed");
+            }
+        }
+    }
+}
+
+struct RabbitSubscription {
+    consumer: lapin::Consumer,
+    tag: String,
+    shared: Arc<SubShared>,
+    cancel: tokio_util::sync::CancellationToken,
+    ack_timeout: Duration,
+    closed: bool,
+}
+
+#[async_trait]
+impl BackendSubscription for RabbitSubscription {
+    async fn next(&mut self) -> Result<Delivery> {
+        loop {
+            let item = tokio::select! {
+                () = self.cancel.cancelled() => return Err(BackendError::Closed),
+                item = self.consumer.next() => item,
+            };
+            let d = match item {
+                None => return Err(BackendError::Closed),
+                Some(Err(e)) => return Err(amqp_error("consume", &e)),
+                Some(Ok(d)) => d,
+            };
+            let (message, attempt, topic) = message_of(&d);
+            let tag = d.delivery_tag;
+            let f = InFlight {
+                deadline: Instant::now() + self.ack_timeout,
+                acker: d.acker,
+                message: message.clone(),
+                topic: topic.clone(),
+                attempt,
+            };
+            if attempt > self.shared.max_attempts {
+                // In a task, so that `next` stays cancel-safe.
+                let shared = self.shared.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = shared.dead_letter(f, "max_attempts").await {
+                        tracing::warn!(error = %e, "rabbitmq: dead-lettering failed");
+                    }
+                });
+                continue;
+            }
+            self.shared.in_flight.lock().insert(tag, f);
+            return Ok(Delivery::new(
+                message,
+                topic,
+                attempt,
+                Box::new(RabbitAcker {
+                    shared: self.shared.clone(),
+                    tag,
+                }),
+            ));
+        }
+    }
+
+    async fn close(mut self: Box<Self>) -> Result<()> {
+        self.closed = true;
+        self.cancel.cancel();
+        let _ = self
+            .shared
+            .ch
+            .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
+            .await;
+        let _ = self.shared.ch.close(200, "closed".into()).await;
+        Ok(())
+    }
+}
+
+impl Drop for RabbitSubscription {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        if self.closed {
+            return;
+        }
+        let ch = self.shared.ch.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = ch.close(200, "closed".into()).await;
+            });
+        }
+    }
+}
+
+struct RabbitAcker {
+    shared: Arc<SubShared>,
+    tag: u64,
+}
+
+#[async_trait]
+impl Acker for RabbitAcker {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        let f = self.shared.take(self.tag)?;
+        self.shared.ack(&f).await
+    }
+
+    async fn nack(self: Box<Self>, delay: Option<Duration>) -> Result<()> {
+        let f = self.shared.take(self.tag)?;
+        self.shared.redeliver(f, delay).await
+    }
+
+    async fn reject(self: Box<Self>, reason: String) -> Result<()> {
+        let f = self.shared.take(self.tag)?;
+        self.shared.dead_letter(f, &reason).await
+    }
+}

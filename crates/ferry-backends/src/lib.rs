@@ -1,0 +1,79 @@
+//! One publish/subscribe API over embedded Ferry, NATS JetStream, Redis Streams, RabbitMQ and
+//! Kafka.
+//!
+//! A [`Backend`] publishes [`BackendMessage`]s to topics and makes subscriptions
+//! ([`BackendSubscription`]) — fanout, or members of a consumer group — whose [`Delivery`]s are
+//! settled with `ack`, `nack(delay)` or `reject`, with an ack timeout, attempt counts and dead
+//! letters after `max_attempts`. [`connect`] picks the backend from a URL and returns an
+//! `Arc<dyn Backend>`:
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), ferry_backends::BackendError> {
+//! use std::time::Duration;
+//! use ferry_backends::{connect, BackendMessage, SubscribeOptions};
+//!
+//! let backend = connect("memory://").await?; // or nats://, redis://, amqp://, file:///dir
+//! let mut workers = backend
+//!     .subscribe(SubscribeOptions::new("orders").group("billing").ack_timeout(Duration::from_secs(5)))
+//!     .await?;
+//! backend.publish("orders", BackendMessage::new("order 1").with_key("customer-7")).await?;
+//! let delivery = workers.next().await?;
+//! assert_eq!(&delivery.payload[..], b"order 1");
+//! delivery.ack().await?;
+//! backend.close().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # Capabilities
+//!
+//! Every adapter states what it does natively, what the adapter emulates, and what it cannot do
+//! ([`Backend::capabilities`], and `capabilities()` on each adapter type). The conformance suite
+//! (`tests/conformance.rs`) runs the same cases on every backend and skips those whose
+//! capability is unsupported.
+//!
+//! | capability | Ferry (`memory://`, `file://`) | NATS JetStream | Redis Streams | RabbitMQ | Kafka (feature `kafka`) |
+//! | --- | --- | --- | --- | --- | --- |
+//! | fanout | native | native (ephemeral consumer each) | native (a group each) | native (a queue each) | native (a consumer group each) |
+//! | groups | native | native (durable pull consumer) | native (consumer group) | native (quorum queue) | native |
+//! | ordering (per key / single subscriber) | native | native | native | native | native (per partition) |
+//! | ack timeout | native | native (`ack_wait`) | emulated (`XAUTOCLAIM`) | emulated (timer, requeue) | unsupported |
+//! | nack delay | native | native (`-NAK` delay) | emulated (capped at the ack timeout) | emulated (TTL queue) | emulated (in-process wait) |
+//! | dead letters | native (`$dlq/<topic>`) | emulated (`<prefix>.dlq.<topic>`) | emulated (`<topic>:dlq`) | native (DLX, delivery limit) | emulated (`<topic>.dlq`) |
+//! | wildcards (`a.*`, `a.#`) | native | native | unsupported | native | native (regex subscription) |
+//! | replay (`Start::Earliest`) | native (retained records) | native | native | unsupported | native |
+//! | durable groups | native (`file://`; in memory while the process lives) | native | native | native | native |
+//! | atomic batch | native | unsupported | native (`MULTI`) | unsupported | unsupported |
+//!
+//! Each adapter module documents its mapping and limits: [`adapters::embedded`],
+//! [`adapters::nats`], [`adapters::redis`], [`adapters::rabbitmq`] and (with the `kafka`
+//! feature) `adapters::kafka`.
+//!
+//! # Filters
+//!
+//! Topics are `.`-separated levels. The portable wildcard syntax is `*` for exactly one level
+//! and a trailing `#` for one or more levels ([`filter`]).
+//!
+//! # Errors
+//!
+//! Every operation returns a typed [`BackendError`] (`Unreachable`, `Timeout`, `Rejected`,
+//! `Closed`, `Unsupported`, `Invalid`, `Stale`, ...) with a stable
+//! [`code`](BackendError::code). Connecting retries transient failures with exponential backoff
+//! ([`RetryPolicy`]).
+
+#![deny(missing_docs)]
+
+pub mod adapters;
+mod api;
+mod capabilities;
+mod connect;
+mod error;
+pub mod filter;
+
+pub use api::{
+    Acker, Backend, BackendMessage, BackendSubscription, Delivery, Position, PublishAck, Start,
+    SubscribeOptions, DLQ_ATTEMPTS_HEADER, DLQ_REASON_HEADER, DLQ_TOPIC_HEADER,
+};
+pub use capabilities::{Capabilities, Support};
+pub use connect::{connect, connect_with, ConnectOptions, RetryPolicy};
+pub use error::{BackendError, Result};

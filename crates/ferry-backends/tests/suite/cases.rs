@@ -1,0 +1,715 @@
+//! The conformance cases, written once over `Arc<dyn Backend>` and run on every backend.
+//! A case that needs a capability the backend lacks returns [`Skip`](super::Skip) (and checks
+//! that asking for it anyway fails with `Unsupported` where that applies).
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, ensure};
+use ferry_backends::{
+    BackendError, BackendMessage, Start, SubscribeOptions, Support, DLQ_REASON_HEADER,
+};
+use tokio::time::Instant;
+
+use super::{collect_acked, expect_none, msg, num, recv, Ctx, Skip};
+
+const WAIT: Duration = Duration::from_secs(5);
+const QUIET: Duration = Duration::from_millis(400);
+
+/// Publish, subscribe: ids, payloads, headers, keys, topic and attempt survive the trip, in
+/// order; nothing more arrives after the acks.
+pub async fn publish_subscribe(ctx: Arc<Ctx>) -> anyhow::Result<()> {
+    let topic = ctx.topic("t");
+    let b = &ctx.backend;
+    let mut sub = b.subscribe(SubscribeOptions::new(&topic)).await?;
+    let mut sent = Vec::new();
+    for i in 0..10 {
+        let m = msg(i).with_key(format!("k{}", i % 3));
+        let ack = b.publish(&topic, m.clone()).await?;
+        ensure!(ack.id == m.id, "publish ack id {} != {}", ack.id, m.id);
+        sent.push(m);
+    }
+    for m in &sent {
+        let d = recv(&mut sub, WAIT).await?;
+        ensure!(d.topic() == topic, "topic {} != {topic}", d.topic());
+        ensure!(
+            d.attempt() == 1,
+            "first delivery has attempt {}",
+            d.attempt()
+        );
+        ensure!(
+            d.id == m.id,
+            "id {} != {} (out of order or lost)",
+            d.id,
+            m.id
+        );
+        ensure!(d.payload == m.payload, "payload differs");
+        ensure!(d.key == m.key, "key {:?} != {:?}", d.key, m.key);
+        ensure!(
+            d.headers == m.headers,
+            "headers {:?} != {:?}",
+            d.headers,
+            m.headers
+        );
+        d.ack().await?;
+    }
+    expect_none(&mut sub, QUIET).await
+}
+
+/// `publish_batch`: acknowledged in order with the messages' ids, delivered in order.
+pub async fn publish_batch(ctx: Arc<Ctx>) -> anyhow::Result<()> {
+    let topic = ctx.topic("t");
+    let b = &ctx.backend;
+    let mut sub = b.subscribe(SubscribeOptions::new(&topic)).await?;
+    let batch: Vec<BackendMessage> = (0..25).map(msg).collect();
+    let acks = b.publish_batch(&topic, batch.clone()).await?;
+    ensure!(
+        acks.len() == batch.len(),
+        "{} acks for {} messages",
+        acks.len(),
+        batch.len()
+    );
+    for (a, m) in acks.iter().zip(&batch) {
+        ensure!(a.id == m.id, "ack ids out of order");
+    }
+    let got = collect_acked(&mut sub, batch.len(), WAIT).await?;
+    let got: Vec<usize> = got.iter().map(num).collect::<anyhow::Result<_>>()?;
+    ensure!(
+        got == (0..25).collect::<Vec<_>>(),
+        "batch delivered as {got:?}"
+    );
+    Ok(())
+}
+
+/// Two independent subscriptions each receive every message.
+pub async fn fanout(ctx: Arc<Ctx>) -> anyhow::Result<()> {
+    ctx.require("fanout", ctx.caps.fanout)?;
+    let topic = ctx.topic("t");
+    let b = &ctx.backend;
+    let mut s1 = b.subscribe(SubscribeOptions::new(&topic)).await?;
+    let mut s2 = b.subscribe(SubscribeOptions::new(&topic)).await?;
+    for i in 0..20 {
+        b.publish(&topic, msg(i)).await?;
+    }
+    for s in [&mut s1, &mut s2] {
+        let got = collect_acked(s, 20, WAIT).await?;
+        let set: BTreeSet<usize> = got.iter().map(num).collect::<anyhow::Result<_>>()?;
+        ensure!(
+            set.len() == 20,
+            "a subscriber got {} distinct of 20",
+            set.len()
+        );
+        expect_none(s, QUIET).await?;
+    }
+    Ok(())
+}
+
+/// Members of a group share the messages (each to exactly one); another group gets them all.
+pub async fn consumer_groups(ctx: Arc<Ctx>) -> anyhow::Result<()> {
+    ctx.require("consumer groups", ctx.caps.groups)?;
+    let topic = ctx.topic("t");
+    let b = &ctx.backend;
+    let g1 = ctx.name("g1");
+    let opts = SubscribeOptions::new(&topic)
+        .group(&g1)
+        .ack_timeout(Duration::from_secs(20))
+        .prefetch(4);
+    let mut m1 = b.subscribe(opts.clone()).await?;
+    let mut m2 = b.subscribe(opts).await?;
+    let mut other = b
+        .subscribe(SubscribeOptions::new(&topic).group(ctx.name("g2")))
+        .await?;
+    let n = 40;
+    for i in 0..n {
+        b.publish(&topic, msg(i)).await?;
+    }
+    let mut seen: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut per_member = [0usize; 2];
+    let deadline = Instant::now() + WAIT * 2;
+    while seen.len() < n {
+        ensure!(Instant::now() < deadline, "group got {} of {n}", seen.len());
+        let (d, who) = tokio::select! {
+            d = m1.next() => (d?, 0),
+            d = m2.next() => (d?, 1),
+            () = tokio::time::sleep_until(deadline) => continue,
+        };
+        per_member[who] += 1;
+        *seen.entry(num(&d)?).or_default() += 1;
+        d.ack().await?;
+    }
+    ensure!(
+        seen.values().all(|c| *c == 1),
+        "some messages went to more than one member: {seen:?}"
+    );
+    expect_none(&mut m1, QUIET).await?;
+    expect_none(&mut m2, Duration::from_millis(100)).await?;
+    let all = collect_acked(&mut other, n, WAIT).await?;
+    let set: BTreeSet<usize> = all.iter().map(num).collect::<anyhow::Result<_>>()?;
+    ensure!(
+        set.len() == n,
+        "the second group got {} distinct of {n}",
+        set.len()
+    );
+    eprintln!("  group split: {per_member:?}");
+    Ok(())
+}
+
+/// Messages of each key arrive in publish order (one subscriber, keys interleaved).
+pub async fn ordering_per_key(ctx: Arc<Ctx>) -> anyhow::Result<()> {
+    ctx.require("ordering", ctx.caps.ordering)?;
+    let topic = ctx.topic("t");
+    let b = &ctx.backend;
+    let mut sub = b
+        .subscribe(SubscribeOptions::new(&topic).group(ctx.name("ordered")))
+        .await?;
+    let keys = ["a", "b", "c"];
+    let n = 60;
+    for i in 0..n {
+        let key = keys[i % keys.len()];
+        b.publish(&topic, msg(i).with_key(key)).await?;
+    }
+    let got = collect_acked(&mut sub, n, WAIT).await?;
+    let mut last: BTreeMap<String, usize> = BTreeMap::new();
+    for m in &got {
+        let key = m.key.clone().ok_or_else(|| anyhow!("key lost"))?;
+        let i = num(m)?;
+        if let Some(prev) = last.insert(key.clone(), i) {
+            ensure!(prev < i, "key {key}: {i} arrived after {prev}");
+        }
+    }
+    Ok(())
+}
+
+/// A nack redelivers (attempt 2), on a fanout subscription and in a group.
+pub async fn nack_redelivers(ctx: Arc<Ctx>) -> anyhow::Result<()> {
+    let b = &ctx.backend;
+    for (i, group) in [None, Some(ctx.name("nack"))].into_iter().enumerate() {
+        if group.is_some() && !ctx.caps.groups.is_supported() {
+            continue;
+        }
+        let topic = ctx.topic(&format!("t{i}"));
+        let mut opts = SubscribeOptions::new(&topic)
+            .max_attempts(5)
+            .ack_timeout(Duration::from_secs(10));
+        opts.group = group.clone();
+        let mut sub = b.subscribe(opts).await?;
+        let sent = b.publish(&topic, msg(1)).await?;
+        let d = recv(&mut sub, WAIT).await?;
+        ensure!(d.id == sent.id && d.attempt() == 1, "first delivery: {d:?}");
+        d.nack(None).await?;
+        let d = recv(&mut sub, WAIT).await?;
+        ensure!(d.id == sent.id, "redelivered another message: {d:?}");
+        ensure!(
+            d.attempt() == 2,
+            "redelivery has attempt {} (group {group:?})",
+            d.attempt()
+        );
+        ensure!(num(&d)? == 1, "headers lost on redelivery");
+        d.ack().await?;
+        expect_none(&mut sub, QUIET).await?;
+    }
+    Ok(())
+}
+
+/// A nack with a delay redelivers after the delay, not before.
+pub async fn nack_with_delay(ctx: Arc<Ctx>) -> anyhow::Result<()> {
+    ctx.require("nack delay", ctx.caps.nack_delay)?;
+    let topic = ctx.topic("t");
+    let b = &ctx.backend;
+    let mut sub = b
+        .subscribe(
+            SubscribeOptions::new(&topic)
+                .group(ctx.name("delay"))
+                .ack_timeout(Duration::from_secs(3))
+                .max_attempts(5),
+        )
+        .await?;
+    b.publish(&topic, msg(1)).await?;
+    let d = recv(&mut sub, WAIT).await?;
+    let delay = Duration::from_millis(800);
+    let nacked = Instant::now();
+    d.nack(Some(delay)).await?;
+    let d = recv(&mut sub, WAIT).await?;
+    let waited = nacked.elapsed();
+    ensure!(
+        d.attempt() == 2,
+        "attempt {} after a delayed nack",
+        d.attempt()
+    );
+    ensure!(
+        waited >= delay.mul_f64(0.8),
+        "redelivered after {waited:?}, before the {delay:?} delay"
+    );
+    d.ack().await?;
+    Ok(())
+}
+
+/// An unsettled delivery (consumer alive but silent) comes back after the ack timeout.
+pub async fn ack_timeout_redelivers(ctx: Arc<Ctx>) -> anyhow::Result<()> {
+    ctx.require("ack timeout", ctx.caps.ack_timeout)?;
+    let topic = ctx.topic("t");
+    let b = &ctx.backend;
+    let timeout = Duration::from_secs(1);
+    let mut sub = b
+        .subscribe(
+            SubscribeOptions::new(&topic)
+                .ack_timeout(timeout)
+                .max_attempts(5),
+        )
+        .await?;
+    let sent = b.publish(&topic, msg(1)).await?;
+    let first = recv(&mut sub, WAIT).await?;
+    let got_at = Instant::now();
+    let again = recv(&mut sub, WAIT).await?;
+    let waited = got_at.elapsed();
+    ensure!(again.id == sent.id, "another message came: {again:?}");
+    ensure!(
+        again.attempt() == 2,
+        "attempt {} after an ack timeout",
+        again.attempt()
+    );
+    ensure!(
+        waited >= timeout.mul_f64(0.8),
+        "redelivered after {waited:?}, before the {timeout:?} ack timeout"
+    );
+    again.ack().await?;
+    // The first delivery is stale now: settling it must not resurrect the message.
+    let _ = first.ack().await;
+    expect_none(&mut sub, QUIET).await
+}
+
+/// A group member that dies without acknowledging: its message goes to another member.
+pub async fn consumer_death_redelivers(ctx: Arc<Ctx>) -> anyhow::Result<()> {
+    ctx.require("consumer groups", ctx.caps.groups)?;
+    let topic = ctx.topic("t");
+    let b = &ctx.backend;
+    let opts = SubscribeOptions::new(&topic)
+        .group(ctx.name("death"))
+        .ack_timeout(Duration::from_secs(1))
+        .max_attempts(5)
+        .prefetch(1);
+    let mut doomed = b.subscribe(opts.clone()).await?;
+    let sent = b.publish(&topic, msg(1)).await?;
+    let d = recv(&mut doomed, WAIT).await?;
+    ensure!(d.id == sent.id, "wrong message");
+    let mut survivor = b.subscribe(opts).await?;
+    // The consumer dies: its delivery and subscription go away unsettled.
+    drop(d);
+    drop(doomed);
+    let d = recv(&mut survivor, WAIT).await?;
+    ensure!(d.id == sent.id, "survivor got another message");
+    d.ack().await?;
+    expect_none(&mut survivor, QUIET).await
+}
+
+/// Nacked on every attempt: after `max_attempts` the message is in the dead letters, with the
+/// original id, payload and a reason.
+pub async fn dead_letter_after_max_attempts(ctx: Arc<Ctx>) -> anyhow::Result<()> {
+    ctx.require("dead letters", ctx.caps.dead_letter)?;
+    let topic = ctx.topic("t");
+    let b = &ctx.backend;
+    let mut sub = b
+        .subscribe(
+            SubscribeOptions::new(&topic)
+                .group(ctx.name("dlq"))
+                .max_attempts(3)
+                .ack_timeout(Duration::from_secs(10)),
+        )
+        .await?;
+    let sent = msg(7);
+    b.publish(&topic, sent.clone()).await?;
+    for attempt in 1..=3 {
+        let d = recv(&mut sub, WAIT).await?;
+        ensure!(d.id == sent.id, "wrong message");
+        ensure!(
+            d.attempt() == attempt,
+            "attempt {} != {attempt}",
+            d.attempt()
+        );
+        d.nack(None).await?;
+    }
+    expect_none(&mut sub, QUIET).await?;
+    let mut dlq = b.dead_letters(&topic).await?;
+    let d = recv(&mut dlq, WAIT).await?;
+    ensure!(d.id == sent.id, "dead letter id {} != {}", d.id, sent.id);
+    ensure!(d.payload == sent.payload, "dead letter payload differs");
+    ensure!(num(&d)? == 7, "dead letter lost its headers");
+    ensure!(
+        d.header(DLQ_REASON_HEADER).is_some(),
+        "no reason on the dead letter: {:?}",
+        d.headers
+    );
+    d.ack().await?;
+    Ok(())
+}
+
+/// Never settled: after `max_attempts` ack timeouts the message is dead-lettered.
+pub async fn dead_letter_after_timeouts(ctx: Arc<Ctx>) -> anyhow::Result<()> {
+    ctx.require("dead letters", ctx.caps.dead_letter)?;
+    ctx.require("ack timeout", ctx.caps.ack_timeout)?;
+    let topic = ctx.topic("t");
+    let b = &ctx.backend;
+    let mut sub = b
+        .subscribe(
+            SubscribeOptions::new(&topic)
+                .group(ctx.name("dlq-timeout"))
+                .max_attempts(2)
+                .ack_timeout(Duration::from_millis(800)),
+        )
+        .await?;
+    let sent = b.publish(&topic, msg(3)).await?;
+    let mut held = Vec::new();
+    for attempt in 1..=2 {
+        let d = recv(&mut sub, WAIT).await?;
+        ensure!(
+            d.id == sent.id && d.attempt() == attempt,
+            "unexpected {d:?}"
+        );
+        held.push(d);
+    }
+    let mut dlq = b.dead_letters(&topic).await?;
+    // The subscription must keep running for adapters that dead-letter on the next delivery.
+    let letter = tokio::select! {
+        d = recv(&mut dlq, WAIT) => d?,
+        extra = recv(&mut sub, WAIT) => return Err(anyhow!("delivered again past max_attempts: {:?}", extra?)),
+    };
+    ensure!(letter.id == sent.id, "wrong dead letter");
+    letter.ack().await?;
+    drop(held);
+    Ok(())
+}
+
+/// `reject` dead-letters at once.
+pub async fn reject_dead_letters(ctx: Arc<Ctx>) -> anyhow::Result<()> {
+    ctx.require("dead letters", ctx.caps.dead_letter)?;
+    let topic = ctx.topic("t");
+    let b = &ctx.backend;
+    let mut sub = b
+        .subscribe(SubscribeOptions::new(&topic).max_attempts(5))
+        .await?;
+    let sent = b.publish(&topic, msg(9)).await?;
+    let d = recv(&mut sub, WAIT).await?;
+    d.reject("poison").await?;
+    expect_none(&mut sub, QUIET).await?;
+    let mut dlq = b.dead_letters(&topic).await?;
+    let d = recv(&mut dlq, WAIT).await?;
+    ensure!(d.id == sent.id, "wrong dead letter");
+    ensure!(d.header(DLQ_REASON_HEADER).is_some(), "no reason header");
+    d.ack().await?;
+    Ok(())
+}
+
+/// A group's consumer closes half-way and a new one resumes: nothing acknowledged comes back,
+/// nothing else is lost (including what was published while no member was running).
+pub async fn no_loss_across_restart(ctx: Arc<Ctx>) -> anyhow::Result<()> {
+    ctx.require("durable groups", ctx.caps.durable_groups)?;
+    let topic = ctx.topic("t");
+    let b = &ctx.backend;
+    let opts = SubscribeOptions::new(&topic)
+        .group(ctx.name("restart"))
+        .ack_timeout(Duration::from_secs(1))
+        .prefetch(5);
+    let mut first = b.subscribe(opts.clone()).await?;
+    for i in 0..20 {
+        b.publish(&topic, msg(i)).await?;
+    }
+    let acked: HashSet<usize> = collect_acked(&mut first, 10, WAIT)
+        .await?
+        .iter()
+        .map(num)
+        .collect::<anyhow::Result<_>>()?;
+    first.close().await?;
+    for i in 20..30 {
+        b.publish(&topic, msg(i)).await?;
+    }
+    let mut second = b.subscribe(opts).await?;
+    let expected: BTreeSet<usize> = (0..30).filter(|i| !acked.contains(i)).collect();
+    let mut got = BTreeSet::new();
+    let deadline = Instant::now() + WAIT * 2;
+    while got.len() < expected.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let d = recv(&mut second, left)
+            .await
+            .map_err(|e| anyhow!("{e}; got {} of {}", got.len(), expected.len()))?;
+        let n = num(&d)?;
+        ensure!(!acked.contains(&n), "acknowledged message {n} came back");
+        got.insert(n);
+        d.ack().await?;
+    }
+    ensure!(
+        got == expected,
+        "resumed with {got:?}, expected {expected:?}"
+    );
+    expect_none(&mut second, QUIET).await
+}
+
+/// 4 publishers and a group of 4 consumers, plus 2 fanout subscribers: every message is
+/// delivered once to the group and once to each fanout subscriber.
+pub async fn concurrent_publishers_and_subscribers(ctx: Arc<Ctx>) -> anyhow::Result<()> {
+    ctx.require("consumer groups", ctx.caps.groups)?;
+    let topic = ctx.topic("t");
+    let b = ctx.backend.clone();
+    let (publishers, per_publisher) = (4, 50);
+    let total = publishers * per_publisher;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, usize)>();
+    let mut tasks = Vec::new();
+    // Subscriber 0..4: the group; 4 and 5: fanout.
+    for who in 0..6 {
+        let opts = if who < 4 {
+            SubscribeOptions::new(&topic)
+                .group(ctx.name("c4x4"))
+                .ack_timeout(Duration::from_secs(20))
+                .prefetch(8)
+        } else {
+            SubscribeOptions::new(&topic).ack_timeout(Duration::from_secs(20))
+        };
+        let mut sub = b.subscribe(opts).await?;
+        let tx = tx.clone();
+        tasks.push(tokio::spawn(async move {
+            while let Ok(d) = sub.next().await {
+                let n = num(&d)?;
+                d.ack().await?;
+                if tx.send((who, n)).is_err() {
+                    break;
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    drop(tx);
+    let mut pubs = Vec::new();
+    for p in 0..publishers {
+        let b = b.clone();
+        let topic = topic.clone();
+        pubs.push(tokio::spawn(async move {
+            let base = p * per_publisher;
+            let half = per_publisher / 2;
+            for i in 0..half {
+                b.publish(&topic, msg(base + i)).await?;
+            }
+            let batch = (half..per_publisher).map(|i| msg(base + i)).collect();
+            b.publish_batch(&topic, batch).await?;
+            anyhow::Ok(())
+        }));
+    }
+    for p in pubs {
+        p.await??;
+    }
+    let mut group: BTreeMap<usize, usize> = BTreeMap::new();
+    let mut fan: [BTreeMap<usize, usize>; 2] = [BTreeMap::new(), BTreeMap::new()];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let done = |g: &BTreeMap<usize, usize>, f: &[BTreeMap<usize, usize>; 2]| {
+        g.len() == total && f.iter().all(|m| m.len() == total)
+    };
+    while !done(&group, &fan) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(Some((who, n))) = tokio::time::timeout(left, rx.recv()).await else {
+            return Err(anyhow!(
+                "group got {} of {total}, fanout got {} and {}",
+                group.len(),
+                fan[0].len(),
+                fan[1].len()
+            ));
+        };
+        let m = if who < 4 {
+            &mut group
+        } else {
+            &mut fan[who - 4]
+        };
+        *m.entry(n).or_default() += 1;
+    }
+    // Anything still coming is a duplicate.
+    tokio::time::sleep(QUIET).await;
+    while let Ok((who, n)) = rx.try_recv() {
+        let m = if who < 4 {
+            &mut group
+        } else {
+            &mut fan[who - 4]
+        };
+        *m.entry(n).or_default() += 1;
+    }
+    for t in &tasks {
+        t.abort();
+    }
+    ensure!(group.values().all(|c| *c == 1), "group duplicates");
+    for f in &fan {
+        ensure!(f.values().all(|c| *c == 1), "fanout duplicates");
+    }
+    Ok(())
+}
+
+/// After `close`: publishing and subscribing fail with `Closed`, subscriptions end with `Closed`.
+pub async fn close_semantics(ctx: Arc<Ctx>) -> anyhow::Result<()> {
+    let topic = ctx.topic("t");
+    let fx = ctx.second_backend().await?;
+    let b = fx.backend.clone();
+    let mut sub = b.subscribe(SubscribeOptions::new(&topic)).await?;
+    b.publish(&topic, msg(1)).await?;
+    let d = recv(&mut sub, WAIT).await?;
+    d.ack().await?;
+    b.close().await?;
+    match b.publish(&topic, msg(2)).await {
+        Err(BackendError::Closed) => {}
+        other => return Err(anyhow!("publish after close: {other:?}")),
+    }
+    match b.publish_batch(&topic, vec![msg(3)]).await {
+        Err(BackendError::Closed) => {}
+        other => return Err(anyhow!("publish_batch after close: {other:?}")),
+    }
+    match tokio::time::timeout(WAIT, sub.next()).await {
+        Ok(Err(BackendError::Closed)) => {}
+        Ok(other) => return Err(anyhow!("subscription after close: {other:?}")),
+        Err(_) => return Err(anyhow!("subscription did not end after close")),
+    }
+    match b.subscribe(SubscribeOptions::new(&topic)).await {
+        Err(BackendError::Closed) => {}
+        Ok(_) => return Err(anyhow!("subscribe after close succeeded")),
+        Err(e) => return Err(anyhow!("subscribe after close: {e:?}")),
+    }
+    // Closing twice is fine.
+    b.close().await?;
+    Ok(())
+}
+
+/// Wildcard filters (`*` one level, trailing `#` one or more) receive exactly the matching
+/// topics; backends without wildcards refuse them with `Unsupported`.
+pub async fn wildcards(ctx: Arc<Ctx>) -> anyhow::Result<()> {
+    let base = ctx.topic("w");
+    let b = &ctx.backend;
+    if ctx.caps.wildcards == Support::Unsupported {
+        match b
+            .subscribe(SubscribeOptions::new(format!("{base}.*")))
+            .await
+        {
+            Err(BackendError::Unsupported { .. }) => {}
+            other => {
+                return Err(anyhow!(
+                    "wildcard subscribe without support: {:?}",
+                    other.err()
+                ))
+            }
+        }
+        return Err(Skip(format!("{} does not support wildcards", b.name())).into());
+    }
+    let mut one = b
+        .subscribe(SubscribeOptions::new(format!("{base}.*")))
+        .await?;
+    let mut many = b
+        .subscribe(SubscribeOptions::new(format!("{base}.#")))
+        .await?;
+    let topics = [
+        ctx.topic("w.a"),
+        ctx.topic("w.b"),
+        ctx.topic("w.a.deep"),
+        ctx.topic("other.a"),
+    ];
+    for (i, t) in topics.iter().enumerate() {
+        b.publish(t, msg(i)).await?;
+    }
+    let got: BTreeSet<String> = collect_acked(&mut one, 2, WAIT)
+        .await?
+        .iter()
+        .map(|m| num(m).map(|n| topics[n].clone()))
+        .collect::<anyhow::Result<_>>()?;
+    ensure!(
+        got == topics[..2].iter().cloned().collect(),
+        "`*` matched {got:?}"
+    );
+    expect_none(&mut one, QUIET).await?;
+    let mut got = BTreeSet::new();
+    for _ in 0..3 {
+        let d = recv(&mut many, WAIT).await?;
+        ensure!(
+            d.topic() == topics[num(&d)?],
+            "delivery topic {} is not the published one",
+            d.topic()
+        );
+        got.insert(d.topic().to_string());
+        d.ack().await?;
+    }
+    ensure!(
+        got == topics[..3].iter().cloned().collect(),
+        "`#` matched {got:?}"
+    );
+    expect_none(&mut many, Duration::from_millis(100)).await
+}
+
+/// `Start::Latest` sees only what comes after subscribing; `Start::Earliest` replays what is
+/// retained. Backends without replay refuse `Earliest` with `Unsupported`.
+pub async fn start_positions(ctx: Arc<Ctx>) -> anyhow::Result<()> {
+    let topic = ctx.topic("t");
+    let b = &ctx.backend;
+    if ctx.caps.replay == Support::Unsupported {
+        match b
+            .subscribe(SubscribeOptions::new(&topic).start(Start::Earliest))
+            .await
+        {
+            Err(BackendError::Unsupported { .. }) => {}
+            other => {
+                return Err(anyhow!(
+                    "Earliest without replay support: {:?}",
+                    other.err()
+                ))
+            }
+        }
+        return Err(Skip(format!("{} does not support replay", b.name())).into());
+    }
+    // A fanout subscription first, so that in-memory Ferry has a reader for the first message.
+    let mut keep = b.subscribe(SubscribeOptions::new(&topic)).await?;
+    b.publish(&topic, msg(0)).await?;
+    let mut latest = b.subscribe(SubscribeOptions::new(&topic)).await?;
+    b.publish(&topic, msg(1)).await?;
+    let d = recv(&mut latest, WAIT).await?;
+    ensure!(num(&d)? == 1, "Latest delivered message {} first", num(&d)?);
+    d.ack().await?;
+    let mut earliest = b
+        .subscribe(SubscribeOptions::new(&topic).start(Start::Earliest))
+        .await?;
+    let got: Vec<usize> = collect_acked(&mut earliest, 2, WAIT)
+        .await?
+        .iter()
+        .map(num)
+        .collect::<anyhow::Result<_>>()?;
+    ensure!(got == vec![0, 1], "Earliest replayed {got:?}");
+    let mut group = b
+        .subscribe(
+            SubscribeOptions::new(&topic)
+                .group(ctx.name("replay"))
+                .start(Start::Earliest),
+        )
+        .await?;
+    let got: Vec<usize> = collect_acked(&mut group, 2, WAIT)
+        .await?
+        .iter()
+        .map(num)
+        .collect::<anyhow::Result<_>>()?;
+    ensure!(
+        got == vec![0, 1],
+        "a new group from Earliest replayed {got:?}"
+    );
+    collect_acked(&mut keep, 2, WAIT).await?;
+    Ok(())
+}
+
+/// Invalid input is a typed error, not a panic.
+pub async fn invalid_input(ctx: Arc<Ctx>) -> anyhow::Result<()> {
+    let b = &ctx.backend;
+    match b.publish("", msg(0)).await {
+        Err(BackendError::Invalid(_)) => {}
+        other => return Err(anyhow!("publish to an empty topic: {other:?}")),
+    }
+    match b.publish("a.*", msg(0)).await {
+        Err(BackendError::Invalid(_)) => {}
+        other => return Err(anyhow!("publish to a wildcard: {other:?}")),
+    }
+    let topic = ctx.topic("t");
+    match b
+        .subscribe(SubscribeOptions::new(&topic).max_attempts(0))
+        .await
+    {
+        Err(BackendError::Invalid(_)) => {}
+        other => return Err(anyhow!("max_attempts 0: {:?}", other.err())),
+    }
+    Ok(())
+}
