@@ -97,6 +97,8 @@ mod tests {
             &[UserConfig {
                 username: "alice".into(),
                 password_hash: hash,
+                publish: None,
+                subscribe: None,
             }],
             false,
         );

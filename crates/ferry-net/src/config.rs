@@ -20,11 +20,24 @@
 //! max_session_expiry_secs = 86400
 //! max_keep_alive_secs = 3600
 //! connect_timeout_secs = 10
-//! users = [{ username = "alice", password_hash = "$argon2id$v=19$..." }]
+//! # MQTT over TLS on a second listener, when both PEM files are given:
+//! tls_listen = "0.0.0.0:8883"
+//! tls_cert = "/etc/ferry/cert.pem"   # certificate chain
+//! tls_key = "/etc/ferry/key.pem"     # PKCS#8, PKCS#1 or SEC1 private key
+//! # Users, each with optional topic ACLs (MQTT wildcards; %u = user name, %c = client id;
+//! # a list that is absent allows everything, an empty list nothing):
+//! users = [{ username = "alice", password_hash = "$argon2id$v=19$...",
+//!            publish = ["users/%u/#"], subscribe = ["users/%u/#", "public/#"] }]
+//!
+//! [mqtt.anonymous]            # the ACL of clients without a user name (default: everything)
+//! publish = []
+//! subscribe = ["public/#"]
 //!
 //! [http]
 //! enabled = true
-//! listen = "0.0.0.0:8080"
+//! listen = "0.0.0.0:8080"     # also serves MQTT over WebSocket at /mqtt
+//! tls_cert = "/etc/ferry/cert.pem"   # both set: HTTPS (and wss://) instead of HTTP
+//! tls_key = "/etc/ferry/key.pem"
 //!
 //! [broker]
 //! topic_capacity = 100000
@@ -34,7 +47,9 @@
 //! Environment variables (each overrides one key): `FERRY_DATA_DIR`, `FERRY_MEMORY`,
 //! `FERRY_LOG_FORMAT`, `FERRY_SHUTDOWN_TIMEOUT_SECS`, `FERRY_MQTT_LISTEN`,
 //! `FERRY_ALLOW_ANONYMOUS`, `FERRY_MAX_CONNECTIONS`, `FERRY_MAX_PACKET_SIZE`,
-//! `FERRY_MAX_INFLIGHT`, `FERRY_MAX_QUEUED`, `FERRY_HTTP_LISTEN`, `FERRY_HTTP_ENABLED`;
+//! `FERRY_MAX_INFLIGHT`, `FERRY_MAX_QUEUED`, `FERRY_HTTP_LISTEN`, `FERRY_HTTP_ENABLED`,
+//! `FERRY_MQTT_TLS_LISTEN`, `FERRY_MQTT_TLS_CERT`, `FERRY_MQTT_TLS_KEY`, `FERRY_HTTP_TLS_CERT`,
+//! `FERRY_HTTP_TLS_KEY`;
 //! `FERRY_CONFIG` names the file when `--config` is not given.
 
 use std::net::SocketAddr;
@@ -42,6 +57,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::acl::AclConfig;
 
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -130,13 +147,48 @@ impl From<OverflowPolicy> for ferry::Overflow {
     }
 }
 
-/// A user allowed to connect over MQTT.
+/// A user allowed to connect over MQTT, with its topic ACL (see [`crate::acl`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct UserConfig {
     /// The user name.
     pub username: String,
     /// An argon2 PHC string (`ferry hash-password` prints one).
     pub password_hash: String,
+    /// Topic patterns the user may publish to (absent: any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish: Option<Vec<String>>,
+    /// Topic filter patterns the user may subscribe to (absent: any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subscribe: Option<Vec<String>>,
+}
+
+/// A certificate chain and private key, PEM files, for a TLS listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate chain.
+    pub cert: PathBuf,
+    /// The private key.
+    pub key: PathBuf,
+}
+
+/// Both paths or neither; `key` names the setting in errors.
+fn tls_files(
+    cert: &Option<PathBuf>,
+    key: &Option<PathBuf>,
+    setting: &'static str,
+) -> Result<Option<TlsFiles>, ConfigError> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        })),
+        (None, None) => Ok(None),
+        _ => Err(ConfigError::Invalid {
+            key: setting,
+            reason: "tls_cert and tls_key must be given together".into(),
+        }),
+    }
 }
 
 /// The MQTT listener.
@@ -147,8 +199,6 @@ pub struct MqttConfig {
     pub listen: SocketAddr,
     /// Whether clients without a user name may connect.
     pub allow_anonymous: bool,
-    /// Users (argon2 hashes).
-    pub users: Vec<UserConfig>,
     /// Most simultaneous connections; more are refused with Server busy / Server unavailable.
     pub max_connections: usize,
     /// Largest packet accepted (bytes, fixed header included); bigger ones end the connection
@@ -170,6 +220,25 @@ pub struct MqttConfig {
     pub max_keep_alive_secs: u16,
     /// How long a new connection may take to send CONNECT.
     pub connect_timeout_secs: u64,
+    /// Address of the MQTT-over-TLS listener (used when `tls_cert` and `tls_key` are set).
+    pub tls_listen: SocketAddr,
+    /// PEM certificate chain of the TLS listener.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of the TLS listener.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// The ACL of anonymous clients (default: everything allowed).
+    pub anonymous: AclConfig,
+    /// Users (argon2 hashes) and their ACLs.
+    pub users: Vec<UserConfig>,
+}
+
+impl MqttConfig {
+    /// The TLS listener's files, if TLS is configured.
+    pub fn tls(&self) -> Result<Option<TlsFiles>, ConfigError> {
+        tls_files(&self.tls_cert, &self.tls_key, "mqtt.tls_cert")
+    }
 }
 
 impl Default for MqttConfig {
@@ -177,7 +246,6 @@ impl Default for MqttConfig {
         MqttConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
             allow_anonymous: true,
-            users: Vec::new(),
             max_connections: 10_000,
             max_packet_size: 1 << 20,
             max_inflight: 64,
@@ -186,6 +254,11 @@ impl Default for MqttConfig {
             max_session_expiry_secs: 86_400,
             max_keep_alive_secs: 0,
             connect_timeout_secs: 10,
+            tls_listen: SocketAddr::from(([0, 0, 0, 0], 8883)),
+            tls_cert: None,
+            tls_key: None,
+            anonymous: AclConfig::default(),
+            users: Vec::new(),
         }
     }
 }
@@ -198,6 +271,19 @@ pub struct HttpConfig {
     pub enabled: bool,
     /// Address to listen on.
     pub listen: SocketAddr,
+    /// PEM certificate chain: with `tls_key`, the listener speaks HTTPS (and `wss://`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl HttpConfig {
+    /// The TLS files, if HTTPS is configured.
+    pub fn tls(&self) -> Result<Option<TlsFiles>, ConfigError> {
+        tls_files(&self.tls_cert, &self.tls_key, "http.tls_cert")
+    }
 }
 
 impl Default for HttpConfig {
@@ -205,6 +291,8 @@ impl Default for HttpConfig {
         HttpConfig {
             enabled: true,
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -289,6 +377,16 @@ pub struct Overrides {
     pub http_listen: Option<SocketAddr>,
     /// `http.enabled`.
     pub http_enabled: Option<bool>,
+    /// `mqtt.tls_listen`.
+    pub mqtt_tls_listen: Option<SocketAddr>,
+    /// `mqtt.tls_cert`.
+    pub mqtt_tls_cert: Option<PathBuf>,
+    /// `mqtt.tls_key`.
+    pub mqtt_tls_key: Option<PathBuf>,
+    /// `http.tls_cert`.
+    pub http_tls_cert: Option<PathBuf>,
+    /// `http.tls_key`.
+    pub http_tls_key: Option<PathBuf>,
 }
 
 /// The environment variable naming the config file.
@@ -345,6 +443,11 @@ impl Overrides {
                 "FERRY_MAX_QUEUED" => o.max_queued = Some(env_parse(k, v)?),
                 "FERRY_HTTP_LISTEN" => o.http_listen = Some(env_parse(k, v)?),
                 "FERRY_HTTP_ENABLED" => o.http_enabled = Some(env_bool(k, v)?),
+                "FERRY_MQTT_TLS_LISTEN" => o.mqtt_tls_listen = Some(env_parse(k, v)?),
+                "FERRY_MQTT_TLS_CERT" => o.mqtt_tls_cert = Some(PathBuf::from(v)),
+                "FERRY_MQTT_TLS_KEY" => o.mqtt_tls_key = Some(PathBuf::from(v)),
+                "FERRY_HTTP_TLS_CERT" => o.http_tls_cert = Some(PathBuf::from(v)),
+                "FERRY_HTTP_TLS_KEY" => o.http_tls_key = Some(PathBuf::from(v)),
                 _ => {}
             }
         }
@@ -373,6 +476,19 @@ impl Overrides {
         set(&mut config.mqtt.max_queued, &self.max_queued);
         set(&mut config.http.listen, &self.http_listen);
         set(&mut config.http.enabled, &self.http_enabled);
+        set(&mut config.mqtt.tls_listen, &self.mqtt_tls_listen);
+        if self.mqtt_tls_cert.is_some() {
+            config.mqtt.tls_cert.clone_from(&self.mqtt_tls_cert);
+        }
+        if self.mqtt_tls_key.is_some() {
+            config.mqtt.tls_key.clone_from(&self.mqtt_tls_key);
+        }
+        if self.http_tls_cert.is_some() {
+            config.http.tls_cert.clone_from(&self.http_tls_cert);
+        }
+        if self.http_tls_key.is_some() {
+            config.http.tls_key.clone_from(&self.http_tls_key);
+        }
     }
 }
 
@@ -451,6 +567,8 @@ impl ServeConfig {
                 reason: "must be at least 1".into(),
             });
         }
+        m.tls()?;
+        self.http.tls()?;
         for u in &m.users {
             if let Err(e) = argon2::PasswordHash::new(&u.password_hash) {
                 return Err(ConfigError::Invalid {
@@ -492,6 +610,33 @@ mod tests {
     fn bad_env_is_an_error() {
         let e = Overrides::from_env([("FERRY_MAX_CONNECTIONS", "many")]).unwrap_err();
         assert!(e.to_string().contains("FERRY_MAX_CONNECTIONS"));
+    }
+
+    #[test]
+    fn acl_and_tls_keys_parse_and_print_back() {
+        let text = r#"
+[mqtt]
+tls_listen = "127.0.0.1:8883"
+tls_cert = "c.pem"
+tls_key = "k.pem"
+users = [{ username = "a", password_hash = "h", publish = ["u/%u/#"], subscribe = [] }]
+[mqtt.anonymous]
+subscribe = ["public/#"]
+[http]
+tls_cert = "c.pem"
+tls_key = "k.pem"
+"#;
+        let c = ServeConfig::from_toml(text, Path::new("x.toml")).unwrap();
+        assert_eq!(c.mqtt.users[0].publish, Some(vec!["u/%u/#".to_string()]));
+        assert_eq!(c.mqtt.users[0].subscribe, Some(vec![]));
+        assert_eq!(c.mqtt.anonymous.publish, None);
+        assert!(c.mqtt.tls().unwrap().is_some());
+        assert!(c.http.tls().unwrap().is_some());
+        let back = ServeConfig::from_toml(&to_toml(&c).unwrap(), Path::new("y.toml")).unwrap();
+        assert_eq!(back, c);
+        let half =
+            ServeConfig::from_toml("[http]\ntls_cert = \"c.pem\"\n", Path::new("z")).unwrap();
+        assert!(half.validate().is_err());
     }
 
     #[test]

@@ -34,6 +34,7 @@ struct AppState {
 /// The API's router.
 pub fn router(broker: Broker, mqtt: Option<MqttHandle>) -> Router {
     Router::new()
+        .merge(crate::dashboard::router())
         .route("/health", get(health))
         .route("/stats", get(stats))
         .route("/stats/{*topic}", get(topic_stats))

@@ -7,7 +7,9 @@
 //! - [`http`]: the HTTP API (health, stats, Prometheus metrics, publishing, dead letters,
 //!   OpenAPI);
 //! - [`server`]: binding both, serving and graceful shutdown;
-//! - [`auth`]: argon2 password hashes for MQTT users.
+//! - [`auth`]: argon2 password hashes for MQTT users;
+//! - [`acl`]: per-user topic ACLs for MQTT publish and subscribe;
+//! - [`tls`]: rustls acceptors for the MQTT-over-TLS and HTTPS listeners.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -26,11 +28,15 @@
 
 #![deny(missing_docs)]
 
+pub mod acl;
 pub mod auth;
 pub mod config;
+pub mod dashboard;
+mod fsutil;
 pub mod http;
 pub mod mqtt;
 pub mod server;
+pub mod tls;
 
 pub use config::{Overrides, ServeConfig};
 pub use server::{serve, ServeError, Server};

@@ -13,7 +13,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::ServeConfig;
 use crate::mqtt::retained::{RetainedError, RetainedStore};
+use crate::mqtt::session::{SessionStoreError, Sessions};
 use crate::mqtt::{self, MqttHandle};
+use crate::tls::{TlsError, TlsListener};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +49,15 @@ pub enum ServeError {
     /// The retained-message file could not be read.
     #[error(transparent)]
     Retained(#[from] RetainedError),
+    /// The MQTT session file could not be read.
+    #[error(transparent)]
+    Sessions(#[from] SessionStoreError),
+    /// A TLS certificate or key could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The configuration is inconsistent.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// Installing the signal handlers failed.
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
@@ -84,12 +95,48 @@ pub fn open_broker(config: &ServeConfig) -> Result<Broker, ServeError> {
     })
 }
 
-/// A running server: the MQTT listener and (if enabled) the HTTP API over one broker.
+/// The peer address of an HTTP connection (plain or TLS), as axum connect info.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TcpListener>>
+    for PeerAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TcpListener>) -> Self {
+        PeerAddr(*stream.remote_addr())
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>>
+    for PeerAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        PeerAddr(*stream.remote_addr())
+    }
+}
+
+async fn bind(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), ServeError> {
+    let err = |e| ServeError::Bind {
+        what,
+        addr,
+        source: e,
+    };
+    let listener = TcpListener::bind(addr).await.map_err(err)?;
+    let local = listener.local_addr().map_err(err)?;
+    Ok((listener, local))
+}
+
+/// A running server: the MQTT listeners and (if enabled) the HTTP API over one broker.
 pub struct Server {
     broker: Broker,
     mqtt: MqttHandle,
     mqtt_addr: SocketAddr,
+    mqtt_tls_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
+    http_tls: bool,
     retained: Arc<RetainedStore>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -97,70 +144,97 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds the listeners and starts serving `broker`. Retained messages are kept in
-    /// `data_dir` unless the config says `memory`.
+    /// Binds the listeners and starts serving `broker`. Retained messages and persistent MQTT
+    /// sessions are kept in `data_dir` unless the config says `memory`.
     pub async fn start(config: &ServeConfig, broker: Broker) -> Result<Server, ServeError> {
-        let retained = Arc::new(if config.memory {
-            RetainedStore::in_memory()
+        // Everything that can fail on bad files first, before anything binds.
+        let mqtt_tls = match config.mqtt.tls()? {
+            Some(files) => Some(crate::tls::server_config(&files, &[])?),
+            None => None,
+        };
+        let http_tls = match config.http.tls()? {
+            Some(files) => Some(crate::tls::server_config(
+                &files,
+                &[b"http/1.1".as_slice()],
+            )?),
+            None => None,
+        };
+        let (retained, sessions) = if config.memory {
+            (RetainedStore::in_memory(), Sessions::in_memory())
         } else {
-            RetainedStore::open(Path::new(&config.data_dir))?
-        });
-        let mqtt_listener =
-            TcpListener::bind(config.mqtt.listen)
-                .await
-                .map_err(|e| ServeError::Bind {
-                    what: "MQTT",
-                    addr: config.mqtt.listen,
-                    source: e,
-                })?;
-        let mqtt_addr = mqtt_listener.local_addr().map_err(|e| ServeError::Bind {
-            what: "MQTT",
-            addr: config.mqtt.listen,
-            source: e,
-        })?;
+            let dir = Path::new(&config.data_dir);
+            (RetainedStore::open(dir)?, Sessions::open(dir, &broker)?)
+        };
+        let retained = Arc::new(retained);
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let (tcp, mqtt_addr) = bind("MQTT", config.mqtt.listen).await?;
+        let (tls, mqtt_tls_addr) = match mqtt_tls {
+            Some(tls_config) => {
+                let (l, addr) = bind("MQTT TLS", config.mqtt.tls_listen).await?;
+                let listener =
+                    TlsListener::new(l, tls_config, shutdown.clone(), &tracker, "MQTT TLS")
+                        .map_err(|e| ServeError::Bind {
+                            what: "MQTT TLS",
+                            addr,
+                            source: e,
+                        })?;
+                (Some(listener), Some(addr))
+            }
+            None => (None, None),
+        };
         let mqtt = mqtt::start(
             broker.clone(),
             config.mqtt.clone(),
             retained.clone(),
-            mqtt_listener,
+            sessions,
+            mqtt::Listeners { tcp, tls },
             shutdown.clone(),
             tracker.clone(),
         );
         let mut http_addr = None;
+        let https = http_tls.is_some();
         if config.http.enabled {
-            let listener =
-                TcpListener::bind(config.http.listen)
-                    .await
-                    .map_err(|e| ServeError::Bind {
-                        what: "HTTP",
-                        addr: config.http.listen,
-                        source: e,
-                    })?;
-            http_addr = Some(listener.local_addr().map_err(|e| ServeError::Bind {
-                what: "HTTP",
-                addr: config.http.listen,
-                source: e,
-            })?);
-            let app = crate::http::router(broker.clone(), Some(mqtt.clone()));
+            let (listener, addr) = bind("HTTP", config.http.listen).await?;
+            http_addr = Some(addr);
+            let app = crate::http::router(broker.clone(), Some(mqtt.clone()))
+                .merge(mqtt::websocket::router(mqtt.clone()))
+                .into_make_service_with_connect_info::<PeerAddr>();
             let stop = shutdown.clone();
-            tracker.spawn(async move {
-                let r = axum::serve(listener, app)
-                    .with_graceful_shutdown(stop.cancelled_owned())
-                    .await;
-                if let Err(e) = r {
-                    tracing::error!(error = %e, "HTTP server failed");
+            match http_tls {
+                Some(tls_config) => {
+                    let listener =
+                        TlsListener::new(listener, tls_config, shutdown.clone(), &tracker, "HTTPS")
+                            .map_err(|e| ServeError::Bind {
+                                what: "HTTPS",
+                                addr,
+                                source: e,
+                            })?;
+                    tracker.spawn(async move {
+                        let r = axum::serve(listener, app)
+                            .with_graceful_shutdown(stop.cancelled_owned())
+                            .await;
+                        log_http_end(r);
+                    });
                 }
-                tracing::info!("HTTP listener stopped");
-            });
+                None => {
+                    tracker.spawn(async move {
+                        let r = axum::serve(listener, app)
+                            .with_graceful_shutdown(stop.cancelled_owned())
+                            .await;
+                        log_http_end(r);
+                    });
+                }
+            }
         }
-        tracing::info!(mqtt = %mqtt_addr, http = ?http_addr, durable = broker.is_durable(), "ferry serving");
+        tracing::info!(mqtt = %mqtt_addr, mqtt_tls = ?mqtt_tls_addr, http = ?http_addr, https, durable = broker.is_durable(), "ferry serving");
         Ok(Server {
             broker,
             mqtt,
             mqtt_addr,
+            mqtt_tls_addr,
             http_addr,
+            http_tls: https,
             retained,
             shutdown,
             tracker,
@@ -173,9 +247,19 @@ impl Server {
         self.mqtt_addr
     }
 
+    /// Where MQTT over TLS listens, if configured.
+    pub fn mqtt_tls_addr(&self) -> Option<SocketAddr> {
+        self.mqtt_tls_addr
+    }
+
     /// Where HTTP listens, if enabled.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
+    }
+
+    /// Whether the HTTP listener speaks HTTPS.
+    pub fn http_tls(&self) -> bool {
+        self.http_tls
     }
 
     /// The broker.
@@ -189,8 +273,8 @@ impl Server {
     }
 
     /// Graceful shutdown: stop the listeners, close MQTT connections (MQTT 5 clients get
-    /// DISCONNECT "Server shutting down"), wait for connection tasks, save retained messages,
-    /// then shut the broker down (which saves consumer positions).
+    /// DISCONNECT "Server shutting down"), wait for connection tasks, save retained messages
+    /// and persistent sessions, then shut the broker down (which saves consumer positions).
     pub async fn shutdown(self) -> ShutdownReport {
         tracing::info!("shutting down");
         self.shutdown.cancel();
@@ -204,6 +288,9 @@ impl Server {
         if let Err(e) = self.retained.save() {
             tracing::error!(error = %e, "saving retained messages failed");
         }
+        if let Err(e) = self.mqtt.shared.sessions.save() {
+            tracing::error!(error = %e, "saving MQTT sessions failed");
+        }
         let report = self.broker.shutdown(self.timeout).await;
         tracing::info!(
             drained = report.drained,
@@ -212,6 +299,13 @@ impl Server {
         );
         report
     }
+}
+
+fn log_http_end(r: std::io::Result<()>) {
+    if let Err(e) = r {
+        tracing::error!(error = %e, "HTTP server failed");
+    }
+    tracing::info!("HTTP listener stopped");
 }
 
 /// Waits for SIGINT (Ctrl-C) or SIGTERM.

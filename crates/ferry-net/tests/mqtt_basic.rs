@@ -22,6 +22,8 @@ async fn auth_failures_are_refused_with_reason_codes() {
         c.mqtt.users = vec![UserConfig {
             username: "alice".into(),
             password_hash: hash,
+            publish: None,
+            subscribe: None,
         }];
     })
     .await;

@@ -2,7 +2,9 @@
 //!
 //! Subcommands: `demo` runs the GPU-telemetry pipeline of the seed design inside one process and
 //! checks the broker's accounting; `serve` runs the MQTT 3.1.1/5 broker and the HTTP admin API
-//! (`ferry-net`); `hash-password` prints an argon2 hash for the `[mqtt] users` of the config.
+//! (`ferry-net`); `hash-password` prints an argon2 hash for the `[mqtt] users` of the config;
+//! `pub` and `sub` are MQTT clients (`mosquitto_pub`/`mosquitto_sub` flags); `stats` and `dlq`
+//! call the HTTP admin API.
 //! Each subcommand is a variant of [`Command`] with its own `clap::Args` struct and module.
 //!
 //! Logs go to stderr through `tracing`; set `FERRY_LOG` (an `EnvFilter` directive such as
@@ -16,6 +18,8 @@ use clap::{Parser, Subcommand};
 use ferry_net::config::{LogFormat, ServeConfig};
 use tracing_subscriber::EnvFilter;
 
+mod admin;
+mod client;
 mod demo;
 mod serve;
 
@@ -61,6 +65,18 @@ enum Command {
         /// The password.
         password: String,
     },
+    /// Publish MQTT messages: -m message, -f file, -l one per line of stdin.
+    ///
+    /// Exits once every message is acknowledged (QoS 1/2) or written (QoS 0).
+    #[command(disable_help_flag = true, disable_version_flag = true)]
+    Pub(client::PubArgs),
+    /// Subscribe to MQTT topic filters and print what arrives, one message per line.
+    #[command(disable_help_flag = true, disable_version_flag = true)]
+    Sub(client::SubArgs),
+    /// Print the server's stats (or one topic's) from the HTTP API.
+    Stats(admin::StatsArgs),
+    /// List, redrive or purge a topic's dead letters through the HTTP API.
+    Dlq(admin::DlqArgs),
 }
 
 fn main() -> ExitCode {
@@ -116,6 +132,10 @@ fn run(cli: Cli, serve_config: Option<ServeConfig>) -> anyhow::Result<ExitCode> 
                 None => anyhow::bail!("no configuration"),
             },
             Command::HashPassword { .. } => Ok(ExitCode::SUCCESS),
+            Command::Pub(args) => client::publish(args).await,
+            Command::Sub(args) => client::subscribe(args).await,
+            Command::Stats(args) => admin::stats(args).await,
+            Command::Dlq(args) => admin::dlq(args).await,
         }
     })
 }

@@ -49,6 +49,21 @@ pub struct ServeArgs {
     /// Messages queued for an offline persistent session [default: 10000].
     #[arg(long, value_name = "N")]
     pub max_queued: Option<u64>,
+    /// MQTT-over-TLS listen address [default: 0.0.0.0:8883]; used with --mqtt-tls-cert/key.
+    #[arg(long, value_name = "ADDR")]
+    pub mqtt_tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain of the MQTT TLS listener.
+    #[arg(long, value_name = "PATH", requires = "mqtt_tls_key")]
+    pub mqtt_tls_cert: Option<PathBuf>,
+    /// PEM private key of the MQTT TLS listener.
+    #[arg(long, value_name = "PATH", requires = "mqtt_tls_cert")]
+    pub mqtt_tls_key: Option<PathBuf>,
+    /// PEM certificate chain: serve the HTTP API (and MQTT over WebSocket) as HTTPS.
+    #[arg(long, value_name = "PATH", requires = "http_tls_key")]
+    pub http_tls_cert: Option<PathBuf>,
+    /// PEM private key for HTTPS.
+    #[arg(long, value_name = "PATH", requires = "http_tls_cert")]
+    pub http_tls_key: Option<PathBuf>,
     /// Graceful shutdown timeout in seconds [default: 10].
     #[arg(long, value_name = "SECS")]
     pub shutdown_timeout_secs: Option<u64>,
@@ -73,6 +88,11 @@ impl ServeArgs {
             max_queued: self.max_queued,
             http_listen: self.http_listen,
             http_enabled: self.no_http.then_some(false),
+            mqtt_tls_listen: self.mqtt_tls_listen,
+            mqtt_tls_cert: self.mqtt_tls_cert.clone(),
+            mqtt_tls_key: self.mqtt_tls_key.clone(),
+            http_tls_cert: self.http_tls_cert.clone(),
+            http_tls_key: self.http_tls_key.clone(),
         }
     }
 

@@ -27,6 +27,7 @@ use super::convert::{self, Inbound};
 use super::session::{self, StoredSession, SubEntry};
 use super::state::{self, InboundQos2, Negotiated, Outbound, Qos2Inbound, TopicAliases};
 use super::MqttShared;
+use crate::acl::ClientAcl;
 use crate::auth::AuthOutcome;
 
 /// How long an engine delivery may stay unacknowledged before the engine redelivers it. MQTT
@@ -139,7 +140,7 @@ pub(crate) async fn run<S>(
         let _ = refuse(&mut writer, version, code).await;
         return;
     }
-    let neg = match accept(&shared, &connect).await {
+    let (neg, acl) = match accept(&shared, &connect).await {
         Ok(n) => n,
         Err(code) => {
             shared.metrics.refused.fetch_add(1, Ordering::Relaxed);
@@ -178,6 +179,7 @@ pub(crate) async fn run<S>(
         will: connect.will.clone(),
         session_expiry: neg.session_expiry,
         neg,
+        acl,
         peer,
         conn,
         shared: shared.clone(),
@@ -186,6 +188,7 @@ pub(crate) async fn run<S>(
     if let Some(resumed) = registration.resumed {
         c.resume(resumed);
     }
+    c.record_session();
     tracing::info!(
         %peer,
         client = c.neg.client_id,
@@ -242,15 +245,22 @@ async fn refuse<W: AsyncWrite + Unpin>(
         properties: ConnAckProperties::default(),
     };
     if encode(&Packet::ConnAck(ack), version, &mut out).is_ok() {
-        tokio::time::timeout(GOODBYE_TIMEOUT, writer.write_all(&out))
-            .await
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        tokio::time::timeout(GOODBYE_TIMEOUT, async {
+            writer.write_all(&out).await?;
+            writer.flush().await
+        })
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     }
     writer.shutdown().await
 }
 
-/// Checks a CONNECT: negotiation rules, authentication, will topic.
-async fn accept(shared: &Arc<MqttShared>, connect: &Connect) -> Result<Negotiated, ReasonCode> {
+/// Checks a CONNECT: negotiation rules, authentication, will topic (valid, and allowed by the
+/// client's ACL). Returns what was negotiated and the client's ACL.
+async fn accept(
+    shared: &Arc<MqttShared>,
+    connect: &Connect,
+) -> Result<(Negotiated, ClientAcl), ReasonCode> {
     if connect.properties.authentication_method.is_some() {
         return Err(ReasonCode::BadAuthenticationMethod);
     }
@@ -268,12 +278,19 @@ async fn accept(shared: &Arc<MqttShared>, connect: &Connect) -> Result<Negotiate
         AuthOutcome::BadCredentials => return Err(ReasonCode::BadUserNameOrPassword),
         AuthOutcome::NotAuthorized => return Err(ReasonCode::NotAuthorized),
     }
+    let acl = shared
+        .acl
+        .for_client(connect.username.as_deref(), &neg.client_id);
     if let Some(will) = &connect.will {
         if TopicName::new(&will.topic).is_err() {
             return Err(ReasonCode::TopicNameInvalid);
         }
+        if !acl.may_publish(&will.topic) {
+            shared.metrics.acl_denied.fetch_add(1, Ordering::Relaxed);
+            return Err(ReasonCode::NotAuthorized);
+        }
     }
-    Ok(neg)
+    Ok((neg, acl))
 }
 
 /// The ack handle of an in-flight message: an engine delivery, or nothing for a retained one.
@@ -287,6 +304,8 @@ struct Conn<S> {
     wbuf: BytesMut,
     version: ProtocolVersion,
     neg: Negotiated,
+    /// What this client may publish and subscribe to.
+    acl: ClientAcl,
     peer: SocketAddr,
     conn: u64,
     /// Subscriptions by full filter (with any `$share/` prefix).
@@ -351,6 +370,8 @@ where
         if !self.wbuf.is_empty() {
             let out = self.wbuf.split();
             self.writer.write_all(&out).await?;
+            // TLS and WebSocket streams buffer: push the bytes out.
+            self.writer.flush().await?;
         }
         Ok(())
     }
@@ -363,6 +384,18 @@ where
             self.send(&Packet::PubRel(PubRel::new(*id)));
         }
         for (key, entry) in s.subscriptions {
+            if !self.acl.may_subscribe(&entry.filter) {
+                // The ACL changed while the client was away (a restart with a new config).
+                tracing::info!(
+                    client = self.neg.client_id,
+                    filter = key,
+                    "subscription no longer allowed by the ACL; dropped"
+                );
+                if let (None, Some(g)) = (&entry.share, &entry.group) {
+                    self.shared.broker.delete_group(g);
+                }
+                continue;
+            }
             match self.engine_subscription(&entry) {
                 Ok(sub) => {
                     self.streams.insert(key.clone(), sub);
@@ -537,6 +570,26 @@ where
                 "payload is not UTF-8".into(),
             ));
         }
+        if !self.acl.may_publish(&topic) {
+            self.shared
+                .metrics
+                .acl_denied
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                client = self.neg.client_id,
+                topic,
+                "PUBLISH denied by the ACL"
+            );
+            // MQTT 5 says Not authorized; 3.1.1 cannot refuse a PUBLISH without closing, so
+            // QoS 1/2 are acknowledged as usual and the message is dropped.
+            let code = if self.v5() {
+                ReasonCode::NotAuthorized
+            } else {
+                ReasonCode::Success
+            };
+            self.ack_publish(&p, code);
+            return None;
+        }
         if p.qos == QoS::ExactlyOnce {
             let Some(id) = p.packet_id else {
                 return Some(End::Protocol(
@@ -635,6 +688,29 @@ where
             reason_codes: codes,
             properties: Default::default(),
         }));
+        self.record_session();
+    }
+
+    /// The persistent session as it stands, for the registry.
+    fn stored_session(&self) -> StoredSession {
+        StoredSession {
+            subscriptions: self.subs.clone(),
+            inbound_qos2: self.inbound_qos2.ids().clone(),
+            awaiting_pubcomp: self.outbound.awaiting_pubcomp(),
+            expiry: self.session_expiry.unwrap_or_default(),
+        }
+    }
+
+    /// Tells the registry about the session's subscriptions (persisted with a data directory,
+    /// so that they survive a crash); nothing for a session that ends with the connection.
+    fn record_session(&self) {
+        if self.session_expiry.is_some() {
+            self.shared.sessions.record(
+                &self.neg.client_id,
+                self.conn,
+                Some(self.stored_session()),
+            );
+        }
     }
 
     fn subscribe_one(
@@ -653,6 +729,19 @@ where
             }
             Err(_) => return ReasonCode::TopicFilterInvalid,
         };
+        if !self.acl.may_subscribe(&filter) {
+            self.shared
+                .metrics
+                .acl_denied
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                client = self.neg.client_id,
+                filter = full,
+                "SUBSCRIBE denied by the ACL"
+            );
+            // 0x87 in MQTT 5; encoded as 0x80 (failure) for 3.1.1.
+            return ReasonCode::NotAuthorized;
+        }
         let granted = options.qos;
         let group = match (&share, self.session_expiry) {
             (Some(g), _) => Some(session::share_group(g, &filter)),
@@ -739,6 +828,7 @@ where
             reason_codes: codes,
             properties: Default::default(),
         }));
+        self.record_session();
     }
 
     fn on_disconnect(&mut self, d: Disconnect) -> End {

@@ -5,7 +5,9 @@
 //! - [`session`]: the session registry (takeover, persistent sessions, expiry);
 //! - [`retained`]: retained messages;
 //! - [`convert`]: PUBLISH <-> Ferry message;
-//! - `connection`: the connection task that drives all of it from the socket and the engine.
+//! - [`websocket`]: MQTT over WebSocket at `/mqtt` on the HTTP listener;
+//! - `connection`: the connection task that drives all of it from any byte stream (TCP, TLS,
+//!   WebSocket) and the engine.
 //!
 //! MQTT topics are Ferry topics: a message published over MQTT reaches every engine subscriber
 //! of its topic, and every message published to the engine reaches matching MQTT subscribers.
@@ -15,6 +17,7 @@ pub mod convert;
 pub mod retained;
 pub mod session;
 pub mod state;
+pub mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -27,8 +30,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::acl::AclRules;
 use crate::auth::Authenticator;
 use crate::config::MqttConfig;
+use crate::tls::TlsListener;
 use retained::RetainedStore;
 use session::Sessions;
 
@@ -52,6 +57,8 @@ pub struct MqttMetrics {
     pub publish_sent: AtomicU64,
     /// Will messages published.
     pub wills_published: AtomicU64,
+    /// PUBLISH packets and SUBSCRIBE filters refused by the ACL.
+    pub acl_denied: AtomicU64,
 }
 
 /// A snapshot of [`MqttMetrics`] plus session counts, for `/stats` and `/metrics`.
@@ -73,6 +80,8 @@ pub struct MqttStats {
     pub publish_sent: u64,
     /// Will messages published.
     pub wills_published: u64,
+    /// PUBLISH packets and SUBSCRIBE filters refused by the ACL.
+    pub acl_denied: u64,
     /// Connected sessions.
     pub sessions_online: usize,
     /// Persistent sessions kept for disconnected clients.
@@ -86,6 +95,7 @@ pub(crate) struct MqttShared {
     pub(crate) broker: Broker,
     pub(crate) config: MqttConfig,
     pub(crate) auth: Authenticator,
+    pub(crate) acl: AclRules,
     pub(crate) retained: Arc<RetainedStore>,
     pub(crate) sessions: Sessions,
     pub(crate) metrics: MqttMetrics,
@@ -107,6 +117,7 @@ impl MqttShared {
             publish_received: m.publish_received.load(Ordering::Relaxed),
             publish_sent: m.publish_sent.load(Ordering::Relaxed),
             wills_published: m.wills_published.load(Ordering::Relaxed),
+            acl_denied: m.acl_denied.load(Ordering::Relaxed),
             sessions_online: online,
             sessions_offline: offline,
             retained: self.retained.len(),
@@ -127,29 +138,42 @@ impl MqttHandle {
     }
 }
 
-/// Starts the MQTT front end on `listener`: the accept loop and the session maintenance task
-/// run until `shutdown` is cancelled; connection tasks are tracked by `tracker`.
+/// The MQTT listeners: plain TCP, and TLS when configured.
+pub(crate) struct Listeners {
+    pub(crate) tcp: TcpListener,
+    pub(crate) tls: Option<TlsListener>,
+}
+
+/// Starts the MQTT front end on its listeners: the accept loops and the
+/// session maintenance task run until `shutdown` is cancelled; connection tasks are tracked by
+/// `tracker`.
 pub(crate) fn start(
     broker: Broker,
     config: MqttConfig,
     retained: Arc<RetainedStore>,
-    listener: TcpListener,
+    sessions: Sessions,
+    listeners: Listeners,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) -> MqttHandle {
     let auth = Authenticator::new(&config.users, config.allow_anonymous);
+    let acl = AclRules::new(&config);
     let shared = Arc::new(MqttShared {
         broker,
         config,
         auth,
+        acl,
         retained,
-        sessions: Sessions::default(),
+        sessions,
         metrics: MqttMetrics::default(),
         shutdown,
         tracker: tracker.clone(),
         next_conn: AtomicU64::new(1),
     });
-    tracker.spawn(accept_loop(shared.clone(), listener));
+    tracker.spawn(accept_loop(shared.clone(), listeners.tcp));
+    if let Some(tls) = listeners.tls {
+        tracker.spawn(tls_accept_loop(shared.clone(), tls));
+    }
     tracker.spawn(maintenance(shared.clone()));
     MqttHandle { shared }
 }
@@ -175,7 +199,21 @@ async fn accept_loop(shared: Arc<MqttShared>, listener: TcpListener) {
     tracing::info!("MQTT listener stopped");
 }
 
-/// Runs one connection over any byte stream (TCP today; WebSocket or TLS later).
+async fn tls_accept_loop(shared: Arc<MqttShared>, mut listener: TlsListener) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => break,
+            a = listener.next() => a,
+        };
+        match accepted {
+            Some((stream, peer)) => spawn_connection(&shared, stream, peer),
+            None => break,
+        }
+    }
+    tracing::info!("MQTT TLS listener stopped");
+}
+
+/// Runs one connection over any byte stream (TCP, TLS, WebSocket).
 pub(crate) fn spawn_connection<S>(shared: &Arc<MqttShared>, stream: S, peer: SocketAddr)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -205,6 +243,9 @@ async fn maintenance(shared: Arc<MqttShared>) {
         shared
             .sessions
             .expire(&shared.broker, shared.config.max_queued);
+        if let Err(e) = shared.sessions.save() {
+            tracing::error!(error = %e, "saving MQTT sessions failed");
+        }
         if let Err(e) = shared.retained.save() {
             tracing::error!(error = %e, "saving retained messages failed");
         }

@@ -1,5 +1,6 @@
 //! Retained messages: the last retained message of each topic, optionally persisted to a JSON
-//! file in the data directory (written atomically: a temporary file renamed over the old one).
+//! file in the data directory (written atomically: a temporary file, fsynced, renamed over the
+//! old one).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -170,9 +171,7 @@ impl RetainedStore {
             .collect();
         let result = (|| {
             let json = serde_json::to_vec(&stored).map_err(std::io::Error::other)?;
-            let tmp = path.with_extension("json.tmp");
-            std::fs::write(&tmp, json)?;
-            std::fs::rename(&tmp, path)
+            crate::fsutil::write_atomic(path, &json)
         })();
         result.map_err(|e| {
             // Try again next time.

@@ -8,9 +8,22 @@
 //! the subscription list, the inbound QoS 2 identifiers and the outbound identifiers waiting for
 //! PUBCOMP. An offline session ends when its expiry interval passes or its backlog exceeds
 //! `max_queued`; its groups are then deleted.
+//!
+//! With a data directory the registry is persisted in `mqtt-sessions.json` (replaced
+//! atomically, at most once a second and at shutdown): for every persistent session, online or
+//! not, its subscriptions, QoS 2 identifiers, expiry interval and when it went offline. At start
+//! the sessions are restored offline, their expiry counted from when they went offline (or from
+//! the last save for one that was online), so a client reconnecting with clean start = false
+//! after a restart resumes its session (session present) and receives, from the consumer groups
+//! the durable engine kept, the messages published while it was away.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ferry_mqtt::RetainHandling;
+use serde::{Deserialize, Serialize};
 
 use ferry::Broker;
 use ferry_mqtt::{QoS, SubscriptionOptions};
@@ -74,6 +87,9 @@ enum Slot {
         conn: u64,
         kick: CancellationToken,
         done: Option<oneshot::Receiver<()>>,
+        /// The session as last recorded by its connection (persistent sessions only), saved
+        /// so that it survives a crash.
+        persisted: Option<StoredSession>,
     },
     Offline {
         session: StoredSession,
@@ -86,6 +102,147 @@ enum Slot {
 pub struct Sessions {
     slots: Mutex<HashMap<String, Slot>>,
     delayed_wills: Mutex<HashMap<String, AbortHandle>>,
+    /// The file persistent sessions are saved to (none in memory).
+    path: Option<PathBuf>,
+    /// Whether the slots changed since the last save.
+    dirty: AtomicBool,
+}
+
+/// The session file's name in the data directory.
+pub const SESSIONS_FILE: &str = "mqtt-sessions.json";
+
+/// Errors reading or writing the session file.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionStoreError {
+    /// I/O.
+    #[error("MQTT sessions file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The file is not what we wrote.
+    #[error("MQTT sessions file {path} is corrupt: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The session file: a version and one record per persistent session.
+#[derive(Serialize, Deserialize)]
+struct SessionFile {
+    version: u32,
+    sessions: Vec<SessionRecord>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SessionRecord {
+    client_id: String,
+    expiry_secs: u64,
+    /// When the session went offline (or was last saved while online), Unix milliseconds.
+    offline_since_ms: u64,
+    subscriptions: Vec<SubRecord>,
+    inbound_qos2: Vec<u16>,
+    awaiting_pubcomp: Vec<u16>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SubRecord {
+    /// The full MQTT filter (with any `$share/` prefix).
+    key: String,
+    filter: String,
+    share: Option<String>,
+    qos: u8,
+    no_local: bool,
+    retain_as_published: bool,
+    retain_handling: u8,
+    granted: u8,
+    id: Option<u32>,
+    group: Option<String>,
+}
+
+impl SubRecord {
+    fn new(key: &str, e: &SubEntry) -> Self {
+        SubRecord {
+            key: key.to_string(),
+            filter: e.filter.clone(),
+            share: e.share.clone(),
+            qos: e.options.qos as u8,
+            no_local: e.options.no_local,
+            retain_as_published: e.options.retain_as_published,
+            retain_handling: e.options.retain_handling as u8,
+            granted: e.granted as u8,
+            id: e.id,
+            group: e.group.clone(),
+        }
+    }
+
+    fn entry(self) -> Option<(String, SubEntry)> {
+        let retain_handling = match self.retain_handling {
+            0 => RetainHandling::SendAtSubscribe,
+            1 => RetainHandling::SendAtSubscribeIfNew,
+            2 => RetainHandling::DoNotSend,
+            _ => return None,
+        };
+        let options = SubscriptionOptions {
+            qos: QoS::from_bits(self.qos)?,
+            no_local: self.no_local,
+            retain_as_published: self.retain_as_published,
+            retain_handling,
+        };
+        Some((
+            self.key,
+            SubEntry {
+                filter: self.filter,
+                share: self.share,
+                options,
+                granted: QoS::from_bits(self.granted)?,
+                id: self.id,
+                group: self.group,
+            },
+        ))
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    u64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX)
+}
+
+impl SessionRecord {
+    fn new(client_id: &str, s: &StoredSession, offline_since: SystemTime) -> Self {
+        let mut inbound_qos2: Vec<u16> = s.inbound_qos2.iter().copied().collect();
+        inbound_qos2.sort_unstable();
+        SessionRecord {
+            client_id: client_id.to_string(),
+            expiry_secs: s.expiry.as_secs(),
+            offline_since_ms: unix_ms(offline_since),
+            subscriptions: s
+                .subscriptions
+                .iter()
+                .map(|(k, e)| SubRecord::new(k, e))
+                .collect(),
+            inbound_qos2,
+            awaiting_pubcomp: s.awaiting_pubcomp.clone(),
+        }
+    }
+
+    fn session(self) -> Option<StoredSession> {
+        let mut subscriptions = BTreeMap::new();
+        for r in self.subscriptions {
+            let (k, e) = r.entry()?;
+            subscriptions.insert(k, e);
+        }
+        Some(StoredSession {
+            subscriptions,
+            inbound_qos2: self.inbound_qos2.into_iter().collect(),
+            awaiting_pubcomp: self.awaiting_pubcomp,
+            expiry: Duration::from_secs(self.expiry_secs),
+        })
+    }
 }
 
 /// A connection's registration, returned by [`Sessions::connect`].
@@ -99,6 +256,123 @@ pub struct Registration {
 }
 
 impl Sessions {
+    /// A registry kept in memory only.
+    pub fn in_memory() -> Self {
+        Sessions::default()
+    }
+
+    /// A registry persisted in `dir`, restoring the sessions saved there as offline sessions.
+    /// Sessions whose expiry passed while the server was down are dropped and their consumer
+    /// groups deleted from `broker`.
+    pub fn open(dir: &Path, broker: &Broker) -> Result<Sessions, SessionStoreError> {
+        let path = dir.join(SESSIONS_FILE);
+        let mut slots = HashMap::new();
+        let corrupt = |reason: String| SessionStoreError::Corrupt {
+            path: path.clone(),
+            reason,
+        };
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let file: SessionFile =
+                    serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+                if file.version != 1 {
+                    return Err(corrupt(format!("unknown version {}", file.version)));
+                }
+                let now_wall = SystemTime::now();
+                let now = Instant::now();
+                for r in file.sessions {
+                    let client = r.client_id.clone();
+                    let offline_since = UNIX_EPOCH + Duration::from_millis(r.offline_since_ms);
+                    let away = now_wall.duration_since(offline_since).unwrap_or_default();
+                    let session = r
+                        .session()
+                        .ok_or_else(|| corrupt(format!("bad subscription of {client:?}")))?;
+                    if away >= session.expiry {
+                        tracing::info!(client, "session expired while the server was down");
+                        delete_groups(broker, &session);
+                        continue;
+                    }
+                    let since = now.checked_sub(away).unwrap_or(now);
+                    slots.insert(client, Slot::Offline { session, since });
+                }
+                tracing::info!(sessions = slots.len(), "MQTT sessions restored");
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(SessionStoreError::Io { path, source: e }),
+        }
+        Ok(Sessions {
+            slots: Mutex::new(slots),
+            delayed_wills: Mutex::default(),
+            path: Some(path),
+            dirty: AtomicBool::new(false),
+        })
+    }
+
+    fn changed(&self) {
+        self.dirty.store(true, Ordering::Release);
+    }
+
+    /// Writes the session file if anything changed since the last save (no-op in memory).
+    pub fn save(&self) -> Result<(), SessionStoreError> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        if !self.dirty.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let now_wall = SystemTime::now();
+        let now = Instant::now();
+        let mut sessions: Vec<SessionRecord> = self
+            .slots
+            .lock()
+            .iter()
+            .filter_map(|(client, slot)| match slot {
+                Slot::Online { persisted, .. } => persisted
+                    .as_ref()
+                    .map(|s| SessionRecord::new(client, s, now_wall)),
+                Slot::Offline { session, since } => {
+                    let at = now_wall
+                        .checked_sub(now.duration_since(*since))
+                        .unwrap_or(now_wall);
+                    Some(SessionRecord::new(client, session, at))
+                }
+            })
+            .collect();
+        sessions.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        let file = SessionFile {
+            version: 1,
+            sessions,
+        };
+        let result = serde_json::to_vec_pretty(&file)
+            .map_err(std::io::Error::other)
+            .and_then(|json| crate::fsutil::write_atomic(path, &json));
+        result.map_err(|e| {
+            self.changed();
+            SessionStoreError::Io {
+                path: path.clone(),
+                source: e,
+            }
+        })
+    }
+
+    /// Records the current state of connection `conn`'s persistent session (`None`: the
+    /// session is not persistent), to be saved with the others.
+    pub fn record(&self, client_id: &str, conn: u64, session: Option<StoredSession>) {
+        if self.path.is_none() {
+            return;
+        }
+        let mut slots = self.slots.lock();
+        if let Some(Slot::Online {
+            conn: c, persisted, ..
+        }) = slots.get_mut(client_id)
+        {
+            if *c == conn {
+                *persisted = session;
+                self.changed();
+            }
+        }
+    }
+
     /// Registers connection `conn` as `client_id`: takes over any live connection of that
     /// client (waiting up to `takeover_wait` for it to finish), cancels a pending delayed will,
     /// and resumes or discards the stored session.
@@ -145,8 +419,10 @@ impl Sessions {
                 conn,
                 kick: kick.clone(),
                 done: Some(done_rx),
+                persisted: None,
             },
         );
+        self.changed();
         let resumed = match previous {
             Some(Slot::Offline { session, .. }) => {
                 if clean_start {
@@ -168,6 +444,7 @@ impl Sessions {
     /// The connection `conn` of `client_id` ended: keeps `session` if it is persistent (else
     /// deletes its groups). Does nothing to a slot another connection has taken since.
     pub fn disconnect(&self, client_id: &str, conn: u64, session: Option<StoredSession>) {
+        self.changed();
         let mut slots = self.slots.lock();
         let ours = matches!(slots.get(client_id), Some(Slot::Online { conn: c, .. }) if *c == conn);
         match session {
@@ -250,6 +527,9 @@ impl Sessions {
         }
         for s in &ended {
             delete_groups(broker, s);
+        }
+        if !ended.is_empty() {
+            self.changed();
         }
         ended.len()
     }
