@@ -55,7 +55,14 @@ impl Authenticator {
         }
     }
 
-    /// Checks credentials. Argon2 is deliberately slow: call this from a blocking thread.
+    /// Whether [`check`](Self::check) would verify a password hash for `username` (slow, by
+    /// design: worth a blocking thread); anonymous and unknown names are answered at once.
+    pub fn hashes_for(&self, username: Option<&str>) -> bool {
+        username.is_some_and(|u| self.users.contains_key(u))
+    }
+
+    /// Checks credentials. Argon2 is deliberately slow: when [`hashes_for`](Self::hashes_for)
+    /// says so, call this from a blocking thread.
     pub fn check(&self, username: Option<&str>, password: Option<&[u8]>) -> AuthOutcome {
         let Some(user) = username else {
             return if self.allow_anonymous {

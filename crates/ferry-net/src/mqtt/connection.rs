@@ -268,11 +268,18 @@ async fn accept(
     let auth = shared.auth.clone();
     let user = connect.username.clone();
     let password = connect.password.clone();
-    let outcome = tokio::task::spawn_blocking(move || {
+    // Argon2 takes milliseconds: off the async workers. Everything else (anonymous clients,
+    // unknown names) is answered inline, so that a flood of connections does not start a
+    // blocking thread each.
+    let outcome = if auth.hashes_for(user.as_deref()) {
+        tokio::task::spawn_blocking(move || {
+            auth.check(user.as_deref(), password.as_ref().map(|p| &p[..]))
+        })
+        .await
+        .unwrap_or(AuthOutcome::BadCredentials)
+    } else {
         auth.check(user.as_deref(), password.as_ref().map(|p| &p[..]))
-    })
-    .await
-    .unwrap_or(AuthOutcome::BadCredentials);
+    };
     match outcome {
         AuthOutcome::Allowed => {}
         AuthOutcome::BadCredentials => return Err(ReasonCode::BadUserNameOrPassword),
