@@ -17,7 +17,7 @@ use ferry_mqtt::{
     Disconnect, DisconnectProperties, Packet, ProtocolVersion, PubAck, PubComp, PubRec, PubRel,
     Publish, QoS, ReasonCode, RetainHandling, SubAck, Subscribe, UnsubAck, Unsubscribe, Will,
 };
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::time::Instant;
 use tokio_stream::StreamMap;
@@ -416,6 +416,8 @@ where
     }
 
     async fn run_loop(&mut self, kick: &CancellationToken) -> End {
+        /// Deliveries taken from the engine per pass before the writes are flushed.
+        const DELIVERY_BATCH: usize = 64;
         let timeout = state::keep_alive_timeout(self.neg.keep_alive);
         let mut deadline = timeout.map(|t| Instant::now() + t);
         let shutdown = self.shared.shutdown.clone();
@@ -447,6 +449,16 @@ where
                 },
                 Some((key, delivery)) = self.streams.next(), if can_send => {
                     self.deliver(&key, delivery);
+                    // Take what else is ready before flushing: one write for many PUBLISHes.
+                    for _ in 1..DELIVERY_BATCH {
+                        if !(self.outbound.has_room() && self.pending.is_empty()) {
+                            break;
+                        }
+                        match self.streams.next().now_or_never() {
+                            Some(Some((key, delivery))) => self.deliver(&key, delivery),
+                            _ => break,
+                        }
+                    }
                 }
                 _ = sleep => return End::KeepAlive,
             }
