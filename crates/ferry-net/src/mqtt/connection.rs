@@ -2,7 +2,7 @@
 //! keep-alive deadline, then the end of the session (DISCONNECT with a reason code in MQTT 5,
 //! will message, session kept or dropped).
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -10,7 +10,8 @@ use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use ferry::{
-    Delivery, Message, PublishError, SubscribeError, Subscription, TopicFilter, TopicName,
+    Delivery, Message, PublishError, Publisher, SubscribeError, Subscription, TopicFilter,
+    TopicName,
 };
 use ferry_mqtt::{
     decode, decode_connect, encode, encoded_len, ConnAck, ConnAckProperties, Connect, DecodeError,
@@ -171,6 +172,7 @@ pub(crate) async fn run<S>(
         outbound: Outbound::new(neg.outbound_window),
         subs: BTreeMap::new(),
         streams: StreamMap::new(),
+        publishers: HashMap::new(),
         pending: VecDeque::new(),
         wbuf: BytesMut::with_capacity(4096),
         rbuf,
@@ -319,6 +321,9 @@ struct Conn<S> {
     subs: BTreeMap<String, SubEntry>,
     /// Their engine subscriptions, under the same keys.
     streams: StreamMap<String, Subscription>,
+    /// Publishers of the topics this client published to lately (no registry lookup per
+    /// message); at most [`PUBLISHERS`], forgotten all at once beyond that.
+    publishers: HashMap<String, Publisher>,
     outbound: Outbound<Handle>,
     pending: VecDeque<Pending>,
     inbound_qos2: InboundQos2,
@@ -632,7 +637,7 @@ where
         }
         let message = Inbound::from_publish(p.qos, p.retain, &self.neg.client_id, &p.properties)
             .to_message(p.payload.clone());
-        let code = match publish(&self.shared, &topic, message, p.retain).await {
+        let code = match self.publish(&topic, message, p.retain).await {
             Ok(()) => ReasonCode::Success,
             Err(e) => {
                 tracing::warn!(client = self.neg.client_id, topic, error = %e, "publish failed");
@@ -656,6 +661,29 @@ where
         };
         self.ack_publish(&p, code);
         None
+    }
+
+    /// Publishes to the engine (and the retained store) through a cached [`Publisher`].
+    async fn publish(
+        &mut self,
+        topic: &str,
+        message: Message,
+        retain: bool,
+    ) -> Result<(), PublishError> {
+        if retain {
+            self.shared.retained.set(topic, message.clone());
+        }
+        if !self.publishers.contains_key(topic) {
+            if self.publishers.len() >= PUBLISHERS {
+                self.publishers.clear();
+            }
+            let publisher = self.shared.broker.publisher(topic)?;
+            self.publishers.insert(topic.to_string(), publisher);
+        }
+        match self.publishers.get(topic) {
+            Some(publisher) => publisher.publish(message).await.map(|_| ()),
+            None => publish(&self.shared, topic, message, false).await,
+        }
     }
 
     fn ack_publish(&mut self, p: &Publish, code: ReasonCode) {
@@ -1064,6 +1092,9 @@ async fn publish(
     shared.broker.publish(topic, message).await?;
     Ok(())
 }
+
+/// How many topics' publishers a connection keeps.
+const PUBLISHERS: usize = 64;
 
 /// The PUBACK/PUBREC reason code of a failed publish.
 fn publish_error_code(e: &PublishError) -> ReasonCode {
