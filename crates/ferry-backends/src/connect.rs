@@ -90,10 +90,56 @@ fn fastrand_f64() -> f64 {
 }
 
 /// How to connect.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ConnectOptions {
     /// Connect retries.
     pub retry: RetryPolicy,
+    /// How long one publish (or batch) may take, confirmation included, before it fails with
+    /// [`BackendError::Timeout`] (default 10 s). A publish that timed out may still have been
+    /// stored: the caller cannot tell, and retries (at-least-once).
+    pub operation_timeout: Duration,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            retry: RetryPolicy::default(),
+            operation_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Bounds `op` by `after`: [`BackendError::Timeout`] when it runs out.
+pub(crate) async fn bounded<T>(
+    backend: &'static str,
+    operation: &str,
+    after: Duration,
+    op: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(after, op).await {
+        Ok(r) => r,
+        Err(_) => Err(BackendError::Timeout {
+            backend,
+            operation: operation.to_string(),
+            after,
+        }),
+    }
+}
+
+/// A connection attempt that timed out (the server accepted the TCP connection but never
+/// completed the handshake) means the backend is unreachable, as a refused one does.
+pub(crate) fn timeout_is_unreachable(e: BackendError) -> BackendError {
+    match e {
+        BackendError::Timeout {
+            backend,
+            operation,
+            after,
+        } => BackendError::Unreachable {
+            backend,
+            reason: format!("{operation} timed out after {after:?}"),
+        },
+        other => other,
+    }
 }
 
 /// Connects to the backend named by `url` with the default retries:

@@ -59,7 +59,20 @@
 //! Every operation returns a typed [`BackendError`] (`Unreachable`, `Timeout`, `Rejected`,
 //! `Closed`, `Unsupported`, `Invalid`, `Stale`, ...) with a stable
 //! [`code`](BackendError::code). Connecting retries transient failures with exponential backoff
-//! ([`RetryPolicy`]).
+//! ([`RetryPolicy`]); a service that refuses, drops or never answers the connection is
+//! `Unreachable` once the attempts run out.
+//!
+//! # Losing the service
+//!
+//! A publish returns `Ok` only once the service confirmed the message, and is bounded by
+//! [`ConnectOptions::operation_timeout`]: while the service is away it fails with a transient
+//! error ([`BackendError::is_transient`]: `Unreachable`, or `Timeout` when the confirmation never
+//! came, in which case the message may still have been stored). When the service is back:
+//! NATS reconnects by itself (async-nats) and its subscriptions resume; the Redis adapter opens a
+//! new connection on the next call, and its subscriptions reconnect their readers; the RabbitMQ
+//! adapter opens a new connection on the next publish or subscribe, but its subscriptions end
+//! (`next` fails) and must be made again. `tests/bad_conditions.rs` checks all of this through a
+//! TCP proxy that it kills and restarts.
 
 #![deny(missing_docs)]
 

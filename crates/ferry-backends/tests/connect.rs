@@ -16,6 +16,7 @@ fn quick() -> ConnectOptions {
             max_backoff: Duration::from_millis(50),
             attempt_timeout: Duration::from_secs(2),
         },
+        ..ConnectOptions::default()
     }
 }
 

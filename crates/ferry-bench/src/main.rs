@@ -1,18 +1,20 @@
 //! `ferry-bench`: Ferry's benchmark harness.
 //!
 //! Each subcommand is a module that measures Ferry and its peers (or the machine's own limits)
-//! side by side in the same run and reports through [`report`]: `inproc` and `log` so far;
-//! `mqtt` and `backends` are meant to join them as sibling modules with a variant each in
-//! [`Command`].
+//! side by side in the same run and reports through [`report`]: `inproc`, `log`, `mqtt` and
+//! `backends`, each a module with a variant in [`Command`].
 //!
 //! ```text
 //! cargo run --release -p ferry-bench -- inproc [--json] [--messages N] [--quick]
 //! cargo run --release -p ferry-bench -- log [--json] [--quick] [--dir PATH]
+//! cargo build --release -p ferry-server && cargo run --release -p ferry-bench -- mqtt [--json] [--quick]
 //! ```
 
+mod backends;
 mod inproc;
 mod log;
 mod measure;
+mod mqtt;
 mod report;
 
 /// Every system in a run shares this allocator, the one the `ferry` binary uses. With glibc's
@@ -38,6 +40,10 @@ enum Command {
     Inproc(inproc::Args),
     /// Durable topics: log append, engine publish, read and recovery vs the disk's own limits.
     Log(log::Args),
+    /// MQTT over loopback: Ferry's server vs Mosquitto, throughput, latency and memory.
+    Mqtt(mqtt::Args),
+    /// The same workload over every ferry-backends adapter and each engine's own client.
+    Backends(backends::Args),
 }
 
 fn main() -> Result<()> {
@@ -45,5 +51,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Inproc(args) => inproc::run(&args),
         Command::Log(args) => log::run(&args),
+        Command::Mqtt(args) => mqtt::run(&args),
+        Command::Backends(args) => backends::run(&args),
     }
 }

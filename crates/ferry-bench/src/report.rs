@@ -64,6 +64,10 @@ pub struct Row {
     /// Figures of this scenario only (JSON: a field each; table: the notes column).
     #[serde(flatten)]
     pub extra: Extras,
+    /// Whether missing deliveries are allowed (MQTT QoS 0): they are reported, but do not make
+    /// [`Report::finish`] fail.
+    #[serde(skip)]
+    pub loss_allowed: bool,
 }
 
 /// A scenario-specific figure.
@@ -170,6 +174,7 @@ impl Row {
             cpu_ns_per_msg: outcome.cpu_ns_per_delivery().map(f64::round),
             note,
             extra: Extras::default(),
+            loss_allowed: false,
         }
     }
 
@@ -323,15 +328,19 @@ impl Report {
             .lines
             .iter()
             .filter_map(|l| match l {
-                Line::Measured(r) if r.lost > 0 || r.duplicates.unwrap_or(0) > 0 => Some(format!(
-                    "{} {} {} B: {} of {} deliveries missing, {} duplicated",
-                    r.scenario,
-                    r.system,
-                    r.payload_bytes,
-                    r.lost,
-                    r.expected,
-                    r.duplicates.unwrap_or(0)
-                )),
+                Line::Measured(r)
+                    if (r.lost > 0 && !r.loss_allowed) || r.duplicates.unwrap_or(0) > 0 =>
+                {
+                    Some(format!(
+                        "{} {} {} B: {} of {} deliveries missing, {} duplicated",
+                        r.scenario,
+                        r.system,
+                        r.payload_bytes,
+                        r.lost,
+                        r.expected,
+                        r.duplicates.unwrap_or(0)
+                    ))
+                }
                 _ => None,
             })
             .collect();

@@ -17,6 +17,13 @@
 //! on the last attempt is the adapter's chance to dead-letter it; if no subscriber is running
 //! then, the message stays unacknowledged in the stream).
 //!
+//! **Connection loss.** async-nats reconnects by itself (without limit) and the pull
+//! subscriptions resume. Meanwhile a publish fails after the
+//! [`operation_timeout`](crate::ConnectOptions::operation_timeout) with
+//! [`BackendError::Timeout`] (the client buffers the message and may still send it once
+//! reconnected: its `Nats-Msg-Id` header lets the server drop a retry of the same message, same
+//! id, within the stream's 2-minute duplicate window).
+//!
 //! **Limits.** `publish_batch` is pipelined, not atomic. Ordering holds per subscriber (with
 //! several group members, each sees its share in order).
 
@@ -36,7 +43,9 @@ use crate::api::{
     SubscribeOptions, DLQ_ATTEMPTS_HEADER, DLQ_REASON_HEADER, DLQ_TOPIC_HEADER,
 };
 use crate::capabilities::{Capabilities, Support};
-use crate::connect::{query, query_num, ConnectOptions, Lifecycle};
+use crate::connect::{
+    bounded, query, query_num, timeout_is_unreachable, ConnectOptions, Lifecycle,
+};
 use crate::error::{BackendError, Result};
 use crate::filter::{check_filter, check_topic, safe_name, to_nats};
 
@@ -52,6 +61,8 @@ pub struct NatsBackend {
     stream: String,
     prefix: String,
     inactive: Duration,
+    /// Bound of one publish (send + acknowledgement).
+    op_timeout: Duration,
     life: Lifecycle,
     /// Durable consumers made by this handle, by exact topic filter (for `delete_topic`).
     durables: Mutex<HashMap<String, HashSet<String>>>,
@@ -124,7 +135,8 @@ impl NatsBackend {
                         })
                 }
             })
-            .await?;
+            .await
+            .map_err(timeout_is_unreachable)?;
         let js = jetstream::new(client.clone());
         let subjects = vec![format!("{prefix}.>")];
         let config = stream::Config {
@@ -167,6 +179,7 @@ impl NatsBackend {
             stream: stream_name,
             prefix,
             inactive,
+            op_timeout: options.operation_timeout,
             life: Lifecycle::default(),
             durables: Mutex::new(HashMap::new()),
         })
@@ -257,6 +270,24 @@ fn headers_of(message: &BackendMessage, with_dedup: bool) -> Result<HeaderMap> {
     Ok(h)
 }
 
+/// A publish error as a typed error: no acknowledgement in time is a timeout, a lost
+/// connection makes the server unreachable, the rest is the server refusing the message.
+fn publish_error(operation: &str, e: &jetstream::context::PublishError) -> BackendError {
+    use jetstream::context::PublishErrorKind as K;
+    match e.kind() {
+        K::TimedOut => BackendError::Timeout {
+            backend: NAME,
+            operation: operation.to_string(),
+            after: Duration::ZERO,
+        },
+        K::BrokenPipe => BackendError::Unreachable {
+            backend: NAME,
+            reason: format!("{operation}: {e}"),
+        },
+        _ => BackendError::rejected(NAME, operation, e),
+    }
+}
+
 fn message_of(m: &async_nats::Message) -> BackendMessage {
     let mut headers = BTreeMap::new();
     let mut id = None;
@@ -296,13 +327,17 @@ impl Backend for NatsBackend {
         self.life.check()?;
         check_topic(topic)?;
         let headers = headers_of(&message, true)?;
-        let ack = self
-            .js
-            .publish_with_headers(self.subject(topic), headers, message.payload.clone())
-            .await
-            .map_err(|e| BackendError::backend(NAME, "publish", e))?
-            .await
-            .map_err(|e| BackendError::rejected(NAME, "publish", e))?;
+        // Bounded: while the client is disconnected, the send waits for room in its buffer and
+        // the acknowledgement may never come.
+        let ack = bounded(NAME, "publish", self.op_timeout, async {
+            self.js
+                .publish_with_headers(self.subject(topic), headers, message.payload.clone())
+                .await
+                .map_err(|e| publish_error("publish", &e))?
+                .await
+                .map_err(|e| publish_error("publish", &e))
+        })
+        .await?;
         Ok(PublishAck {
             id: message.id,
             position: Position::Offset(ack.sequence),
@@ -317,27 +352,28 @@ impl Backend for NatsBackend {
         self.life.check()?;
         check_topic(topic)?;
         let subject = self.subject(topic);
-        let mut pending = Vec::with_capacity(messages.len());
-        for m in &messages {
-            let headers = headers_of(m, true)?;
-            let fut = self
-                .js
-                .publish_with_headers(subject.clone(), headers, m.payload.clone())
-                .await
-                .map_err(|e| BackendError::backend(NAME, "publish", e))?;
-            pending.push(fut);
-        }
-        let mut out = Vec::with_capacity(messages.len());
-        for (m, fut) in messages.into_iter().zip(pending) {
-            let ack = fut
-                .await
-                .map_err(|e| BackendError::rejected(NAME, "publish", e))?;
-            out.push(PublishAck {
-                id: m.id,
-                position: Position::Offset(ack.sequence),
-            });
-        }
-        Ok(out)
+        bounded(NAME, "publish", self.op_timeout, async {
+            let mut pending = Vec::with_capacity(messages.len());
+            for m in &messages {
+                let headers = headers_of(m, true)?;
+                let fut = self
+                    .js
+                    .publish_with_headers(subject.clone(), headers, m.payload.clone())
+                    .await
+                    .map_err(|e| publish_error("publish", &e))?;
+                pending.push(fut);
+            }
+            let mut out = Vec::with_capacity(messages.len());
+            for (m, fut) in messages.into_iter().zip(pending) {
+                let ack = fut.await.map_err(|e| publish_error("publish", &e))?;
+                out.push(PublishAck {
+                    id: m.id,
+                    position: Position::Offset(ack.sequence),
+                });
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn subscribe(&self, options: SubscribeOptions) -> Result<Box<dyn BackendSubscription>> {
@@ -552,9 +588,9 @@ impl NatsAcker {
                 m.payload.clone(),
             )
             .await
-            .map_err(|e| BackendError::backend(NAME, "dead-letter", e))?
+            .map_err(|e| publish_error("dead-letter", &e))?
             .await
-            .map_err(|e| BackendError::rejected(NAME, "dead-letter", e))?;
+            .map_err(|e| publish_error("dead-letter", &e))?;
         self.settle(AckKind::Term).await
     }
 }

@@ -24,6 +24,15 @@
 //! Nacks on the last attempt and rejects publish the message with `ferry-dlq-*` headers to the
 //! dead-letter exchange and acknowledge the original.
 //!
+//! **Connection loss.** Every publish (with its confirmation) is bounded by the
+//! [`operation_timeout`](crate::ConnectOptions::operation_timeout). When the connection is lost,
+//! calls fail with [`BackendError::Unreachable`] (or `Timeout` for a confirmation that never
+//! came: the message may or may not be stored), and the next publish or subscribe opens a new
+//! connection (one attempt, bounded by the connect `attempt_timeout`). Subscriptions do not
+//! survive the loss: their `next` fails (`Unreachable`, then [`BackendError::Closed`]) and the
+//! caller subscribes again; unacknowledged deliveries go back to their queue (RabbitMQ requeues
+//! them when the consumer's channel closes).
+//!
 //! **Limits.** No replay (`Start::Earliest` is refused: queues hold only what arrived since they
 //! were declared). `publish_batch` is confirmed as a whole but not atomic.
 
@@ -50,7 +59,9 @@ use crate::api::{
     SubscribeOptions, DLQ_ATTEMPTS_HEADER, DLQ_REASON_HEADER, DLQ_TOPIC_HEADER,
 };
 use crate::capabilities::{Capabilities, Support};
-use crate::connect::{query, query_num, ConnectOptions, Lifecycle};
+use crate::connect::{
+    bounded, query, query_num, timeout_is_unreachable, ConnectOptions, Lifecycle,
+};
 use crate::error::{BackendError, Result};
 use crate::filter::{check_filter, check_topic};
 
@@ -62,8 +73,14 @@ const DELIVERY_COUNT_HEADER: &str = "x-delivery-count";
 const TOPIC_HEADER: &str = "ferry-topic";
 
 fn amqp_error(operation: &str, e: &lapin::Error) -> BackendError {
+    use lapin::ErrorKind as K;
     let text = e.to_string();
-    if text.contains("IO error") || text.contains("connection") && text.contains("refused") {
+    let gone = matches!(
+        e.kind(),
+        K::IOError(_) | K::InvalidConnectionState(_) | K::InvalidChannelState(..)
+    );
+    if gone || text.contains("IO error") || text.contains("connection") && text.contains("refused")
+    {
         BackendError::Unreachable {
             backend: NAME,
             reason: format!("{operation}: {text}"),
@@ -77,7 +94,11 @@ fn amqp_error(operation: &str, e: &lapin::Error) -> BackendError {
 
 /// The RabbitMQ backend.
 pub struct RabbitBackend {
-    conn: Connection,
+    /// The connection, replaced on the next call after it was lost.
+    conn: tokio::sync::Mutex<Arc<Connection>>,
+    uri: String,
+    connect_timeout: Duration,
+    op_timeout: Duration,
     publisher: tokio::sync::Mutex<Channel>,
     exchange: String,
     dlx: String,
@@ -243,7 +264,8 @@ impl RabbitBackend {
                         })
                 }
             })
-            .await?;
+            .await
+            .map_err(timeout_is_unreachable)?;
         let ch = confirm_channel(&conn).await?;
         let dlx = format!("{exchange}.dlx");
         for name in [&exchange, &dlx] {
@@ -260,7 +282,10 @@ impl RabbitBackend {
             .map_err(|e| amqp_error("declare exchange", &e))?;
         }
         Ok(RabbitBackend {
-            conn,
+            conn: tokio::sync::Mutex::new(Arc::new(conn)),
+            uri,
+            connect_timeout: options.retry.attempt_timeout,
+            op_timeout: options.operation_timeout,
             publisher: tokio::sync::Mutex::new(ch),
             exchange,
             dlx,
@@ -275,11 +300,34 @@ impl RabbitBackend {
         format!("{}:dlq:{topic}", self.exchange)
     }
 
-    /// The publishing channel, reopened if a channel error closed it.
+    /// The connection, reopened (one attempt) if it was lost.
+    async fn connection(&self) -> Result<Arc<Connection>> {
+        let mut conn = self.conn.lock().await;
+        if !conn.status().connected() {
+            self.life.check()?;
+            let uri = self.uri.clone();
+            let fresh = bounded(NAME, "reconnect", self.connect_timeout, async move {
+                Connection::connect(&uri, ConnectionProperties::default())
+                    .await
+                    .map_err(|e| BackendError::Unreachable {
+                        backend: NAME,
+                        reason: format!("reconnect: {e}"),
+                    })
+            })
+            .await
+            .map_err(timeout_is_unreachable)?;
+            tracing::debug!("rabbitmq: reconnected");
+            *conn = Arc::new(fresh);
+        }
+        Ok(conn.clone())
+    }
+
+    /// The publishing channel, reopened if a channel error (or a lost connection) closed it.
     async fn publisher(&self) -> Result<Channel> {
         let mut ch = self.publisher.lock().await;
         if !ch.status().connected() {
-            *ch = confirm_channel(&self.conn).await?;
+            let conn = self.connection().await?;
+            *ch = confirm_channel(&conn).await?;
         }
         Ok(ch.clone())
     }
@@ -312,6 +360,43 @@ impl RabbitBackend {
         .map_err(|e| amqp_error("bind dead-letter queue", &e))?;
         self.dlqs.lock().insert(topic.to_string());
         Ok(())
+    }
+
+    /// Publishes and waits for the confirmations (unbounded: the caller bounds it).
+    async fn publish_confirmed(
+        &self,
+        topic: &str,
+        messages: Vec<BackendMessage>,
+    ) -> Result<Vec<PublishAck>> {
+        self.ensure_dlq(topic).await?;
+        let ch = self.publisher().await?;
+        let mut confirms = Vec::with_capacity(messages.len());
+        for m in &messages {
+            let c = ch
+                .basic_publish(
+                    self.exchange.as_str().into(),
+                    topic.into(),
+                    BasicPublishOptions::default(),
+                    &m.payload,
+                    properties(m, None, None),
+                )
+                .await
+                .map_err(|e| amqp_error("publish", &e))?;
+            confirms.push(c);
+        }
+        let mut out = Vec::with_capacity(messages.len());
+        for (m, c) in messages.into_iter().zip(confirms) {
+            match c.await.map_err(|e| amqp_error("publish", &e))? {
+                Confirmation::Nack(_) => {
+                    return Err(BackendError::rejected(NAME, "publish", "broker nacked"))
+                }
+                Confirmation::Ack(_) | Confirmation::NotRequested => out.push(PublishAck {
+                    id: m.id,
+                    position: Position::Confirmed,
+                }),
+            }
+        }
+        Ok(out)
     }
 
     async fn consume(
@@ -389,35 +474,13 @@ impl Backend for RabbitBackend {
     ) -> Result<Vec<PublishAck>> {
         self.life.check()?;
         check_topic(topic)?;
-        self.ensure_dlq(topic).await?;
-        let ch = self.publisher().await?;
-        let mut confirms = Vec::with_capacity(messages.len());
-        for m in &messages {
-            let c = ch
-                .basic_publish(
-                    self.exchange.as_str().into(),
-                    topic.into(),
-                    BasicPublishOptions::default(),
-                    &m.payload,
-                    properties(m, None, None),
-                )
-                .await
-                .map_err(|e| amqp_error("publish", &e))?;
-            confirms.push(c);
-        }
-        let mut out = Vec::with_capacity(messages.len());
-        for (m, c) in messages.into_iter().zip(confirms) {
-            match c.await.map_err(|e| amqp_error("publish", &e))? {
-                Confirmation::Nack(_) => {
-                    return Err(BackendError::rejected(NAME, "publish", "broker nacked"))
-                }
-                Confirmation::Ack(_) | Confirmation::NotRequested => out.push(PublishAck {
-                    id: m.id,
-                    position: Position::Confirmed,
-                }),
-            }
-        }
-        Ok(out)
+        bounded(
+            NAME,
+            "publish",
+            self.op_timeout,
+            self.publish_confirmed(topic, messages),
+        )
+        .await
     }
 
     async fn subscribe(&self, options: SubscribeOptions) -> Result<Box<dyn BackendSubscription>> {
@@ -431,7 +494,8 @@ impl Backend for RabbitBackend {
             self.ensure_dlq(&options.filter).await?;
         }
         let ch = self
-            .conn
+            .connection()
+            .await?
             .create_channel()
             .await
             .map_err(|e| amqp_error("open channel", &e))?;
@@ -509,7 +573,8 @@ impl Backend for RabbitBackend {
         check_topic(topic)?;
         self.ensure_dlq(topic).await?;
         let ch = self
-            .conn
+            .connection()
+            .await?
             .create_channel()
             .await
             .map_err(|e| amqp_error("open channel", &e))?;
@@ -543,7 +608,8 @@ impl Backend for RabbitBackend {
             return Ok(());
         }
         self.life.close();
-        let _ = self.conn.close(200, "closed".into()).await;
+        let conn = self.conn.lock().await.clone();
+        let _ = conn.close(200, "closed".into()).await;
         Ok(())
     }
 }

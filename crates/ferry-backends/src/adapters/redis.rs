@@ -19,6 +19,15 @@
 //! delivered more than `max_attempts` times, nacked on its last attempt or rejected is written
 //! to `t:dlq` and acknowledged in one `MULTI`.
 //!
+//! **Connection loss.** Commands share one multiplexed connection (response timeout: the
+//! [`operation_timeout`](crate::ConnectOptions::operation_timeout)). When it is lost, the calls
+//! in flight fail with [`BackendError::Unreachable`] (or `Timeout`) and the next call opens a new
+//! connection (one attempt, bounded by the connect `attempt_timeout`): publishing resumes by
+//! itself once Redis is back, and nothing is acknowledged that Redis did not answer. A
+//! subscription's reader reconnects likewise, with a backoff (100 ms to 2 s) while Redis is
+//! away; deliveries read before the loss stay pending in the group and come back through
+//! `XAUTOCLAIM` after the ack timeout if their ack failed.
+//!
 //! **Limits.** No wildcard subscriptions (streams are separate keys). `publish_batch` is one
 //! `MULTI`/`EXEC`, so atomic.
 
@@ -28,9 +37,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, StreamReadReply};
-use redis::{AsyncConnectionConfig, RedisError, Value};
+use redis::{AsyncConnectionConfig, Cmd, Pipeline, RedisError, RedisFuture, Value};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -39,17 +48,116 @@ use crate::api::{
     SubscribeOptions, DLQ_ATTEMPTS_HEADER, DLQ_REASON_HEADER, DLQ_TOPIC_HEADER,
 };
 use crate::capabilities::{Capabilities, Support};
-use crate::connect::{query, query_num, ConnectOptions, Lifecycle};
+use crate::connect::{
+    bounded, query, query_num, timeout_is_unreachable, ConnectOptions, Lifecycle,
+};
 use crate::error::{BackendError, Result};
 use crate::filter::{check_filter, check_topic, has_wildcards};
 
 const NAME: &str = "redis";
 const HEADER_PREFIX: &str = "h:";
 
+/// The shared connection: replaced by a new one on the next call after it was lost.
+struct Conn {
+    client: redis::Client,
+    config: AsyncConnectionConfig,
+    connect_timeout: Duration,
+    /// The connection and its generation (`None`: lost, reconnect on the next call).
+    current: parking_lot::Mutex<(u64, Option<MultiplexedConnection>)>,
+    /// Serializes reconnections.
+    reconnect: tokio::sync::Mutex<()>,
+}
+
+impl Conn {
+    /// The current connection, or a new one if it was lost.
+    async fn get(self: &Arc<Self>) -> Result<Tracked> {
+        let tracked = |gen, conn| Tracked {
+            conn,
+            gen,
+            owner: self.clone(),
+        };
+        if let (gen, Some(c)) = &*self.current.lock() {
+            return Ok(tracked(*gen, c.clone()));
+        }
+        let _one = self.reconnect.lock().await;
+        if let (gen, Some(c)) = &*self.current.lock() {
+            return Ok(tracked(*gen, c.clone()));
+        }
+        let conn = bounded(NAME, "reconnect", self.connect_timeout, async {
+            self.client
+                .get_multiplexed_async_connection_with_config(&self.config)
+                .await
+                .map_err(|e| redis_error("reconnect", &e))
+        })
+        .await
+        .map_err(timeout_is_unreachable)?;
+        let mut current = self.current.lock();
+        current.0 += 1;
+        current.1 = Some(conn.clone());
+        tracing::debug!(generation = current.0, "redis: reconnected");
+        Ok(tracked(current.0, conn))
+    }
+
+    /// An error on connection `gen`: forgets the connection if the error says it is gone.
+    fn failed(&self, gen: u64, e: &RedisError) {
+        if e.is_connection_dropped()
+            || e.is_io_error()
+            || e.is_connection_refusal()
+            || e.is_unrecoverable_error()
+            || e.is_timeout()
+        {
+            let mut current = self.current.lock();
+            if current.0 == gen && current.1.is_some() {
+                tracing::debug!(error = %e, "redis: connection lost");
+                current.1 = None;
+            }
+        }
+    }
+}
+
+/// A connection that reports its errors to its [`Conn`].
+struct Tracked {
+    conn: MultiplexedConnection,
+    gen: u64,
+    owner: Arc<Conn>,
+}
+
+impl ConnectionLike for Tracked {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let r = self.conn.req_packed_command(cmd).await;
+            if let Err(e) = &r {
+                self.owner.failed(self.gen, e);
+            }
+            r
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let r = self.conn.req_packed_commands(pipeline, offset, count).await;
+            if let Err(e) = &r {
+                self.owner.failed(self.gen, e);
+            }
+            r
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.conn.get_db()
+    }
+}
+
 /// The Redis Streams backend.
 pub struct RedisBackend {
     client: redis::Client,
-    conn: MultiplexedConnection,
+    conn: Arc<Conn>,
+    op_timeout: Duration,
     prefix: String,
     maxlen: Option<usize>,
     life: Lifecycle,
@@ -109,7 +217,7 @@ impl RedisBackend {
         })?;
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(options.retry.attempt_timeout))
-            .set_response_timeout(Some(Duration::from_secs(10)));
+            .set_response_timeout(Some(options.operation_timeout));
         let conn = options
             .retry
             .run(NAME, "connect", || {
@@ -130,10 +238,18 @@ impl RedisBackend {
                     Ok(conn)
                 }
             })
-            .await?;
+            .await
+            .map_err(timeout_is_unreachable)?;
         Ok(RedisBackend {
+            conn: Arc::new(Conn {
+                client: client.clone(),
+                config,
+                connect_timeout: options.retry.attempt_timeout,
+                current: parking_lot::Mutex::new((0, Some(conn))),
+                reconnect: tokio::sync::Mutex::new(()),
+            }),
             client,
-            conn,
+            op_timeout: options.operation_timeout,
             prefix,
             maxlen,
             life: Lifecycle::default(),
@@ -155,15 +271,10 @@ impl RedisBackend {
         cmd
     }
 
-    /// A dedicated connection for blocking reads (no response timeout).
+    /// A dedicated connection for blocking reads (their `BLOCK` is at most 500 ms: the
+    /// response timeout only catches a connection that stopped answering).
     async fn reader(&self) -> Result<MultiplexedConnection> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(None);
-        self.client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .map_err(|e| redis_error("connect", &e))
+        reader_connection(&self.client, self.op_timeout).await
     }
 
     async fn group_subscription(
@@ -175,7 +286,7 @@ impl RedisBackend {
         options: &SubscribeOptions,
         destroy_on_close: bool,
     ) -> Result<Box<dyn BackendSubscription>> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn.get().await?;
         let start_id = match start {
             Start::Latest => "$",
             Start::Earliest => "0",
@@ -197,8 +308,9 @@ impl RedisBackend {
         let ack_timeout_ms = u64::try_from(options.ack_timeout.as_millis()).unwrap_or(u64::MAX);
         let claim_every =
             (options.ack_timeout / 4).clamp(Duration::from_millis(20), Duration::from_secs(5));
+        drop(conn);
         let shared = Arc::new(SubShared {
-            conn,
+            conn: self.conn.clone(),
             stream_key,
             dlq_key: format!("{}:dlq", self.key(&topic)),
             topic,
@@ -210,6 +322,8 @@ impl RedisBackend {
         });
         let reader = Reader {
             shared: shared.clone(),
+            client: self.client.clone(),
+            op_timeout: self.op_timeout,
             reader,
             buffer: VecDeque::new(),
             next_claim: Instant::now(),
@@ -233,6 +347,19 @@ impl RedisBackend {
             destroy_on_close,
         }))
     }
+}
+
+async fn reader_connection(
+    client: &redis::Client,
+    op_timeout: Duration,
+) -> Result<MultiplexedConnection> {
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(op_timeout + Duration::from_secs(1)));
+    client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .map_err(|e| redis_error("connect", &e))
 }
 
 fn entry_fields(cmd: &mut redis::Cmd, m: &BackendMessage) {
@@ -281,7 +408,7 @@ impl Backend for RedisBackend {
     async fn publish(&self, topic: &str, message: BackendMessage) -> Result<PublishAck> {
         self.life.check()?;
         check_topic(topic)?;
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn.get().await?;
         let id: String = self
             .xadd(&self.key(topic), &message)
             .query_async(&mut conn)
@@ -309,7 +436,7 @@ impl Backend for RedisBackend {
         for m in &messages {
             pipe.add_command(self.xadd(&key, m));
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn.get().await?;
         let ids: Vec<String> = pipe
             .query_async(&mut conn)
             .await
@@ -366,7 +493,7 @@ impl Backend for RedisBackend {
 
     async fn delete_topic(&self, topic: &str) -> Result<()> {
         check_topic(topic)?;
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn.get().await?;
         let key = self.key(topic);
         let _: i64 = redis::cmd("DEL")
             .arg(&key)
@@ -385,7 +512,7 @@ impl Backend for RedisBackend {
 
 /// What a subscription and its deliveries share.
 struct SubShared {
-    conn: MultiplexedConnection,
+    conn: Arc<Conn>,
     stream_key: String,
     dlq_key: String,
     topic: String,
@@ -419,7 +546,7 @@ impl SubShared {
         ack.arg(&self.stream_key).arg(&self.group).arg(entry_id);
         let mut pipe = redis::pipe();
         pipe.atomic().add_command(add).add_command(ack);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn.get().await?;
         let _: (String, i64) = pipe
             .query_async(&mut conn)
             .await
@@ -433,6 +560,8 @@ impl SubShared {
 /// dropped future.
 struct Reader {
     shared: Arc<SubShared>,
+    client: redis::Client,
+    op_timeout: Duration,
     reader: MultiplexedConnection,
     buffer: VecDeque<Delivery>,
     next_claim: Instant,
@@ -461,7 +590,7 @@ impl Reader {
     /// attempts, buffers the others.
     async fn claim(&mut self) -> Result<()> {
         let s = self.shared.clone();
-        let mut conn = s.conn.clone();
+        let mut conn = s.conn.get().await?;
         let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
             .arg(&s.stream_key)
             .arg(&s.group)
@@ -554,6 +683,7 @@ impl Reader {
 
     /// Feeds `tx` until the subscription is dropped or cancelled, or a permanent error.
     async fn run(mut self, tx: mpsc::Sender<Result<Delivery>>) {
+        let mut backoff = Duration::from_millis(100);
         loop {
             while let Some(d) = self.buffer.pop_front() {
                 if tx.send(Ok(d)).await.is_err() {
@@ -563,13 +693,22 @@ impl Reader {
             if tx.is_closed() {
                 return;
             }
-            if let Err(e) = self.fill().await {
-                if !e.is_transient() {
+            match self.fill().await {
+                Ok(()) => backoff = Duration::from_millis(100),
+                Err(e) if !e.is_transient() => {
                     let _ = tx.send(Err(e)).await;
                     return;
                 }
-                tracing::debug!(error = %e, "redis read failed; retrying");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                Err(e) => {
+                    // The connection may be gone: wait, then read on a new one.
+                    tracing::debug!(error = %e, ?backoff, "redis read failed; reconnecting");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    match reader_connection(&self.client, self.op_timeout).await {
+                        Ok(c) => self.reader = c,
+                        Err(e) => tracing::debug!(error = %e, "redis: reader reconnect failed"),
+                    }
+                }
             }
         }
     }
@@ -590,7 +729,9 @@ impl RedisSubscription {
         }
         let s = self.shared.clone();
         Some(async move {
-            let mut conn = s.conn.clone();
+            let Ok(mut conn) = s.conn.get().await else {
+                return;
+            };
             let _: std::result::Result<i64, RedisError> = redis::cmd("XGROUP")
                 .arg("DESTROY")
                 .arg(&s.stream_key)
@@ -642,7 +783,7 @@ struct RedisAcker {
 impl Acker for RedisAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
         let s = &self.shared;
-        let mut conn = s.conn.clone();
+        let mut conn = s.conn.get().await?;
         let n: i64 = redis::cmd("XACK")
             .arg(&s.stream_key)
             .arg(&s.group)
@@ -666,7 +807,7 @@ impl Acker for RedisAcker {
         let delay_ms = delay.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         // Idle so that XAUTOCLAIM (min-idle = ack timeout) takes it after `delay`.
         let idle = s.ack_timeout_ms.saturating_sub(delay_ms);
-        let mut conn = s.conn.clone();
+        let mut conn = s.conn.get().await?;
         let claimed: Vec<Value> = redis::cmd("XCLAIM")
             .arg(&s.stream_key)
             .arg(&s.group)

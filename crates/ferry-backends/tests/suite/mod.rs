@@ -50,6 +50,7 @@ async fn connect_service(kind: &str, url: String) -> Option<Fixture> {
             max_backoff: Duration::from_millis(200),
             attempt_timeout: Duration::from_secs(5),
         },
+        ..ConnectOptions::default()
     };
     match connect_with(&url, options).await {
         Ok(backend) => Some(Fixture {
