@@ -642,16 +642,14 @@ impl BrokerInner {
         let Some(storage) = &self.storage else {
             return Ok(());
         };
-        let consumers = self.consumers();
-        let mut positions = self.positions.lock().clone();
-        for c in &consumers {
-            if let Some(key) = &c.durable_key {
-                let entry = positions.entry(key.clone()).or_default();
-                for (topic, pos) in c.saved_positions() {
-                    entry.insert(topic, pos);
-                }
+        // Merged in place, so that a consumer unregistering meanwhile is not overwritten.
+        let positions = {
+            let mut positions = self.positions.lock();
+            for c in self.consumers() {
+                record_positions(&mut positions, &c);
             }
-        }
+            positions.clone()
+        };
         for t in self.all_topics() {
             if let Some(store) = t.store() {
                 store.sync(store.end())?;
@@ -660,9 +658,8 @@ impl BrokerInner {
         let mut saved = self.saved_positions.lock();
         if *saved != positions {
             storage.save_positions(&positions)?;
-            *saved = positions.clone();
+            *saved = positions;
         }
-        *self.positions.lock() = positions;
         Ok(())
     }
 
@@ -934,10 +931,7 @@ impl BrokerInner {
             if evicted {
                 positions.remove(key);
             } else {
-                positions
-                    .entry(key.clone())
-                    .or_default()
-                    .extend(c.saved_positions());
+                record_positions(&mut positions, &c);
             }
         }
         c.close(evicted);
@@ -1170,6 +1164,16 @@ async fn maintenance(inner: Weak<BrokerInner>) {
             return;
         }
         b.maintain();
+    }
+}
+
+/// Records a durable consumer's current positions (its lowest unsettled offset per topic).
+fn record_positions(positions: &mut Positions, c: &Consumer) {
+    if let Some(key) = &c.durable_key {
+        positions
+            .entry(key.clone())
+            .or_default()
+            .extend(c.saved_positions());
     }
 }
 

@@ -292,15 +292,14 @@ impl Topic {
     /// Waits (blocking) until the store has made everything below `end` durable, then makes it
     /// visible to subscribers. A no-op for topics without a store that waits.
     pub(crate) fn sync_and_reveal(&self, end: u64) -> Result<(), AppendError> {
-        let Some(d) = &self.durable else {
-            return Ok(());
-        };
-        if !d.store.waits_for_sync() {
-            return Ok(());
+        match self.store() {
+            Some(store) if store.waits_for_sync() => {
+                store.sync(end).map_err(|e| self.storage_failed(e))?;
+                self.reveal(end);
+                Ok(())
+            }
+            _ => Ok(()),
         }
-        d.store.sync(end).map_err(|e| self.storage_failed(e))?;
-        self.reveal(end);
-        Ok(())
     }
 
     /// Appends and makes the records visible at once, even on a store that waits for its sync:
@@ -318,15 +317,8 @@ impl Topic {
 
     /// Moves the visible tail up to `end` and wakes the consumers watching the topic.
     fn reveal(&self, end: u64) {
-        if self.tail.fetch_max(end, Ordering::SeqCst) >= end {
-            return;
-        }
-        let log = self.log.lock();
-        if !log.watchers.is_empty() {
-            crate::signal::fence();
-            for (_, w) in &log.watchers {
-                w.notify_one();
-            }
+        if self.tail.fetch_max(end, Ordering::SeqCst) < end {
+            self.log.lock().wake_watchers();
         }
     }
 
@@ -418,12 +410,7 @@ impl Topic {
             return Ok(start..end);
         }
         self.tail.store(end, Ordering::SeqCst);
-        if !log.watchers.is_empty() {
-            crate::signal::fence();
-            for (_, w) in &log.watchers {
-                w.notify_one();
-            }
-        }
+        log.wake_watchers();
         Ok(start..end)
     }
 
@@ -628,11 +615,7 @@ impl Topic {
                 return self.read_store(store, next, max, out);
             }
         }
-        let mut skipped = 0;
-        if *next < log.base {
-            skipped = log.base - *next;
-            *next = log.base;
-        }
+        let skipped = skip_to(next, log.base);
         let visible = self.tail().saturating_sub(*next) as usize;
         let start = (*next - log.base) as usize;
         let n = max
@@ -654,12 +637,7 @@ impl Topic {
         max: usize,
         out: &mut impl FnMut(Arc<Record>),
     ) -> u64 {
-        let mut skipped = 0;
-        let start = store.start();
-        if *next < start {
-            skipped = start - *next;
-            *next = start;
-        }
+        let skipped = skip_to(next, store.start());
         // Only what is visible: records past the tail may still wait for their sync.
         let max = max.min(self.tail().saturating_sub(*next) as usize);
         if max == 0 {
@@ -731,23 +709,24 @@ impl Topic {
     /// Returns how many were released.
     pub(crate) fn truncate_before(&self, until: u64) -> u64 {
         let mut log = self.log.lock();
-        if let Some(store) = self.store() {
-            let before = store.start();
-            if let Err(e) = store.truncate_before(until) {
-                tracing::error!(topic = %self.name, error = %e, "truncating the topic log failed");
-                return 0;
+        let from_store = match self.store() {
+            Some(store) => {
+                let before = store.start();
+                if let Err(e) = store.truncate_before(until) {
+                    tracing::error!(topic = %self.name, error = %e, "truncating the topic log failed");
+                    return 0;
+                }
+                Some((store, before))
             }
-            while log.base < until && !log.records.is_empty() {
-                log.pop_front();
-            }
-            return store.start().saturating_sub(before);
-        }
+            None => None,
+        };
         let mut n = 0;
         while log.base < until && !log.records.is_empty() {
             log.pop_front();
             n += 1;
         }
-        n
+        // A durable topic counts what left the store (its memory window holds only part of it).
+        from_store.map_or(n, |(store, before)| store.start().saturating_sub(before))
     }
 
     /// Stops appends (shutdown) and wakes everything waiting on the topic.
@@ -764,6 +743,13 @@ impl Topic {
     pub(crate) fn subscriber_count(&self) -> usize {
         self.log.lock().holds.len()
     }
+}
+
+/// Moves a read position up to the first retained offset; returns how many it skipped.
+fn skip_to(next: &mut u64, first: u64) -> u64 {
+    let skipped = first.saturating_sub(*next);
+    *next = (*next).max(first);
+    skipped
 }
 
 /// When a message expires on the broker's clock (tokio's, so that tests can run on virtual
@@ -784,6 +770,16 @@ fn on_broker_clock(at: SystemTime) -> tokio::time::Instant {
 }
 
 impl Log {
+    /// Wakes each consumer watching the topic (after the tail moved).
+    fn wake_watchers(&self) {
+        if !self.watchers.is_empty() {
+            crate::signal::fence();
+            for (_, w) in &self.watchers {
+                w.notify_one();
+            }
+        }
+    }
+
     fn push_back(&mut self, record: Arc<Record>) {
         let size = record.message.size();
         self.bytes += size;
