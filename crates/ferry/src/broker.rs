@@ -14,6 +14,7 @@
 //!   were synced, and a position is never ahead of what its consumer settled.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
@@ -243,7 +244,8 @@ impl Broker {
         message: impl Into<Message>,
     ) -> Result<u64, PublishError> {
         let topic = self.inner.user_topic(topic)?;
-        self.inner.publish_one(&topic, message.into(), &None).await
+        let record = topic.wrap(message.into(), &None);
+        self.inner.publish_one(&topic, record).await
     }
 
     /// Publishes without waiting: [`PublishError::Full`] if the topic is full.
@@ -487,11 +489,15 @@ impl Publisher {
     }
 
     /// Publishes, waiting while the topic is full. Returns the offset.
-    pub async fn publish(&self, message: impl Into<Message>) -> Result<u64, PublishError> {
-        self.broker
-            .inner
-            .publish_one(&self.topic, message.into(), &self.producer)
-            .await
+    ///
+    /// The message is wrapped into its record when this is called, so the returned future holds
+    /// a pointer rather than the message.
+    pub fn publish(
+        &self,
+        message: impl Into<Message>,
+    ) -> impl Future<Output = Result<u64, PublishError>> + Send + '_ {
+        let record = self.topic.wrap(message.into(), &self.producer);
+        self.broker.inner.publish_one(&self.topic, record)
     }
 
     /// Publishes without waiting.
@@ -728,10 +734,9 @@ impl BrokerInner {
     async fn publish_one(
         &self,
         topic: &Arc<Topic>,
-        message: Message,
-        producer: &Option<Arc<str>>,
+        record: Arc<Record>,
     ) -> Result<u64, PublishError> {
-        let mut pending = Some(topic.wrap(message, producer));
+        let mut pending = Some(record);
         match self.append_unsynced(topic, &mut pending) {
             Err(PublishError::Full { .. }) if topic.config.overflow == Overflow::Block => {}
             Ok(range) if topic.waits_for_sync() => {

@@ -234,9 +234,12 @@ impl Consumer {
     }
 
     fn touch(&self) {
-        let ms = Instant::now()
-            .saturating_duration_since(self.epoch)
-            .as_millis() as u64;
+        self.touch_at(Instant::now());
+    }
+
+    /// Records a read at `now` (a fetch passes the time it already read, saving a clock read).
+    fn touch_at(&self, now: Instant) {
+        let ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
         self.last_active.store(ms, Ordering::Relaxed);
     }
 
@@ -461,7 +464,7 @@ impl Consumer {
                         out.push_back(d);
                     }
                 } else {
-                    out.extend(scratch.drain(..).map(|r| Delivery::auto(r, name.clone())));
+                    out.extend(scratch.drain(..).map(Delivery::auto));
                     self.count(&topic, |c| {
                         c.add_delivered(k as u64);
                         c.add_acked(k as u64);
@@ -492,7 +495,7 @@ impl Consumer {
         drop(st);
         self.bury(dead);
         if got > 0 {
-            self.touch();
+            self.touch_at(now);
             if more {
                 // Another member of the group may take the rest.
                 self.signal.notify_one();
@@ -562,7 +565,7 @@ impl Consumer {
         c.settle(record.offset());
         let topic = c.topic.clone();
         self.count(&topic, |c| c.add_acked(1));
-        Delivery::auto(record, c.name.clone())
+        Delivery::auto(record)
     }
 
     fn deliver(
@@ -590,8 +593,7 @@ impl Consumer {
         );
         st.timers.push(deadline, tag);
         *st.member_inflight.entry(member).or_default() += 1;
-        let topic = st.cursors[cursor].name.clone();
-        Delivery::manual(record, topic, attempt, self.clone(), tag)
+        Delivery::manual(record, attempt, self.clone(), tag)
     }
 
     /// Handles due ack deadlines and nack delays.

@@ -252,7 +252,7 @@ impl Topic {
         if message.priority() != crate::message::Priority::Normal {
             self.prioritized.store(true, Ordering::Relaxed);
         }
-        Record::pending(message, expires, not_before)
+        Record::pending(self.name.clone(), message, expires, not_before)
     }
 
     /// Whether records of this topic may carry priorities (see `timed` for the ordering).

@@ -18,6 +18,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+
+use crate::topic::TopicName;
 use uuid::Uuid;
 
 /// A unique, time-ordered message id (a UUID v7: the first 48 bits are the Unix time in ms).
@@ -198,17 +200,64 @@ pub struct PayloadError(#[from] serde_json::Error);
 
 /// An immutable message. Build one with [`Message::new`], [`Message::json`] or
 /// [`Message::builder`]; anything that converts into [`Bytes`] converts into a message.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct Message {
     id: MessageId,
     payload: Bytes,
-    headers: Headers,
     timestamp: SystemTime,
+    /// Headers, key, producer id, expiry and delivery time: boxed, and absent when none is set,
+    /// so that a plain message (and every record made of one) stays small: it is moved on each
+    /// publish and stored in the topic's log.
+    extra: Option<Box<Extra>>,
+    priority: Priority,
+}
+
+/// The fields of a message that most messages do not set.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Extra {
+    headers: Headers,
     key: Option<Bytes>,
     producer_id: Option<Arc<str>>,
     expires_at: Option<SystemTime>,
     deliver_at: Option<SystemTime>,
-    priority: Priority,
+}
+
+/// What a message without [`Extra`] reads as.
+static NO_EXTRA: Extra = Extra {
+    headers: Headers(Vec::new()),
+    key: None,
+    producer_id: None,
+    expires_at: None,
+    deliver_at: None,
+};
+
+impl PartialEq for Message {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+            && self.payload == other.payload
+            && self.timestamp == other.timestamp
+            && self.priority == other.priority
+            && self.extra() == other.extra()
+    }
+}
+
+impl Eq for Message {}
+
+impl fmt::Debug for Message {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let extra = self.extra();
+        f.debug_struct("Message")
+            .field("id", &self.id)
+            .field("payload", &self.payload)
+            .field("headers", &extra.headers)
+            .field("timestamp", &self.timestamp)
+            .field("key", &extra.key)
+            .field("producer_id", &extra.producer_id)
+            .field("expires_at", &extra.expires_at)
+            .field("deliver_at", &extra.deliver_at)
+            .field("priority", &self.priority)
+            .finish()
+    }
 }
 
 impl Message {
@@ -218,14 +267,18 @@ impl Message {
         Message {
             id: MessageId::at(timestamp),
             payload: payload.into(),
-            headers: Headers::new(),
             timestamp,
-            key: None,
-            producer_id: None,
-            expires_at: None,
-            deliver_at: None,
+            extra: None,
             priority: Priority::Normal,
         }
+    }
+
+    fn extra(&self) -> &Extra {
+        self.extra.as_deref().unwrap_or(&NO_EXTRA)
+    }
+
+    fn extra_mut(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Box::default)
     }
 
     /// A message whose payload is `value` encoded as JSON, with `content-type: application/json`.
@@ -261,12 +314,12 @@ impl Message {
 
     /// The headers.
     pub fn headers(&self) -> &Headers {
-        &self.headers
+        &self.extra().headers
     }
 
     /// The first value of header `key`.
     pub fn header(&self, key: &str) -> Option<&str> {
-        self.headers.get(key)
+        self.extra().headers.get(key)
     }
 
     /// When the message was created.
@@ -276,12 +329,12 @@ impl Message {
 
     /// The optional partitioning/ordering key.
     pub fn key(&self) -> Option<&Bytes> {
-        self.key.as_ref()
+        self.extra().key.as_ref()
     }
 
     /// When the message expires: it is never delivered after that.
     pub fn expires_at(&self) -> Option<SystemTime> {
-        self.expires_at
+        self.extra().expires_at
     }
 
     /// Its delivery priority.
@@ -292,36 +345,38 @@ impl Message {
     /// When the message is to be delivered: it is appended (and gets its offset) at once, but no
     /// subscription receives it before then.
     pub fn deliver_at(&self) -> Option<SystemTime> {
-        self.deliver_at
+        self.extra().deliver_at
     }
 
     /// The optional id of the producer that created the message.
     pub fn producer_id(&self) -> Option<&str> {
-        self.producer_id.as_deref()
+        self.extra().producer_id.as_deref()
     }
 
     /// A copy with one more header (builder style, for messages already built).
     pub fn with_header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.headers.insert(key, value);
+        self.extra_mut().headers.insert(key, value);
         self
     }
 
     /// Approximate memory used by the message, for retention and stats.
     pub fn size(&self) -> usize {
-        self.payload.len()
-            + self.headers.size()
-            + self.key.as_ref().map_or(0, Bytes::len)
-            + std::mem::size_of::<Message>()
+        let extra = self.extra.as_deref().map_or(0, |e| {
+            std::mem::size_of::<Extra>() + e.headers.size() + e.key.as_ref().map_or(0, Bytes::len)
+        });
+        self.payload.len() + extra + std::mem::size_of::<Message>()
     }
 
     pub(crate) fn set_producer_if_missing(&mut self, producer: &Option<Arc<str>>) {
-        if self.producer_id.is_none() {
-            self.producer_id.clone_from(producer);
+        if let Some(p) = producer {
+            if self.extra().producer_id.is_none() {
+                self.extra_mut().producer_id = Some(p.clone());
+            }
         }
     }
 
     pub(crate) fn headers_mut(&mut self) -> &mut Headers {
-        &mut self.headers
+        &mut self.extra_mut().headers
     }
 }
 
@@ -347,26 +402,26 @@ impl MessageBuilder {
 
     /// Adds a header (replacing an earlier value of the same key).
     pub fn header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.message.headers.insert(key, value);
+        self.message.extra_mut().headers.insert(key, value);
         self
     }
 
     /// Adds a header, keeping earlier values of the same key (for protocols whose properties
     /// may repeat, such as MQTT user properties).
     pub fn append_header(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.message.headers.append(key, value);
+        self.message.extra_mut().headers.append(key, value);
         self
     }
 
     /// Sets the key.
     pub fn key(mut self, key: impl Into<Bytes>) -> Self {
-        self.message.key = Some(key.into());
+        self.message.extra_mut().key = Some(key.into());
         self
     }
 
     /// Sets the producer id.
     pub fn producer(mut self, producer: impl Into<Arc<str>>) -> Self {
-        self.message.producer_id = Some(producer.into());
+        self.message.extra_mut().producer_id = Some(producer.into());
         self
     }
 
@@ -378,13 +433,13 @@ impl MessageBuilder {
 
     /// Expires the message `ttl` after its timestamp.
     pub fn ttl(mut self, ttl: Duration) -> Self {
-        self.message.expires_at = self.message.timestamp.checked_add(ttl);
+        self.message.extra_mut().expires_at = self.message.timestamp.checked_add(ttl);
         self
     }
 
     /// Expires the message at `at`.
     pub fn expires_at(mut self, at: SystemTime) -> Self {
-        self.message.expires_at = Some(at);
+        self.message.extra_mut().expires_at = Some(at);
         self
     }
 
@@ -403,13 +458,13 @@ impl MessageBuilder {
 
     /// Delivers the message `delay` after its timestamp, not before.
     pub fn delay(mut self, delay: Duration) -> Self {
-        self.message.deliver_at = self.message.timestamp.checked_add(delay);
+        self.message.extra_mut().deliver_at = self.message.timestamp.checked_add(delay);
         self
     }
 
     /// Delivers the message at `at`, not before.
     pub fn deliver_at(mut self, at: SystemTime) -> Self {
-        self.message.deliver_at = Some(at);
+        self.message.extra_mut().deliver_at = Some(at);
         self
     }
 
@@ -425,10 +480,13 @@ impl MessageBuilder {
     }
 }
 
-/// A published message as stored in a topic's log: the message plus its offset. Records do not
-/// carry their topic's name (deliveries do), so that publishing touches no shared counter.
+/// A published message as stored in a topic's log: the message, its offset and its topic's
+/// name. The name is shared with the topic: one reference count per publish, so that a delivery
+/// (which reads the name through its record) adds none of its own.
 #[derive(Debug)]
 pub struct Record {
+    /// The topic it was published to.
+    pub(crate) topic: TopicName,
     /// When it expires, on the broker's (virtualisable) clock.
     pub(crate) expires: Option<tokio::time::Instant>,
     /// Not to be delivered before this, on the broker's clock.
@@ -442,11 +500,13 @@ pub struct Record {
 impl Record {
     /// Wraps a message for appending (outside any lock); the log sets the offset.
     pub(crate) fn pending(
+        topic: TopicName,
         message: Message,
         expires: Option<tokio::time::Instant>,
         not_before: Option<tokio::time::Instant>,
     ) -> Arc<Record> {
         Arc::new(Record {
+            topic,
             offset: AtomicU64::new(0),
             message,
             expires,
@@ -472,6 +532,11 @@ impl Record {
     pub fn message(&self) -> &Message {
         &self.message
     }
+
+    /// The topic it was published to.
+    pub fn topic(&self) -> &TopicName {
+        &self.topic
+    }
 }
 
 impl std::ops::Deref for Record {
@@ -485,6 +550,24 @@ impl std::ops::Deref for Record {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_messages_stay_small() {
+        // The rarely set fields live in one optional box: a plain message is its id, payload,
+        // timestamp, that pointer and its priority.
+        assert!(std::mem::size_of::<Message>() <= 80);
+        let plain = Message::new("x");
+        assert!(plain.extra.is_none());
+        // A builder that sets nothing rare reads the same as one that never allocated.
+        let same = Message::builder()
+            .id(plain.id())
+            .timestamp(plain.timestamp())
+            .payload("x")
+            .build();
+        assert_eq!(plain, same);
+        let ttl = Message::builder().ttl(Duration::from_secs(1)).build();
+        assert!(ttl.expires_at().is_some() && ttl.headers().is_empty() && ttl.key().is_none());
+    }
 
     #[test]
     fn ids_are_unique_and_ordered_per_thread() {

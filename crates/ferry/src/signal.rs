@@ -36,20 +36,25 @@ impl Signal {
     }
 
     /// Registers (or re-arms) waiter `key`. Returns `true` if it was notified since it last
-    /// registered, in which case it is no longer registered and should look for work again.
+    /// registered: it is then registered again in the same place (a waiter woken for nothing
+    /// keeps its turn) and should look for work again before it sleeps, unregistering if it
+    /// finds some.
     pub(crate) fn register(&self, key: u64, waker: &Waker) -> bool {
         let mut waiters = crate::sync::lock(&self.waiters);
         if let Some(pos) = waiters.iter().position(|w| w.key == key) {
-            if waiters[pos].notified {
-                waiters.swap_remove(pos);
-                return true;
+            let w = &mut waiters[pos];
+            let notified = w.notified;
+            match &w.waker {
+                Some(old) if old.will_wake(waker) => {}
+                _ => w.waker = Some(waker.clone()),
             }
-            let slot = &mut waiters[pos].waker;
-            match slot {
-                Some(w) if w.will_wake(waker) => {}
-                _ => *slot = Some(waker.clone()),
+            if notified {
+                w.notified = false;
+                self.waiting.fetch_add(1, Ordering::SeqCst);
+                drop(waiters);
+                fence();
             }
-            return false;
+            return notified;
         }
         waiters.push(Waiter {
             key,
@@ -67,7 +72,10 @@ impl Signal {
     pub(crate) fn unregister(&self, key: u64) {
         let mut waiters = crate::sync::lock(&self.waiters);
         if let Some(pos) = waiters.iter().position(|w| w.key == key) {
-            let w = waiters.swap_remove(pos);
+            // `remove`, not `swap_remove`: waiters stay in the order they registered, so
+            // wake-ups go round the members of a group (one that found work registers again
+            // at the back).
+            let w = waiters.remove(pos);
             if !w.notified {
                 self.waiting.fetch_sub(1, Ordering::SeqCst);
             } else {
@@ -98,6 +106,7 @@ impl Signal {
         }
     }
 
+    /// Wakes the longest-registered waiter that is not notified yet.
     fn wake_one(waiting: &AtomicUsize, waiters: &mut [Waiter]) {
         if let Some(w) = waiters.iter_mut().find(|w| !w.notified) {
             w.notified = true;
@@ -160,7 +169,8 @@ mod tests {
                     return Poll::Ready(());
                 }
                 if self.signal.register(self.key, cx.waker()) {
-                    self.registered = false;
+                    // Notified: still registered (re-armed); look again.
+                    self.registered = true;
                     continue;
                 }
                 if !self.registered {
@@ -229,5 +239,42 @@ mod tests {
             producer.join().unwrap();
             assert_eq!(taken.load(Ordering::SeqCst), 2);
         });
+    }
+}
+
+#[cfg(all(test, not(ferry_loom)))]
+mod order_tests {
+    use super::*;
+
+    /// The keys of the waiters in registration order, and which of them are notified.
+    fn waiters(s: &Signal) -> Vec<(u64, bool)> {
+        crate::sync::lock(&s.waiters)
+            .iter()
+            .map(|w| (w.key, w.notified))
+            .collect()
+    }
+
+    #[test]
+    fn wake_ups_go_round_the_waiters() {
+        let s = Signal::new();
+        let waker = Waker::noop();
+        for key in 1..=3 {
+            assert!(!s.register(key, waker));
+        }
+        // The longest-registered waiter is woken first.
+        s.notify_one();
+        assert_eq!(waiters(&s), [(1, true), (2, false), (3, false)]);
+        // It finds work: it leaves, and the notification passes to the next in line, which
+        // finds nothing and stays registered in its place.
+        s.unregister(1);
+        assert_eq!(waiters(&s), [(2, true), (3, false)]);
+        assert!(s.register(2, waker));
+        assert_eq!(waiters(&s), [(2, false), (3, false)]);
+        // The member that found work registers again at the back.
+        assert!(!s.register(1, waker));
+        assert_eq!(waiters(&s), [(2, false), (3, false), (1, false)]);
+        s.notify_one();
+        assert_eq!(waiters(&s), [(2, true), (3, false), (1, false)]);
+        assert_eq!(s.waiting.load(Ordering::SeqCst), 2);
     }
 }

@@ -41,20 +41,20 @@ pub enum StartPosition {
     Timestamp(SystemTime),
 }
 
-/// A delivered message without its acknowledgement handle: the record, its topic and which
-/// attempt this is. Cheap to clone (two reference counts); this is what handler services receive,
-/// so that middleware such as retries can hold on to it. Dereferences to the [`Message`].
+/// A delivered message without its acknowledgement handle: the record (which knows its topic)
+/// and which attempt this is. Cheap to clone (one reference count); this is what handler services
+/// receive, so that middleware such as retries can hold on to it. Dereferences to the
+/// [`Message`].
 #[derive(Clone)]
 pub struct Envelope {
     record: Arc<Record>,
-    topic: TopicName,
     attempt: u32,
 }
 
 impl Envelope {
     /// The topic the message was published to.
     pub fn topic(&self) -> &TopicName {
-        &self.topic
+        &self.record.topic
     }
 
     /// Its offset in the topic.
@@ -88,7 +88,7 @@ impl std::ops::Deref for Envelope {
 impl std::fmt::Debug for Envelope {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Envelope")
-            .field("topic", &self.topic)
+            .field("topic", &self.record.topic)
             .field("offset", &self.record.offset())
             .field("attempt", &self.attempt)
             .field("id", &self.record.message.id())
@@ -108,30 +108,21 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    pub(crate) fn auto(record: Arc<Record>, topic: TopicName) -> Self {
+    pub(crate) fn auto(record: Arc<Record>) -> Self {
         Delivery {
-            envelope: Envelope {
-                record,
-                topic,
-                attempt: 1,
-            },
+            envelope: Envelope { record, attempt: 1 },
             ack: None,
         }
     }
 
     pub(crate) fn manual(
         record: Arc<Record>,
-        topic: TopicName,
         attempt: u32,
         consumer: Arc<Consumer>,
         tag: u64,
     ) -> Self {
         Delivery {
-            envelope: Envelope {
-                record,
-                topic,
-                attempt,
-            },
+            envelope: Envelope { record, attempt },
             ack: Some((consumer, tag)),
         }
     }
@@ -431,8 +422,8 @@ impl Subscription {
                 &*self.consumer.signal
             };
             if signal.register(self.member, cx.waker()) {
-                // Woken since we registered: look again.
-                self.registered = None;
+                // Woken since we registered: still registered (re-armed in place); look again.
+                self.registered = Some(on_acks);
                 continue;
             }
             if self.registered.is_none() {
