@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -17,8 +17,8 @@ pub struct BackendMessage {
     pub id: String,
     /// The payload.
     pub payload: Bytes,
-    /// Application headers. Names starting with `ferry-` are reserved for the adapters
-    /// (attempt counts, dead-letter reasons).
+    /// Application headers. Names starting with `ferry-` are reserved for the adapters and the
+    /// [`Queue`](crate::Queue) (attempt counts, dead-letter reasons, delays, expiry, priority).
     pub headers: BTreeMap<String, String>,
     /// The partitioning / ordering key, if any.
     pub key: Option<String>,
@@ -59,6 +59,115 @@ impl BackendMessage {
     /// A header's value.
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).map(String::as_str)
+    }
+
+    /// Not to be handed over before `delay` from now (header [`DELIVER_AT_HEADER`]; honoured by
+    /// [`Queue`](crate::Queue) subscriptions, natively by the embedded engine).
+    #[must_use]
+    pub fn with_delay(self, delay: Duration) -> Self {
+        self.with_deliver_at(SystemTime::now() + delay)
+    }
+
+    /// Not to be handed over before `at` (header [`DELIVER_AT_HEADER`]).
+    #[must_use]
+    pub fn with_deliver_at(self, at: SystemTime) -> Self {
+        self.with_header(DELIVER_AT_HEADER, epoch_ms(at).to_string())
+    }
+
+    /// Never handed over once `ttl` from now has passed (header [`EXPIRES_AT_HEADER`]).
+    #[must_use]
+    pub fn with_ttl(self, ttl: Duration) -> Self {
+        self.with_expires_at(SystemTime::now() + ttl)
+    }
+
+    /// Never handed over after `at` (header [`EXPIRES_AT_HEADER`]).
+    #[must_use]
+    pub fn with_expires_at(self, at: SystemTime) -> Self {
+        self.with_header(EXPIRES_AT_HEADER, epoch_ms(at).to_string())
+    }
+
+    /// Published by a [`Queue`](crate::Queue) into this priority lane (header
+    /// [`PRIORITY_HEADER`]).
+    #[must_use]
+    pub fn with_priority(self, priority: Priority) -> Self {
+        self.with_header(PRIORITY_HEADER, priority.as_str())
+    }
+
+    /// When the message is due ([`DELIVER_AT_HEADER`]), if it has a valid one.
+    pub fn deliver_at(&self) -> Option<SystemTime> {
+        self.header(DELIVER_AT_HEADER).and_then(parse_epoch_ms)
+    }
+
+    /// When the message expires ([`EXPIRES_AT_HEADER`]), if it has a valid one.
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        self.header(EXPIRES_AT_HEADER).and_then(parse_epoch_ms)
+    }
+
+    /// Its priority lane ([`PRIORITY_HEADER`]; `Normal` when absent or not understood).
+    pub fn priority(&self) -> Priority {
+        self.header(PRIORITY_HEADER)
+            .and_then(Priority::parse)
+            .unwrap_or_default()
+    }
+}
+
+/// Milliseconds since the Unix epoch (0 before it).
+pub(crate) fn epoch_ms(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// A time given in milliseconds since the Unix epoch; `None` if not a number.
+pub(crate) fn parse_epoch_ms(value: &str) -> Option<SystemTime> {
+    let ms: u64 = value.trim().parse().ok()?;
+    UNIX_EPOCH.checked_add(Duration::from_millis(ms))
+}
+
+/// A priority lane. A [`Queue`](crate::Queue) publishes each lane to a topic of its own
+/// (`<topic>.prio-high`, `<topic>`, `<topic>.prio-low`) unless the backend has native
+/// priorities, and its subscriptions prefer higher lanes when several have deliveries ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Priority {
+    /// Below normal.
+    Low,
+    /// The default.
+    #[default]
+    Normal,
+    /// Above normal.
+    High,
+}
+
+impl Priority {
+    /// Every lane, highest first.
+    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+
+    /// The header value (`low`, `normal`, `high`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Low => "low",
+            Priority::Normal => "normal",
+            Priority::High => "high",
+        }
+    }
+
+    /// Parses a header value.
+    pub fn parse(value: &str) -> Option<Priority> {
+        match value {
+            "low" => Some(Priority::Low),
+            "normal" => Some(Priority::Normal),
+            "high" => Some(Priority::High),
+            _ => None,
+        }
+    }
+
+    /// The topic of this lane of `topic`: `<topic>.prio-high`, `<topic>` or `<topic>.prio-low`
+    /// (valid topic names on every backend).
+    pub fn lane_topic(self, topic: &str) -> String {
+        match self {
+            Priority::Normal => topic.to_string(),
+            other => format!("{topic}.prio-{}", other.as_str()),
+        }
     }
 }
 
@@ -258,6 +367,11 @@ impl Delivery {
         self.attempt
     }
 
+    /// The message, topic, attempt and settlement (for wrappers that count or intercept).
+    pub(crate) fn into_parts(self) -> (BackendMessage, String, u32, Box<dyn Acker>) {
+        (self.message, self.topic, self.attempt, self.acker)
+    }
+
     /// Acknowledges: the message is done.
     pub async fn ack(self) -> Result<()> {
         self.acker.ack().await
@@ -335,6 +449,24 @@ pub trait Backend: Send + Sync + fmt::Debug {
     /// the original message with `ferry-dlq-reason` and `ferry-dlq-attempts` headers added.
     async fn dead_letters(&self, topic: &str) -> Result<Box<dyn BackendSubscription>>;
 
+    /// Republishes up to `max` dead letters of `topic` to the topic they came from, without the
+    /// `ferry-dlq-*` headers and with fresh attempt counts (a `ferry-redriven` header counts the
+    /// redrives), and removes them from the dead letters. Returns how many.
+    ///
+    /// The default drains [`dead_letters`](Self::dead_letters) (publish, then acknowledge each:
+    /// a failure in between may leave a message both redriven and still dead-lettered);
+    /// backends with a native redrive override it.
+    async fn redrive_dead_letters(&self, topic: &str, max: usize) -> Result<usize> {
+        crate::queue::drain_redrive(self, topic, max).await
+    }
+
+    /// Deletes the dead letters of `topic`. Returns how many.
+    ///
+    /// The default drains [`dead_letters`](Self::dead_letters), acknowledging each.
+    async fn purge_dead_letters(&self, topic: &str) -> Result<usize> {
+        crate::queue::drain_purge(self, topic).await
+    }
+
     /// Deletes what the backend stores for `topic` (messages, dead letters, the groups and queues
     /// this handle made for it), where it can. For tests and tooling.
     async fn delete_topic(&self, topic: &str) -> Result<()>;
@@ -349,3 +481,11 @@ pub const DLQ_REASON_HEADER: &str = "ferry-dlq-reason";
 pub const DLQ_ATTEMPTS_HEADER: &str = "ferry-dlq-attempts";
 /// Header carrying the source topic on dead letters.
 pub const DLQ_TOPIC_HEADER: &str = "ferry-dlq-topic";
+/// Header carrying when a message is due, in milliseconds since the Unix epoch.
+pub const DELIVER_AT_HEADER: &str = "ferry-deliver-at";
+/// Header carrying when a message expires, in milliseconds since the Unix epoch.
+pub const EXPIRES_AT_HEADER: &str = "ferry-expires-at";
+/// Header carrying a message's priority lane (`low`, `normal`, `high`).
+pub const PRIORITY_HEADER: &str = "ferry-priority";
+/// Header counting how many times a message was redriven from the dead letters.
+pub const REDRIVEN_HEADER: &str = "ferry-redriven";

@@ -53,11 +53,29 @@ pub struct Capabilities {
     pub durable_groups: Support,
     /// `publish_batch` is all-or-nothing.
     pub atomic_batch: Support,
+    /// [`Queue::serve`](crate::Queue::serve) retries failing handlers with growing delays
+    /// (native where the backend's nack delay is).
+    pub retries: Support,
+    /// Dead letters can be listed, redriven to their source topic and purged.
+    pub redrive: Support,
+    /// Messages with a time to live are never handed over after it (header `ferry-expires-at`).
+    pub ttl: Support,
+    /// Messages published with a delay are not handed over before it (header
+    /// `ferry-deliver-at`).
+    pub delayed_delivery: Support,
+    /// Priority lanes: higher priorities are handed over first (header `ferry-priority`).
+    pub priority: Support,
+    /// A message id published twice within a window is delivered once.
+    pub dedup: Support,
+    /// Handlers are `tower::Service`s, so tower's layers apply (always in-process).
+    pub middleware: Support,
+    /// Counters per queue, topic and subscription (always in-process).
+    pub stats: Support,
 }
 
 impl Capabilities {
     /// The rows of the table, for docs and reports.
-    pub fn rows(&self) -> [(&'static str, Support); 10] {
+    pub fn rows(&self) -> [(&'static str, Support); 18] {
         [
             ("fanout", self.fanout),
             ("groups", self.groups),
@@ -69,6 +87,14 @@ impl Capabilities {
             ("replay", self.replay),
             ("durable_groups", self.durable_groups),
             ("atomic_batch", self.atomic_batch),
+            ("retries", self.retries),
+            ("redrive", self.redrive),
+            ("ttl", self.ttl),
+            ("delayed_delivery", self.delayed_delivery),
+            ("priority", self.priority),
+            ("dedup", self.dedup),
+            ("middleware", self.middleware),
+            ("stats", self.stats),
         ]
     }
 }

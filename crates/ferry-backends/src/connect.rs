@@ -244,3 +244,14 @@ impl Lifecycle {
         self.token.child_token()
     }
 }
+
+/// `url` with its password (if any) replaced by `***`, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}

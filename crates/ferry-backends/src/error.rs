@@ -56,7 +56,8 @@ pub enum BackendError {
     /// An argument is invalid: a topic name, a filter, an option out of range.
     #[error("invalid argument: {0}")]
     Invalid(String),
-    /// The delivery is no longer in flight (its ack timeout passed, or it was already settled).
+    /// The delivery is no longer in flight (its ack timeout passed, or it was already settled,
+    /// or the connection it came on was lost and the broker took it back).
     #[error("delivery is no longer in flight (ack timeout passed or already settled)")]
     Stale,
     /// Any other failure reported by the backend's client library.

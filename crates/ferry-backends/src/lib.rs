@@ -44,6 +44,18 @@
 //! | replay (`Start::Earliest`) | native (retained records) | native | native | unsupported | native |
 //! | durable groups | native (`file://`; in memory while the process lives) | native | native | native | native |
 //! | atomic batch | native | unsupported | native (`MULTI`) | unsupported | unsupported |
+//! | retries with backoff ([`Queue::serve`]) | native (nack delay) | native (`-NAK` delay) | emulated (delays capped at the ack timeout) | emulated (TTL delay queues) | emulated (in-process wait) |
+//! | dead-letter redrive / purge | native | emulated (drain; acked dead letters are deleted) | emulated (drain; acked dead letters are `XDEL`ed) | emulated (drain) | unsupported |
+//! | TTL (`ferry-expires-at`) | native (engine skips expired) | emulated (dropped on receipt) | emulated (dropped on receipt) | emulated (dropped on receipt) | emulated (dropped on receipt) |
+//! | delayed delivery (`ferry-deliver-at`) | native | emulated (`-NAK` delay) | emulated (re-nacks, each at most the ack timeout) | emulated (TTL delay queues) | emulated (in-process wait) |
+//! | priority lanes (`ferry-priority`) | native (engine priorities) | emulated (lane topics) | emulated (lane topics) | emulated (lane topics) | emulated (lane topics) |
+//! | de-duplication | emulated (per handle) | native (`Nats-Msg-Id`, 2 min window) | emulated (per handle) | emulated (per handle) | emulated (per handle) |
+//! | handler middleware (tower) | emulated (in-process) | emulated (in-process) | emulated (in-process) | emulated (in-process) | emulated (in-process) |
+//! | stats | emulated (in-process) | emulated (in-process) | emulated (in-process) | emulated (in-process) | emulated (in-process) |
+//!
+//! The rows from "retries" down are the features above the contract, provided by a [`Queue`]
+//! over any backend ([`queue`] documents how each is emulated, and what that costs). Expired
+//! messages are dropped (acknowledged and counted), not dead-lettered.
 //!
 //! Each adapter module documents its mapping and limits: [`adapters::embedded`],
 //! [`adapters::nats`], [`adapters::redis`], [`adapters::rabbitmq`] and (with the `kafka`
@@ -70,9 +82,15 @@
 //! came, in which case the message may still have been stored). When the service is back:
 //! NATS reconnects by itself (async-nats) and its subscriptions resume; the Redis adapter opens a
 //! new connection on the next call, and its subscriptions reconnect their readers; the RabbitMQ
-//! adapter opens a new connection on the next publish or subscribe, but its subscriptions end
-//! (`next` fails) and must be made again. `tests/bad_conditions.rs` checks all of this through a
-//! TCP proxy that it kills and restarts.
+//! adapter opens a new connection on the next publish or subscribe, and its subscriptions
+//! consume again on a new channel, declaring their queue again (with a backoff while the
+//! service is away). On these three backends the same subscription delivers again once the
+//! service is back, and `next` waits meanwhile rather than failing. What a RabbitMQ subscriber
+//! may miss: a fanout subscription's queue dies with the connection, so the messages published
+//! while it was disconnected are lost to it (as for an ephemeral subscriber); and a delivery
+//! received before the loss can no longer be settled ([`BackendError::Stale`]), since RabbitMQ
+//! took it back (a group's queue delivers it again). `tests/bad_conditions.rs` checks all of
+//! this through a TCP proxy that it kills and restarts.
 
 #![deny(missing_docs)]
 
@@ -82,11 +100,17 @@ mod capabilities;
 mod connect;
 mod error;
 pub mod filter;
+pub mod queue;
 
 pub use api::{
-    Acker, Backend, BackendMessage, BackendSubscription, Delivery, Position, PublishAck, Start,
-    SubscribeOptions, DLQ_ATTEMPTS_HEADER, DLQ_REASON_HEADER, DLQ_TOPIC_HEADER,
+    Acker, Backend, BackendMessage, BackendSubscription, Delivery, Position, Priority, PublishAck,
+    Start, SubscribeOptions, DELIVER_AT_HEADER, DLQ_ATTEMPTS_HEADER, DLQ_REASON_HEADER,
+    DLQ_TOPIC_HEADER, EXPIRES_AT_HEADER, PRIORITY_HEADER, REDRIVEN_HEADER,
 };
 pub use capabilities::{Capabilities, Support};
-pub use connect::{connect, connect_with, ConnectOptions, RetryPolicy};
+pub use connect::{connect, connect_with, redact_url, ConnectOptions, RetryPolicy};
 pub use error::{BackendError, Result};
+pub use queue::{
+    Backoff, BoxError, DeadLetterInfo, Job, Permanent, Published, Queue, QueueConfig,
+    QueueSubscription, Stats, Worker,
+};

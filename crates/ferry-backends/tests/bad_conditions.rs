@@ -13,6 +13,10 @@
 //!    engine's own client, not through the proxy): no acked-but-lost message. Then the proxy
 //!    restarts on the same port and publishing works again (NATS: the client reconnects by
 //!    itself; Redis and RabbitMQ: the adapter reconnects on the next call after the failure).
+//!    A group member and a fanout subscriber made before the loss resume by themselves: the
+//!    group member receives the messages published after the restart, the fanout subscriber
+//!    those published once it is back, without subscribing again; a delivery held across the
+//!    loss cannot be acknowledged any more on RabbitMQ (`Stale`).
 //!
 //! Service tests skip with a printed reason when the service is unreachable, and fail instead
 //! with `FERRY_REQUIRE_SERVICES=1`. URLs: `FERRY_NATS_URL`, `FERRY_REDIS_URL`, `FERRY_AMQP_URL`
@@ -203,11 +207,23 @@ async fn lose_and_recover(
     topic: &str,
 ) -> (Vec<(String, PublishAck)>, Proxy) {
     let acked: Acked = Arc::default();
-    // A member of a group, subscribed through the proxy before the loss.
+    // A member of a group and a fanout subscriber, subscribed through the proxy before the
+    // loss, which must both resume by themselves afterwards.
     let group = unique("g");
-    let subscribe = || backend.subscribe(SubscribeOptions::new(topic).group(group.clone()));
-    let mut sub = subscribe().await.unwrap();
+    let mut sub = backend
+        .subscribe(SubscribeOptions::new(topic).group(group.clone()))
+        .await
+        .unwrap();
+    let mut fanout = backend
+        .subscribe(SubscribeOptions::new(topic))
+        .await
+        .unwrap();
     publish_ok(&backend, topic, &acked, 20).await;
+    // A delivery held, unsettled, across the loss.
+    let held = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("no delivery before the loss")
+        .expect("subscription failed before the loss");
 
     // A publisher running while the connection is lost.
     let stop = CancellationToken::new();
@@ -310,17 +326,17 @@ async fn lose_and_recover(
     publish_ok(&backend, topic, &acked, 5).await;
     let out = acked.lock().clone();
 
-    // The subscriber: receives what was published after the restart, either on its own (NATS,
-    // Redis: the client or the adapter reconnects) or after subscribing again when `next`
-    // failed (RabbitMQ: a consumer does not survive its connection).
+    // The group member receives what was published after the restart, by itself: the client
+    // (NATS) or the adapter (Redis, RabbitMQ) reconnects; `next` may report a transient error
+    // meanwhile, but the subscription is never made again.
     let last = out.last().map(|(id, _)| id.clone()).unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(20);
-    let (mut received, mut resubscribed, mut ack_errors) = (0usize, 0u32, 0u32);
+    let (mut received, mut transient, mut ack_errors) = (0usize, 0u32, 0u32);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, sub.next()).await {
             Err(_) => panic!(
-                "{kind}: the subscriber did not get the last message within 20 s ({received} received, {resubscribed} resubscriptions)"
+                "{kind}: the subscriber did not get the last message within 20 s ({received} received, {transient} transient errors)"
             ),
             Ok(Ok(d)) => {
                 received += 1;
@@ -334,30 +350,68 @@ async fn lose_and_recover(
                 }
             }
             Ok(Err(e)) => {
-                eprintln!("{kind}: subscription failed: {e} ({}); subscribing again", e.code());
-                assert!(
-                    e.is_transient() || matches!(e, BackendError::Closed),
-                    "{kind}: subscription error {e:?}"
-                );
-                resubscribed += 1;
-                assert!(resubscribed <= 3, "{kind}: resubscribing keeps failing");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                match subscribe().await {
-                    Ok(s) => sub = s,
-                    Err(e) => eprintln!("{kind}: subscribe failed: {e}"),
-                }
+                eprintln!("{kind}: subscription error: {e} ({})", e.code());
+                assert!(e.is_transient(), "{kind}: the subscription failed: {e:?}");
+                transient += 1;
             }
         }
     }
     eprintln!(
-        "{kind}: subscriber got the last message after {received} deliveries, {resubscribed} resubscription(s), {ack_errors} failed ack(s)"
+        "{kind}: subscriber got the last message after {received} deliveries, {transient} transient error(s), {ack_errors} failed ack(s)"
     );
-    if kind != "rabbitmq" {
-        assert_eq!(
-            resubscribed, 0,
-            "{kind}: the subscription should survive the loss"
+
+    // The delivery held across the loss: RabbitMQ took it back with the lost channel, so it
+    // cannot be settled any more (a typed `Stale`, not a panic or a hang).
+    let settled = tokio::time::timeout(OP_TIMEOUT + SLACK, held.ack())
+        .await
+        .unwrap_or_else(|_| panic!("{kind}: acking a delivery from before the loss hung"));
+    eprintln!("{kind}: ack of a delivery from before the loss: {settled:?}");
+    if kind == "rabbitmq" {
+        assert!(
+            matches!(settled, Err(BackendError::Stale)),
+            "{kind}: ack of a delivery from a lost channel: {settled:?}"
         );
     }
+
+    // The fanout subscriber receives messages published after it is back (RabbitMQ: its queue
+    // died with the connection and is declared again, so what was published in between is
+    // lost; publish probes until one arrives).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut probes = 0u32;
+    'probe: loop {
+        assert!(
+            Instant::now() < deadline,
+            "{kind}: the fanout subscriber received no probe within 20 s ({probes} sent)"
+        );
+        backend
+            .publish(topic, BackendMessage::new(format!("probe-{probes}")))
+            .await
+            .unwrap_or_else(|e| panic!("{kind}: probe publish: {e}"));
+        probes += 1;
+        let wait = Instant::now() + Duration::from_millis(500);
+        loop {
+            let left = wait.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, fanout.next()).await {
+                Err(_) => break,
+                Ok(Ok(d)) => {
+                    let probe = d.payload.starts_with(b"probe-");
+                    let _ = d.ack().await;
+                    if probe {
+                        break 'probe;
+                    }
+                }
+                Ok(Err(e)) => {
+                    assert!(
+                        e.is_transient(),
+                        "{kind}: the fanout subscription failed: {e:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    eprintln!("{kind}: the fanout subscriber resumed ({probes} probe(s) sent)");
+    drop(fanout);
     drop(sub);
     (out, proxy)
 }
@@ -684,4 +738,55 @@ async fn rabbitmq_lost_mid_run() {
         .await;
     let _ = direct.close(200, "done".into()).await;
     cleanup("rabbitmq", &backend, &topic, proxy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_closed_subscriptions_do_not_reconnect() {
+    let base = env_or("FERRY_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
+    let Some(upstream) = service("rabbitmq", &base).await else {
+        return;
+    };
+    let proxy = Proxy::start(0, upstream).await;
+    let mut url = url::Url::parse(&base).unwrap();
+    url.set_port(Some(proxy.port)).unwrap();
+    url.set_host(Some("127.0.0.1")).unwrap();
+    url.set_query(Some("exchange=ferry-badcond&queue_expires_s=60"));
+    let backend = connect_with(url.as_str(), options(OP_TIMEOUT))
+        .await
+        .unwrap();
+    let topic = unique("t");
+    let closed = backend
+        .subscribe(SubscribeOptions::new(&topic).group(unique("g")))
+        .await
+        .unwrap();
+    let mut open = backend
+        .subscribe(SubscribeOptions::new(&topic))
+        .await
+        .unwrap();
+
+    // Lost: both subscriptions start trying to consume again. One is closed by its owner, then
+    // the backend is closed under the other.
+    let port = proxy.kill().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::timeout(OP_TIMEOUT + SLACK, closed.close())
+        .await
+        .expect("closing a subscription hung while the service was gone")
+        .unwrap();
+    backend.close().await.unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(2), open.next())
+        .await
+        .expect("next hung after the backend was closed");
+    assert!(matches!(r, Err(BackendError::Closed)), "{r:?}");
+
+    // The service is back: nothing connects to it any more (the resubscription backoff is at
+    // most 2 s).
+    let proxy = Proxy::start(port, upstream).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        proxy.accepted.load(Ordering::SeqCst),
+        0,
+        "a closed subscription or backend reconnected"
+    );
+    drop(open);
+    proxy.kill().await;
 }

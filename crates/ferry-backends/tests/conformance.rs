@@ -31,7 +31,16 @@ macro_rules! conformance_suite {
                 close_semantics,
                 wildcards,
                 start_positions,
-                invalid_input
+                invalid_input,
+                queue_delayed_delivery,
+                queue_ttl_expiry,
+                queue_priority_lanes,
+                queue_dedup,
+                queue_retries_then_dead_letter,
+                queue_permanent_failure,
+                queue_redrive_and_purge,
+                queue_middleware,
+                queue_stats
             );
         }
     };

@@ -1,5 +1,13 @@
 //! The embedded Ferry engine (`memory://`, `file:///dir`): everything is native.
 //!
+//! The [`Queue`](crate::Queue) features map to the engine's own: the `ferry-deliver-at` header
+//! becomes the message's native delivery time (and is removed), `ferry-expires-at` its native
+//! expiry (expired records are skipped by the engine and counted in the broker's stats, not in
+//! the `Queue`'s), `ferry-priority` its native priority (one topic; the engine delivers higher
+//! priorities first), and redrive and purge of dead letters are the engine's. Dead letters
+//! rejected with a reason carry that reason text in `ferry-dlq-reason` (otherwise the kind:
+//! `max_attempts`, `expired`). Publish-side de-duplication is emulated by the `Queue`.
+//!
 //! Query parameters: `retain=N` keeps up to N consumed records per topic for replay
 //! (default 100000; `0` releases records once every subscription has read them, so `Earliest`
 //! only sees what is unread), `close_timeout_ms=N` how long [`Backend::close`] lets
@@ -9,14 +17,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use ferry::{
-    AckError, Broker, BrokerConfig, DeadLetter, Message, MessageId, PublishError, RecvError,
-    Retention, StartPosition, SubscribeError, TopicConfig,
+    AckError, Broker, BrokerConfig, DeadLetter, DeadLetterReason, Message, MessageId, PublishError,
+    RecvError, Retention, StartPosition, SubscribeError, TopicConfig,
 };
 
 use crate::api::{
     Acker, Backend, BackendMessage, BackendSubscription, Delivery, Position, PublishAck, Start,
     SubscribeOptions, DLQ_ATTEMPTS_HEADER, DLQ_REASON_HEADER, DLQ_TOPIC_HEADER,
 };
+use crate::api::{Priority, DELIVER_AT_HEADER};
 use crate::capabilities::{Capabilities, Support};
 use crate::connect::query_num;
 use crate::error::{BackendError, Result};
@@ -47,6 +56,14 @@ impl EmbeddedBackend {
             replay: Support::Native,
             durable_groups: Support::Native,
             atomic_batch: Support::Native,
+            retries: Support::Native,
+            redrive: Support::Native,
+            ttl: Support::Native,
+            delayed_delivery: Support::Native,
+            priority: Support::Native,
+            dedup: Support::Emulated,
+            middleware: Support::Emulated,
+            stats: Support::Emulated,
         }
     }
 
@@ -110,8 +127,24 @@ fn config(retain: usize) -> BrokerConfig {
     }
 }
 
-fn to_ferry(m: BackendMessage) -> Message {
-    let mut b = Message::builder().payload(m.payload);
+/// The engine's message: the delay, expiry and priority headers become the engine's native
+/// fields (the delay header is consumed: the engine holds the message back itself).
+fn to_ferry(mut m: BackendMessage) -> Message {
+    let deliver_at = m.deliver_at();
+    m.headers.remove(DELIVER_AT_HEADER);
+    let expires_at = m.expires_at();
+    let priority = match m.priority() {
+        Priority::Low => ferry::Priority::Low,
+        Priority::Normal => ferry::Priority::Normal,
+        Priority::High => ferry::Priority::High,
+    };
+    let mut b = Message::builder().payload(m.payload).priority(priority);
+    if let Some(at) = deliver_at {
+        b = b.deliver_at(at);
+    }
+    if let Some(at) = expires_at {
+        b = b.expires_at(at);
+    }
     match uuid::Uuid::parse_str(&m.id) {
         Ok(u) => b = b.id(MessageId::from_uuid(u)),
         Err(_) => b = b.header(ID_HEADER, m.id),
@@ -258,6 +291,26 @@ impl Backend for EmbeddedBackend {
         }))
     }
 
+    async fn redrive_dead_letters(&self, topic: &str, max: usize) -> Result<usize> {
+        check_topic(topic)?;
+        let dlq = self
+            .broker
+            .dead_letters(topic)
+            .map_err(|e| BackendError::Invalid(e.to_string()))?;
+        dlq.redrive(max)
+            .await
+            .map_err(|e| BackendError::rejected(NAME, "redrive", e))
+    }
+
+    async fn purge_dead_letters(&self, topic: &str) -> Result<usize> {
+        check_topic(topic)?;
+        let dlq = self
+            .broker
+            .dead_letters(topic)
+            .map_err(|e| BackendError::Invalid(e.to_string()))?;
+        Ok(dlq.purge())
+    }
+
     async fn delete_topic(&self, topic: &str) -> Result<()> {
         check_topic(topic)?;
         // The engine has no topic deletion yet: drop the dead letters at least.
@@ -302,9 +355,11 @@ impl BackendSubscription for EmbeddedSubscription {
                 continue;
             };
             let mut message = from_ferry(&letter.message);
-            message
-                .headers
-                .insert(DLQ_REASON_HEADER.into(), letter.reason.kind().to_string());
+            let reason = match &letter.reason {
+                DeadLetterReason::Rejected(text) => text.clone(),
+                other => other.kind().to_string(),
+            };
+            message.headers.insert(DLQ_REASON_HEADER.into(), reason);
             message
                 .headers
                 .insert(DLQ_ATTEMPTS_HEADER.into(), letter.attempts.to_string());

@@ -17,6 +17,11 @@
 //! timeout: an unsettled message comes back only when the group rebalances or restarts from its
 //! committed position. Nacks on the last attempt and rejects produce to `t.dlq` first.
 //!
+//! **Above the contract.** Through a [`Queue`](crate::Queue): retries, TTL, delayed delivery
+//! (in-process nack waits), priority lanes (`<t>.prio-high`, `<t>.prio-low`) and
+//! de-duplication are emulated; redrive and purge of dead letters are unsupported (dead letters
+//! cannot be removed from `t.dlq`).
+//!
 //! **Limits.** `publish_batch` is not transactional. Tests of this adapter run only when
 //! `FERRY_KAFKA_URL` is set.
 
@@ -138,6 +143,14 @@ impl KafkaBackend {
             replay: Support::Native,
             durable_groups: Support::Native,
             atomic_batch: Support::Unsupported,
+            retries: Support::Emulated,
+            redrive: Support::Unsupported,
+            ttl: Support::Emulated,
+            delayed_delivery: Support::Emulated,
+            priority: Support::Emulated,
+            dedup: Support::Emulated,
+            middleware: Support::Emulated,
+            stats: Support::Emulated,
         }
     }
 
@@ -387,6 +400,16 @@ impl Backend for KafkaBackend {
             u32::MAX,
         )
         .await
+    }
+
+    async fn redrive_dead_letters(&self, _topic: &str, _max: usize) -> Result<usize> {
+        // Acknowledging a dead letter commits an offset of a throwaway group, so a drain would
+        // see the same dead letters again next time.
+        Err(BackendError::unsupported(NAME, "redrive of dead letters"))
+    }
+
+    async fn purge_dead_letters(&self, _topic: &str) -> Result<usize> {
+        Err(BackendError::unsupported(NAME, "purge of dead letters"))
     }
 
     async fn delete_topic(&self, topic: &str) -> Result<()> {

@@ -24,6 +24,12 @@
 //! reconnected: its `Nats-Msg-Id` header lets the server drop a retry of the same message, same
 //! id, within the stream's 2-minute duplicate window).
 //!
+//! **De-duplication (native).** Every publish carries the message id as `Nats-Msg-Id`, so the
+//! server drops a second publish of the same id within the stream's duplicate window (2
+//! minutes); a message republished by a redrive (header `ferry-redriven: N`) uses `<id>~redriven-N`
+//! instead, so that it is not dropped as a duplicate of itself. Acknowledging a delivery of
+//! [`dead_letters`](Backend::dead_letters) deletes the dead letter from the stream.
+//!
 //! **Limits.** `publish_batch` is pipelined, not atomic. Ordering holds per subscriber (with
 //! several group members, each sees its share in order).
 
@@ -40,7 +46,7 @@ use parking_lot::Mutex;
 
 use crate::api::{
     Acker, Backend, BackendMessage, BackendSubscription, Delivery, Position, PublishAck, Start,
-    SubscribeOptions, DLQ_ATTEMPTS_HEADER, DLQ_REASON_HEADER, DLQ_TOPIC_HEADER,
+    SubscribeOptions, DLQ_ATTEMPTS_HEADER, DLQ_REASON_HEADER, DLQ_TOPIC_HEADER, REDRIVEN_HEADER,
 };
 use crate::capabilities::{Capabilities, Support};
 use crate::connect::{
@@ -91,6 +97,14 @@ impl NatsBackend {
             replay: Support::Native,
             durable_groups: Support::Native,
             atomic_batch: Support::Unsupported,
+            retries: Support::Native,
+            redrive: Support::Emulated,
+            ttl: Support::Emulated,
+            delayed_delivery: Support::Emulated,
+            priority: Support::Emulated,
+            dedup: Support::Native,
+            middleware: Support::Emulated,
+            stats: Support::Emulated,
         }
     }
 
@@ -207,6 +221,7 @@ impl NatsBackend {
         ack_topic_prefix: String,
         max_attempts: u32,
         prefetch: usize,
+        dead_letters: bool,
     ) -> Result<Box<dyn BackendSubscription>> {
         let stream = self.stream().await?;
         let name = config.name.clone().unwrap_or_default();
@@ -235,6 +250,7 @@ impl NatsBackend {
             shared: Arc::new(Shared {
                 js: self.js.clone(),
                 prefix: self.prefix.clone(),
+                remove_on_ack: dead_letters.then(|| stream.clone()),
             }),
             topic_prefix: ack_topic_prefix,
             max_attempts,
@@ -247,6 +263,8 @@ impl NatsBackend {
 struct Shared {
     js: jetstream::Context,
     prefix: String,
+    /// Dead-letter subscriptions: an acknowledged dead letter is deleted from the stream.
+    remove_on_ack: Option<stream::Stream>,
 }
 
 fn headers_of(message: &BackendMessage, with_dedup: bool) -> Result<HeaderMap> {
@@ -261,7 +279,13 @@ fn headers_of(message: &BackendMessage, with_dedup: bool) -> Result<HeaderMap> {
     let id = HeaderValue::from_str(&message.id).map_err(|_| invalid("id"))?;
     h.insert(HeaderName::from_static(ID_HEADER), id.clone());
     if with_dedup {
-        h.insert(HeaderName::from_static(MSG_ID_HEADER), id);
+        // A redriven message keeps its id but must not be dropped as a duplicate of itself.
+        let dedup_id = match message.header(REDRIVEN_HEADER) {
+            Some(n) => HeaderValue::from_str(&format!("{}~redriven-{n}", message.id))
+                .map_err(|_| invalid("id"))?,
+            None => id,
+        };
+        h.insert(HeaderName::from_static(MSG_ID_HEADER), dedup_id);
     }
     if let Some(key) = &message.key {
         let key = HeaderValue::from_str(key).map_err(|_| invalid("key"))?;
@@ -419,6 +443,7 @@ impl Backend for NatsBackend {
             format!("{}.t.", self.prefix),
             options.max_attempts,
             options.prefetch,
+            false,
         )
         .await
     }
@@ -435,8 +460,15 @@ impl Backend for NatsBackend {
             inactive_threshold: Duration::from_secs(60),
             ..Default::default()
         };
-        self.pull(config, false, format!("{}.dlq.", self.prefix), u32::MAX, 64)
-            .await
+        self.pull(
+            config,
+            false,
+            format!("{}.dlq.", self.prefix),
+            u32::MAX,
+            64,
+            true,
+        )
+        .await
     }
 
     async fn delete_topic(&self, topic: &str) -> Result<()> {
@@ -598,7 +630,19 @@ impl NatsAcker {
 #[async_trait]
 impl Acker for NatsAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
-        self.settle(AckKind::Ack).await
+        self.settle(AckKind::Ack).await?;
+        if let Some(stream) = &self.shared.remove_on_ack {
+            let seq = self
+                .msg
+                .info()
+                .map_err(|e| BackendError::backend(NAME, "ack", e))?
+                .stream_sequence;
+            stream
+                .delete_message(seq)
+                .await
+                .map_err(|e| BackendError::backend(NAME, "delete dead letter", e))?;
+        }
+        Ok(())
     }
 
     async fn nack(self: Box<Self>, delay: Option<Duration>) -> Result<()> {

@@ -28,15 +28,37 @@
 //! [`operation_timeout`](crate::ConnectOptions::operation_timeout). When the connection is lost,
 //! calls fail with [`BackendError::Unreachable`] (or `Timeout` for a confirmation that never
 //! came: the message may or may not be stored), and the next publish or subscribe opens a new
-//! connection (one attempt, bounded by the connect `attempt_timeout`). Subscriptions do not
-//! survive the loss: their `next` fails (`Unreachable`, then [`BackendError::Closed`]) and the
-//! caller subscribes again; unacknowledged deliveries go back to their queue (RabbitMQ requeues
-//! them when the consumer's channel closes).
+//! connection (one attempt, bounded by the connect `attempt_timeout`). Subscriptions survive the
+//! loss: a task per subscription feeds it from its consumer and, when the consumer fails or ends
+//! without the subscription being closed (the connection or the channel was lost, or the
+//! server cancelled the consumer), opens a channel on a new connection (the same reconnection
+//! as publishing), declares the subscription's queue and binding again and consumes again,
+//! retrying with a backoff (100 ms doubling to 2 s) while RabbitMQ is away. Meanwhile `next`
+//! simply waits, as on NATS and Redis (it reports only an error that is not a lost connection,
+//! such as a refused declaration, and keeps trying). A group's quorum queue is durable: it kept
+//! the messages published meanwhile (unless its `queue_expires_s` ran out first), and the
+//! deliveries unacknowledged when the channel was lost go back to it (RabbitMQ requeues them),
+//! to be delivered again. A fanout subscription's exclusive queue died with the connection and
+//! is declared anew (a new name): like an ephemeral subscriber, it misses what was published
+//! while it was disconnected, and its delayed nacks still waiting in a delay queue then are
+//! lost with the old queue. A queue deleted under a live subscription (by
+//! [`delete_topic`](Backend::delete_topic)) makes the server cancel the consumer: the
+//! subscription declares the queue again likewise. Deliveries received on the lost channel
+//! cannot be settled any more: settling one fails with [`BackendError::Stale`] (and those
+//! received but not yet handed out are dropped). Closing or dropping the subscription, or
+//! closing the backend, stops the task: nothing reconnects after that.
+//!
+//! **Above the contract.** Through a [`Queue`](crate::Queue), everything is emulated: delayed
+//! delivery and retry delays are delayed nacks (the delay queues above; the `Queue` rounds
+//! delays to a coarse grid so that few distinct delay queues exist), TTL drops expired messages
+//! on receipt, priority lanes are the routing keys `<t>.prio-high` and `<t>.prio-low` (a queue
+//! each), de-duplication is the `Queue`'s, and redrive and purge consume the dead-letter queue.
 //!
 //! **Limits.** No replay (`Start::Earliest` is refused: queues hold only what arrived since they
 //! were declared). `publish_batch` is confirmed as a whole but not atomic.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,7 +71,8 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer,
+    ExchangeKind,
 };
 use parking_lot::Mutex;
 use tokio::time::Instant;
@@ -92,18 +115,58 @@ fn amqp_error(operation: &str, e: &lapin::Error) -> BackendError {
     }
 }
 
-/// The RabbitMQ backend.
-pub struct RabbitBackend {
+/// The connection and the publishing channel, shared by the backend handle and its
+/// subscriptions (which reconnect through it).
+struct Link {
     /// The connection, replaced on the next call after it was lost.
     conn: tokio::sync::Mutex<Arc<Connection>>,
     uri: String,
     connect_timeout: Duration,
-    op_timeout: Duration,
     publisher: tokio::sync::Mutex<Channel>,
+    life: Lifecycle,
+}
+
+impl Link {
+    /// The connection, reopened (one attempt) if it was lost.
+    async fn connection(&self) -> Result<Arc<Connection>> {
+        let mut conn = self.conn.lock().await;
+        if !conn.status().connected() {
+            self.life.check()?;
+            let uri = self.uri.clone();
+            let fresh = bounded(NAME, "reconnect", self.connect_timeout, async move {
+                Connection::connect(&uri, ConnectionProperties::default())
+                    .await
+                    .map_err(|e| BackendError::Unreachable {
+                        backend: NAME,
+                        reason: format!("reconnect: {e}"),
+                    })
+            })
+            .await
+            .map_err(timeout_is_unreachable)?;
+            tracing::debug!("rabbitmq: reconnected");
+            *conn = Arc::new(fresh);
+        }
+        Ok(conn.clone())
+    }
+
+    /// The publishing channel, reopened if a channel error (or a lost connection) closed it.
+    async fn publisher(&self) -> Result<Channel> {
+        let mut ch = self.publisher.lock().await;
+        if !ch.status().connected() {
+            let conn = self.connection().await?;
+            *ch = confirm_channel(&conn).await?;
+        }
+        Ok(ch.clone())
+    }
+}
+
+/// The RabbitMQ backend.
+pub struct RabbitBackend {
+    link: Arc<Link>,
+    op_timeout: Duration,
     exchange: String,
     dlx: String,
     queue_expires: Option<u32>,
-    life: Lifecycle,
     /// Topics whose dead-letter queue this handle declared.
     dlqs: Mutex<HashSet<String>>,
     /// Group queues this handle declared, by filter (for `delete_topic`).
@@ -241,6 +304,14 @@ impl RabbitBackend {
             replay: Support::Unsupported,
             durable_groups: Support::Native,
             atomic_batch: Support::Unsupported,
+            retries: Support::Emulated,
+            redrive: Support::Emulated,
+            ttl: Support::Emulated,
+            delayed_delivery: Support::Emulated,
+            priority: Support::Emulated,
+            dedup: Support::Emulated,
+            middleware: Support::Emulated,
+            stats: Support::Emulated,
         }
     }
 
@@ -282,15 +353,17 @@ impl RabbitBackend {
             .map_err(|e| amqp_error("declare exchange", &e))?;
         }
         Ok(RabbitBackend {
-            conn: tokio::sync::Mutex::new(Arc::new(conn)),
-            uri,
-            connect_timeout: options.retry.attempt_timeout,
+            link: Arc::new(Link {
+                conn: tokio::sync::Mutex::new(Arc::new(conn)),
+                uri,
+                connect_timeout: options.retry.attempt_timeout,
+                publisher: tokio::sync::Mutex::new(ch),
+                life: Lifecycle::default(),
+            }),
             op_timeout: options.operation_timeout,
-            publisher: tokio::sync::Mutex::new(ch),
             exchange,
             dlx,
             queue_expires,
-            life: Lifecycle::default(),
             dlqs: Mutex::new(HashSet::new()),
             queues: Mutex::new(HashMap::new()),
         })
@@ -300,44 +373,12 @@ impl RabbitBackend {
         format!("{}:dlq:{topic}", self.exchange)
     }
 
-    /// The connection, reopened (one attempt) if it was lost.
-    async fn connection(&self) -> Result<Arc<Connection>> {
-        let mut conn = self.conn.lock().await;
-        if !conn.status().connected() {
-            self.life.check()?;
-            let uri = self.uri.clone();
-            let fresh = bounded(NAME, "reconnect", self.connect_timeout, async move {
-                Connection::connect(&uri, ConnectionProperties::default())
-                    .await
-                    .map_err(|e| BackendError::Unreachable {
-                        backend: NAME,
-                        reason: format!("reconnect: {e}"),
-                    })
-            })
-            .await
-            .map_err(timeout_is_unreachable)?;
-            tracing::debug!("rabbitmq: reconnected");
-            *conn = Arc::new(fresh);
-        }
-        Ok(conn.clone())
-    }
-
-    /// The publishing channel, reopened if a channel error (or a lost connection) closed it.
-    async fn publisher(&self) -> Result<Channel> {
-        let mut ch = self.publisher.lock().await;
-        if !ch.status().connected() {
-            let conn = self.connection().await?;
-            *ch = confirm_channel(&conn).await?;
-        }
-        Ok(ch.clone())
-    }
-
     /// Declares the dead-letter queue of `topic` once per handle.
     async fn ensure_dlq(&self, topic: &str) -> Result<()> {
         if self.dlqs.lock().contains(topic) {
             return Ok(());
         }
-        let ch = self.publisher().await?;
+        let ch = self.link.publisher().await?;
         let q = self.dlq_name(topic);
         ch.queue_declare(
             q.as_str().into(),
@@ -369,7 +410,7 @@ impl RabbitBackend {
         messages: Vec<BackendMessage>,
     ) -> Result<Vec<PublishAck>> {
         self.ensure_dlq(topic).await?;
-        let ch = self.publisher().await?;
+        let ch = self.link.publisher().await?;
         let mut confirms = Vec::with_capacity(messages.len());
         for m in &messages {
             let c = ch
@@ -399,40 +440,23 @@ impl RabbitBackend {
         Ok(out)
     }
 
+    /// Declares `source`, consumes it and starts the subscription's tasks.
     async fn consume(
         &self,
-        ch: Channel,
-        queue: String,
+        source: Source,
         quorum: bool,
         options: &SubscribeOptions,
         with_timeouts: bool,
     ) -> Result<Box<dyn BackendSubscription>> {
-        ch.basic_qos(
-            u16::try_from(options.prefetch).unwrap_or(u16::MAX),
-            BasicQosOptions::default(),
-        )
-        .await
-        .map_err(|e| amqp_error("qos", &e))?;
-        let tag = format!("ferry-{}", uuid::Uuid::new_v4().simple());
-        let consumer = ch
-            .basic_consume(
-                queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| amqp_error("consume", &e))?;
+        let cancel = self.link.life.child();
+        let (on, consumer) = open(&self.link, &source, 0).await?;
         let shared = Arc::new(SubShared {
-            ch,
-            publisher: self.publisher().await?,
-            queue,
+            link: self.link.clone(),
             quorum,
             dlx: self.dlx.clone(),
             max_attempts: options.max_attempts,
             in_flight: Mutex::new(HashMap::new()),
         });
-        let cancel = self.life.child();
         if with_timeouts {
             tokio::spawn(expire_loop(
                 Arc::downgrade(&shared),
@@ -440,13 +464,23 @@ impl RabbitBackend {
                 cancel.clone(),
             ));
         }
-        Ok(Box::new(RabbitSubscription {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let task = tokio::spawn(consume_loop(
+            shared.clone(),
+            source,
+            on,
             consumer,
-            tag,
+            tx,
+            cancel.clone(),
+            self.op_timeout,
+        ));
+        Ok(Box::new(RabbitSubscription {
+            rx,
+            task: Some(task),
             shared,
             cancel,
             ack_timeout: options.ack_timeout,
-            closed: false,
+            op_timeout: self.op_timeout,
         }))
     }
 }
@@ -472,7 +506,7 @@ impl Backend for RabbitBackend {
         topic: &str,
         messages: Vec<BackendMessage>,
     ) -> Result<Vec<PublishAck>> {
-        self.life.check()?;
+        self.link.life.check()?;
         check_topic(topic)?;
         bounded(
             NAME,
@@ -484,7 +518,7 @@ impl Backend for RabbitBackend {
     }
 
     async fn subscribe(&self, options: SubscribeOptions) -> Result<Box<dyn BackendSubscription>> {
-        self.life.check()?;
+        self.link.life.check()?;
         options.validate()?;
         check_filter(&options.filter)?;
         if options.start == Start::Earliest {
@@ -493,18 +527,14 @@ impl Backend for RabbitBackend {
         if !options.has_wildcards() {
             self.ensure_dlq(&options.filter).await?;
         }
-        let ch = self
-            .connection()
-            .await?
-            .create_channel()
-            .await
-            .map_err(|e| amqp_error("open channel", &e))?;
         let mut args = FieldTable::default();
         args.insert(
             "x-dead-letter-exchange".into(),
             AMQPValue::LongString(self.dlx.as_str().into()),
         );
-        let (queue, quorum) = match &options.group {
+        let bind = Some((self.exchange.clone(), options.filter.clone()));
+        let prefetch = u16::try_from(options.prefetch).unwrap_or(u16::MAX);
+        let (source, quorum) = match &options.group {
             Some(g) => {
                 let name = format!("{}:{}:{g}", self.exchange, options.filter);
                 args.insert(
@@ -518,74 +548,53 @@ impl Backend for RabbitBackend {
                 if let Some(ms) = self.queue_expires {
                     args.insert("x-expires".into(), AMQPValue::LongLongInt(i64::from(ms)));
                 }
-                ch.queue_declare(
-                    name.as_str().into(),
-                    QueueDeclareOptions {
-                        durable: true,
-                        ..QueueDeclareOptions::default()
-                    },
+                let source = Source {
+                    queue: QueueName::Durable(name.clone()),
+                    what: "declare group queue",
                     args,
-                )
-                .await
-                .map_err(|e| amqp_error("declare group queue", &e))?;
+                    bind,
+                    prefetch,
+                };
                 self.queues
                     .lock()
                     .entry(options.filter.clone())
                     .or_default()
-                    .insert(name.clone());
-                (name, true)
+                    .insert(name);
+                (source, true)
             }
             None => {
-                let name = format!(
-                    "{}:{}:fanout-{}",
-                    self.exchange,
-                    options.filter,
-                    uuid::Uuid::new_v4().simple()
-                );
-                ch.queue_declare(
-                    name.as_str().into(),
-                    QueueDeclareOptions {
-                        exclusive: true,
-                        auto_delete: true,
-                        ..QueueDeclareOptions::default()
-                    },
+                let prefix = format!("{}:{}:fanout-", self.exchange, options.filter);
+                let source = Source {
+                    queue: QueueName::Exclusive(prefix),
+                    what: "declare fanout queue",
                     args,
-                )
-                .await
-                .map_err(|e| amqp_error("declare fanout queue", &e))?;
-                (name, false)
+                    bind,
+                    prefetch,
+                };
+                (source, false)
             }
         };
-        ch.queue_bind(
-            queue.as_str().into(),
-            self.exchange.as_str().into(),
-            options.filter.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| amqp_error("bind queue", &e))?;
-        self.consume(ch, queue, quorum, &options, true).await
+        self.consume(source, quorum, &options, true).await
     }
 
     async fn dead_letters(&self, topic: &str) -> Result<Box<dyn BackendSubscription>> {
-        self.life.check()?;
+        self.link.life.check()?;
         check_topic(topic)?;
         self.ensure_dlq(topic).await?;
-        let ch = self
-            .connection()
-            .await?
-            .create_channel()
-            .await
-            .map_err(|e| amqp_error("open channel", &e))?;
         let options = SubscribeOptions::new(topic).max_attempts(u32::MAX);
-        self.consume(ch, self.dlq_name(topic), false, &options, false)
-            .await
+        let source = Source {
+            queue: QueueName::Durable(self.dlq_name(topic)),
+            what: "declare dead-letter queue",
+            args: FieldTable::default(),
+            bind: Some((self.dlx.clone(), topic.to_string())),
+            prefetch: u16::try_from(options.prefetch).unwrap_or(u16::MAX),
+        };
+        self.consume(source, false, &options, false).await
     }
 
     async fn delete_topic(&self, topic: &str) -> Result<()> {
         check_topic(topic)?;
-        let ch = self.publisher().await?;
+        let ch = self.link.publisher().await?;
         let mut queues: Vec<String> = self
             .queues
             .lock()
@@ -604,13 +613,239 @@ impl Backend for RabbitBackend {
     }
 
     async fn close(&self) -> Result<()> {
-        if self.life.is_closed() {
+        if self.link.life.is_closed() {
             return Ok(());
         }
-        self.life.close();
-        let conn = self.conn.lock().await.clone();
+        self.link.life.close();
+        let conn = self.link.conn.lock().await.clone();
         let _ = conn.close(200, "closed".into()).await;
         Ok(())
+    }
+}
+
+/// The queue a subscription consumes.
+#[derive(Debug, Clone)]
+enum QueueName {
+    /// A durable queue of this name (a group's quorum queue, a dead-letter queue): declared
+    /// again, as it was, on a new connection.
+    Durable(String),
+    /// An exclusive, auto-delete queue named with this prefix and a fresh id, declared anew on
+    /// each connection (the previous one died with its connection).
+    Exclusive(String),
+}
+
+/// What a subscription declares and consumes: again on each new connection.
+#[derive(Debug, Clone)]
+struct Source {
+    queue: QueueName,
+    /// The operation named in declaration errors.
+    what: &'static str,
+    args: FieldTable,
+    /// The exchange and binding key to bind the queue with.
+    bind: Option<(String, String)>,
+    prefetch: u16,
+}
+
+/// One channel a subscription consumed (or consumes) on.
+struct Consuming {
+    /// Counts the channels of one subscription (delivery tags are per channel).
+    epoch: u64,
+    ch: Channel,
+    queue: String,
+    tag: String,
+    /// Set once the consumer failed or ended: its deliveries cannot be settled any more.
+    lost: AtomicBool,
+}
+
+impl Consuming {
+    fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire) || !self.ch.status().connected()
+    }
+}
+
+/// Opens a channel on the link's connection (reconnecting if it was lost), declares and binds
+/// the queue and starts consuming it.
+async fn open(link: &Link, source: &Source, epoch: u64) -> Result<(Arc<Consuming>, Consumer)> {
+    let ch = link
+        .connection()
+        .await?
+        .create_channel()
+        .await
+        .map_err(|e| amqp_error("open channel", &e))?;
+    let (queue, declare) = match &source.queue {
+        QueueName::Durable(name) => (
+            name.clone(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+        ),
+        QueueName::Exclusive(prefix) => (
+            format!("{prefix}{}", uuid::Uuid::new_v4().simple()),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+        ),
+    };
+    ch.queue_declare(queue.as_str().into(), declare, source.args.clone())
+        .await
+        .map_err(|e| amqp_error(source.what, &e))?;
+    if let Some((exchange, key)) = &source.bind {
+        ch.queue_bind(
+            queue.as_str().into(),
+            exchange.as_str().into(),
+            key.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| amqp_error("bind queue", &e))?;
+    }
+    ch.basic_qos(source.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(|e| amqp_error("qos", &e))?;
+    let tag = format!("ferry-{}", uuid::Uuid::new_v4().simple());
+    let consumer = ch
+        .basic_consume(
+            queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| amqp_error("consume", &e))?;
+    let on = Arc::new(Consuming {
+        epoch,
+        ch,
+        queue,
+        tag,
+        lost: AtomicBool::new(false),
+    });
+    Ok((on, consumer))
+}
+
+/// Stops consuming and closes the channel (its unsettled deliveries go back to the queue).
+async fn stop_consuming(on: &Consuming, op_timeout: Duration) {
+    let _ = tokio::time::timeout(op_timeout, async {
+        let _ = on
+            .ch
+            .basic_cancel(on.tag.as_str().into(), BasicCancelOptions::default())
+            .await;
+        let _ = on.ch.close(200, "closed".into()).await;
+    })
+    .await;
+}
+
+/// Waits before the first resubscription attempt after a loss, doubled after each failed one.
+const RESUBSCRIBE_BACKOFF: Duration = Duration::from_millis(100);
+/// The longest wait between resubscription attempts.
+const RESUBSCRIBE_MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Feeds the subscription from its consumer; when the consumer fails or ends (the connection
+/// or the channel was lost, the server cancelled it), consumes again on a new channel (on a new
+/// connection if needed), with a backoff, until the subscription is closed or dropped.
+async fn consume_loop(
+    shared: Arc<SubShared>,
+    source: Source,
+    mut on: Arc<Consuming>,
+    mut consumer: Consumer,
+    tx: tokio::sync::mpsc::Sender<Result<(lapin::message::Delivery, Arc<Consuming>)>>,
+    cancel: tokio_util::sync::CancellationToken,
+    op_timeout: Duration,
+) {
+    loop {
+        // Consume until the consumer fails or ends.
+        loop {
+            let item = tokio::select! {
+                biased;
+                () = cancel.cancelled() => {
+                    stop_consuming(&on, op_timeout).await;
+                    return;
+                }
+                item = consumer.next() => item,
+            };
+            match item {
+                Some(Ok(d)) => {
+                    let sent = tokio::select! {
+                        biased;
+                        () = cancel.cancelled() => Err(()),
+                        r = tx.send(Ok((d, on.clone()))) => r.map_err(|_| ()),
+                    };
+                    if sent.is_err() {
+                        stop_consuming(&on, op_timeout).await;
+                        return;
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, queue = %on.queue, "rabbitmq: consumer failed; subscribing again");
+                    break;
+                }
+                None => {
+                    tracing::debug!(queue = %on.queue, "rabbitmq: consumer ended; subscribing again");
+                    break;
+                }
+            }
+        }
+        // Its deliveries cannot be settled any more: RabbitMQ returns them to the queue.
+        on.lost.store(true, Ordering::Release);
+        shared.forget(on.epoch);
+        if on.ch.status().connected() {
+            // The server cancelled the consumer but the channel lives on: close it.
+            stop_consuming(&on, op_timeout).await;
+        }
+        // Consume again, with a backoff.
+        let mut backoff = RESUBSCRIBE_BACKOFF;
+        loop {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(RESUBSCRIBE_MAX_BACKOFF);
+            let attempt = bounded(
+                NAME,
+                "subscribe again",
+                shared.link.connect_timeout + op_timeout,
+                open(&shared.link, &source, on.epoch + 1),
+            );
+            let r = tokio::select! {
+                biased;
+                () = cancel.cancelled() => return,
+                r = attempt => r,
+            };
+            match r {
+                Ok((fresh, c)) => {
+                    if cancel.is_cancelled() {
+                        stop_consuming(&fresh, op_timeout).await;
+                        return;
+                    }
+                    tracing::debug!(queue = %fresh.queue, "rabbitmq: subscribed again");
+                    on = fresh;
+                    consumer = c;
+                    break;
+                }
+                // The backend was closed.
+                Err(BackendError::Closed) => return,
+                Err(e) if e.is_transient() => {
+                    tracing::debug!(error = %e, ?backoff, "rabbitmq: subscribing again failed");
+                }
+                Err(e) => {
+                    // Not a lost connection (a refused declaration...): tell the subscriber,
+                    // and try again after the backoff.
+                    tracing::warn!(error = %e, "rabbitmq: subscribing again failed");
+                    let sent = tokio::select! {
+                        biased;
+                        () = cancel.cancelled() => return,
+                        r = tx.send(Err(e)) => r,
+                    };
+                    if sent.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -618,6 +853,8 @@ impl Backend for RabbitBackend {
 struct InFlight {
     deadline: Instant,
     acker: lapin::Acker,
+    /// The channel it came on.
+    on: Arc<Consuming>,
     /// For republishing (fanout queues, delays, dead letters).
     message: BackendMessage,
     topic: String,
@@ -625,21 +862,32 @@ struct InFlight {
 }
 
 struct SubShared {
-    ch: Channel,
-    publisher: Channel,
-    queue: String,
+    link: Arc<Link>,
     quorum: bool,
     dlx: String,
     max_attempts: u32,
-    in_flight: Mutex<HashMap<u64, InFlight>>,
+    /// By channel epoch and delivery tag.
+    in_flight: Mutex<HashMap<(u64, u64), InFlight>>,
 }
 
 impl SubShared {
-    fn take(&self, tag: u64) -> Result<InFlight> {
-        self.in_flight
+    /// Takes a delivery to settle it: [`BackendError::Stale`] if it is not in flight any more,
+    /// or if the channel it came on was lost.
+    fn take(&self, key: (u64, u64)) -> Result<InFlight> {
+        let f = self
+            .in_flight
             .lock()
-            .remove(&tag)
-            .ok_or(BackendError::Stale)
+            .remove(&key)
+            .ok_or(BackendError::Stale)?;
+        if f.on.is_lost() {
+            return Err(BackendError::Stale);
+        }
+        Ok(f)
+    }
+
+    /// Drops the deliveries of a lost channel (RabbitMQ returns them to their queue).
+    fn forget(&self, epoch: u64) {
+        self.in_flight.lock().retain(|(e, _), _| *e != epoch);
     }
 
     async fn publish_confirmed(
@@ -650,7 +898,9 @@ impl SubShared {
         props: BasicProperties,
     ) -> Result<()> {
         let c = self
-            .publisher
+            .link
+            .publisher()
+            .await?
             .basic_publish(
                 exchange.into(),
                 routing_key.into(),
@@ -695,13 +945,13 @@ impl SubShared {
             }
             None => {
                 let props = properties(&f.message, Some(f.attempt + 1), Some(&f.topic));
-                self.publish_confirmed("", &self.queue, &f.message, props)
+                self.publish_confirmed("", &f.on.queue, &f.message, props)
                     .await?;
                 self.ack(&f).await
             }
             Some(delay) => {
                 let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX).max(1);
-                let delay_queue = format!("{}:delay:{ms}", self.queue);
+                let delay_queue = format!("{}:delay:{ms}", f.on.queue);
                 let mut args = FieldTable::default();
                 args.insert(
                     "x-message-ttl".into(),
@@ -713,7 +963,7 @@ impl SubShared {
                 );
                 args.insert(
                     "x-dead-letter-routing-key".into(),
-                    AMQPValue::LongString(self.queue.as_str().into()),
+                    AMQPValue::LongString(f.on.queue.as_str().into()),
                 );
                 args.insert(
                     "x-expires".into(),
@@ -721,7 +971,9 @@ impl SubShared {
                         i64::try_from(ms.saturating_add(60_000)).unwrap_or(i64::MAX),
                     ),
                 );
-                self.publisher
+                self.link
+                    .publisher()
+                    .await?
                     .queue_declare(
                         delay_queue.as_str().into(),
                         QueueDeclareOptions {
@@ -769,48 +1021,61 @@ async fn expire_loop(
         let now = Instant::now();
         let expired: Vec<InFlight> = {
             let mut map = s.in_flight.lock();
-            let tags: Vec<u64> = map
+            let keys: Vec<(u64, u64)> = map
                 .iter()
                 .filter(|(_, f)| f.deadline <= now)
-                .map(|(t, _)| *t)
+                .map(|(k, _)| *k)
                 .collect();
-            tags.iter().filter_map(|t| map.remove(t)).collect()
+            keys.iter().filter_map(|k| map.remove(k)).collect()
         };
-        for f in expired {
+        // Those of a lost channel are back in their queue already.
+        for f in expired.into_iter().filter(|f| !f.on.is_lost()) {
             if let Err(e) = s.redeliver(f, None).await {
-                tracing::warn!(error = %e, queue = %s.queue, "returning an expired delivery failed");
+                tracing::warn!(error = %e, "rabbitmq: returning an expired delivery failed");
             }
         }
     }
 }
 
+type Incoming = Result<(lapin::message::Delivery, Arc<Consuming>)>;
+
 struct RabbitSubscription {
-    consumer: lapin::Consumer,
-    tag: String,
+    /// From the consuming task.
+    rx: tokio::sync::mpsc::Receiver<Incoming>,
+    task: Option<tokio::task::JoinHandle<()>>,
     shared: Arc<SubShared>,
     cancel: tokio_util::sync::CancellationToken,
     ack_timeout: Duration,
-    closed: bool,
+    op_timeout: Duration,
 }
 
 #[async_trait]
 impl BackendSubscription for RabbitSubscription {
     async fn next(&mut self) -> Result<Delivery> {
         loop {
+            if self.cancel.is_cancelled() {
+                return Err(BackendError::Closed);
+            }
             let item = tokio::select! {
                 () = self.cancel.cancelled() => return Err(BackendError::Closed),
-                item = self.consumer.next() => item,
+                item = self.rx.recv() => item,
             };
-            let d = match item {
+            let (d, on) = match item {
                 None => return Err(BackendError::Closed),
-                Some(Err(e)) => return Err(amqp_error("consume", &e)),
-                Some(Ok(d)) => d,
+                Some(Err(e)) => return Err(e),
+                Some(Ok(x)) => x,
             };
+            if on.is_lost() {
+                // Came on a lost channel: it cannot be settled, and RabbitMQ delivers it again
+                // (a group queue), or it died with its queue (a fanout one).
+                continue;
+            }
             let (message, attempt, topic) = message_of(&d);
-            let tag = d.delivery_tag;
+            let key = (on.epoch, d.delivery_tag);
             let f = InFlight {
                 deadline: Instant::now() + self.ack_timeout,
                 acker: d.acker,
+                on,
                 message: message.clone(),
                 topic: topic.clone(),
                 attempt,
@@ -825,66 +1090,68 @@ impl BackendSubscription for RabbitSubscription {
                 });
                 continue;
             }
-            self.shared.in_flight.lock().insert(tag, f);
+            self.shared.in_flight.lock().insert(key, f);
             return Ok(Delivery::new(
                 message,
                 topic,
                 attempt,
                 Box::new(RabbitAcker {
                     shared: self.shared.clone(),
-                    tag,
+                    key,
                 }),
             ));
         }
     }
 
     async fn close(mut self: Box<Self>) -> Result<()> {
-        self.closed = true;
         self.cancel.cancel();
-        let _ = self
-            .shared
-            .ch
-            .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
-            .await;
-        let _ = self.shared.ch.close(200, "closed".into()).await;
+        if let Some(task) = self.task.take() {
+            // The task cancels the consumer and closes its channel.
+            let _ = tokio::time::timeout(self.op_timeout * 2, task).await;
+        }
         Ok(())
     }
 }
 
 impl Drop for RabbitSubscription {
     fn drop(&mut self) {
+        // The consuming task sees it, cancels the consumer and closes its channel.
         self.cancel.cancel();
-        if self.closed {
-            return;
-        }
-        let ch = self.shared.ch.clone();
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                let _ = ch.close(200, "closed".into()).await;
-            });
-        }
     }
 }
 
 struct RabbitAcker {
     shared: Arc<SubShared>,
-    tag: u64,
+    key: (u64, u64),
+}
+
+/// A settlement that failed because the delivery's channel was lost meanwhile is `Stale`.
+fn stale_if_lost(on: &Consuming, r: Result<()>) -> Result<()> {
+    match r {
+        Err(e) if e.is_transient() && on.is_lost() => Err(BackendError::Stale),
+        other => other,
+    }
 }
 
 #[async_trait]
 impl Acker for RabbitAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
-        let f = self.shared.take(self.tag)?;
-        self.shared.ack(&f).await
+        let f = self.shared.take(self.key)?;
+        let r = self.shared.ack(&f).await;
+        stale_if_lost(&f.on, r)
     }
 
     async fn nack(self: Box<Self>, delay: Option<Duration>) -> Result<()> {
-        let f = self.shared.take(self.tag)?;
-        self.shared.redeliver(f, delay).await
+        let f = self.shared.take(self.key)?;
+        let on = f.on.clone();
+        let r = self.shared.redeliver(f, delay).await;
+        stale_if_lost(&on, r)
     }
 
     async fn reject(self: Box<Self>, reason: String) -> Result<()> {
-        let f = self.shared.take(self.tag)?;
-        self.shared.dead_letter(f, &reason).await
+        let f = self.shared.take(self.key)?;
+        let on = f.on.clone();
+        let r = self.shared.dead_letter(f, &reason).await;
+        stale_if_lost(&on, r)
     }
 }

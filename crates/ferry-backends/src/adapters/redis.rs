@@ -17,7 +17,8 @@
 //! entry with `XCLAIM ... IDLE ... JUSTID` so that the next `XAUTOCLAIM` takes it: at once, or
 //! after the nack delay — delays longer than the ack timeout are capped at it. An entry
 //! delivered more than `max_attempts` times, nacked on its last attempt or rejected is written
-//! to `t:dlq` and acknowledged in one `MULTI`.
+//! to `t:dlq` and acknowledged in one `MULTI`. Acknowledging a delivery of
+//! [`dead_letters`](Backend::dead_letters) removes the entry from `t:dlq` (`XDEL`).
 //!
 //! **Connection loss.** Commands share one multiplexed connection (response timeout: the
 //! [`operation_timeout`](crate::ConnectOptions::operation_timeout)). When it is lost, the calls
@@ -27,6 +28,13 @@
 //! subscription's reader reconnects likewise, with a backoff (100 ms to 2 s) while Redis is
 //! away; deliveries read before the loss stay pending in the group and come back through
 //! `XAUTOCLAIM` after the ack timeout if their ack failed.
+//!
+//! **Above the contract.** Through a [`Queue`](crate::Queue), everything is emulated: delayed
+//! delivery re-nacks a message that is not due yet (each nack delay at most the ack timeout, so
+//! a long delay takes several, which do not count as attempts), retry delays longer than the
+//! ack timeout are enforced the same way by the subscription that nacked, TTL drops expired
+//! messages on receipt, priority lanes are the streams `<t>.prio-high` and `<t>.prio-low`,
+//! de-duplication is the `Queue`'s, and redrive and purge drain `t:dlq`.
 //!
 //! **Limits.** No wildcard subscriptions (streams are separate keys). `publish_batch` is one
 //! `MULTI`/`EXEC`, so atomic.
@@ -203,6 +211,14 @@ impl RedisBackend {
             replay: Support::Native,
             durable_groups: Support::Native,
             atomic_batch: Support::Native,
+            retries: Support::Emulated,
+            redrive: Support::Emulated,
+            ttl: Support::Emulated,
+            delayed_delivery: Support::Emulated,
+            priority: Support::Emulated,
+            dedup: Support::Emulated,
+            middleware: Support::Emulated,
+            stats: Support::Emulated,
         }
     }
 
@@ -784,13 +800,30 @@ impl Acker for RedisAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
         let s = &self.shared;
         let mut conn = s.conn.get().await?;
-        let n: i64 = redis::cmd("XACK")
-            .arg(&s.stream_key)
-            .arg(&s.group)
-            .arg(&self.entry_id)
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| redis_error("ack", &e))?;
+        let n: i64 = if s.stream_key == s.dlq_key {
+            // A dead letter acknowledged is done with: remove it from the dead-letter stream.
+            let (acked, _deleted): (i64, i64) = redis::pipe()
+                .atomic()
+                .cmd("XACK")
+                .arg(&s.stream_key)
+                .arg(&s.group)
+                .arg(&self.entry_id)
+                .cmd("XDEL")
+                .arg(&s.stream_key)
+                .arg(&self.entry_id)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| redis_error("ack", &e))?;
+            acked
+        } else {
+            redis::cmd("XACK")
+                .arg(&s.stream_key)
+                .arg(&s.group)
+                .arg(&self.entry_id)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| redis_error("ack", &e))?
+        };
         if n == 0 {
             return Err(BackendError::Stale);
         }

@@ -3,12 +3,14 @@
 //! that asking for it anyway fails with `Unsupported` where that applies).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{anyhow, ensure};
 use ferry_backends::{
-    BackendError, BackendMessage, Start, SubscribeOptions, Support, DLQ_REASON_HEADER,
+    BackendError, BackendMessage, Backoff, BoxError, Delivery, Job, Permanent, Priority, Queue,
+    QueueSubscription, Start, Stats, SubscribeOptions, Support, DLQ_REASON_HEADER,
 };
 use tokio::time::Instant;
 
@@ -712,4 +714,623 @@ pub async fn invalid_input(ctx: Arc<Ctx>) -> anyhow::Result<()> {
         other => return Err(anyhow!("max_attempts 0: {:?}", other.err())),
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Features above the contract, through a `Queue`.
+// ---------------------------------------------------------------------------------------------
+
+fn queue(ctx: &Ctx) -> Queue {
+    Queue::new(ctx.backend.clone())
+}
+
+/// Registers the lane topics of `topic` for cleanup, returns `topic`.
+fn lanes(ctx: &Ctx, name: &str) -> String {
+    let topic = ctx.topic(name);
+    for p in [Priority::High, Priority::Low] {
+        // Registered so that the harness deletes them too.
+        ctx.topic(&format!("{name}.prio-{}", p.as_str()));
+    }
+    topic
+}
+
+/// No `ferry-dlq-*` header left.
+fn no_dlq_headers(m: &BackendMessage) -> anyhow::Result<()> {
+    ensure!(
+        !m.headers.keys().any(|k| k.starts_with("ferry-dlq-")),
+        "dead-letter headers left: {:?}",
+        m.headers
+    );
+    Ok(())
+}
+
+/// A delayed message is not handed over before it is due, is handed over after, and the
+/// deferrals (several on Redis, whose nack delay is capped at the ack timeout) do not count as
+/// attempts.
+pub async fn queue_delayed_delivery(ctx: Arc<Ctx>) -> anyhow::Result<()> {
+    ctx.require("delayed delivery", ctx.caps.delayed_delivery)?;
+    let q = queue(&ctx);
+    let topic = lanes(&ctx, "t");
+    let mut sub = q
+        .subscribe(
+            SubscribeOptions::new(&topic)
+                .group(ctx.name("delayed"))
+                .ack_timeout(Duration::from_millis(400))
+                .max_attempts(2),
+        )
+        .await?;
+    let delay = Duration::from_millis(1500);
+    let delayed = msg(1).with_delay(delay);
+    let due = delayed
+        .deliver_at()
+        .ok_or_else(|| anyhow!("with_delay set no valid header"))?;
+    q.publish(&topic, delayed.clone()).await?;
+    q.publish(&topic, msg(2)).await?;
+    // The undelayed one comes at once, the delayed one not before it is due.
+    let d = sub_recv(&mut sub, WAIT).await?;
+    ensure!(num(&d)? == 2, "the delayed message came first");
+    d.ack().await?;
+    let early = tokio::time::timeout(Duration::from_millis(900), sub.next()).await;
+    if let Ok(d) = early {
+        let d = d?;
+        return Err(anyhow!("{} handed over before it was due", d.id));
+    }
+    let d = sub_recv(&mut sub, WAIT).await?;
+    let now = SystemTime::now();
+    ensure!(d.id == delayed.id, "another message: {d:?}");
+    // Headers carry milliseconds: allow for the rounding.
+    ensure!(
+        now + Duration::from_millis(2) >= due,
+        "handed over {:?} before it was due",
+        due.duration_since(now).unwrap_or_default()
+    );
+    ensure!(
+        d.attempt() == 1,
+        "the deferrals counted as attempts: attempt {}",
+        d.attempt()
+    );
+    d.ack().await?;
+    let stats = sub.stats();
+    ensure!(
+        stats.delivered == 2 && stats.acked == 2 && stats.in_flight == 0,
+        "stats {stats:?}"
+    );
+    sub_none(&mut sub, QUIET).await?;
+    ensure!(
+        q.dead_letters(&topic, 10).await?.is_empty(),
+        "the delayed message was dead-lettered"
+    );
+    Ok(())
+}
+
+/// An expired message is never handed over (and counted where the queue drops it); one whose
+/// TTL has not passed is.
+pub async fn queue_ttl_expiry(ctx: Arc<Ctx>) -> anyhow::Result<()> {
+    ctx.require("ttl", ctx.caps.ttl)?;
+    let q = queue(&ctx);
+    let topic = lanes(&ctx, "t");
+    let mut sub = q.subscribe(SubscribeOptions::new(&topic)).await?;
+    let short = msg(1).with_ttl(Duration::from_millis(300));
+    q.publish(&topic, short.clone()).await?;
+    q.publish(&topic, msg(2).with_ttl(Duration::from_secs(60)))
+        .await?;
+    q.publish(
+        &topic,
+        msg(3).with_expires_at(SystemTime::now() - Duration::from_secs(1)),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let d = sub_recv(&mut sub, WAIT).await?;
+    ensure!(
+        num(&d)? == 2,
+        "expected the live message, got {} ({:?})",
+        num(&d)?,
+        d.headers
+    );
+    d.ack().await?;
+    sub_none(&mut sub, QUIET).await?;
+    let stats = q.stats();
+    if ctx.caps.ttl == Support::Emulated {
+        ensure!(stats.expired == 2, "expired count {} != 2", stats.expired);
+    }
+    ensure!(stats.delivered == 1, "delivered {}", stats.delivered);
+    Ok(())
+}
+
+/// With deliveries ready in several lanes, higher lanes come first.
+pub async fn queue_priority_lanes(ctx: Arc<Ctx>) -> anyhow::Result<()> {
+    ctx.require("priority", ctx.caps.priority)?;
+    let q = queue(&ctx);
+    let topic = lanes(&ctx, "t");
+    // The engine orders its own backlog (a subscriber holding one delivery leaves the rest
+    // there); emulated lanes order what each lane's subscription has ready.
+    let prefetch = if ctx.caps.priority == Support::Native {
+        1
+    } else {
+        64
+    };
+    let mut sub = q
+        .subscribe(
+            SubscribeOptions::new(&topic)
+                .group(ctx.name("prio"))
+                .prefetch(prefetch),
+        )
+        .await?;
+    let order = [
+        (0, Priority::Low),
+        (1, Priority::Low),
+        (2, Priority::Normal),
+        (3, Priority::High),
+        (4, Priority::Low),
+        (5, Priority::High),
+    ];
+    for (i, p) in order {
+        q.publish(&topic, msg(i).with_priority(p)).await?;
+    }
+    // Let every lane have its deliveries ready (emulated lanes are separate subscriptions
+    // whose first pull may take a while on a loaded machine).
+    let settle = if ctx.caps.priority == Support::Native {
+        Duration::from_millis(700)
+    } else {
+        Duration::from_millis(2500)
+    };
+    tokio::time::sleep(settle).await;
+    let mut got = Vec::new();
+    for _ in 0..order.len() {
+        let d = sub_recv(&mut sub, WAIT).await?;
+        got.push((num(&d)?, d.priority()));
+        d.ack().await?;
+    }
+    // The first delivery may have been handed over before the others were published (a
+    // subscriber holds one with prefetch 1); from then on, highest lane first, FIFO per lane.
+    let rest = if got.first().is_some_and(|(n, _)| *n == 0) {
+        &got[1..]
+    } else {
+        &got[..]
+    };
+    let mut expected: Vec<(usize, Priority)> = rest.to_vec();
+    expected.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    ensure!(
+        rest == expected.as_slice(),
+        "delivered as {got:?}, not highest lane first"
+    );
+    sub_none(&mut sub, QUIET).await
+}
+
+/// The same id published twice within the window is delivered once; and a subscription drops a
+/// message whose id it already acknowledged.
+pub async fn queue_dedup(ctx: Arc<Ctx>) -> anyhow::Result<()> {
+    ctx.require("de-duplication", ctx.caps.dedup)?;
+    let q = queue(&ctx);
+    let topic = lanes(&ctx, "t");
+    let mut sub = q.subscribe(SubscribeOptions::new(&topic)).await?;
+    let m = msg(1);
+    let first = q.publish(&topic, m.clone()).await?;
+    ensure!(!first.is_duplicate(), "the first publish was a duplicate");
+    let second = q.publish(&topic, m.clone()).await?;
+    if ctx.caps.dedup == Support::Emulated {
+        ensure!(second.is_duplicate(), "the second publish was stored");
+    }
+    let d = sub_recv(&mut sub, WAIT).await?;
+    ensure!(d.id == m.id, "wrong message");
+    d.ack().await?;
+    sub_none(&mut sub, QUIET).await?;
+    // Consumer side: the same id stored twice by the backend (published without the queue).
+    let again = msg(2);
+    ctx.backend.publish(&topic, again.clone()).await?;
+    let d = sub_recv(&mut sub, WAIT).await?;
+    ensure!(d.id == again.id, "wrong message");
+    d.ack().await?;
+    ctx.backend.publish(&topic, again.clone()).await?;
+    ctx.backend.publish(&topic, msg(3)).await?;
+    let d = sub_recv(&mut sub, WAIT).await?;
+    ensure!(num(&d)? == 3, "the duplicate was handed over: {d:?}");
+    d.ack().await?;
+    if ctx.caps.dedup == Support::Emulated {
+        // NATS drops the duplicate publish itself; elsewhere the subscription dropped it.
+        ensure!(
+            sub.stats().deduplicated == 1,
+            "deduplicated {}",
+            sub.stats().deduplicated
+        );
+    }
+    sub_none(&mut sub, QUIET).await
+}
+
+/// A failing handler is retried with growing delays, then dead-lettered with its error text.
+pub async fn queue_retries_then_dead_letter(ctx: Arc<Ctx>) -> anyhow::Result<()> {
+    ctx.require("retries", ctx.caps.retries)?;
+    ctx.require("dead letters", ctx.caps.dead_letter)?;
+    let q = queue(&ctx);
+    let topic = lanes(&ctx, "t");
+    let calls: Arc<parking_lot::Mutex<Vec<(Instant, u32)>>> = Arc::default();
+    let seen = calls.clone();
+    let handler = tower::service_fn(move |job: Job| {
+        let seen = seen.clone();
+        async move {
+            seen.lock().push((Instant::now(), job.attempt));
+            Err::<(), BoxError>(format!("boom on attempt {}", job.attempt).into())
+        }
+    });
+    let backoff = Backoff::exponential(Duration::from_millis(300))
+        .with_max(Duration::from_secs(2))
+        .with_jitter(0.1);
+    let worker = q
+        .serve(
+            // The second retry waits longer than the ack timeout (Redis caps nack delays there).
+            SubscribeOptions::new(&topic)
+                .group(ctx.name("retry"))
+                .ack_timeout(Duration::from_millis(400))
+                .max_attempts(3),
+            backoff,
+            handler,
+        )
+        .await?;
+    let sent = msg(4);
+    q.publish(&topic, sent.clone()).await?;
+    let deadline = Instant::now() + WAIT * 2;
+    while calls.lock().len() < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(QUIET).await;
+    let stats = worker.stats();
+    worker.stop().await?;
+    let calls = calls.lock().clone();
+    ensure!(calls.len() == 3, "{} handler calls, not 3", calls.len());
+    let attempts: Vec<u32> = calls.iter().map(|c| c.1).collect();
+    ensure!(attempts == [1, 2, 3], "attempts {attempts:?}");
+    // Lower bounds only: the n-th retry waits at least (1 - jitter) of its backoff delay, less
+    // the coarse rounding of nack delays (at most 1/8).
+    for (n, pair) in calls.windows(2).enumerate() {
+        let gap = pair[1].0.duration_since(pair[0].0);
+        let base = Duration::from_millis(300) * 2u32.pow(u32::try_from(n)?);
+        ensure!(
+            gap >= base.mul_f64(0.9 * 0.875),
+            "retry {} after {gap:?}, before its {base:?} backoff",
+            n + 1
+        );
+    }
+    ensure!(
+        stats.handler_errors == 3 && stats.nacked == 2 && stats.dead_lettered == 1,
+        "stats {stats:?}"
+    );
+    let letters = q.dead_letters(&topic, 10).await?;
+    ensure!(letters.len() == 1, "{} dead letters", letters.len());
+    let l = &letters[0];
+    ensure!(l.message.id == sent.id, "wrong dead letter");
+    ensure!(
+        l.reason.contains("boom on attempt 3"),
+        "reason {:?} is not the handler's error",
+        l.reason
+    );
+    ensure!(l.source_topic == topic, "source topic {}", l.source_topic);
+    no_dlq_headers(&l.message)
+}
+
+/// A `Permanent` error dead-letters at once, with its text.
+pub async fn queue_permanent_failure(ctx: Arc<Ctx>) -> anyhow::Result<()> {
+    ctx.require("dead letters", ctx.caps.dead_letter)?;
+    let q = queue(&ctx);
+    let topic = lanes(&ctx, "t");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let handler = tower::service_fn(move |_job: Job| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async { Err::<(), BoxError>(Box::new(Permanent::new("malformed order"))) }
+    });
+    let worker = q
+        .serve(
+            SubscribeOptions::new(&topic).max_attempts(5),
+            Backoff::constant(Duration::from_millis(50)),
+            handler,
+        )
+        .await?;
+    let sent = msg(5);
+    q.publish(&topic, sent.clone()).await?;
+    let letters = poll_dead_letters(&q, &topic, 1).await?;
+    tokio::time::sleep(QUIET).await;
+    worker.stop().await?;
+    ensure!(calls.load(Ordering::SeqCst) == 1, "handler retried");
+    ensure!(letters[0].message.id == sent.id, "wrong dead letter");
+    ensure!(
+        letters[0].reason == "malformed order",
+        "reason {:?}",
+        letters[0].reason
+    );
+    Ok(())
+}
+
+/// Waits for at least `n` dead letters of `topic`.
+async fn poll_dead_letters(
+    q: &Queue,
+    topic: &str,
+    n: usize,
+) -> anyhow::Result<Vec<ferry_backends::DeadLetterInfo>> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let letters = q.dead_letters(topic, 100).await?;
+        if letters.len() >= n {
+            return Ok(letters);
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{} dead letters of {n}",
+            letters.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Dead letters are listed with reason, attempts and source topic; a redriven one arrives again
+/// on its source topic without dead-letter headers and with fresh attempts; purge empties them.
+pub async fn queue_redrive_and_purge(ctx: Arc<Ctx>) -> anyhow::Result<()> {
+    ctx.require("dead letters", ctx.caps.dead_letter)?;
+    let q = queue(&ctx);
+    let topic = lanes(&ctx, "t");
+    if !ctx.caps.redrive.is_supported() {
+        for (what, r) in [
+            ("redrive", q.redrive(&topic, 10).await),
+            ("purge", q.purge(&topic).await),
+        ] {
+            ensure!(
+                matches!(r, Err(BackendError::Unsupported { .. })),
+                "{what} without the capability: {r:?}"
+            );
+        }
+        return Err(Skip(format!("{} does not support redrive", ctx.backend.name())).into());
+    }
+    let mut sub = q
+        .subscribe(
+            SubscribeOptions::new(&topic)
+                .group(ctx.name("redrive"))
+                .max_attempts(2),
+        )
+        .await?;
+    let sent: Vec<BackendMessage> = (0..3).map(msg).collect();
+    for m in &sent {
+        q.publish(&topic, m.clone()).await?;
+    }
+    // Message 0 is nacked on both its attempts, the others rejected.
+    for _ in 0..4 {
+        let d = sub_recv(&mut sub, WAIT).await?;
+        let n = num(&d)?;
+        if n == 0 {
+            d.nack(None).await?;
+        } else {
+            ensure!(d.attempt() == 1, "rejected message came back: {d:?}");
+            d.reject(format!("poison {n}")).await?;
+        }
+    }
+    sub_none(&mut sub, QUIET).await?;
+    let mut letters = poll_dead_letters(&q, &topic, 3).await?;
+    letters.sort_by_key(|l| num(&l.message).unwrap_or(usize::MAX));
+    ensure!(letters.len() == 3, "{} dead letters", letters.len());
+    for l in &letters {
+        ensure!(l.source_topic == topic, "source topic {}", l.source_topic);
+        no_dlq_headers(&l.message)?;
+        let n = num(&l.message)?;
+        if n == 0 {
+            ensure!(
+                l.attempts == 2,
+                "dead letter {n}: {} attempts, not 2",
+                l.attempts
+            );
+        } else {
+            ensure!(
+                l.reason == format!("poison {n}"),
+                "dead letter {n}: reason {:?}",
+                l.reason
+            );
+            ensure!(
+                l.attempts == 1,
+                "dead letter {n}: {} attempts, not 1",
+                l.attempts
+            );
+        }
+    }
+    // Listing leaves them in place.
+    ensure!(
+        q.dead_letters(&topic, 10).await?.len() == 3,
+        "listing consumed dead letters"
+    );
+    let redriven = q.redrive(&topic, 2).await?;
+    ensure!(redriven == 2, "redrove {redriven}, not 2");
+    let mut back = Vec::new();
+    for _ in 0..2 {
+        let d = sub_recv(&mut sub, WAIT).await?;
+        ensure!(d.topic() == topic, "redriven to {}", d.topic());
+        ensure!(d.attempt() == 1, "redriven with attempt {}", d.attempt());
+        no_dlq_headers(d.message())?;
+        ensure!(
+            sent.iter().any(|m| m.id == d.id && m.payload == d.payload),
+            "redriven message {d:?} is not one of those sent"
+        );
+        back.push(d.id.clone());
+        d.ack().await?;
+    }
+    ensure!(back[0] != back[1], "the same dead letter redriven twice");
+    sub_none(&mut sub, QUIET).await?;
+    ensure!(
+        q.stats().redriven == 2,
+        "redriven count {}",
+        q.stats().redriven
+    );
+    let left = q.dead_letters(&topic, 10).await?;
+    ensure!(left.len() == 1, "{} dead letters left, not 1", left.len());
+    let purged = q.purge(&topic).await?;
+    ensure!(purged == 1, "purged {purged}, not 1");
+    ensure!(
+        q.dead_letters(&topic, 10).await?.is_empty(),
+        "dead letters left after purge"
+    );
+    Ok(())
+}
+
+/// Handlers are tower services: a timeout layer turns a slow call into a retried failure, a
+/// concurrency limit bounds the calls under way.
+pub async fn queue_middleware(ctx: Arc<Ctx>) -> anyhow::Result<()> {
+    ctx.require("retries", ctx.caps.retries)?;
+    let q = queue(&ctx);
+    let topic = lanes(&ctx, "t");
+    let running = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let done: Arc<parking_lot::Mutex<Vec<(usize, u32)>>> = Arc::default();
+    let (r, p, dn) = (running.clone(), peak.clone(), done.clone());
+    let handler = tower::service_fn(move |job: Job| {
+        let (r, p, dn) = (r.clone(), p.clone(), dn.clone());
+        async move {
+            let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+            p.fetch_max(now, Ordering::SeqCst);
+            // A call cut short by the timeout is dropped: count it as done then.
+            let _running = Running(r.clone());
+            let n: usize = job.header("n").and_then(|v| v.parse().ok()).unwrap_or(0);
+            // Message 0 hangs on its first attempt: the timeout layer cuts it short.
+            let pause = if n == 0 && job.attempt == 1 {
+                Duration::from_secs(3)
+            } else {
+                Duration::from_millis(30)
+            };
+            tokio::time::sleep(pause).await;
+            dn.lock().push((n, job.attempt));
+            Ok::<(), BoxError>(())
+        }
+    });
+    let service = tower::ServiceBuilder::new()
+        .concurrency_limit(1)
+        .timeout(Duration::from_millis(200))
+        .service(handler);
+    let worker = q
+        .serve(
+            SubscribeOptions::new(&topic)
+                .ack_timeout(Duration::from_secs(5))
+                .max_attempts(3),
+            Backoff::constant(Duration::from_millis(100)),
+            service,
+        )
+        .await?;
+    for i in 0..4 {
+        q.publish(&topic, msg(i)).await?;
+    }
+    let deadline = Instant::now() + WAIT;
+    while done.lock().len() < 4 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stats = worker.stats();
+    worker.stop().await?;
+    let done = done.lock().clone();
+    let handled: BTreeSet<usize> = done.iter().map(|d| d.0).collect();
+    ensure!(
+        handled == (0..4).collect(),
+        "handled {done:?}, not all of 0..4"
+    );
+    ensure!(
+        done.contains(&(0, 2)),
+        "message 0 was not retried after its time-out: {done:?}"
+    );
+    ensure!(
+        peak.load(Ordering::SeqCst) == 1,
+        "{} calls at once despite the concurrency limit of 1",
+        peak.load(Ordering::SeqCst)
+    );
+    ensure!(
+        stats.handler_errors == 1 && stats.acked == 4 && stats.nacked == 1,
+        "stats {stats:?}"
+    );
+    Ok(())
+}
+
+/// Decrements the count of running calls when the call ends or is dropped.
+struct Running(Arc<AtomicUsize>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// The counters of the queue, a topic and a subscription follow what happened.
+pub async fn queue_stats(ctx: Arc<Ctx>) -> anyhow::Result<()> {
+    ctx.require("dead letters", ctx.caps.dead_letter)?;
+    let q = queue(&ctx);
+    let topic = lanes(&ctx, "t");
+    let other = lanes(&ctx, "u");
+    let mut sub = q
+        .subscribe(SubscribeOptions::new(&topic).max_attempts(5))
+        .await?;
+    for i in 0..3 {
+        q.publish(&topic, msg(i)).await?;
+    }
+    q.publish(&other, msg(9)).await?;
+    let mut nacked = false;
+    let mut settled = 0;
+    while settled < 3 {
+        let d = sub_recv(&mut sub, WAIT).await?;
+        let in_flight = sub.stats().in_flight;
+        ensure!(in_flight == 1, "in flight {in_flight} while holding one");
+        match num(&d)? {
+            0 if !nacked => {
+                nacked = true;
+                d.nack(None).await?;
+            }
+            1 => {
+                d.reject("no").await?;
+                settled += 1;
+            }
+            _ => {
+                d.ack().await?;
+                settled += 1;
+            }
+        }
+    }
+    // Publishing is not the subscription's doing.
+    let expect = Stats {
+        delivered: 4,
+        acked: 2,
+        nacked: 1,
+        dead_lettered: 1,
+        ..Stats::default()
+    };
+    ensure!(sub.stats() == expect, "subscription {:?}", sub.stats());
+    ensure!(
+        q.topic_stats(&topic).delivered == 4,
+        "topic {:?}",
+        q.topic_stats(&topic)
+    );
+    ensure!(
+        q.topic_stats(&topic).published == 3,
+        "topic {:?}",
+        q.topic_stats(&topic)
+    );
+    ensure!(
+        q.topic_stats(&other).published == 1,
+        "other topic {:?}",
+        q.topic_stats(&other)
+    );
+    let total = q.stats();
+    ensure!(
+        total.published == 4 && total.acked == 2 && total.in_flight == 0,
+        "total {total:?}"
+    );
+    Ok(())
+}
+
+async fn sub_recv(sub: &mut QueueSubscription, within: Duration) -> anyhow::Result<Delivery> {
+    match tokio::time::timeout(within, sub.next()).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(anyhow!("no delivery within {within:?}")),
+    }
+}
+
+async fn sub_none(sub: &mut QueueSubscription, within: Duration) -> anyhow::Result<()> {
+    match tokio::time::timeout(within, sub.next()).await {
+        Err(_) => Ok(()),
+        Ok(Ok(d)) => Err(anyhow!(
+            "unexpected delivery {} (attempt {}) on {}",
+            d.id,
+            d.attempt(),
+            d.topic()
+        )),
+        Ok(Err(e)) => Err(anyhow!("subscription failed while expecting silence: {e}")),
+    }
 }

@@ -195,7 +195,11 @@ pub fn run(args: &Args) -> Result<()> {
                 continue;
             }
         };
-        eprintln!("{}: adapter ({})", spec.name, redact(&spec.url));
+        eprintln!(
+            "{}: adapter ({})",
+            spec.name,
+            ferry_backends::redact_url(&spec.url)
+        );
         let adapter = block_on(run_adapter(&spec, &run_id, plan));
         let direct = if args.no_direct {
             None
@@ -249,17 +253,6 @@ fn leak(e: anyhow::Error) -> &'static str {
     let text = format!("skipped: {e:#}");
     let short: String = text.chars().take(160).collect();
     Box::leak(short.into_boxed_str())
-}
-
-/// A URL without its password.
-fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        _ => url.to_string(),
-    }
 }
 
 fn url_of_dir(path: &std::path::Path) -> Result<String> {
