@@ -78,9 +78,12 @@ impl AclRules {
                     .collect()
             })
         };
-        ClientAcl {
+        let rules = Rules {
             publish: expand(&config.publish),
             subscribe: expand(&config.subscribe),
+        };
+        ClientAcl {
+            rules: (rules.publish.is_some() || rules.subscribe.is_some()).then(|| Box::new(rules)),
         }
     }
 }
@@ -103,8 +106,15 @@ fn substitute(pattern: &str, username: Option<&str>, client_id: &str) -> Option<
 }
 
 /// What one connected client may do, placeholders filled in.
+/// Boxed, and absent when everything is allowed: a connection without ACL rules carries one
+/// pointer.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClientAcl {
+    rules: Option<Box<Rules>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Rules {
     publish: Option<Vec<String>>,
     subscribe: Option<Vec<String>>,
 }
@@ -117,7 +127,7 @@ impl ClientAcl {
 
     /// Whether the client may publish to `topic`.
     pub fn may_publish(&self, topic: &str) -> bool {
-        match &self.publish {
+        match self.rules.as_ref().and_then(|r| r.publish.as_ref()) {
             None => true,
             Some(ps) => ps.iter().any(|p| covers(p, topic)),
         }
@@ -125,7 +135,7 @@ impl ClientAcl {
 
     /// Whether the client may subscribe to `filter` (without any `$share/<g>/` prefix).
     pub fn may_subscribe(&self, filter: &str) -> bool {
-        match &self.subscribe {
+        match self.rules.as_ref().and_then(|r| r.subscribe.as_ref()) {
             None => true,
             Some(ps) => ps.iter().any(|p| covers(p, filter)),
         }

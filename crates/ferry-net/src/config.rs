@@ -7,6 +7,8 @@
 //! data_dir = "./ferry-data"   # durable topics (Broker::open); ignored with memory = true
 //! memory = false              # in-memory broker, nothing on disk
 //! log_format = "text"         # or "json"
+//! # backend = "nats://127.0.0.1:4222"  # serve over a shared engine (see the bridge module)
+//! # node_id = "ferry-1"                # this server's name on it (default: kept in data_dir)
 //! shutdown_timeout_secs = 10
 //!
 //! [mqtt]
@@ -334,6 +336,12 @@ pub struct ServeConfig {
     pub http: HttpConfig,
     /// Engine settings.
     pub broker: BrokerSection,
+    /// Serve over a distributed engine (`nats://`, `amqp://`, `kafka://`) shared with other
+    /// servers, instead of this server's engine alone ([`crate::bridge`]).
+    pub backend: Option<String>,
+    /// This server's name among the servers sharing a backend (default: kept in the data
+    /// directory, made on first start).
+    pub node_id: Option<String>,
 }
 
 impl Default for ServeConfig {
@@ -346,6 +354,8 @@ impl Default for ServeConfig {
             mqtt: MqttConfig::default(),
             http: HttpConfig::default(),
             broker: BrokerSection::default(),
+            backend: None,
+            node_id: None,
         }
     }
 }
@@ -387,6 +397,10 @@ pub struct Overrides {
     pub http_tls_cert: Option<PathBuf>,
     /// `http.tls_key`.
     pub http_tls_key: Option<PathBuf>,
+    /// `backend`.
+    pub backend: Option<String>,
+    /// `node_id`.
+    pub node_id: Option<String>,
 }
 
 /// The environment variable naming the config file.
@@ -448,6 +462,8 @@ impl Overrides {
                 "FERRY_MQTT_TLS_KEY" => o.mqtt_tls_key = Some(PathBuf::from(v)),
                 "FERRY_HTTP_TLS_CERT" => o.http_tls_cert = Some(PathBuf::from(v)),
                 "FERRY_HTTP_TLS_KEY" => o.http_tls_key = Some(PathBuf::from(v)),
+                "FERRY_BACKEND" => o.backend = Some(v.trim().to_string()),
+                "FERRY_NODE_ID" => o.node_id = Some(v.trim().to_string()),
                 _ => {}
             }
         }
@@ -463,6 +479,12 @@ impl Overrides {
         }
         set(&mut config.data_dir, &self.data_dir);
         set(&mut config.memory, &self.memory);
+        if self.backend.is_some() {
+            config.backend.clone_from(&self.backend);
+        }
+        if self.node_id.is_some() {
+            config.node_id.clone_from(&self.node_id);
+        }
         set(&mut config.log_format, &self.log_format);
         set(
             &mut config.shutdown_timeout_secs,

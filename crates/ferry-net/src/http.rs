@@ -5,7 +5,8 @@
 //! `/stats/{topic}` they may also be written plainly (`/stats/a/b`).
 
 use std::fmt::Write as _;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -17,7 +18,11 @@ use ferry::{Broker, DeadLetterError, Message, Priority, PublishError, TopicStats
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::bridge::Bridge;
+use crate::consume::{ConsumeError, FetchOptions, HttpConsumers, Settle, Settled};
+use crate::http_auth::{Denied, HttpAccess};
 use crate::mqtt::MqttHandle;
+use crate::unix_time::unix_ms;
 
 /// Prefix of request headers copied into the message's headers (`Ferry-Header-Env: prod` sets
 /// header `env`).
@@ -29,10 +34,14 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 struct AppState {
     broker: Broker,
     mqtt: Option<MqttHandle>,
+    bridge: Option<Arc<Bridge>>,
+    consumers: Arc<HttpConsumers>,
+    access: HttpAccess,
 }
 
 /// The API's router.
-pub fn router(broker: Broker, mqtt: Option<MqttHandle>) -> Router {
+/// With `bridge`, publishes go to the backend the server runs over.
+pub fn router(broker: Broker, mqtt: Option<MqttHandle>, bridge: Option<Arc<Bridge>>) -> Router {
     Router::new()
         .merge(crate::dashboard::router())
         .route("/health", get(health))
@@ -46,14 +55,49 @@ pub fn router(broker: Broker, mqtt: Option<MqttHandle>) -> Router {
             get(list_dead_letters).delete(purge_dead_letters),
         )
         .route("/topics/{topic}/dead-letters/redrive", post(redrive))
-        .with_state(AppState { broker, mqtt })
+        .route("/topics/{topic}/groups/{group}/fetch", post(fetch))
+        .route("/topics/{topic}/groups/{group}/ack", post(ack))
+        .route("/topics/{topic}/groups/{group}/nack", post(nack))
+        .route("/topics/{topic}/groups/{group}/reject", post(reject))
+        .with_state(AppState {
+            consumers: Arc::new(HttpConsumers::new(broker.clone(), bridge.clone())),
+            access: match &mqtt {
+                Some(m) => HttpAccess::new(m.shared.auth.clone(), m.shared.acl.clone()),
+                None => HttpAccess::open(),
+            },
+            broker,
+            mqtt,
+            bridge,
+        })
 }
 
 /// An error answer: `{"error": code, "message": text}`.
 struct ApiError(StatusCode, &'static str, String);
 
+impl From<Denied> for ApiError {
+    fn from(d: Denied) -> Self {
+        match d {
+            Denied::Unauthenticated(why) => {
+                ApiError(StatusCode::UNAUTHORIZED, "unauthenticated", why.to_string())
+            }
+            Denied::Forbidden(why) => ApiError(StatusCode::FORBIDDEN, "forbidden", why),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if self.0 == StatusCode::UNAUTHORIZED {
+            return (
+                self.0,
+                [(
+                    axum::http::header::WWW_AUTHENTICATE,
+                    "Basic realm=\"ferry\"",
+                )],
+                Json(json!({"error": self.1, "message": self.2})),
+            )
+                .into_response();
+        }
         (self.0, Json(json!({"error": self.1, "message": self.2}))).into_response()
     }
 }
@@ -70,6 +114,17 @@ impl From<PublishError> for ApiError {
             PublishError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, e.code(), e.to_string())
+    }
+}
+
+impl From<ConsumeError> for ApiError {
+    fn from(e: ConsumeError) -> Self {
+        let (status, code) = match &e {
+            ConsumeError::Subscribe(_) => (StatusCode::BAD_REQUEST, "invalid_subscription"),
+            ConsumeError::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            ConsumeError::Closed => (StatusCode::SERVICE_UNAVAILABLE, "closed"),
+        };
+        ApiError(status, code, e.to_string())
     }
 }
 
@@ -108,19 +163,25 @@ fn all_topic_stats(broker: &Broker) -> Vec<TopicStats> {
         .collect()
 }
 
-async fn stats(State(s): State<AppState>) -> Json<serde_json::Value> {
-    Json(json!({
+async fn stats(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    s.access.caller(&headers).await?;
+    Ok(Json(json!({
         "broker": s.broker.stats(),
         "topics": all_topic_stats(&s.broker),
         "subscriptions": s.broker.subscription_stats(),
         "mqtt": s.mqtt.as_ref().map(MqttHandle::stats),
-    }))
+    })))
 }
 
 async fn topic_stats(
     State(s): State<AppState>,
     Path(topic): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Json<TopicStats>, ApiError> {
+    s.access.caller(&headers).await?;
     s.broker.topic_stats(&topic).map(Json).ok_or_else(|| {
         ApiError(
             StatusCode::NOT_FOUND,
@@ -294,7 +355,10 @@ pub fn prometheus(broker: &Broker, mqtt: Option<&MqttHandle>) -> String {
     out
 }
 
-async fn metrics(State(s): State<AppState>) -> Response {
+async fn metrics(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(d) = s.access.caller(&headers).await {
+        return ApiError::from(d).into_response();
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -332,7 +396,8 @@ fn parse_priority(p: &str) -> Option<Priority> {
 #[derive(Serialize)]
 struct Published {
     topic: String,
-    offset: u64,
+    /// The offset in the topic; `null` over a backend, whose positions are its own.
+    offset: Option<u64>,
 }
 
 async fn publish(
@@ -342,6 +407,7 @@ async fn publish(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Published>), ApiError> {
+    s.access.caller(&headers).await?.may_publish(&topic)?;
     let mut b = Message::builder().payload(body).producer("http");
     for (name, value) in &headers {
         if let Some(h) = name.as_str().strip_prefix(HEADER_PREFIX) {
@@ -374,11 +440,23 @@ async fn publish(
     if let Some(k) = q.key {
         b = b.key(Bytes::from(k));
     }
-    let offset =
-        match tokio::time::timeout(PUBLISH_TIMEOUT, s.broker.publish(&topic, b.build())).await {
-            Ok(r) => r?,
-            Err(_) => return Err(PublishError::Timeout(topic).into()),
-        };
+    let message = b.build();
+    let offset = match &s.bridge {
+        Some(bridge) => {
+            // Topic names are the engine's either way.
+            ferry::TopicName::new(&topic).map_err(PublishError::InvalidTopic)?;
+            match tokio::time::timeout(PUBLISH_TIMEOUT, bridge.publish(&topic, &message)).await {
+                Ok(r) => r.map(|()| None)?,
+                Err(_) => return Err(PublishError::Timeout(topic).into()),
+            }
+        }
+        None => {
+            match tokio::time::timeout(PUBLISH_TIMEOUT, s.broker.publish(&topic, message)).await {
+                Ok(r) => Some(r?),
+                Err(_) => return Err(PublishError::Timeout(topic).into()),
+            }
+        }
+    };
     Ok((StatusCode::CREATED, Json(Published { topic, offset })))
 }
 
@@ -403,20 +481,13 @@ struct DeadLetterView {
     payload_base16: String,
 }
 
-fn millis(t: SystemTime) -> u64 {
-    u64::try_from(
-        t.duration_since(UNIX_EPOCH)
-            .unwrap_or(Duration::ZERO)
-            .as_millis(),
-    )
-    .unwrap_or(u64::MAX)
-}
-
 async fn list_dead_letters(
     State(s): State<AppState>,
     Path(topic): Path<String>,
     Query(q): Query<MaxQuery>,
+    headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    s.access.caller(&headers).await?.may_subscribe(&topic)?;
     let dlq = s
         .broker
         .dead_letters(&topic)
@@ -434,7 +505,7 @@ async fn list_dead_letters(
                 _ => String::new(),
             },
             attempts: d.attempts,
-            dead_lettered_at_ms: millis(d.dead_lettered_at),
+            dead_lettered_at_ms: unix_ms(d.dead_lettered_at),
             message_id: d.message.id().to_string(),
             headers: d
                 .message
@@ -457,7 +528,9 @@ async fn redrive(
     State(s): State<AppState>,
     Path(topic): Path<String>,
     Query(q): Query<MaxQuery>,
+    headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    s.access.caller(&headers).await?.may_publish(&topic)?;
     let dlq = s
         .broker
         .dead_letters(&topic)
@@ -469,12 +542,131 @@ async fn redrive(
 async fn purge_dead_letters(
     State(s): State<AppState>,
     Path(topic): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    s.access.caller(&headers).await?.may_publish(&topic)?;
     let dlq = s
         .broker
         .dead_letters(&topic)
         .map_err(DeadLetterError::from)?;
     Ok(Json(json!({"topic": topic, "purged": dlq.purge()})))
+}
+
+#[derive(Debug, Deserialize)]
+struct FetchQuery {
+    max: Option<usize>,
+    wait_ms: Option<u64>,
+    ack_timeout_ms: Option<u64>,
+    max_attempts: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct FetchedView {
+    receipt: String,
+    topic: String,
+    offset: u64,
+    attempt: u32,
+    message_id: String,
+    timestamp_ms: u64,
+    headers: Vec<(String, String)>,
+    key: Option<String>,
+    /// The payload as UTF-8 when it is, else `null` (see `payload_base16`).
+    payload: Option<String>,
+    payload_base16: String,
+}
+
+async fn fetch(
+    State(s): State<AppState>,
+    Path((topic, group)): Path<(String, String)>,
+    Query(q): Query<FetchQuery>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    s.access.caller(&headers).await?.may_subscribe(&topic)?;
+    let d = FetchOptions::default();
+    let o = FetchOptions {
+        max: q.max.unwrap_or(d.max),
+        wait: q.wait_ms.map_or(d.wait, Duration::from_millis),
+        ack_timeout: q
+            .ack_timeout_ms
+            .map_or(d.ack_timeout, Duration::from_millis),
+        max_attempts: q.max_attempts.unwrap_or(d.max_attempts),
+    };
+    let fetched = s.consumers.fetch(&group, &topic, o).await?;
+    let messages: Vec<FetchedView> = fetched
+        .into_iter()
+        .map(|f| {
+            let e = &f.envelope;
+            let m = e.message();
+            FetchedView {
+                receipt: f.receipt,
+                topic: e.topic().as_str().to_string(),
+                offset: e.offset(),
+                attempt: e.attempt(),
+                message_id: m.id().to_string(),
+                timestamp_ms: unix_ms(m.timestamp()),
+                headers: m
+                    .headers()
+                    .iter()
+                    .filter(|(k, _)| !k.starts_with(crate::mqtt::convert::MQTT_HEADER_PREFIX))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                payload: std::str::from_utf8(m.payload()).ok().map(str::to_string),
+                payload_base16: crate::mqtt::convert::to_hex(m.payload()),
+            }
+        })
+        .collect();
+    Ok(Json(
+        json!({"topic": topic, "group": group, "messages": messages}),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+struct SettleBody {
+    receipts: Vec<String>,
+    delay_ms: Option<u64>,
+    reason: Option<String>,
+}
+
+/// Settles receipts of messages of `topic` (receipts of other topics are `unknown` here).
+async fn settle(
+    s: &AppState,
+    topic: &str,
+    headers: &HeaderMap,
+    receipts: &[String],
+    how: Settle,
+) -> Result<Json<Settled>, ApiError> {
+    s.access.caller(headers).await?.may_subscribe(topic)?;
+    Ok(Json(s.consumers.settle(topic, receipts, &how)))
+}
+
+async fn ack(
+    State(s): State<AppState>,
+    Path((topic, _group)): Path<(String, String)>,
+    headers: HeaderMap,
+    Json(b): Json<SettleBody>,
+) -> Result<Json<Settled>, ApiError> {
+    settle(&s, &topic, &headers, &b.receipts, Settle::Ack).await
+}
+
+async fn nack(
+    State(s): State<AppState>,
+    Path((topic, _group)): Path<(String, String)>,
+    headers: HeaderMap,
+    Json(b): Json<SettleBody>,
+) -> Result<Json<Settled>, ApiError> {
+    let delay = b.delay_ms.map(Duration::from_millis);
+    settle(&s, &topic, &headers, &b.receipts, Settle::Nack(delay)).await
+}
+
+async fn reject(
+    State(s): State<AppState>,
+    Path((topic, _group)): Path<(String, String)>,
+    headers: HeaderMap,
+    Json(b): Json<SettleBody>,
+) -> Result<Json<Settled>, ApiError> {
+    let reason = b.reason.unwrap_or_else(|| "rejected over HTTP".into());
+    settle(&s, &topic, &headers, &b.receipts, Settle::Reject(reason)).await
 }
 
 async fn openapi() -> Json<serde_json::Value> {
@@ -488,6 +680,12 @@ pub fn openapi_document() -> serde_json::Value {
         "description": "Topic name, percent-encoded (a%2Fb for a/b)",
         "schema": {"type": "string"}
     });
+    let group_param = json!({
+        "name": "group", "in": "path", "required": true,
+        "description": "Consumer group name (no '/', '+' or '#')",
+        "schema": {"type": "string"}
+    });
+    let settle_body = |d: &str| json!({"required": true, "description": d, "content": {"application/json": {"schema": {"type": "object"}}}});
     let max_param = |d: &str| json!({"name": "max", "in": "query", "required": false, "description": d, "schema": {"type": "integer", "minimum": 0}});
     let error = json!({"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
     let obj = |d: &str| json!({"description": d, "content": {"application/json": {"schema": {"type": "object"}}}});
@@ -533,14 +731,49 @@ pub fn openapi_document() -> serde_json::Value {
                 "summary": "Publish dead letters back to their topic",
                 "parameters": [topic_param, max_param("At most this many (default all)")],
                 "responses": {"200": obj("{topic, redriven}"), "400": error, "503": error}
+            }},
+            "/topics/{topic}/groups/{group}/fetch": {"post": {
+                "summary": "Take messages for a consumer group (the same group as MQTT $share/<group>/<topic>)",
+                "description": "Each message carries a receipt; settle it with ack, nack or reject before the ack timeout, else it goes back to the group and comes again with a higher attempt.",
+                "parameters": [
+                    topic_param, group_param,
+                    {"name": "max", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}, "description": "At most this many (default 10)"},
+                    {"name": "wait_ms", "in": "query", "schema": {"type": "integer", "maximum": 30000}, "description": "Wait this long for the first message (default 0)"},
+                    {"name": "ack_timeout_ms", "in": "query", "schema": {"type": "integer", "minimum": 100}, "description": "Ack timeout of this server's member, when it is made (default 30000)"},
+                    {"name": "max_attempts", "in": "query", "schema": {"type": "integer", "minimum": 1}, "description": "Attempts before dead-lettering, when the member is made (default 3)"}
+                ],
+                "responses": {"200": obj("{topic, group, messages: [{receipt, topic, offset, attempt, message_id, timestamp_ms, headers, key, payload, payload_base16}]}"), "400": error, "503": error}
+            }},
+            "/topics/{topic}/groups/{group}/ack": {"post": {
+                "summary": "Acknowledge fetched messages", "parameters": [topic_param, group_param],
+                "requestBody": settle_body("{receipts: [string]}"),
+                "responses": {"200": {"description": "Settled", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Settled"}}}}}
+            }},
+            "/topics/{topic}/groups/{group}/nack": {"post": {
+                "summary": "Return fetched messages to the group, now or after delay_ms", "parameters": [topic_param, group_param],
+                "requestBody": settle_body("{receipts: [string], delay_ms?: integer}"),
+                "responses": {"200": {"description": "Settled", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Settled"}}}}}
+            }},
+            "/topics/{topic}/groups/{group}/reject": {"post": {
+                "summary": "Dead-letter fetched messages with a reason", "parameters": [topic_param, group_param],
+                "requestBody": settle_body("{receipts: [string], reason?: string}"),
+                "responses": {"200": {"description": "Settled", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Settled"}}}}}
             }}
         },
-        "components": {"schemas": {
+        "security": [{}, {"basic": []}],
+        "components": {
+          "securitySchemes": {"basic": {"type": "http", "scheme": "basic",
+            "description": "The server's users (argon2 hashes in its config) with their topic ACLs; needed unless anonymous access is on. /health is always open."}},
+          "schemas": {
             "Error": {"type": "object", "required": ["error", "message"], "properties": {
                 "error": {"type": "string", "description": "Stable code (invalid_topic, queue_full, ...)"},
                 "message": {"type": "string"}}},
             "Published": {"type": "object", "required": ["topic", "offset"], "properties": {
-                "topic": {"type": "string"}, "offset": {"type": "integer"}}}
-        }}
+                "topic": {"type": "string"}, "offset": {"type": "integer", "nullable": true, "description": "null when serving over a backend"}}},
+            "Settled": {"type": "object", "required": ["settled", "unknown"], "properties": {
+                "settled": {"type": "integer"},
+                "unknown": {"type": "array", "items": {"type": "string"}, "description": "Receipts no longer in flight (ack timeout passed, already settled) or never issued"}}}
+          }
+        }
     })
 }

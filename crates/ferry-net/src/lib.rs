@@ -30,13 +30,17 @@
 
 pub mod acl;
 pub mod auth;
+pub mod bridge;
 pub mod config;
+pub mod consume;
 pub mod dashboard;
 mod fsutil;
 pub mod http;
+pub mod http_auth;
 pub mod mqtt;
 pub mod server;
 pub mod tls;
+mod unix_time;
 
 pub use config::{Overrides, ServeConfig};
 pub use server::{serve, ServeError, Server};

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::bridge::Bridge;
 use crate::config::ServeConfig;
 use crate::mqtt::retained::{RetainedError, RetainedStore};
 use crate::mqtt::session::{SessionStoreError, Sessions};
@@ -58,6 +59,17 @@ pub enum ServeError {
     /// The configuration is inconsistent.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The backend could not be used.
+    #[error(transparent)]
+    Backend(#[from] crate::bridge::BridgeError),
+    /// The node id could not be kept in the data directory.
+    #[error("keeping the node id in {dir}: {source}")]
+    NodeId {
+        /// The data directory.
+        dir: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// Installing the signal handlers failed.
     #[error("installing signal handlers: {0}")]
     Signals(std::io::Error),
@@ -138,6 +150,7 @@ pub struct Server {
     http_addr: Option<SocketAddr>,
     http_tls: bool,
     retained: Arc<RetainedStore>,
+    bridge: Option<Arc<Bridge>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     timeout: Duration,
@@ -168,6 +181,29 @@ impl Server {
         let retained = Arc::new(retained);
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let bridge = match &config.backend {
+            Some(url) => {
+                let dir = (!config.memory).then(|| Path::new(&config.data_dir));
+                let node = crate::bridge::node_id(config.node_id.as_deref(), dir).map_err(|e| {
+                    ServeError::NodeId {
+                        dir: config.data_dir.display().to_string(),
+                        source: e,
+                    }
+                })?;
+                Some(
+                    Bridge::start(
+                        url,
+                        broker.clone(),
+                        retained.clone(),
+                        node,
+                        shutdown.clone(),
+                        tracker.clone(),
+                    )
+                    .await?,
+                )
+            }
+            None => None,
+        };
         let (tcp, mqtt_addr) = bind("MQTT", config.mqtt.listen).await?;
         let (tls, mqtt_tls_addr) = match mqtt_tls {
             Some(tls_config) => {
@@ -189,6 +225,7 @@ impl Server {
             retained.clone(),
             sessions,
             mqtt::Listeners { tcp, tls },
+            bridge.clone(),
             shutdown.clone(),
             tracker.clone(),
         );
@@ -197,7 +234,7 @@ impl Server {
         if config.http.enabled {
             let (listener, addr) = bind("HTTP", config.http.listen).await?;
             http_addr = Some(addr);
-            let app = crate::http::router(broker.clone(), Some(mqtt.clone()))
+            let app = crate::http::router(broker.clone(), Some(mqtt.clone()), bridge.clone())
                 .merge(mqtt::websocket::router(mqtt.clone()))
                 .into_make_service_with_connect_info::<PeerAddr>();
             let stop = shutdown.clone();
@@ -236,6 +273,7 @@ impl Server {
             http_addr,
             http_tls: https,
             retained,
+            bridge,
             shutdown,
             tracker,
             timeout: config.shutdown_timeout(),
@@ -267,6 +305,11 @@ impl Server {
         &self.broker
     }
 
+    /// The backend link, when serving over a backend.
+    pub fn bridge(&self) -> Option<&Arc<Bridge>> {
+        self.bridge.as_ref()
+    }
+
     /// The MQTT front end's stats handle.
     pub fn mqtt(&self) -> &MqttHandle {
         &self.mqtt
@@ -284,6 +327,9 @@ impl Server {
             .is_err()
         {
             tracing::warn!("some connections did not close in time");
+        }
+        if let Some(bridge) = &self.bridge {
+            bridge.close().await;
         }
         if let Err(e) = self.retained.save() {
             tracing::error!(error = %e, "saving retained messages failed");

@@ -227,3 +227,266 @@ async fn dead_letters_list_redrive_purge() {
     assert_eq!(r["purged"], 2);
     server.shutdown().await;
 }
+
+async fn post_json(http: &reqwest::Client, url: String, body: Value) -> (u16, Value) {
+    let r = http.post(url).json(&body).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap())
+}
+
+fn receipts(v: &Value) -> Vec<String> {
+    v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["receipt"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn payloads(v: &Value) -> Vec<String> {
+    v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["payload"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_group_fetch_ack_nack_reject() {
+    let server = server().await;
+    let base = format!("http://{}", server.http_addr().unwrap());
+    let http = reqwest::Client::new();
+    let group = format!("{base}/topics/jobs%2Fhttp/groups/workers");
+    // The member joins at its first fetch; the group starts at the tail, so join first.
+    let (st, v) = post_json(&http, format!("{group}/fetch?max=5"), Value::Null).await;
+    assert_eq!(st, 200, "{v}");
+    assert!(v["messages"].as_array().unwrap().is_empty());
+    for i in 0..5 {
+        let r = http
+            .post(format!("{base}/topics/jobs%2Fhttp/messages"))
+            .header("ferry-header-trace", format!("t{i}"))
+            .body(format!("job {i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+
+    let (_, v) = post_json(
+        &http,
+        format!("{group}/fetch?max=3&wait_ms=2000"),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(payloads(&v), vec!["job 0", "job 1", "job 2"]);
+    assert_eq!(v["messages"][0]["attempt"], 1);
+    assert_eq!(v["messages"][0]["topic"], "jobs/http");
+    assert_eq!(
+        v["messages"][1]["headers"][0],
+        serde_json::json!(["trace", "t1"])
+    );
+    let first = receipts(&v);
+    let (st, s) = post_json(
+        &http,
+        format!("{group}/ack"),
+        serde_json::json!({"receipts": first[..2]}),
+    )
+    .await;
+    assert_eq!(st, 200);
+    assert_eq!(s["settled"], 2);
+    // Acking again: no longer in flight.
+    let (_, s) = post_json(
+        &http,
+        format!("{group}/ack"),
+        serde_json::json!({"receipts": [first[0], "nope"]}),
+    )
+    .await;
+    assert_eq!(s["settled"], 0);
+    assert_eq!(s["unknown"].as_array().unwrap().len(), 2);
+    // A nack brings "job 2" back, with its second attempt.
+    let (_, s) = post_json(
+        &http,
+        format!("{group}/nack"),
+        serde_json::json!({"receipts": [first[2]]}),
+    )
+    .await;
+    assert_eq!(s["settled"], 1);
+    let mut got: Vec<(String, u64, String)> = Vec::new();
+    for _ in 0..5 {
+        let (_, v) = post_json(
+            &http,
+            format!("{group}/fetch?max=10&wait_ms=2000"),
+            Value::Null,
+        )
+        .await;
+        got.extend(v["messages"].as_array().unwrap().iter().map(|m| {
+            (
+                m["payload"].as_str().unwrap().to_string(),
+                m["attempt"].as_u64().unwrap(),
+                m["receipt"].as_str().unwrap().to_string(),
+            )
+        }));
+        if got.len() >= 3 {
+            break;
+        }
+    }
+    got.sort();
+    let seen: Vec<(&str, u64)> = got.iter().map(|(p, a, _)| (p.as_str(), *a)).collect();
+    assert_eq!(seen, vec![("job 2", 2), ("job 3", 1), ("job 4", 1)]);
+    // Reject "job 3" (dead letter with the reason), ack the others.
+    let (_, s) = post_json(
+        &http,
+        format!("{group}/reject"),
+        serde_json::json!({"receipts": [got[1].2], "reason": "bad job"}),
+    )
+    .await;
+    assert_eq!(s["settled"], 1);
+    let (_, s) = post_json(
+        &http,
+        format!("{group}/ack"),
+        serde_json::json!({"receipts": [got[0].2, got[2].2]}),
+    )
+    .await;
+    assert_eq!(s["settled"], 2);
+    let (_, v) = post_json(
+        &http,
+        format!("{group}/fetch?max=10&wait_ms=300"),
+        Value::Null,
+    )
+    .await;
+    assert!(v["messages"].as_array().unwrap().is_empty(), "{v}");
+    let dl: Value = http
+        .get(format!("{base}/topics/jobs%2Fhttp/dead-letters"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(dl["len"], 1, "{dl}");
+    assert_eq!(dl["dead_letters"][0]["detail"], "bad job");
+    assert_eq!(dl["dead_letters"][0]["payload"], "job 3");
+
+    // Bad requests are typed errors.
+    let (st, e) = post_json(&http, format!("{group}/fetch?max=0"), Value::Null).await;
+    assert_eq!((st, e["error"].as_str()), (400, Some("invalid_request")));
+    let (st, _) = post_json(
+        &http,
+        format!("{base}/topics/jobs%2Fhttp/groups/a%2Fb/fetch"),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(st, 400);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsettled_fetches_come_back_after_the_ack_timeout() {
+    let server = server().await;
+    let base = format!("http://{}", server.http_addr().unwrap());
+    let http = reqwest::Client::new();
+    let group = format!("{base}/topics/slow/groups/g");
+    let (st, _) = post_json(
+        &http,
+        format!("{group}/fetch?ack_timeout_ms=300"),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(st, 200);
+    server
+        .broker()
+        .publish("slow", ferry::Message::new("once"))
+        .await
+        .unwrap();
+    let (_, v) = post_json(&http, format!("{group}/fetch?wait_ms=2000"), Value::Null).await;
+    assert_eq!(payloads(&v), vec!["once"]);
+    let stale = receipts(&v);
+    // Not settled: after 300 ms it is redelivered, and the old receipt is dead.
+    let (_, v) = post_json(&http, format!("{group}/fetch?wait_ms=5000"), Value::Null).await;
+    assert_eq!(payloads(&v), vec!["once"]);
+    assert_eq!(v["messages"][0]["attempt"], 2);
+    let (_, s) = post_json(
+        &http,
+        format!("{group}/ack"),
+        serde_json::json!({"receipts": stale}),
+    )
+    .await;
+    assert_eq!(s["settled"], 0);
+    let (_, s) = post_json(
+        &http,
+        format!("{group}/ack"),
+        serde_json::json!({"receipts": receipts(&v)}),
+    )
+    .await;
+    assert_eq!(s["settled"], 1);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_basic_auth_and_acls() {
+    let hash = ferry_net::auth::hash_password("pw").unwrap();
+    let server = server_with(move |c| {
+        c.mqtt.allow_anonymous = false;
+        c.mqtt.users = vec![ferry_net::config::UserConfig {
+            username: "alice".into(),
+            password_hash: hash,
+            publish: Some(vec!["alice/#".into()]),
+            subscribe: Some(vec!["alice/#".into()]),
+        }];
+    })
+    .await;
+    let base = format!("http://{}", server.http_addr().unwrap());
+    let http = reqwest::Client::new();
+    // The status of `method path` as `user` (with password "pw"; "mallory" has a wrong one).
+    let status = |method: reqwest::Method, path: &str, user: Option<&str>| {
+        let mut r = http.request(method, format!("{base}{path}")).body("x");
+        if let Some(u) = user {
+            r = r.basic_auth(u, Some(if u == "alice" { "pw" } else { "wrong" }));
+        }
+        async move { r.send().await.unwrap().status().as_u16() }
+    };
+    use reqwest::Method as M;
+    // Health is open; the rest needs credentials.
+    assert_eq!(status(M::GET, "/health", None).await, 200);
+    let r = http.get(format!("{base}/stats")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.headers()["www-authenticate"].to_str().unwrap(),
+        "Basic realm=\"ferry\""
+    );
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "unauthenticated");
+    assert_eq!(status(M::GET, "/stats", Some("mallory")).await, 401);
+    assert_eq!(status(M::GET, "/metrics", Some("alice")).await, 200);
+    // Publishing, consuming and dead letters follow the user's ACL.
+    assert_eq!(
+        status(M::POST, "/topics/alice%2Fin/messages", Some("alice")).await,
+        201
+    );
+    assert_eq!(
+        status(M::POST, "/topics/bob%2Fin/messages", Some("alice")).await,
+        403
+    );
+    assert_eq!(
+        server.broker().topic_stats("bob/in").map(|t| t.next_offset),
+        None,
+        "a refused publish stores nothing"
+    );
+    assert_eq!(
+        status(M::POST, "/topics/bob%2Fin/groups/g/fetch", Some("alice")).await,
+        403
+    );
+    assert_eq!(
+        status(M::POST, "/topics/alice%2Fin/groups/g/fetch", Some("alice")).await,
+        200
+    );
+    assert_eq!(
+        status(M::DELETE, "/topics/bob%2Fin/dead-letters", Some("alice")).await,
+        403
+    );
+    assert_eq!(
+        status(M::GET, "/topics/alice%2Fin/dead-letters", Some("alice")).await,
+        200
+    );
+    server.shutdown().await;
+}

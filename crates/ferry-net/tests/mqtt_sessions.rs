@@ -310,3 +310,127 @@ async fn shutdown_tells_v5_clients() {
         "{seen:?}"
     );
 }
+
+/// MQTT-4.4.0-1: a persistent session's unacknowledged QoS 1/2 messages are resent with their
+/// original packet identifiers, so that a QoS 2 receiver that already holds one recognises it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacknowledged_messages_are_resent_with_their_packet_ids() {
+    use ferry_mqtt::{PubRec, QoS, Subscribe, Subscription as Sub};
+    let server = server().await;
+    let connect = || {
+        let mut c = Connect::new(ProtocolVersion::V5, "resender");
+        c.clean_start = false;
+        c.properties.session_expiry_interval = Some(300);
+        c
+    };
+    let (mut raw, _) = Raw::connect(server.mqtt_addr(), connect()).await;
+    raw.send(&Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        subscriptions: vec![
+            Sub::new("resend/q1", QoS::AtLeastOnce),
+            Sub::new("resend/q2", QoS::ExactlyOnce),
+        ],
+        properties: Default::default(),
+    }))
+    .await;
+    assert!(matches!(raw.recv().await, Some(Packet::SubAck(_))));
+    let broker = broker_of(&server);
+    // Something sent and acknowledged first, so that the ids are not simply 1 and 2 again.
+    broker
+        .publish("resend/q1", ferry::Message::new("warm-up"))
+        .await
+        .unwrap();
+    let warm = match raw.recv().await {
+        Some(Packet::Publish(p)) => p,
+        other => panic!("expected PUBLISH, got {other:?}"),
+    };
+    raw.send(&Packet::PubAck(ferry_mqtt::PubAck::new(
+        warm.packet_id.unwrap(),
+    )))
+    .await;
+    broker
+        .publish("resend/q1", ferry::Message::new("one"))
+        .await
+        .unwrap();
+    broker
+        .publish("resend/q2", ferry::Message::new("two"))
+        .await
+        .unwrap();
+    let mut first = std::collections::HashMap::new();
+    for _ in 0..2 {
+        match raw.recv().await {
+            Some(Packet::Publish(p)) => {
+                assert!(!p.dup);
+                first.insert(p.payload.clone(), p.packet_id.unwrap());
+            }
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+    // No PUBACK, no PUBREC: the connection drops.
+    drop(raw);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let (mut raw, ack) = Raw::connect(server.mqtt_addr(), connect()).await;
+    assert!(matches!(ack, Packet::ConnAck(a) if a.session_present));
+    let mut again = std::collections::HashMap::new();
+    for _ in 0..2 {
+        match raw.recv().await {
+            Some(Packet::Publish(p)) => {
+                assert!(p.dup, "a resent message carries DUP");
+                again.insert(p.payload.clone(), p.packet_id.unwrap());
+            }
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+    assert_eq!(again, first, "resent under the same packet ids");
+    // The QoS 2 flow completes under that id.
+    let id = first[&bytes::Bytes::from_static(b"two")];
+    raw.send(&Packet::PubRec(PubRec::new(id))).await;
+    assert!(matches!(raw.recv().await, Some(Packet::PubRel(r)) if r.packet_id == id));
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_subscription_spreads_a_steady_stream_over_every_member() {
+    // Default window, prefetch and batching: a steady stream (one message at a time) must reach
+    // every member of the share, not only the first one woken.
+    let server = server().await;
+    let addr = server.mqtt_addr();
+    for qos in [Q5::AtMostOnce, Q5::AtLeastOnce] {
+        let q = qos as u8;
+        let topic = format!("steady/{q}");
+        let mut members = Vec::new();
+        for i in 0..4 {
+            let m = connect5(addr, &format!("spread-{q}-{i}")).await;
+            m.client
+                .subscribe(format!("$share/spread/{topic}"), qos)
+                .await
+                .unwrap();
+            members.push(m);
+        }
+        for m in &mut members {
+            m.suback().await;
+        }
+        let publisher = connect5(addr, &format!("spread-pub-{q}")).await;
+        let n = 200;
+        let mut counts = vec![0usize; members.len()];
+        for i in 0..n {
+            publisher
+                .client
+                .publish(topic.clone(), qos, false, i.to_string())
+                .await
+                .unwrap();
+            let (msg, member, _) =
+                futures::future::select_all(members.iter_mut().map(|m| Box::pin(m.publish())))
+                    .await;
+            assert_eq!(msg.payload.as_ref(), i.to_string().as_bytes());
+            counts[member] += 1;
+        }
+        assert_eq!(counts.iter().sum::<usize>(), n);
+        assert!(
+            counts.iter().all(|&c| c > 0),
+            "QoS {q}: messages per member {counts:?}"
+        );
+    }
+    server.shutdown().await;
+}

@@ -19,6 +19,12 @@ pub struct UrlArg {
         default_value = "http://127.0.0.1:8080"
     )]
     pub url: String,
+    /// User name for HTTP Basic authentication (when the server has anonymous access off).
+    #[arg(long, global = true, env = "FERRY_USER")]
+    pub user: Option<String>,
+    /// Password for HTTP Basic authentication.
+    #[arg(long, global = true, env = "FERRY_PASSWORD", requires = "user")]
+    pub password: Option<String>,
 }
 
 /// `ferry stats [topic]`.
@@ -78,12 +84,15 @@ fn segment(s: &str) -> String {
     out
 }
 
-async fn call(method: Method, url: String) -> anyhow::Result<ExitCode> {
+async fn call(method: Method, url: String, auth: &UrlArg) -> anyhow::Result<ExitCode> {
     let client = reqwest::Client::builder()
         .build()
         .context("building the HTTP client")?;
-    let response = client
-        .request(method.clone(), &url)
+    let mut request = client.request(method.clone(), &url);
+    if let Some(user) = &auth.user {
+        request = request.basic_auth(user, auth.password.as_ref());
+    }
+    let response = request
         .send()
         .await
         .with_context(|| format!("{method} {url}"))?;
@@ -112,7 +121,7 @@ pub async fn stats(args: StatsArgs) -> anyhow::Result<ExitCode> {
         Some(t) => format!("{}/stats/{}", base(&args.url), segment(t)),
         None => format!("{}/stats", base(&args.url)),
     };
-    call(Method::GET, url).await
+    call(Method::GET, url, &args.url).await
 }
 
 /// Runs `ferry dlq`.
@@ -135,7 +144,7 @@ pub async fn dlq(args: DlqArgs) -> anyhow::Result<ExitCode> {
             format!("{b}/topics/{}/dead-letters", segment(topic)),
         ),
     };
-    call(method, url).await
+    call(method, url, &args.url).await
 }
 
 #[cfg(test)]

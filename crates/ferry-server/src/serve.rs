@@ -64,6 +64,14 @@ pub struct ServeArgs {
     /// PEM private key for HTTPS.
     #[arg(long, value_name = "PATH", requires = "http_tls_cert")]
     pub http_tls_key: Option<PathBuf>,
+    /// Serve over a distributed engine shared with other Ferry servers: nats://HOST:PORT
+    /// (JetStream), amqp://USER:PASS@HOST:PORT (RabbitMQ) or kafka://HOST:PORT.
+    #[arg(long, value_name = "URL")]
+    pub backend: Option<String>,
+    /// This server's name among the servers sharing a backend [default: kept in the data
+    /// directory].
+    #[arg(long, value_name = "NAME")]
+    pub node_id: Option<String>,
     /// Graceful shutdown timeout in seconds [default: 10].
     #[arg(long, value_name = "SECS")]
     pub shutdown_timeout_secs: Option<u64>,
@@ -93,6 +101,8 @@ impl ServeArgs {
             mqtt_tls_key: self.mqtt_tls_key.clone(),
             http_tls_cert: self.http_tls_cert.clone(),
             http_tls_key: self.http_tls_key.clone(),
+            backend: self.backend.clone(),
+            node_id: self.node_id.clone(),
         }
     }
 

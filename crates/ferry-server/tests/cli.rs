@@ -261,3 +261,43 @@ async fn stats_and_dead_letters_over_http() {
     assert_eq!(r["purged"], 2);
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_takes_a_backend_and_a_node_id() {
+    let o = ferry(
+        args(&[
+            "serve",
+            "--memory",
+            "--backend",
+            "nats://127.0.0.1:4222",
+            "--node-id",
+            "edge-1",
+            "--print-config",
+        ]),
+        None,
+    )
+    .await;
+    let text = ok(&o);
+    assert!(
+        text.contains("backend = \"nats://127.0.0.1:4222\""),
+        "{text}"
+    );
+    assert!(text.contains("node_id = \"edge-1\""), "{text}");
+    // A backend that is not there fails the start with the reason, and a failure status.
+    let o = ferry(
+        args(&[
+            "serve",
+            "--memory",
+            "--no-http",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--backend",
+            "redis://127.0.0.1:1",
+        ]),
+        None,
+    )
+    .await;
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("redis://127.0.0.1:1"), "{err}");
+}

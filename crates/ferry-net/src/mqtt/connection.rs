@@ -3,9 +3,12 @@
 //! will message, session kept or dropped).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
@@ -19,17 +22,16 @@ use ferry_mqtt::{
     Publish, QoS, ReasonCode, RetainHandling, SubAck, Subscribe, UnsubAck, Unsubscribe, Will,
 };
 use futures::{FutureExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::time::Instant;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_stream::StreamMap;
-use tokio_util::sync::CancellationToken;
 
 use super::convert::{self, Inbound};
-use super::session::{self, StoredSession, SubEntry};
+use super::session::{self, Kick, StoredSession, SubEntry};
 use super::state::{self, InboundQos2, Negotiated, Outbound, Qos2Inbound, TopicAliases};
 use super::MqttShared;
 use crate::acl::ClientAcl;
 use crate::auth::AuthOutcome;
+use crate::bridge::Bridge;
 
 /// How long an engine delivery may stay unacknowledged before the engine redelivers it. MQTT
 /// retransmits only on reconnect, so this is long; a dropped connection returns its deliveries
@@ -84,32 +86,79 @@ struct Pending {
     sub_id: Option<u32>,
 }
 
+/// The parts of a connection's state that most connections never use.
+struct Extra {
+    /// Retained messages waiting for room in the outbound window.
+    pending: VecDeque<Pending>,
+    inbound_qos2: InboundQos2,
+    aliases: TopicAliases,
+    /// Publishers of the topics this client published to lately (no registry lookup per
+    /// message); at most [`PUBLISHERS`], forgotten all at once beyond that.
+    publishers: HashMap<String, Publisher>,
+    /// Packet ids of messages left unacknowledged by the session's last connection, by
+    /// message id: reused when they are resent (MQTT-4.4.0-1).
+    resend_ids: HashMap<String, u16>,
+}
+
 /// Runs a connection to its end.
-pub(crate) async fn run<S>(
-    shared: Arc<MqttShared>,
-    stream: S,
-    peer: SocketAddr,
-    conn: u64,
-    over_limit: bool,
-) where
+///
+/// The task's future stays small while the connection waits: the handshake, the handling of
+/// input and the goodbye run as boxed futures, the connection's state is boxed, and buffers
+/// exist only while they hold bytes. An idle connection costs a few hundred bytes besides its
+/// socket.
+pub(crate) async fn run<S>(start: Box<Start<S>>)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut reader, mut writer) = tokio::io::split(stream);
-    let mut rbuf = BytesMut::with_capacity(4096);
+    let shared = start.shared.clone();
+    if let Some(mut c) = Box::pin(handshake(start)).await {
+        let end = c.run_loop().await;
+        // Dropping the state (its registration) at the end tells a connection taking the
+        // session over that this one is done.
+        Box::pin(c.finish(end)).await;
+    }
+    shared.metrics.active.fetch_sub(1, Ordering::AcqRel);
+}
+
+/// What a connection task starts from.
+pub(crate) struct Start<S> {
+    pub(crate) shared: Arc<MqttShared>,
+    pub(crate) stream: S,
+    pub(crate) peer: SocketAddr,
+    /// The connection's number (session registry).
+    pub(crate) conn: u64,
+    /// Whether `max_connections` was reached: the CONNECT is refused.
+    pub(crate) over_limit: bool,
+}
+
+/// CONNECT to CONNACK: the connection's state (with its session registration), or `None`
+/// when the connection ended there.
+async fn handshake<S>(start: Box<Start<S>>) -> Option<Box<Conn<S>>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Start {
+        shared,
+        mut stream,
+        peer,
+        conn,
+        over_limit,
+    } = *start;
+    let mut rbuf = BytesMut::new();
     let max_packet = shared.config.max_packet_size;
     let connect_timeout = Duration::from_secs(shared.config.connect_timeout_secs.max(1));
     let connect = tokio::select! {
-        _ = shared.shutdown.cancelled() => return,
-        r = tokio::time::timeout(connect_timeout, read_connect(&mut reader, &mut rbuf, max_packet)) => r,
+        _ = shared.shutdown.cancelled() => return None,
+        r = tokio::time::timeout(connect_timeout, read_connect(&mut stream, &mut rbuf, max_packet)) => r,
     };
-    let connect = match connect {
+    let mut connect = match connect {
         Err(_) => {
             tracing::debug!(%peer, "no CONNECT in time; closing");
-            return;
+            return None;
         }
         Ok(Err(ConnectReadError::Io(e))) => {
             tracing::debug!(%peer, error = %e, "connection closed before CONNECT");
-            return;
+            return None;
         }
         Ok(Err(ConnectReadError::Decode(e))) => {
             shared
@@ -120,13 +169,13 @@ pub(crate) async fn run<S>(
             if matches!(e, DecodeError::UnsupportedProtocolVersion { .. }) {
                 // Refused in the 3.1.1 layout, which every client version reads.
                 let _ = refuse(
-                    &mut writer,
+                    &mut stream,
                     ProtocolVersion::V311,
                     ReasonCode::UnsupportedProtocolVersion,
                 )
                 .await;
             }
-            return;
+            return None;
         }
         Ok(Ok(c)) => c,
     };
@@ -138,16 +187,16 @@ pub(crate) async fn run<S>(
             ProtocolVersion::V5 => ReasonCode::ServerBusy,
             ProtocolVersion::V311 => ReasonCode::ServerUnavailable,
         };
-        let _ = refuse(&mut writer, version, code).await;
-        return;
+        let _ = refuse(&mut stream, version, code).await;
+        return None;
     }
     let (neg, acl) = match accept(&shared, &connect).await {
         Ok(n) => n,
         Err(code) => {
             shared.metrics.refused.fetch_add(1, Ordering::Relaxed);
             tracing::info!(%peer, client = connect.client_id, code = code.description(), "CONNECT refused");
-            let _ = refuse(&mut writer, version, code).await;
-            return;
+            let _ = refuse(&mut stream, version, code).await;
+            return None;
         }
     };
     let registration = shared
@@ -158,37 +207,36 @@ pub(crate) async fn run<S>(
             conn,
             connect.clean_start,
             TAKEOVER_WAIT,
+            state::keep_alive_timeout(neg.keep_alive),
         )
         .await;
-    let session_present = registration.resumed.is_some();
-    let mut c = Conn {
+    let mut registration = registration;
+    let resumed = registration.resumed.take();
+    let session_present = resumed.is_some();
+    if rbuf.is_empty() {
+        rbuf = BytesMut::new();
+    }
+    let mut c = Box::new(Conn {
         version,
-        inbound_qos2: InboundQos2::new(shared.config.max_inflight, HashSet::new()),
-        aliases: TopicAliases::new(if version == ProtocolVersion::V5 {
-            shared.config.topic_alias_maximum
-        } else {
-            0
-        }),
+        extra: None,
         outbound: Outbound::new(neg.outbound_window),
         subs: BTreeMap::new(),
         streams: StreamMap::new(),
-        publishers: HashMap::new(),
-        pending: VecDeque::new(),
-        wbuf: BytesMut::with_capacity(4096),
+        wbuf: BytesMut::new(),
         rbuf,
-        reader,
-        writer,
-        will: connect.will.clone(),
-        session_expiry: neg.session_expiry,
+        stream,
+        will: connect.will.take().map(Box::new),
+        sent: 0,
         neg,
         acl,
         peer,
         conn,
         shared: shared.clone(),
-    };
+        registration,
+    });
     c.send(&Packet::ConnAck(c.connack(session_present)));
-    if let Some(resumed) = registration.resumed {
-        c.resume(resumed);
+    if let Some(resumed) = resumed {
+        c.resume(*resumed);
     }
     c.record_session();
     tracing::info!(
@@ -200,9 +248,51 @@ pub(crate) async fn run<S>(
         keep_alive = c.neg.keep_alive,
         "MQTT client connected"
     );
-    let end = c.run_loop(&registration.kick).await;
-    c.finish(end).await;
-    drop(registration.done);
+    Some(c)
+}
+
+/// The most bytes taken from the socket per read (through a scratch buffer on the stack).
+const READ_CHUNK: usize = 16 * 1024;
+/// The write buffer's first allocation when a packet is queued.
+const WRITE_CHUNK: usize = 4096;
+
+/// Reads what the stream has (up to [`READ_CHUNK`] bytes) and appends it to `buf`. The read
+/// goes through a scratch buffer on the stack, so a connection that waits for input holds no
+/// read buffer; `buf` grows only to what arrived. `Ok(0)`: end of stream.
+async fn read_some<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| poll_read_some(reader, buf, cx)).await
+}
+
+/// The poll of [`read_some`].
+fn poll_read_some<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<usize>> {
+    let mut scratch = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+    let mut rb = ReadBuf::uninit(&mut scratch);
+    match Pin::new(reader).poll_read(cx, &mut rb) {
+        Poll::Ready(Ok(())) => {
+            let got = rb.filled();
+            buf.extend_from_slice(got);
+            Poll::Ready(Ok(got.len()))
+        }
+        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+/// What the connection's wait ended with.
+enum Wake {
+    /// Taken over, the server shuts down, or the keep alive expired.
+    Kicked(Kick),
+    /// Bytes read (0: end of stream), or the read failed.
+    Input(std::io::Result<usize>),
+    /// A delivery of the subscription with that key.
+    Delivery(String, Delivery),
 }
 
 enum ConnectReadError {
@@ -221,7 +311,7 @@ async fn read_connect<R: AsyncRead + Unpin>(
             Ok(None) => {}
             Err(e) => return Err(ConnectReadError::Decode(e)),
         }
-        match reader.read_buf(buf).await {
+        match read_some(reader, buf).await {
             Ok(0) => {
                 return Err(ConnectReadError::Io(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
@@ -307,9 +397,11 @@ type Handle = Option<Delivery>;
 
 struct Conn<S> {
     shared: Arc<MqttShared>,
-    reader: ReadHalf<S>,
-    writer: WriteHalf<S>,
+    /// The byte stream, read and written by this task only (never at the same time).
+    stream: S,
+    /// Bytes read and not yet decoded; empty (unallocated) between packets.
     rbuf: BytesMut,
+    /// Packets encoded and not yet written; unallocated once written.
     wbuf: BytesMut,
     version: ProtocolVersion,
     neg: Negotiated,
@@ -321,15 +413,17 @@ struct Conn<S> {
     subs: BTreeMap<String, SubEntry>,
     /// Their engine subscriptions, under the same keys.
     streams: StreamMap<String, Subscription>,
-    /// Publishers of the topics this client published to lately (no registry lookup per
-    /// message); at most [`PUBLISHERS`], forgotten all at once beyond that.
-    publishers: HashMap<String, Publisher>,
     outbound: Outbound<Handle>,
-    pending: VecDeque<Pending>,
-    inbound_qos2: InboundQos2,
-    aliases: TopicAliases,
-    will: Option<Will>,
-    session_expiry: Option<Duration>,
+    /// Retained messages to send, the inbound QoS 2 table, topic aliases and cached
+    /// publishers: allocated on first use (idle connections never need them).
+    extra: Option<Box<Extra>>,
+    will: Option<Box<Will>>,
+    /// The session registration: kicks and input stamps through its control block; dropped
+    /// with the state, which tells a connection taking the session over that this one is done.
+    registration: session::Registration,
+    /// PUBLISH packets queued since the last flush (added to the shared counter per flush);
+    /// 32 bits, which packs with the small fields and keeps the state in a smaller size class.
+    sent: u32,
 }
 
 impl<S> Conn<S>
@@ -338,6 +432,37 @@ where
 {
     fn v5(&self) -> bool {
         self.version == ProtocolVersion::V5
+    }
+
+    /// The rarely used parts of the state, allocated on first use.
+    fn extra(&mut self) -> &mut Extra {
+        let (config, version) = (&self.shared.config, self.version);
+        self.extra.get_or_insert_with(|| {
+            Box::new(Extra {
+                pending: VecDeque::new(),
+                inbound_qos2: InboundQos2::new(config.max_inflight, HashSet::new()),
+                aliases: TopicAliases::new(if version == ProtocolVersion::V5 {
+                    config.topic_alias_maximum
+                } else {
+                    0
+                }),
+                publishers: HashMap::new(),
+                resend_ids: HashMap::new(),
+            })
+        })
+    }
+
+    /// Whether no retained message waits to be sent.
+    fn nothing_pending(&self) -> bool {
+        self.extra.as_ref().is_none_or(|e| e.pending.is_empty())
+    }
+
+    /// Inbound QoS 2 identifiers not released yet.
+    fn inbound_qos2_ids(&self) -> HashSet<u16> {
+        self.extra
+            .as_ref()
+            .map(|e| e.inbound_qos2.ids().clone())
+            .unwrap_or_default()
     }
 
     fn connack(&self, session_present: bool) -> ConnAck {
@@ -373,25 +498,43 @@ where
     /// Queues a packet for writing. Encoding only fails for packets we built wrongly; those
     /// are logged and skipped.
     fn send(&mut self, packet: &Packet) {
+        if self.wbuf.capacity() == 0 {
+            self.wbuf.reserve(WRITE_CHUNK);
+        }
         if let Err(e) = encode(packet, self.version, &mut self.wbuf) {
             tracing::error!(client = self.neg.client_id, packet = %packet.packet_type(), error = %e, "encoding failed");
         }
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
+        self.count_sent();
         if !self.wbuf.is_empty() {
-            let out = self.wbuf.split();
-            self.writer.write_all(&out).await?;
+            // Taken whole: a connection with nothing to write holds no write buffer.
+            let out = std::mem::take(&mut self.wbuf);
+            self.stream.write_all(&out).await?;
             // TLS and WebSocket streams buffer: push the bytes out.
-            self.writer.flush().await?;
+            self.stream.flush().await?;
         }
         Ok(())
     }
 
+    /// Adds the PUBLISH packets queued since the last call to the shared counter.
+    fn count_sent(&mut self) {
+        if self.sent > 0 {
+            self.shared
+                .metrics
+                .publish_sent
+                .fetch_add(u64::from(std::mem::take(&mut self.sent)), Ordering::Relaxed);
+        }
+    }
+
     /// Restores a persistent session: its subscriptions, QoS 2 state, PUBRELs to resend.
     fn resume(&mut self, s: StoredSession) {
-        self.inbound_qos2 = InboundQos2::new(self.shared.config.max_inflight, s.inbound_qos2);
+        self.extra().inbound_qos2 =
+            InboundQos2::new(self.shared.config.max_inflight, s.inbound_qos2);
         self.outbound.restore_pubcomp(&s.awaiting_pubcomp);
+        self.outbound.reserve(s.unacked.iter().map(|(_, id)| *id));
+        self.extra().resend_ids = s.unacked.into_iter().collect();
         for id in &s.awaiting_pubcomp {
             self.send(&Packet::PubRel(PubRel::new(*id)));
         }
@@ -420,43 +563,54 @@ where
         }
     }
 
-    async fn run_loop(&mut self, kick: &CancellationToken) -> End {
+    async fn run_loop(&mut self) -> End {
         /// Deliveries taken from the engine per pass before the writes are flushed.
         const DELIVERY_BATCH: usize = 64;
-        let timeout = state::keep_alive_timeout(self.neg.keep_alive);
-        let mut deadline = timeout.map(|t| Instant::now() + t);
-        let shutdown = self.shared.shutdown.clone();
+        // Takeover, shutdown and the keep-alive deadline come through the registration's control block (set by the
+        // session registry, which checks every connection's last input once a second): the
+        // task holds no timer and no cancellation future of its own.
         loop {
             self.send_pending();
-            if let Err(e) = self.flush().await {
-                return End::Gone(e.to_string());
-            }
-            let can_send = self.outbound.has_room() && self.pending.is_empty();
-            let sleep = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
+            self.count_sent();
+            if !self.wbuf.is_empty() {
+                // Boxed, like the input handling: the wait is what the task's future holds.
+                if let Err(e) = Box::pin(self.flush()).await {
+                    return End::Gone(e.to_string());
                 }
-            };
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => return End::Shutdown,
-                _ = kick.cancelled() => return End::TakenOver,
-                r = self.reader.read_buf(&mut self.rbuf) => match r {
-                    Ok(0) => return End::Gone("closed by peer".into()),
-                    Ok(_) => {
-                        deadline = timeout.map(|t| Instant::now() + t);
-                        if let Some(end) = self.handle_input().await {
-                            return end;
-                        }
+            }
+            let can_send = self.outbound.has_room() && self.nothing_pending();
+            // One hand-written poll rather than `select!`: nothing but references is kept
+            // across the wait, which keeps an idle connection's task small.
+            let wake = std::future::poll_fn(|cx| {
+                if let Poll::Ready(k) = self.registration.control.poll_kicked(cx) {
+                    return Poll::Ready(Wake::Kicked(k));
+                }
+                if let Poll::Ready(r) = poll_read_some(&mut self.stream, &mut self.rbuf, cx) {
+                    return Poll::Ready(Wake::Input(r));
+                }
+                if can_send {
+                    if let Poll::Ready(Some((key, d))) = self.streams.poll_next_unpin(cx) {
+                        return Poll::Ready(Wake::Delivery(key, d));
                     }
-                    Err(e) => return End::Gone(e.to_string()),
-                },
-                Some((key, delivery)) = self.streams.next(), if can_send => {
+                }
+                Poll::Pending
+            })
+            .await;
+            // `wake` is consumed here, so that it is not part of the future across the awaits
+            // below.
+            let read = match wake {
+                Wake::Kicked(k) => {
+                    return match k {
+                        Kick::Shutdown => End::Shutdown,
+                        Kick::TakenOver => End::TakenOver,
+                        Kick::KeepAlive => End::KeepAlive,
+                    };
+                }
+                Wake::Delivery(key, delivery) => {
                     self.deliver(&key, delivery);
                     // Take what else is ready before flushing: one write for many PUBLISHes.
                     for _ in 1..DELIVERY_BATCH {
-                        if !(self.outbound.has_room() && self.pending.is_empty()) {
+                        if !(self.outbound.has_room() && self.nothing_pending()) {
                             break;
                         }
                         match self.streams.next().now_or_never() {
@@ -464,8 +618,22 @@ where
                             _ => break,
                         }
                     }
+                    continue;
                 }
-                _ = sleep => return End::KeepAlive,
+                Wake::Input(read) => read,
+            };
+            match read {
+                Ok(0) => return End::Gone("closed by peer".into()),
+                Ok(_) => {}
+                Err(e) => return End::Gone(e.to_string()),
+            }
+            self.registration.control.touch();
+            if let Some(end) = Box::pin(self.handle_input()).await {
+                return end;
+            }
+            if self.rbuf.is_empty() {
+                // Release the buffer (decoded packets keep what they use).
+                self.rbuf = BytesMut::new();
             }
         }
     }
@@ -526,7 +694,7 @@ where
             },
             Packet::PubRel(r) => {
                 let mut comp = PubComp::new(r.packet_id);
-                if !self.inbound_qos2.on_pubrel(r.packet_id) {
+                if !self.extra().inbound_qos2.on_pubrel(r.packet_id) {
                     comp.reason_code = ReasonCode::PacketIdentifierNotFound;
                 }
                 self.send(&Packet::PubComp(comp));
@@ -566,7 +734,11 @@ where
             .metrics
             .publish_received
             .fetch_add(1, Ordering::Relaxed);
-        let topic = match self.aliases.resolve(&p.topic, p.properties.topic_alias) {
+        let resolved = match p.properties.topic_alias {
+            None => Ok(p.topic.clone()),
+            Some(alias) => self.extra().aliases.resolve(&p.topic, Some(alias)),
+        };
+        let topic = match resolved {
             Ok(t) => t,
             Err(code) => return Some(End::Protocol(code, "bad topic alias".into())),
         };
@@ -621,7 +793,7 @@ where
                     "no packet id".into(),
                 ));
             };
-            match self.inbound_qos2.on_publish(id) {
+            match self.extra().inbound_qos2.on_publish(id) {
                 Qos2Inbound::Publish => {}
                 Qos2Inbound::Duplicate => {
                     self.ack_publish(&p, ReasonCode::Success);
@@ -643,7 +815,7 @@ where
                 tracing::warn!(client = self.neg.client_id, topic, error = %e, "publish failed");
                 if p.qos == QoS::ExactlyOnce {
                     if let Some(id) = p.packet_id {
-                        self.inbound_qos2.on_pubrel(id);
+                        self.extra().inbound_qos2.on_pubrel(id);
                     }
                 }
                 match p.qos {
@@ -670,17 +842,25 @@ where
         message: Message,
         retain: bool,
     ) -> Result<(), PublishError> {
+        if self.shared.bridge.is_some() {
+            return publish(&self.shared, topic, message, retain).await;
+        }
         if retain {
             self.shared.retained.set(topic, message.clone());
         }
-        if !self.publishers.contains_key(topic) {
-            if self.publishers.len() >= PUBLISHERS {
-                self.publishers.clear();
+        self.extra();
+        let Some(extra) = self.extra.as_mut() else {
+            return publish(&self.shared, topic, message, false).await;
+        };
+        let publishers = &mut extra.publishers;
+        if !publishers.contains_key(topic) {
+            if publishers.len() >= PUBLISHERS {
+                publishers.clear();
             }
             let publisher = self.shared.broker.publisher(topic)?;
-            self.publishers.insert(topic.to_string(), publisher);
+            publishers.insert(topic.to_string(), publisher);
         }
-        match self.publishers.get(topic) {
+        match publishers.get(topic) {
             Some(publisher) => publisher.publish(message).await.map(|_| ()),
             None => publish(&self.shared, topic, message, false).await,
         }
@@ -715,10 +895,23 @@ where
             .ack_timeout(MQTT_ACK_TIMEOUT)
             .max_attempts(u32::MAX)
             .prefetch(usize::from(self.shared.config.max_inflight));
+        if entry.share.is_some() {
+            // Members of a share take a few records at a time, so that a steady stream spreads
+            // over them instead of going to whichever member woke first.
+            b = b.batch_size(SHARE_BATCH);
+        }
         if let Some(group) = &entry.group {
             b = b.group(group.clone()).manual_ack();
         } else if entry.granted > QoS::AtMostOnce {
             b = b.manual_ack();
+        }
+        if let Some(bridge) = &self.shared.bridge {
+            // Over a backend, local topics hold what the ingresses wrote: ordinary subscriptions
+            // read the fanout copies, a shared one its group's.
+            b = b.where_header(match (&entry.share, &entry.group) {
+                (Some(share), Some(group)) => bridge.share_condition(share, &entry.filter, group),
+                _ => Bridge::fanout_condition(),
+            });
         }
         b.build()
     }
@@ -742,16 +935,17 @@ where
     fn stored_session(&self) -> StoredSession {
         StoredSession {
             subscriptions: self.subs.clone(),
-            inbound_qos2: self.inbound_qos2.ids().clone(),
+            inbound_qos2: self.inbound_qos2_ids(),
             awaiting_pubcomp: self.outbound.awaiting_pubcomp(),
-            expiry: self.session_expiry.unwrap_or_default(),
+            unacked: Vec::new(),
+            expiry: self.neg.session_expiry.unwrap_or_default(),
         }
     }
 
     /// Tells the registry about the session's subscriptions (persisted with a data directory,
     /// so that they survive a crash); nothing for a session that ends with the connection.
     fn record_session(&self) {
-        if self.session_expiry.is_some() {
+        if self.neg.session_expiry.is_some() {
             self.shared.sessions.record(
                 &self.neg.client_id,
                 self.conn,
@@ -790,7 +984,7 @@ where
             return ReasonCode::NotAuthorized;
         }
         let granted = options.qos;
-        let group = match (&share, self.session_expiry) {
+        let group = match (&share, self.neg.session_expiry) {
             (Some(g), _) => Some(session::share_group(g, &filter)),
             (None, Some(_)) => Some(session::session_group(&self.neg.client_id, full)),
             (None, None) => None,
@@ -836,7 +1030,7 @@ where
             if let Ok(f) = engine_filter(&entry.filter) {
                 for (topic, message) in self.shared.retained.matching(&f) {
                     let qos = convert::published_qos(&message).min(granted);
-                    self.pending.push_back(Pending {
+                    self.extra().pending.push_back(Pending {
                         topic,
                         message,
                         qos,
@@ -880,14 +1074,15 @@ where
 
     fn on_disconnect(&mut self, d: Disconnect) -> End {
         if let Some(asked) = d.properties.session_expiry_interval {
-            if self.session_expiry.is_none() && asked > 0 {
+            if self.neg.session_expiry.is_none() && asked > 0 {
                 return End::Protocol(
                     ReasonCode::ProtocolError,
                     "session expiry set at DISCONNECT after 0 at CONNECT".into(),
                 );
             }
             let granted = asked.min(self.shared.config.max_session_expiry_secs);
-            self.session_expiry = (granted > 0).then(|| Duration::from_secs(u64::from(granted)));
+            self.neg.session_expiry =
+                (granted > 0).then(|| Duration::from_secs(u64::from(granted)));
         }
         if d.reason_code == ReasonCode::DisconnectWithWillMessage {
             End::NormalWithWill
@@ -906,59 +1101,77 @@ where
             settle(Some(delivery));
             return;
         }
-        let qos = convert::published_qos(delivery.message()).min(entry.granted);
-        let retain =
-            entry.options.retain_as_published && convert::published_retained(delivery.message());
-        let sub_id = entry.id;
-        let topic = delivery.topic().as_str().to_string();
-        let message = delivery.message().clone();
+        let message = delivery.message();
+        let qos = convert::published_qos(message).min(entry.granted);
+        let retain = entry.options.retain_as_published && convert::published_retained(message);
         let dup = delivery.attempt() > 1;
-        self.send_publish(topic, &message, qos, retain, sub_id, dup, Some(delivery));
+        let publish = self.build_publish(
+            delivery.topic().as_str(),
+            message,
+            qos,
+            retain,
+            entry.id,
+            dup,
+        );
+        self.send_publish(publish, Some(delivery));
     }
 
     /// Sends queued retained messages while the window has room.
     fn send_pending(&mut self) {
         while self.outbound.has_room() {
-            let Some(p) = self.pending.pop_front() else {
+            let Some(p) = self.extra.as_mut().and_then(|e| e.pending.pop_front()) else {
                 break;
             };
-            self.send_publish(p.topic, &p.message, p.qos, true, p.sub_id, false, None);
+            let publish = self.build_publish(&p.topic, &p.message, p.qos, true, p.sub_id, false);
+            self.send_publish(publish, None);
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn send_publish(
-        &mut self,
-        topic: String,
+    /// The PUBLISH of `message` (its packet id still to be set), `None` if it has expired.
+    fn build_publish(
+        &self,
+        topic: &str,
         message: &Message,
         qos: QoS,
         retain: bool,
         sub_id: Option<u32>,
         dup: bool,
-        handle: Handle,
-    ) {
-        let expiry = convert::remaining_expiry(message, SystemTime::now());
-        if expiry == Some(0) {
-            settle(handle);
-            return;
-        }
+    ) -> Option<Publish> {
         let properties = if self.v5() {
+            let expiry = convert::remaining_expiry(message, SystemTime::now());
+            if expiry == Some(0) {
+                return None;
+            }
             let mut p = convert::outbound_properties(message, expiry);
             p.subscription_identifiers = sub_id.into_iter().collect();
             p
         } else {
+            if message.expires_at().is_some()
+                && convert::remaining_expiry(message, SystemTime::now()) == Some(0)
+            {
+                return None;
+            }
             Default::default()
         };
-        let mut publish = Publish {
+        Some(Publish {
             dup: dup && qos > QoS::AtMostOnce,
             qos,
             retain,
-            topic,
+            topic: topic.to_string(),
             packet_id: (qos > QoS::AtMostOnce).then_some(1),
             payload: Bytes::clone(message.payload()),
             properties,
+        })
+    }
+
+    /// Sends a PUBLISH built by [`Self::build_publish`] (`None`: expired, settled at once).
+    fn send_publish(&mut self, publish: Option<Publish>, handle: Handle) {
+        let Some(publish) = publish else {
+            settle(handle);
+            return;
         };
-        let mut packet = Packet::Publish(publish.clone());
+        let qos = publish.qos;
+        let mut packet = Packet::Publish(publish);
         match encoded_len(&packet, self.version) {
             Ok(len) if len <= self.neg.client_max_packet => {}
             Ok(len) => {
@@ -977,23 +1190,29 @@ where
             }
         }
         if qos > QoS::AtMostOnce {
-            match self.outbound.start(qos, handle) {
-                Some(id) => publish.packet_id = Some(id),
+            let preferred = match (&handle, self.extra.as_mut()) {
+                (Some(d), Some(e)) if !e.resend_ids.is_empty() => {
+                    e.resend_ids.remove(&d.message().id().to_string())
+                }
+                _ => None,
+            };
+            match self.outbound.start_as(qos, handle, preferred) {
+                Some(id) => {
+                    if let Packet::Publish(p) = &mut packet {
+                        p.packet_id = Some(id);
+                    }
+                }
                 None => return,
             }
-            packet = Packet::Publish(publish);
         } else {
             settle(handle);
         }
         self.send(&packet);
-        self.shared
-            .metrics
-            .publish_sent
-            .fetch_add(1, Ordering::Relaxed);
+        self.sent = self.sent.saturating_add(1);
     }
 
     /// Ends the connection: goodbye, in-flight deliveries back to the engine, will, session.
-    async fn finish(mut self, end: End) {
+    async fn finish(mut self: Box<Self>, end: End) {
         let client = self.neg.client_id.clone();
         let m = &self.shared.metrics;
         match &end {
@@ -1022,10 +1241,23 @@ where
         }
         let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
             let _ = self.flush().await;
-            let _ = self.writer.shutdown().await;
+            let _ = self.stream.shutdown().await;
         })
         .await;
-        // Unsettled deliveries go back to the engine (a persistent session gets them again).
+        // Unsettled deliveries go back to the engine (a persistent session gets them again,
+        // under the same packet ids, with those not resent yet).
+        let mut unacked: Vec<(String, u16)> = self
+            .outbound
+            .unacked(|h| h.as_ref().map(|d| d.message().id().to_string()))
+            .into_iter()
+            .filter_map(|(k, id)| k.map(|k| (k, id)))
+            .collect();
+        // Those not resent in this connection are kept too, within a bound.
+        let keep = 4 * usize::from(self.shared.config.max_inflight);
+        if let Some(e) = self.extra.as_mut() {
+            let room = keep.saturating_sub(unacked.len());
+            unacked.extend(e.resend_ids.drain().take(room));
+        }
         drop(self.outbound.drain_handles());
         let awaiting_pubcomp = self.outbound.awaiting_pubcomp();
         drop(std::mem::take(&mut self.streams));
@@ -1036,17 +1268,18 @@ where
                     .will_delay_interval
                     .map(|s| Duration::from_secs(u64::from(s)))
                     .unwrap_or_default()
-                    .min(self.session_expiry.unwrap_or_default());
-                publish_will(&self.shared, will, client.clone(), delay).await;
+                    .min(self.neg.session_expiry.unwrap_or_default());
+                publish_will(&self.shared, *will, client.clone(), delay).await;
             }
         }
         let stored = StoredSession {
             subscriptions: std::mem::take(&mut self.subs),
-            inbound_qos2: self.inbound_qos2.ids().clone(),
+            inbound_qos2: self.inbound_qos2_ids(),
             awaiting_pubcomp,
-            expiry: self.session_expiry.unwrap_or_default(),
+            unacked,
+            expiry: self.neg.session_expiry.unwrap_or_default(),
         };
-        if self.session_expiry.is_some() {
+        if self.neg.session_expiry.is_some() {
             self.shared
                 .sessions
                 .disconnect(&client, self.conn_id(), Some(stored));
@@ -1086,12 +1319,23 @@ async fn publish(
     message: Message,
     retain: bool,
 ) -> Result<(), PublishError> {
+    if let Some(bridge) = &shared.bridge {
+        // Retained only once the backend took it.
+        bridge.publish(topic, &message).await?;
+        if retain {
+            shared.retained.set(topic, message);
+        }
+        return Ok(());
+    }
     if retain {
         shared.retained.set(topic, message.clone());
     }
     shared.broker.publish(topic, message).await?;
     Ok(())
 }
+
+/// How many records a member of a shared subscription takes from its group at a time.
+const SHARE_BATCH: usize = 16;
 
 /// How many topics' publishers a connection keeps.
 const PUBLISHERS: usize = 64;

@@ -98,6 +98,8 @@ pub(crate) struct MqttShared {
     pub(crate) acl: AclRules,
     pub(crate) retained: Arc<RetainedStore>,
     pub(crate) sessions: Sessions,
+    /// The backend link, when serving over a backend.
+    pub(crate) bridge: Option<Arc<crate::bridge::Bridge>>,
     pub(crate) metrics: MqttMetrics,
     pub(crate) shutdown: CancellationToken,
     pub(crate) tracker: TaskTracker,
@@ -147,12 +149,14 @@ pub(crate) struct Listeners {
 /// Starts the MQTT front end on its listeners: the accept loops and the
 /// session maintenance task run until `shutdown` is cancelled; connection tasks are tracked by
 /// `tracker`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn start(
     broker: Broker,
     config: MqttConfig,
     retained: Arc<RetainedStore>,
     sessions: Sessions,
     listeners: Listeners,
+    bridge: Option<Arc<crate::bridge::Bridge>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) -> MqttHandle {
@@ -165,6 +169,7 @@ pub(crate) fn start(
         acl,
         retained,
         sessions,
+        bridge,
         metrics: MqttMetrics::default(),
         shutdown,
         tracker: tracker.clone(),
@@ -223,15 +228,21 @@ where
     let active = m.active.fetch_add(1, Ordering::AcqRel) + 1;
     let over_limit = active > shared.config.max_connections;
     let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-    let shared2 = shared.clone();
-    shared.tracker.spawn(async move {
-        connection::run(shared2.clone(), stream, peer, conn, over_limit).await;
-        shared2.metrics.active.fetch_sub(1, Ordering::AcqRel);
+    // Boxed: the task's future then carries one pointer, not the stream and address, for the
+    // life of the connection.
+    let start = Box::new(connection::Start {
+        shared: shared.clone(),
+        stream,
+        peer,
+        conn,
+        over_limit,
     });
+    shared.tracker.spawn(connection::run(start));
 }
 
-/// Expires offline sessions (expiry interval, `max_queued`) and saves retained messages once a
-/// second.
+/// Once a second: ends the connections whose keep alive expired, expires offline sessions
+/// (expiry interval, `max_queued`), saves sessions and retained messages. At shutdown, kicks
+/// every connection.
 async fn maintenance(shared: Arc<MqttShared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -240,6 +251,7 @@ async fn maintenance(shared: Arc<MqttShared>) {
             _ = shared.shutdown.cancelled() => break,
             _ = tick.tick() => {}
         }
+        shared.sessions.expire_keep_alive();
         shared
             .sessions
             .expire(&shared.broker, shared.config.max_queued);
@@ -250,4 +262,5 @@ async fn maintenance(shared: Arc<MqttShared>) {
             tracing::error!(error = %e, "saving retained messages failed");
         }
     }
+    shared.sessions.shutdown();
 }

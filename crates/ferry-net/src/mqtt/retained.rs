@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use ferry::{Message, TopicFilter};
@@ -13,6 +13,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::convert::{from_hex, to_hex};
+use crate::unix_time::unix_ms;
 
 /// The retained-message file's name in the data directory.
 pub const RETAINED_FILE: &str = "mqtt-retained.json";
@@ -84,7 +85,7 @@ impl RetainedStore {
                         b = b.header(k, v);
                     }
                     if let Some(ms) = s.expires_at_ms {
-                        let at = UNIX_EPOCH + Duration::from_millis(ms);
+                        let at = crate::unix_time::from_unix_ms(ms);
                         if at <= now {
                             continue;
                         }
@@ -159,14 +160,7 @@ impl RetainedStore {
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
-                expires_at_ms: m.expires_at().map(|at| {
-                    u64::try_from(
-                        at.duration_since(UNIX_EPOCH)
-                            .unwrap_or(Duration::ZERO)
-                            .as_millis(),
-                    )
-                    .unwrap_or(u64::MAX)
-                }),
+                expires_at_ms: m.expires_at().map(unix_ms),
             })
             .collect();
         let result = (|| {

@@ -19,7 +19,9 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_mqtt::RetainHandling;
@@ -27,10 +29,12 @@ use serde::{Deserialize, Serialize};
 
 use ferry::Broker;
 use ferry_mqtt::{QoS, SubscriptionOptions};
+use futures::task::AtomicWaker;
 use parking_lot::Mutex;
-use tokio::sync::oneshot;
+use tokio::sync::Notify;
 use tokio::task::AbortHandle;
-use tokio_util::sync::CancellationToken;
+
+use crate::unix_time::unix_ms;
 
 /// One MQTT subscription of a session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +72,10 @@ pub struct StoredSession {
     pub inbound_qos2: HashSet<u16>,
     /// Outbound QoS 2 identifiers waiting for PUBCOMP.
     pub awaiting_pubcomp: Vec<u16>,
+    /// Outbound QoS 1/2 messages sent and not acknowledged when the connection ended: message
+    /// id -> packet id, so that their resending reuses the identifier (MQTT-4.4.0-1) and a
+    /// QoS 2 receiver recognises a message it already has.
+    pub unacked: Vec<(String, u16)>,
     /// The session expiry interval.
     pub expiry: Duration,
 }
@@ -82,17 +90,130 @@ impl StoredSession {
     }
 }
 
+/// Why the registry ended a live connection (see [`Control`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kick {
+    /// The server shuts down.
+    Shutdown,
+    /// Another connection took the session over.
+    TakenOver,
+    /// No input within the keep-alive timeout.
+    KeepAlive,
+}
+
+const SHUTDOWN: u8 = 1;
+const TAKEN_OVER: u8 = 2;
+const KEEP_ALIVE: u8 = 4;
+const DONE: u8 = 8;
+const KICKS: u8 = SHUTDOWN | TAKEN_OVER | KEEP_ALIVE;
+
+/// Milliseconds since the first call (a process-wide monotonic clock for keep-alive stamps).
+fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// A live connection's control block, shared by its task and the registry: one small
+/// allocation that carries takeover, shutdown and keep-alive expiry to the task (flags set by
+/// the registry, then a wake), the time of the task's last input (checked by
+/// [`Sessions::expire_keep_alive`] rather than by a timer per connection), and the end of the
+/// task to a connection taking the session over.
+pub struct Control {
+    state: AtomicU8,
+    /// Keep-alive timeout in milliseconds; 0: none.
+    timeout_ms: u64,
+    /// When the connection last received input, [`now_ms`].
+    last_input: AtomicU64,
+    /// The connection task, woken by a kick.
+    waker: AtomicWaker,
+    /// Connections waiting for this one to be done.
+    done: Notify,
+}
+
+impl Control {
+    fn new(keep_alive: Option<Duration>) -> Self {
+        Control {
+            state: AtomicU8::new(0),
+            timeout_ms: keep_alive.map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+            last_input: AtomicU64::new(now_ms()),
+            waker: AtomicWaker::new(),
+            done: Notify::new(),
+        }
+    }
+
+    /// Records input (the keep-alive timeout counts from the last one).
+    pub fn touch(&self) {
+        self.last_input.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Whether (and why) the connection was kicked; registers the task to be woken if not.
+    pub fn poll_kicked(&self, cx: &mut Context<'_>) -> Poll<Kick> {
+        if let Some(k) = self.kicked() {
+            return Poll::Ready(k);
+        }
+        self.waker.register(cx.waker());
+        match self.kicked() {
+            Some(k) => Poll::Ready(k),
+            None => Poll::Pending,
+        }
+    }
+
+    /// Why the connection was kicked, if it was (shutdown first, then takeover).
+    pub fn kicked(&self) -> Option<Kick> {
+        let s = self.state.load(Ordering::Acquire);
+        if s & SHUTDOWN != 0 {
+            Some(Kick::Shutdown)
+        } else if s & TAKEN_OVER != 0 {
+            Some(Kick::TakenOver)
+        } else if s & KEEP_ALIVE != 0 {
+            Some(Kick::KeepAlive)
+        } else {
+            None
+        }
+    }
+
+    fn kick(&self, why: u8) {
+        let before = self.state.fetch_or(why, Ordering::AcqRel);
+        if before & KICKS == 0 {
+            self.waker.wake();
+        }
+    }
+
+    fn keep_alive_expired(&self, now: u64) -> bool {
+        self.timeout_ms > 0
+            && now.saturating_sub(self.last_input.load(Ordering::Relaxed)) >= self.timeout_ms
+    }
+
+    fn finish(&self) {
+        self.state.fetch_or(DONE, Ordering::AcqRel);
+        self.done.notify_waiters();
+    }
+
+    /// Waits until the connection is done with its session.
+    async fn wait_done(&self) {
+        loop {
+            let notified = self.done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.state.load(Ordering::Acquire) & DONE != 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
 enum Slot {
     Online {
         conn: u64,
-        kick: CancellationToken,
-        done: Option<oneshot::Receiver<()>>,
+        control: Arc<Control>,
         /// The session as last recorded by its connection (persistent sessions only), saved
         /// so that it survives a crash.
-        persisted: Option<StoredSession>,
+        persisted: Option<Box<StoredSession>>,
     },
     Offline {
-        session: StoredSession,
+        session: Box<StoredSession>,
         since: Instant,
     },
 }
@@ -106,6 +227,9 @@ pub struct Sessions {
     path: Option<PathBuf>,
     /// Whether the slots changed since the last save.
     dirty: AtomicBool,
+    /// Set (under the slots' lock) when the server shuts down: connections registered from
+    /// then on are kicked at once.
+    shut: AtomicBool,
 }
 
 /// The session file's name in the data directory.
@@ -148,6 +272,8 @@ struct SessionRecord {
     subscriptions: Vec<SubRecord>,
     inbound_qos2: Vec<u16>,
     awaiting_pubcomp: Vec<u16>,
+    #[serde(default)]
+    unacked: Vec<(String, u16)>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -208,10 +334,6 @@ impl SubRecord {
     }
 }
 
-fn unix_ms(t: SystemTime) -> u64 {
-    u64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX)
-}
-
 impl SessionRecord {
     fn new(client_id: &str, s: &StoredSession, offline_since: SystemTime) -> Self {
         let mut inbound_qos2: Vec<u16> = s.inbound_qos2.iter().copied().collect();
@@ -227,6 +349,7 @@ impl SessionRecord {
                 .collect(),
             inbound_qos2,
             awaiting_pubcomp: s.awaiting_pubcomp.clone(),
+            unacked: s.unacked.clone(),
         }
     }
 
@@ -240,19 +363,25 @@ impl SessionRecord {
             subscriptions,
             inbound_qos2: self.inbound_qos2.into_iter().collect(),
             awaiting_pubcomp: self.awaiting_pubcomp,
+            unacked: self.unacked,
             expiry: Duration::from_secs(self.expiry_secs),
         })
     }
 }
 
-/// A connection's registration, returned by [`Sessions::connect`].
+/// A connection's registration, returned by [`Sessions::connect`]. Dropping it tells a
+/// connection taking the session over that this one is done with it.
 pub struct Registration {
-    /// Cancelled when another connection takes the session over.
-    pub kick: CancellationToken,
-    /// Dropped when the connection is done with the session.
-    pub done: oneshot::Sender<()>,
+    /// Kicks (takeover, shutdown, keep-alive expiry) and input stamps.
+    pub control: Arc<Control>,
     /// The resumed session, if there was one and clean start was not asked.
-    pub resumed: Option<StoredSession>,
+    pub resumed: Option<Box<StoredSession>>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.control.finish();
+    }
 }
 
 impl Sessions {
@@ -293,7 +422,13 @@ impl Sessions {
                         continue;
                     }
                     let since = now.checked_sub(away).unwrap_or(now);
-                    slots.insert(client, Slot::Offline { session, since });
+                    slots.insert(
+                        client,
+                        Slot::Offline {
+                            session: Box::new(session),
+                            since,
+                        },
+                    );
                 }
                 tracing::info!(sessions = slots.len(), "MQTT sessions restored");
             }
@@ -305,6 +440,7 @@ impl Sessions {
             delayed_wills: Mutex::default(),
             path: Some(path),
             dirty: AtomicBool::new(false),
+            shut: AtomicBool::new(false),
         })
     }
 
@@ -367,7 +503,7 @@ impl Sessions {
         }) = slots.get_mut(client_id)
         {
             if *c == conn {
-                *persisted = session;
+                *persisted = session.map(Box::new);
                 self.changed();
             }
         }
@@ -375,7 +511,8 @@ impl Sessions {
 
     /// Registers connection `conn` as `client_id`: takes over any live connection of that
     /// client (waiting up to `takeover_wait` for it to finish), cancels a pending delayed will,
-    /// and resumes or discards the stored session.
+    /// and resumes or discards the stored session. `keep_alive`: the connection's keep-alive
+    /// timeout (see [`Sessions::expire_keep_alive`]).
     pub async fn connect(
         &self,
         broker: &Broker,
@@ -383,45 +520,45 @@ impl Sessions {
         conn: u64,
         clean_start: bool,
         takeover_wait: Duration,
+        keep_alive: Option<Duration>,
     ) -> Registration {
         if let Some(will) = self.delayed_wills.lock().remove(client_id) {
             will.abort();
         }
         // Kick the live connection, if any, and wait for it to store or drop its session.
         loop {
-            let waiting = {
-                let mut slots = self.slots.lock();
-                match slots.get_mut(client_id) {
-                    Some(Slot::Online { kick, done, .. }) => {
-                        kick.cancel();
-                        done.take()
-                    }
-                    _ => None,
+            let live = match self.slots.lock().get(client_id) {
+                Some(Slot::Online { control, .. }) => {
+                    control.kick(TAKEN_OVER);
+                    Some(control.clone())
                 }
+                _ => None,
             };
-            match waiting {
-                Some(done) => {
-                    let _ = tokio::time::timeout(takeover_wait, done).await;
-                }
-                None => break,
-            }
+            let Some(live) = live else { break };
+            let _ = tokio::time::timeout(takeover_wait, live.wait_done()).await;
             // The old connection may have timed out without unregistering: give up on it.
             let mut slots = self.slots.lock();
-            if let Some(Slot::Online { done: None, .. }) = slots.get(client_id) {
-                slots.remove(client_id);
+            if let Some(Slot::Online { control, .. }) = slots.get(client_id) {
+                if Arc::ptr_eq(control, &live) {
+                    slots.remove(client_id);
+                }
             }
         }
-        let (done_tx, done_rx) = oneshot::channel();
-        let kick = CancellationToken::new();
-        let previous = self.slots.lock().insert(
-            client_id.to_string(),
-            Slot::Online {
-                conn,
-                kick: kick.clone(),
-                done: Some(done_rx),
-                persisted: None,
-            },
-        );
+        let control = Arc::new(Control::new(keep_alive));
+        let previous = {
+            let mut slots = self.slots.lock();
+            if self.shut.load(Ordering::Acquire) {
+                control.kick(SHUTDOWN);
+            }
+            slots.insert(
+                client_id.to_string(),
+                Slot::Online {
+                    conn,
+                    control: control.clone(),
+                    persisted: None,
+                },
+            )
+        };
         self.changed();
         let resumed = match previous {
             Some(Slot::Offline { session, .. }) => {
@@ -434,11 +571,37 @@ impl Sessions {
             }
             _ => None,
         };
-        Registration {
-            kick,
-            done: done_tx,
-            resumed,
+        Registration { control, resumed }
+    }
+
+    /// Kicks every live connection (and those registering from now on) for the server's
+    /// shutdown.
+    pub fn shutdown(&self) {
+        let slots = self.slots.lock();
+        self.shut.store(true, Ordering::Release);
+        for slot in slots.values() {
+            if let Slot::Online { control, .. } = slot {
+                control.kick(SHUTDOWN);
+            }
         }
+    }
+
+    /// Kicks the live connections that received nothing within their keep-alive timeout.
+    /// Called about once a second: a connection ends up to a second after its timeout, without
+    /// a timer of its own. Returns how many were kicked.
+    pub fn expire_keep_alive(&self) -> usize {
+        let now = now_ms();
+        let slots = self.slots.lock();
+        let mut kicked = 0;
+        for slot in slots.values() {
+            if let Slot::Online { control, .. } = slot {
+                if control.keep_alive_expired(now) && control.kicked().is_none() {
+                    control.kick(KEEP_ALIVE);
+                    kicked += 1;
+                }
+            }
+        }
+        kicked
     }
 
     /// The connection `conn` of `client_id` ended: keeps `session` if it is persistent (else
@@ -452,7 +615,7 @@ impl Sessions {
                 slots.insert(
                     client_id.to_string(),
                     Slot::Offline {
-                        session,
+                        session: Box::new(session),
                         since: Instant::now(),
                     },
                 );
@@ -549,5 +712,109 @@ impl Sessions {
 pub fn delete_groups(broker: &Broker, session: &StoredSession) {
     for g in session.own_groups() {
         broker.delete_group(g);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn broker() -> Broker {
+        Broker::default()
+    }
+
+    fn kicked(c: &Control) -> Option<Kick> {
+        let waker = futures::task::noop_waker();
+        match c.poll_kicked(&mut Context::from_waker(&waker)) {
+            Poll::Ready(k) => Some(k),
+            Poll::Pending => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn takeover_kicks_the_live_connection_and_waits_for_it() {
+        let sessions = Arc::new(Sessions::in_memory());
+        let b = broker();
+        let old = sessions
+            .connect(&b, "c", 1, true, Duration::from_secs(5), None)
+            .await;
+        assert_eq!(kicked(&old.control), None);
+        let (s2, b2) = (sessions.clone(), b.clone());
+        let new = tokio::spawn(async move {
+            s2.connect(&b2, "c", 2, true, Duration::from_secs(5), None)
+                .await
+        });
+        // The old connection sees the kick, then ends (its registration dropped).
+        let control = old.control.clone();
+        std::future::poll_fn(|cx| {
+            control
+                .poll_kicked(cx)
+                .map(|k| assert_eq!(k, Kick::TakenOver))
+        })
+        .await;
+        assert!(!new.is_finished());
+        sessions.disconnect("c", 1, None);
+        drop(old);
+        let new = tokio::time::timeout(Duration::from_secs(2), new)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(kicked(&new.control), None);
+        assert_eq!(sessions.counts(), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn shutdown_kicks_live_and_later_connections() {
+        let sessions = Sessions::in_memory();
+        let b = broker();
+        let a = sessions
+            .connect(&b, "a", 1, true, Duration::from_secs(5), None)
+            .await;
+        sessions.shutdown();
+        assert_eq!(kicked(&a.control), Some(Kick::Shutdown));
+        let later = sessions
+            .connect(&b, "b", 2, true, Duration::from_secs(5), None)
+            .await;
+        assert_eq!(kicked(&later.control), Some(Kick::Shutdown));
+    }
+
+    #[tokio::test]
+    async fn keep_alive_expiry_kicks_silent_connections_only() {
+        let sessions = Sessions::in_memory();
+        let b = broker();
+        let silent = sessions
+            .connect(
+                &b,
+                "s",
+                1,
+                true,
+                Duration::from_secs(5),
+                Some(Duration::from_millis(50)),
+            )
+            .await;
+        let talking = sessions
+            .connect(
+                &b,
+                "t",
+                2,
+                true,
+                Duration::from_secs(5),
+                Some(Duration::from_millis(50)),
+            )
+            .await;
+        let forever = sessions
+            .connect(&b, "f", 3, true, Duration::from_secs(5), None)
+            .await;
+        assert_eq!(sessions.expire_keep_alive(), 0);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        talking.control.touch();
+        assert_eq!(sessions.expire_keep_alive(), 1);
+        assert_eq!(kicked(&silent.control), Some(Kick::KeepAlive));
+        assert_eq!(kicked(&talking.control), None);
+        assert_eq!(kicked(&forever.control), None);
+        // Kicked once.
+        assert_eq!(sessions.expire_keep_alive(), 0);
     }
 }

@@ -4,6 +4,7 @@
 //! deliveries; every rule here is unit-tested on its own.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::time::Duration;
 
 use ferry_mqtt::{Connect, ProtocolVersion, QoS, ReasonCode};
@@ -116,11 +117,42 @@ pub enum AckMismatch {
     WrongStage,
 }
 
+/// The hasher of packet-id tables: a multiplication (packet ids are not chosen by an
+/// attacker who could flood one bucket: the server assigns them), and no per-table random
+/// state, which keeps a connection's state smaller.
+pub type IdHash = BuildHasherDefault<PacketIdHasher>;
+
+/// See [`IdHash`].
+#[derive(Debug, Default)]
+pub struct PacketIdHasher(u64);
+
+impl Hasher for PacketIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+
+    fn write_u16(&mut self, n: u16) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
 /// Outbound QoS 1/2 messages in flight, keyed by packet identifier, each with a handle `T`
 /// (the engine delivery to settle).
 #[derive(Debug)]
 pub struct Outbound<T> {
-    entries: HashMap<u16, (OutStage, Option<T>)>,
+    entries: HashMap<u16, (OutStage, Option<T>), IdHash>,
+    /// Identifiers kept for messages to be resent (not given to new messages).
+    reserved: HashSet<u16, IdHash>,
     window: usize,
     next_id: u16,
 }
@@ -129,7 +161,8 @@ impl<T> Outbound<T> {
     /// An empty table allowing `window` messages in flight.
     pub fn new(window: u16) -> Self {
         Outbound {
-            entries: HashMap::new(),
+            entries: HashMap::default(),
+            reserved: HashSet::default(),
             window: usize::from(window.max(1)),
             next_id: 1,
         }
@@ -154,24 +187,44 @@ impl<T> Outbound<T> {
         if self.entries.len() >= usize::from(u16::MAX) {
             return None;
         }
+        if self.entries.len() + self.reserved.len() >= usize::from(u16::MAX) {
+            self.reserved.clear();
+        }
         loop {
             let id = self.next_id;
             self.next_id = self.next_id.checked_add(1).unwrap_or(1);
-            if !self.entries.contains_key(&id) {
+            if !self.entries.contains_key(&id) && !self.reserved.contains(&id) {
                 return Some(id);
             }
         }
     }
 
+    /// Keeps `ids` for messages that will be resent with them ([`start_as`](Self::start_as)).
+    pub fn reserve(&mut self, ids: impl IntoIterator<Item = u16>) {
+        self.reserved.extend(ids);
+    }
+
     /// Starts a QoS 1 or 2 message; returns its packet identifier (`None` at QoS 0 or when
     /// every identifier is taken).
     pub fn start(&mut self, qos: QoS, handle: T) -> Option<u16> {
+        self.start_as(qos, handle, None)
+    }
+
+    /// Like [`start`](Self::start), with identifier `preferred` if it is free (a message
+    /// resent after a reconnect keeps its identifier).
+    pub fn start_as(&mut self, qos: QoS, handle: T, preferred: Option<u16>) -> Option<u16> {
         let stage = match qos {
             QoS::AtMostOnce => return None,
             QoS::AtLeastOnce => OutStage::AwaitPubAck,
             QoS::ExactlyOnce => OutStage::AwaitPubRec,
         };
-        let id = self.allocate()?;
+        let id = match preferred {
+            Some(p) if p != 0 && !self.entries.contains_key(&p) => {
+                self.reserved.remove(&p);
+                p
+            }
+            _ => self.allocate()?,
+        };
         self.entries.insert(id, (stage, Some(handle)));
         Some(id)
     }
@@ -243,6 +296,15 @@ impl<T> Outbound<T> {
         for &id in ids {
             self.entries.insert(id, (OutStage::AwaitPubComp, None));
         }
+    }
+
+    /// `(key(handle), id)` of every message sent and not yet acknowledged (PUBACK or PUBREC).
+    pub fn unacked<K>(&self, key: impl Fn(&T) -> K) -> Vec<(K, u16)> {
+        self.entries
+            .iter()
+            .filter(|(_, (s, _))| matches!(s, OutStage::AwaitPubAck | OutStage::AwaitPubRec))
+            .filter_map(|(id, (_, h))| h.as_ref().map(|h| (key(h), *id)))
+            .collect()
     }
 
     /// Takes every handle (the connection ends; the engine redelivers them later).
