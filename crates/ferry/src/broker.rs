@@ -230,9 +230,11 @@ impl Broker {
     /// A publisher bound to `topic` (no topic lookup per message).
     pub fn publisher(&self, topic: &str) -> Result<Publisher, PublishError> {
         let name = TopicName::new(topic)?;
+        let topic = self.inner.topic(&name)?;
         Ok(Publisher {
             broker: self.clone(),
-            topic: self.inner.topic(&name)?,
+            name: topic.name.private_copy(),
+            topic,
             producer: None,
         })
     }
@@ -468,12 +470,28 @@ impl Broker {
     }
 }
 
-/// A publisher bound to one topic.
-#[derive(Clone, Debug)]
+/// A publisher bound to one topic. A clone is a publisher of its own (with its own copy of
+/// the topic name), meant for another task or thread.
+#[derive(Debug)]
 pub struct Publisher {
     broker: Broker,
+    /// The topic's name in an allocation of this publisher's own: every record carries its
+    /// name, and publishers on several cores counting references on one shared string would
+    /// contend on its cache line.
+    name: TopicName,
     topic: Arc<Topic>,
     producer: Option<Arc<str>>,
+}
+
+impl Clone for Publisher {
+    fn clone(&self) -> Self {
+        Publisher {
+            broker: self.broker.clone(),
+            name: self.name.private_copy(),
+            topic: self.topic.clone(),
+            producer: self.producer.clone(),
+        }
+    }
 }
 
 impl Publisher {
@@ -496,13 +514,17 @@ impl Publisher {
         &self,
         message: impl Into<Message>,
     ) -> impl Future<Output = Result<u64, PublishError>> + Send + '_ {
-        let record = self.topic.wrap(message.into(), &self.producer);
+        let record = self
+            .topic
+            .wrap_as(&self.name, message.into(), &self.producer);
         self.broker.inner.publish_one(&self.topic, record)
     }
 
     /// Publishes without waiting.
     pub fn try_publish(&self, message: impl Into<Message>) -> Result<u64, PublishError> {
-        let record = self.topic.wrap(message.into(), &self.producer);
+        let record = self
+            .topic
+            .wrap_as(&self.name, message.into(), &self.producer);
         self.broker
             .inner
             .append(&self.topic, &mut Some(record))
@@ -529,7 +551,7 @@ impl Publisher {
     ) -> Result<Range<u64>, PublishError> {
         let records = messages
             .into_iter()
-            .map(|m| self.topic.wrap(m, &self.producer))
+            .map(|m| self.topic.wrap_as(&self.name, m, &self.producer))
             .collect();
         self.broker.inner.append_wait(&self.topic, records).await
     }
@@ -541,7 +563,7 @@ impl Publisher {
     ) -> Result<Range<u64>, PublishError> {
         let mut records: Vec<Arc<Record>> = messages
             .into_iter()
-            .map(|m| self.topic.wrap(m, &self.producer))
+            .map(|m| self.topic.wrap_as(&self.name, m, &self.producer))
             .collect();
         self.broker.inner.append(&self.topic, &mut records)
     }

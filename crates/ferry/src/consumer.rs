@@ -351,6 +351,7 @@ impl Consumer {
         let mut got = self.take_ready(&mut st, now, member, budget, out, &mut dead, &mut expiring);
         let n = st.cursors.len();
         let mut scratch = Vec::new();
+        let mut kept = Vec::new();
         let mut expired = Vec::new();
         let mut delayed = Vec::new();
         // Expired records are skipped, so a pass may deliver nothing while records remain:
@@ -379,25 +380,30 @@ impl Consumer {
                     continue;
                 }
                 progressed = true;
-                let check = c.topic.timed();
                 // Under the topic lock, only collect the records; deliveries are made after it is
                 // released, so that readers and publishers hold the lock as briefly as possible.
-                let skipped = c.topic.read(&mut c.next, want, &mut |r| {
-                    if check {
+                let skipped = c.topic.read(&mut c.next, want, &mut |r| scratch.push(r));
+                // The flags are read after the read: a publisher sets them before its append, so
+                // every record just read that expires, is delayed or has a priority is covered
+                // (read before it, a record appended in between would slip through unchecked).
+                if c.topic.timed() {
+                    kept.extend(scratch.drain(..).filter_map(|r| {
                         if r.expires.is_some() {
                             expiring = true;
                             if r.expired(now) {
                                 expired.push(r);
-                                return;
+                                return None;
                             }
                         }
                         if r.not_before.is_some_and(|t| t > now) {
                             delayed.push(r);
-                            return;
+                            return None;
                         }
-                    }
-                    scratch.push(r);
-                });
+                        Some(r)
+                    }));
+                    std::mem::swap(&mut scratch, &mut kept);
+                }
+                let prio = prio || c.topic.prioritized();
                 let topic = c.topic.clone();
                 let name = c.name.clone();
                 if !self.headers.is_empty() {

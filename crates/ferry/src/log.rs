@@ -242,7 +242,20 @@ impl Topic {
 
     /// Wraps `message` for this topic (outside the log lock): stamps the producer id and works
     /// out the expiry.
-    pub(crate) fn wrap(&self, mut message: Message, producer: &Option<Arc<str>>) -> Arc<Record> {
+    pub(crate) fn wrap(&self, message: Message, producer: &Option<Arc<str>>) -> Arc<Record> {
+        self.wrap_as(&self.name, message, producer)
+    }
+
+    /// [`wrap`](Self::wrap) with the record carrying `name` (this topic's name, in the caller's
+    /// own allocation: a publisher keeps a private copy so that publishers on several threads
+    /// do not all count references on one shared string).
+    pub(crate) fn wrap_as(
+        &self,
+        name: &TopicName,
+        mut message: Message,
+        producer: &Option<Arc<str>>,
+    ) -> Arc<Record> {
+        debug_assert_eq!(name, &self.name);
         message.set_producer_if_missing(producer);
         let expires = expiry(&message, self.config.default_ttl);
         let not_before = message.deliver_at().map(on_broker_clock);
@@ -252,7 +265,7 @@ impl Topic {
         if message.priority() != crate::message::Priority::Normal {
             self.prioritized.store(true, Ordering::Relaxed);
         }
-        Record::pending(self.name.clone(), message, expires, not_before)
+        Record::pending(name.clone(), message, expires, not_before)
     }
 
     /// Whether records of this topic may carry priorities (see `timed` for the ordering).

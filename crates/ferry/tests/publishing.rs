@@ -143,3 +143,43 @@ async fn records_published_to_nobody_are_counted_and_skipped() {
     assert_eq!(s.counters.published, 2001);
     assert_eq!(s.lag.max_lag, 0);
 }
+
+/// Clones of a publisher are publishers of their own (each keeps its own copy of the topic
+/// name): used from several threads at once they still stamp the right topic and producer on
+/// every record and share the topic's one sequence of offsets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cloned_publishers_on_several_threads_share_one_offset_sequence() {
+    const THREADS: usize = 4;
+    const EACH: usize = 1_000;
+    let broker = Broker::default();
+    let mut sub = broker.subscribe("fleet/+/gpu").unwrap();
+    let publisher = broker
+        .publisher("fleet/a/gpu")
+        .unwrap()
+        .with_producer_id("p");
+    let mut offsets: Vec<u64> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let p = publisher.clone();
+                s.spawn(move || {
+                    assert_eq!(p.topic().as_str(), "fleet/a/gpu");
+                    (0..EACH)
+                        .map(|_| p.try_publish("x").unwrap())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    offsets.sort_unstable();
+    assert_eq!(offsets, (0..(THREADS * EACH) as u64).collect::<Vec<_>>());
+    for expected in 0..(THREADS * EACH) as u64 {
+        let d = sub.recv().await.unwrap();
+        assert_eq!(d.offset(), expected);
+        assert_eq!(d.topic().as_str(), "fleet/a/gpu");
+        assert_eq!(d.message().producer_id(), Some("p"));
+    }
+}
