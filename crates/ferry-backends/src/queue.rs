@@ -10,12 +10,13 @@
 //!   is due nacks it again with the time left (rounded down to a coarse grid, so that RabbitMQ
 //!   reuses its delay queues; on Redis, whose nack delay is capped at the ack timeout, this loops
 //!   until the message is due). These deferrals do not count as attempts: the subscription
-//!   remembers them (in memory, per subscription) and subtracts them from the backend's attempt
-//!   count, and asks the backend for [`DEFER_ALLOWANCE`] more attempts than `max_attempts`. The
-//!   queue itself dead-letters (reason `max_attempts`) a delivery past `max_attempts`. A
-//!   deferred message that moves to another group member (or survives a restart) may therefore
-//!   be counted with more attempts than it had; a message deferred more than
-//!   `DEFER_ALLOWANCE` times is dead-lettered with reason `delay exceeds the deferral
+//!   remembers them (in memory; the subscriptions of one consumer group through one [`Queue`]
+//!   share the record) and subtracts them from the backend's attempt count, and asks the
+//!   backend for [`DEFER_ALLOWANCE`] more attempts than `max_attempts`. The queue itself
+//!   dead-letters (reason `max_attempts`) a delivery past `max_attempts`. A deferred message
+//!   that moves to a group member elsewhere (another process or `Queue` handle), or survives a
+//!   restart, may therefore be counted with more attempts than it had; a message deferred more
+//!   than `DEFER_ALLOWANCE` times is dead-lettered with reason `delay exceeds the deferral
 //!   allowance`. On the embedded engine the delay is native.
 //! - **TTL** (header [`EXPIRES_AT_HEADER`](crate::EXPIRES_AT_HEADER), set with [`BackendMessage::with_ttl`]): an expired
 //!   message is never handed over; the subscription acknowledges it (it is dropped, not
@@ -24,11 +25,21 @@
 //!   in the broker's stats.
 //! - **Priority lanes** ([`Priority`], header [`PRIORITY_HEADER`](crate::PRIORITY_HEADER)): [`Queue::publish`] sends
 //!   each lane to a topic of its own ([`Priority::lane_topic`]: `<topic>.prio-high`, `<topic>`,
-//!   `<topic>.prio-low`), and a subscription subscribes to every lane and takes from the highest
-//!   lane that has a delivery ready. On the embedded engine priorities are native (one topic).
-//!   A filter ending in `#` already covers the lane topics: it gets one subscription and no
-//!   preference. The preference is strict: under a steady load of higher-priority messages,
-//!   lower lanes wait. It orders what each lane's subscription has ready (its prefetch).
+//!   `<topic>.prio-low`), and a subscription subscribes to every lane and hands over the highest
+//!   lane's delivery. It starts every lane when it is made (so that the first `next` sees what
+//!   was published meanwhile), holds at most one delivery per lane (the lane's head, taken
+//!   from what the lane's subscription has ready, without waiting), and hands over the highest
+//!   head. When only lower lanes have a head, it waits up to
+//!   [`QueueConfig::priority_look_ahead`] (default 25 ms, at most a quarter of the ack timeout)
+//!   for a higher lane, counted from when the lower lane became ready: a higher message
+//!   published alongside a lower one may reach its lane a little later. Heads still held when
+//!   the subscription is closed or dropped, or held for a third of the ack timeout (while
+//!   higher lanes keep it busy, or while nobody calls `next`), are nacked for redelivery as
+//!   deferrals (not counted as attempts, as above; a returned head may lose its place in its
+//!   lane). On the embedded engine priorities are native (one topic). A filter ending in `#`
+//!   already covers the lane topics: it gets one subscription and no preference. The
+//!   preference is strict: under a steady load of higher-priority messages, lower lanes wait.
+//!   It orders what each lane's subscription has ready (its prefetch).
 //! - **De-duplication**: publish side, a second [`Queue::publish`] of the same message id to the
 //!   same topic within [`QueueConfig::dedup_window`] is dropped ([`Published::Duplicate`]) —
 //!   natively by NATS JetStream (`Nats-Msg-Id`, across all clients), in the handle's memory
@@ -41,8 +52,9 @@
 //!   subscription's `max_attempts` it is dead-lettered with the handler's error text as the
 //!   reason. A [`Permanent`] error dead-letters at once. Where the backend cuts a nack delay
 //!   short (Redis caps it at the ack timeout), the subscription that nacked defers the early
-//!   redelivery like a delayed message, so the retry still waits its whole delay (if another
-//!   group member receives it, it does not know the delay and hands it over at once).
+//!   redelivery like a delayed message, so the retry still waits its whole delay (a group member
+//!   through another `Queue` handle or process does not know the delay and hands it over at
+//!   once).
 //! - **Dead letters**: [`Queue::dead_letters`] lists them with reason, attempts and source
 //!   topic, [`Queue::redrive`] republishes them to their source topic, [`Queue::purge`] deletes
 //!   them (over every priority lane of the topic).
@@ -60,6 +72,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 pub use ferry::middleware::Backoff;
+use futures::FutureExt;
 use parking_lot::Mutex;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -73,7 +86,8 @@ use crate::capabilities::{Capabilities, Support};
 use crate::error::{BackendError, Result};
 
 /// How many more attempts than `max_attempts` a [`QueueSubscription`] asks the backend for when
-/// delayed delivery is emulated, for the re-nacks of messages that are not due yet.
+/// delayed delivery or priority lanes are emulated, for the re-nacks of messages that are not
+/// due yet and of held lane heads returned to the backend.
 pub const DEFER_ALLOWANCE: u32 = 1000;
 
 /// A boxed error, as tower's layers produce.
@@ -105,6 +119,13 @@ pub struct QueueConfig {
     /// Dead-letter listings, redrives and purges that drain a dead-letter subscription stop
     /// after this long without a dead letter.
     pub drain_idle: Duration,
+    /// Priority lanes (emulated): how long a subscription that has only lower-priority
+    /// deliveries ready waits for a higher lane before handing a lower one over. The wait runs
+    /// from when the lower lane's deliveries became ready (a lane that stays ready, a backlog,
+    /// waits once, not once per delivery), and ends early when a higher delivery arrives. It is
+    /// clamped to a quarter of the subscription's ack timeout; zero hands over the highest lane
+    /// ready at once. Unused with native priorities and with a single lane. Default 25 ms.
+    pub priority_look_ahead: Duration,
 }
 
 impl Default for QueueConfig {
@@ -114,6 +135,7 @@ impl Default for QueueConfig {
             dedup_capacity: 10_000,
             consumer_dedup: true,
             drain_idle: Duration::from_millis(500),
+            priority_look_ahead: Duration::from_millis(25),
         }
     }
 }
@@ -461,7 +483,15 @@ struct Inner {
     config: QueueConfig,
     recorder: Recorder,
     published: Mutex<IdWindow>,
+    /// The deferral records of each consumer group (by group and filter), shared by the group's
+    /// subscriptions through this queue, so that a message deferred by one member (a held
+    /// priority-lane head returned on close, a retry nacked with a delay) is counted right by
+    /// the member that receives it next.
+    group_deferrals: Mutex<HashMap<String, Arc<Mutex<Deferrals>>>>,
 }
+
+/// How many consumer groups' deferral records a [`Queue`] keeps once no subscription uses them.
+const IDLE_GROUP_DEFERRALS: usize = 256;
 
 /// The features above the contract over any backend (see the [module docs](self)).
 ///
@@ -522,6 +552,7 @@ impl Queue {
                     sub: None,
                 },
                 published: Mutex::new(window),
+                group_deferrals: Mutex::new(HashMap::new()),
                 config,
             }),
         }
@@ -603,10 +634,6 @@ impl Queue {
         let inner = &self.inner;
         let user_max = options.max_attempts;
         let emulated_delay = inner.caps.delayed_delivery != Support::Native;
-        let mut backend_options = options.clone();
-        if emulated_delay {
-            backend_options.max_attempts = user_max.saturating_add(DEFER_ALLOWANCE);
-        }
         let filters = if self.native_priority() || options.filter.ends_with('#') {
             vec![options.filter.clone()]
         } else {
@@ -615,32 +642,79 @@ impl Queue {
                 .map(|p| p.lane_topic(&options.filter))
                 .collect()
         };
+        // Deferrals (of messages not due yet, and of held lane heads) are nacks that must not
+        // use up attempts: ask the backend for more.
+        let mut backend_options = options.clone();
+        if emulated_delay || filters.len() > 1 {
+            backend_options.max_attempts = user_max.saturating_add(DEFER_ALLOWANCE);
+        }
         let mut lanes = Vec::with_capacity(filters.len());
+        let started = tokio::time::Instant::now();
         for filter in filters {
             let mut o = backend_options.clone();
             o.filter = filter;
             match inner.backend.subscribe(o).await {
-                Ok(s) => lanes.push(s),
+                Ok(sub) => lanes.push(Lane {
+                    sub,
+                    head: None,
+                    seen_empty: true,
+                    ready_since: started,
+                }),
                 Err(e) => {
-                    for s in lanes {
-                        let _ = s.close().await;
+                    for lane in lanes {
+                        let _ = lane.sub.close().await;
                     }
                     return Err(e);
                 }
             }
         }
-        Ok(QueueSubscription {
+        let mut sub = QueueSubscription {
             lanes,
             recorder: inner.recorder.for_subscription(),
             max_attempts: user_max,
             backend_max_attempts: backend_options.max_attempts,
             ack_timeout: options.ack_timeout,
-            deferrals: Arc::new(Mutex::new(Deferrals::new(inner.config.dedup_capacity))),
+            look_ahead: inner
+                .config
+                .priority_look_ahead
+                .min(options.ack_timeout / 4),
+            stale_after: options.ack_timeout / STALE_DIVISOR,
+            deferrals: self.deferrals_for(&options),
             handled: inner
                 .config
                 .consumer_dedup
                 .then(|| Arc::new(Mutex::new(IdWindow::new(None, inner.config.dedup_capacity)))),
-        })
+        };
+        if sub.lanes.len() > 1 {
+            // Start every lane now (a NATS pull consumer sends its first pull request when first
+            // polled), so that the first `next` sees what was published meanwhile on each lane.
+            if let Err(e) = sub.fill() {
+                let _ = sub.close().await;
+                return Err(e);
+            }
+        }
+        Ok(sub)
+    }
+
+    /// The deferral records of a new subscription: its group's (shared with the group's other
+    /// subscriptions through this queue), or its own for a fanout subscription.
+    fn deferrals_for(&self, options: &SubscribeOptions) -> Arc<Mutex<Deferrals>> {
+        let capacity = self.inner.config.dedup_capacity;
+        let Some(group) = &options.group else {
+            return Arc::new(Mutex::new(Deferrals::new(capacity)));
+        };
+        let mut groups = self.inner.group_deferrals.lock();
+        let key = format!("{group}\u{0}{}", options.filter);
+        if let Some(d) = groups.get(&key) {
+            return d.clone();
+        }
+        if groups.len() >= IDLE_GROUP_DEFERRALS {
+            // Forget the records of groups without a subscription (or delivery) left.
+            groups.retain(|_, d| Arc::strong_count(d) > 1);
+        }
+        let d = Arc::new(Mutex::new(Deferrals::new(capacity)));
+        groups.insert(key, d.clone());
+        d
     }
 
     /// Runs `handler` on every delivery of a subscription (see [`Worker`]): `Ok` acknowledges,
@@ -831,15 +905,76 @@ impl Deferrals {
     }
 }
 
+/// A held lane head goes stale (and is returned to the backend) after `ack_timeout /
+/// STALE_DIVISOR`, well before the backend would redeliver it; more than the look-ahead (at most
+/// a quarter of the ack timeout), so that a head is not returned while waiting its turn.
+const STALE_DIVISOR: u32 = 3;
+
+/// A delivery taken from a lane and not handed over yet.
+struct Held {
+    delivery: Delivery,
+    key: String,
+    attempt: u32,
+    /// When it was taken from its lane (it goes stale from then).
+    taken: tokio::time::Instant,
+    /// Stale but out of deferrals: handed over next, whatever its lane.
+    overdue: bool,
+}
+
+/// One priority lane of a [`QueueSubscription`]: the backend subscription and at most one
+/// delivery taken from it.
+struct Lane {
+    sub: Box<dyn BackendSubscription>,
+    head: Option<Held>,
+    /// Whether the lane was last seen with nothing ready.
+    seen_empty: bool,
+    /// Since when the lane has had deliveries ready without a gap (its look-ahead runs from
+    /// then).
+    ready_since: tokio::time::Instant,
+}
+
+/// A lane's `next`, as [`QueueSubscription::wait`] polls it.
+type LaneNext<'a> = Pin<Box<dyn Future<Output = Result<Delivery>> + Send + 'a>>;
+
+/// Why [`QueueSubscription::wait`] returned.
+enum Woken {
+    /// Lane `.0` has a delivery (or failed).
+    Lane(usize, Result<Delivery>),
+    /// The look-ahead window is over.
+    Deadline,
+}
+
+/// Returns a held lane head to the backend for redelivery (a nack without delay that does not
+/// count as an attempt), or gives it back when its deferrals are used up.
+fn release(
+    deferrals: &Mutex<Deferrals>,
+    backend_max_attempts: u32,
+    held: Held,
+) -> std::result::Result<impl Future<Output = Result<()>> + Send + 'static, Box<Held>> {
+    // The backend dead-letters a nack on its last attempt: keep the one before it for a
+    // hand-over.
+    if held.delivery.attempt() >= backend_max_attempts.saturating_sub(1) {
+        return Err(Box::new(held));
+    }
+    deferrals.lock().bump(&held.key);
+    Ok(held.delivery.nack(None))
+}
+
 /// A subscription through a [`Queue`]: over every priority lane, higher lanes first, with
 /// expired, early and duplicate messages held back (see the [module docs](self)). Its
 /// deliveries count in the queue's stats when settled.
+///
+/// Over emulated priority lanes it holds at most one delivery per lane (the lane's head) until
+/// it hands it over; heads still held when it is closed or dropped, or held for a third of the
+/// ack timeout, are returned to the backend for redelivery without counting as an attempt.
 pub struct QueueSubscription {
-    lanes: Vec<Box<dyn BackendSubscription>>,
+    lanes: Vec<Lane>,
     recorder: Recorder,
     max_attempts: u32,
     backend_max_attempts: u32,
     ack_timeout: Duration,
+    look_ahead: Duration,
+    stale_after: Duration,
     deferrals: Arc<Mutex<Deferrals>>,
     handled: Option<Arc<Mutex<IdWindow>>>,
 }
@@ -848,7 +983,12 @@ impl std::fmt::Debug for QueueSubscription {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QueueSubscription")
             .field("lanes", &self.lanes.len())
+            .field(
+                "held",
+                &self.lanes.iter().filter(|l| l.head.is_some()).count(),
+            )
             .field("max_attempts", &self.max_attempts)
+            .field("look_ahead", &self.look_ahead)
             .finish()
     }
 }
@@ -858,7 +998,11 @@ fn settle_in_background<F>(what: &'static str, fut: F)
 where
     F: Future<Output = Result<()>> + Send + 'static,
 {
-    tokio::spawn(async move {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        tracing::warn!("queue: no runtime to settle a held-back delivery ({what}) on");
+        return;
+    };
+    runtime.spawn(async move {
         if let Err(e) = fut.await {
             tracing::warn!(error = %e, "queue: settling a held-back delivery ({what}) failed");
         }
@@ -875,22 +1019,80 @@ impl QueueSubscription {
             .unwrap_or_default()
     }
 
-    /// The next delivery from the lanes, highest lane first among those ready.
-    async fn next_raw(&mut self) -> Result<Delivery> {
-        if self.lanes.len() == 1 {
-            if let Some(lane) = self.lanes.first_mut() {
-                return lane.next().await;
-            }
-        }
+    /// The next delivery to hand over: the highest lane's held head, once it is the top lane,
+    /// or the lanes above it stayed empty for the look-ahead. Cancel-safe: what was taken from
+    /// the lanes stays held.
+    pub async fn next(&mut self) -> Result<Delivery> {
         if self.lanes.is_empty() {
             return Err(BackendError::Closed);
         }
-        let mut futures: Vec<Pin<Box<dyn Future<Output = Result<Delivery>> + Send + '_>>> =
-            self.lanes.iter_mut().map(|l| l.next()).collect();
+        loop {
+            self.return_stale();
+            self.fill()?;
+            let overdue = self
+                .lanes
+                .iter()
+                .position(|l| l.head.as_ref().is_some_and(|h| h.overdue));
+            let best = overdue.or_else(|| self.lanes.iter().position(|l| l.head.is_some()));
+            let deadline = match best {
+                None => None,
+                Some(i) => {
+                    let until = self.lanes[i].ready_since + self.look_ahead;
+                    if i == 0 || overdue.is_some() || tokio::time::Instant::now() >= until {
+                        if let Some(d) = self.hand_over(i) {
+                            return Ok(d);
+                        }
+                        continue;
+                    }
+                    Some((i, until))
+                }
+            };
+            match self.wait(deadline).await {
+                Woken::Lane(i, Ok(d)) => self.take(i, d),
+                Woken::Lane(_, Err(e)) => return Err(e),
+                Woken::Deadline => {}
+            }
+        }
+    }
+
+    /// Takes a head from every lane without one, as far as deliveries are ready now.
+    fn fill(&mut self) -> Result<()> {
+        for i in 0..self.lanes.len() {
+            while self.lanes[i].head.is_none() {
+                let ready = self.lanes[i].sub.next().now_or_never();
+                match ready {
+                    None => {
+                        self.lanes[i].seen_empty = true;
+                        break;
+                    }
+                    Some(Ok(d)) => self.take(i, d),
+                    Some(Err(e)) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for a delivery on the empty lanes above `deadline`'s lane (every lane without a
+    /// deadline), or for the deadline.
+    async fn wait(&mut self, deadline: Option<(usize, tokio::time::Instant)>) -> Woken {
+        let above = deadline.map_or(self.lanes.len(), |(i, _)| i);
+        let mut pending: Vec<(usize, LaneNext<'_>)> = self.lanes[..above]
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, l)| l.head.is_none())
+            .map(|(i, l)| (i, l.sub.next()))
+            .collect();
+        let mut sleep = deadline.map(|(_, at)| Box::pin(tokio::time::sleep_until(at)));
         std::future::poll_fn(move |cx| {
-            for f in &mut futures {
+            for (i, f) in &mut pending {
                 if let Poll::Ready(r) = f.as_mut().poll(cx) {
-                    return Poll::Ready(r);
+                    return Poll::Ready(Woken::Lane(*i, r));
+                }
+            }
+            if let Some(s) = &mut sleep {
+                if s.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Woken::Deadline);
                 }
             }
             Poll::Pending
@@ -898,59 +1100,109 @@ impl QueueSubscription {
         .await
     }
 
-    /// The next delivery to hand over. Cancel-safe.
-    pub async fn next(&mut self) -> Result<Delivery> {
-        loop {
-            let d = self.next_raw().await?;
-            let now = SystemTime::now();
-            let topic = d.topic().to_string();
-            if d.expires_at().is_some_and(|at| at <= now) {
-                self.recorder.record(&topic, Event::Expired);
-                settle_in_background("expired", d.ack());
-                continue;
+    /// A delivery from lane `i`: held as its head unless it is not to be handed over.
+    fn take(&mut self, i: usize, d: Delivery) {
+        let now = tokio::time::Instant::now();
+        let head = self.admit(d).map(|(delivery, key, attempt)| Held {
+            delivery,
+            key,
+            attempt,
+            taken: now,
+            overdue: false,
+        });
+        if let Some(lane) = self.lanes.get_mut(i) {
+            if lane.seen_empty {
+                lane.seen_empty = false;
+                lane.ready_since = now;
             }
-            let key = dedup_key(d.message());
-            if let Some(handled) = &self.handled {
-                if handled.lock().contains(&key) {
-                    self.recorder.record(&topic, Event::Deduplicated);
-                    settle_in_background("duplicate", d.ack());
-                    continue;
+            lane.head = head;
+        }
+    }
+
+    /// Checks a delivery: expired, duplicate, not due yet or past `max_attempts`, it is settled
+    /// here (in the background) and `None` returned; else the delivery, its de-duplication key
+    /// and its attempt (deferrals not counted).
+    fn admit(&self, d: Delivery) -> Option<(Delivery, String, u32)> {
+        let now = SystemTime::now();
+        let topic = d.topic().to_string();
+        if d.expires_at().is_some_and(|at| at <= now) {
+            self.recorder.record(&topic, Event::Expired);
+            settle_in_background("expired", d.ack());
+            return None;
+        }
+        let key = dedup_key(d.message());
+        if let Some(handled) = &self.handled {
+            if handled.lock().contains(&key) {
+                self.recorder.record(&topic, Event::Deduplicated);
+                settle_in_background("duplicate", d.ack());
+                return None;
+            }
+        }
+        // Due by its delay header, and (when the backend capped a retry's nack delay, as Redis
+        // does at the ack timeout) by the retry delay this subscription's group asked for.
+        let retry_due = self.deferrals.lock().due(&key, now);
+        let due = d.deliver_at().into_iter().chain(retry_due).max();
+        if let Some(at) = due {
+            if let Ok(left) = at.duration_since(now) {
+                if !left.is_zero() {
+                    self.defer(d, &key, left);
+                    return None;
                 }
             }
-            // Due by its delay header, and (when the backend capped a retry's nack delay, as
-            // Redis does at the ack timeout) by the retry delay this subscription asked for.
-            let retry_due = self.deferrals.lock().due(&key, now);
-            let due = d.deliver_at().into_iter().chain(retry_due).max();
-            if let Some(at) = due {
-                if let Ok(left) = at.duration_since(now) {
-                    if !left.is_zero() {
-                        self.defer(d, &key, left);
-                        continue;
-                    }
-                }
-            }
-            let deferred = self.deferrals.lock().get(&key);
-            let attempt = d.attempt().saturating_sub(deferred).max(1);
-            if attempt > self.max_attempts {
-                // Its last attempt timed out: dead-letter it, as the backend would have.
-                self.recorder.record(&topic, Event::DeadLettered);
-                settle_in_background("past max_attempts", d.reject("max_attempts"));
+        }
+        let deferred = self.deferrals.lock().get(&key);
+        let attempt = d.attempt().saturating_sub(deferred).max(1);
+        if attempt > self.max_attempts {
+            // Its last attempt timed out: dead-letter it, as the backend would have.
+            self.recorder.record(&topic, Event::DeadLettered);
+            settle_in_background("past max_attempts", d.reject("max_attempts"));
+            return None;
+        }
+        Some((d, key, attempt))
+    }
+
+    /// Hands lane `i`'s head over.
+    fn hand_over(&mut self, i: usize) -> Option<Delivery> {
+        let held = self.lanes.get_mut(i)?.head.take()?;
+        let d = held.delivery;
+        self.recorder.record(d.topic(), Event::Delivered);
+        let (message, topic, _, acker) = d.into_parts();
+        let acker = QueueAcker {
+            inner: Some(acker),
+            recorder: self.recorder.clone(),
+            topic: topic.clone(),
+            attempt: held.attempt,
+            max_attempts: self.max_attempts,
+            key: held.key,
+            handled: self.handled.clone(),
+            deferrals: self.deferrals.clone(),
+            enforce_retry_delay: self.backend_max_attempts > self.max_attempts,
+        };
+        Some(Delivery::new(message, topic, held.attempt, Box::new(acker)))
+    }
+
+    /// Returns the heads held for too long to the backend (for redelivery, as a deferral), so
+    /// that they do not reach their ack timeout here. A head out of deferrals stays, overdue.
+    fn return_stale(&mut self) {
+        let now = tokio::time::Instant::now();
+        for lane in &mut self.lanes {
+            let stale = lane
+                .head
+                .as_ref()
+                .is_some_and(|h| !h.overdue && now.duration_since(h.taken) >= self.stale_after);
+            if !stale {
                 continue;
             }
-            self.recorder.record(&topic, Event::Delivered);
-            let (message, topic, _, acker) = d.into_parts();
-            let acker = QueueAcker {
-                inner: Some(acker),
-                recorder: self.recorder.clone(),
-                topic: topic.clone(),
-                attempt,
-                max_attempts: self.max_attempts,
-                key,
-                handled: self.handled.clone(),
-                deferrals: self.deferrals.clone(),
-                enforce_retry_delay: self.backend_max_attempts > self.max_attempts,
+            let Some(held) = lane.head.take() else {
+                continue;
             };
-            return Ok(Delivery::new(message, topic, attempt, Box::new(acker)));
+            match release(&self.deferrals, self.backend_max_attempts, held) {
+                Ok(nack) => settle_in_background("stale lane head", nack),
+                Err(mut held) => {
+                    held.overdue = true;
+                    lane.head = Some(*held);
+                }
+            }
         }
     }
 
@@ -970,15 +1222,50 @@ impl QueueSubscription {
         settle_in_background("deferral", d.nack(Some(delay)));
     }
 
-    /// Leaves every lane.
-    pub async fn close(self) -> Result<()> {
+    /// Returns the held lane heads to the backend, then leaves every lane.
+    pub async fn close(mut self) -> Result<()> {
+        let lanes = std::mem::take(&mut self.lanes);
+        let mut subs = Vec::with_capacity(lanes.len());
+        for lane in lanes {
+            if let Some(held) = lane.head {
+                if let Ok(nack) = release(&self.deferrals, self.backend_max_attempts, held) {
+                    if let Err(e) = nack.await {
+                        tracing::warn!(error = %e, "queue: returning a held lane head failed");
+                    }
+                }
+            }
+            subs.push(lane.sub);
+        }
         let mut first_error = None;
-        for lane in self.lanes {
-            if let Err(e) = lane.close().await {
+        for sub in subs {
+            if let Err(e) = sub.close().await {
                 first_error.get_or_insert(e);
             }
         }
         first_error.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for QueueSubscription {
+    fn drop(&mut self) {
+        // Return the held lane heads before the lanes go: as far as the nack goes without
+        // waiting now, the rest in the background.
+        for lane in &mut self.lanes {
+            let Some(held) = lane.head.take() else {
+                continue;
+            };
+            let Ok(nack) = release(&self.deferrals, self.backend_max_attempts, held) else {
+                continue;
+            };
+            let mut nack = Box::pin(nack);
+            match (&mut nack).now_or_never() {
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "queue: returning a held lane head failed");
+                }
+                None => settle_in_background("held lane head", nack),
+            }
+        }
     }
 }
 
@@ -1247,5 +1534,306 @@ mod tests {
         let m = BackendMessage::new("x").with_id("m1");
         let r = m.clone().with_header(REDRIVEN_HEADER, "1");
         assert_ne!(dedup_key(&m), dedup_key(&r));
+    }
+
+    /// Priority-lane tests: the embedded engine (in memory) with its priorities left to the
+    /// queue, so that the queue's lanes are separate topics there, as on NATS or RabbitMQ. It
+    /// records the backend's own attempt count of every delivery it hands to the queue.
+    mod lanes {
+        use super::*;
+        use crate::adapters::embedded::EmbeddedBackend;
+
+        type Seen = Arc<Mutex<Vec<(String, u32)>>>;
+
+        #[derive(Debug)]
+        struct EmulatedLanes {
+            engine: EmbeddedBackend,
+            seen: Seen,
+        }
+
+        struct Recording {
+            sub: Box<dyn BackendSubscription>,
+            seen: Seen,
+        }
+
+        #[async_trait]
+        impl BackendSubscription for Recording {
+            async fn next(&mut self) -> Result<Delivery> {
+                let d = self.sub.next().await?;
+                self.seen.lock().push((
+                    String::from_utf8_lossy(&d.payload).into_owned(),
+                    d.attempt(),
+                ));
+                Ok(d)
+            }
+
+            async fn close(self: Box<Self>) -> Result<()> {
+                self.sub.close().await
+            }
+        }
+
+        #[async_trait]
+        impl Backend for EmulatedLanes {
+            fn name(&self) -> &'static str {
+                "emulated-lanes"
+            }
+
+            fn capabilities(&self) -> Capabilities {
+                Capabilities {
+                    priority: Support::Emulated,
+                    ..EmbeddedBackend::capabilities()
+                }
+            }
+
+            async fn publish(&self, topic: &str, message: BackendMessage) -> Result<PublishAck> {
+                self.engine.publish(topic, message).await
+            }
+
+            async fn publish_batch(
+                &self,
+                topic: &str,
+                messages: Vec<BackendMessage>,
+            ) -> Result<Vec<PublishAck>> {
+                self.engine.publish_batch(topic, messages).await
+            }
+
+            async fn subscribe(
+                &self,
+                mut options: SubscribeOptions,
+            ) -> Result<Box<dyn BackendSubscription>> {
+                // An engine group has one filter: a group per lane, as NATS makes.
+                if let Some(g) = &mut options.group {
+                    *g = format!("{g}@{}", options.filter);
+                }
+                Ok(Box::new(Recording {
+                    sub: self.engine.subscribe(options).await?,
+                    seen: self.seen.clone(),
+                }))
+            }
+
+            async fn dead_letters(&self, topic: &str) -> Result<Box<dyn BackendSubscription>> {
+                self.engine.dead_letters(topic).await
+            }
+
+            async fn redrive_dead_letters(&self, topic: &str, max: usize) -> Result<usize> {
+                self.engine.redrive_dead_letters(topic, max).await
+            }
+
+            async fn purge_dead_letters(&self, topic: &str) -> Result<usize> {
+                self.engine.purge_dead_letters(topic).await
+            }
+
+            async fn delete_topic(&self, topic: &str) -> Result<()> {
+                self.engine.delete_topic(topic).await
+            }
+
+            async fn close(&self) -> Result<()> {
+                self.engine.close().await
+            }
+        }
+
+        /// A queue over emulated lanes, and what the backend delivered to it.
+        fn queue(look_ahead: Duration) -> (Queue, Seen) {
+            let seen = Seen::default();
+            let backend = EmulatedLanes {
+                engine: EmbeddedBackend::memory(1000),
+                seen: seen.clone(),
+            };
+            let config = QueueConfig {
+                priority_look_ahead: look_ahead,
+                ..QueueConfig::default()
+            };
+            (Queue::with_config(Arc::new(backend), config), seen)
+        }
+
+        fn msg(payload: &'static str, priority: Priority) -> BackendMessage {
+            BackendMessage::new(payload).with_priority(priority)
+        }
+
+        fn text(d: &Delivery) -> String {
+            String::from_utf8_lossy(&d.payload).into_owned()
+        }
+
+        /// The next delivery (a second of paused time at most), acknowledged; its payload and
+        /// attempt.
+        async fn take(sub: &mut QueueSubscription) -> Result<(String, u32)> {
+            let d = tokio::time::timeout(Duration::from_secs(1), sub.next())
+                .await
+                .map_err(|_| BackendError::Invalid("no delivery within 1 s".into()))??;
+            let got = (text(&d), d.attempt());
+            d.ack().await?;
+            Ok(got)
+        }
+
+        fn publish_later(q: &Queue, after: Duration, m: BackendMessage) {
+            let q = q.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                q.publish("jobs", m).await
+            });
+        }
+
+        fn options() -> SubscribeOptions {
+            SubscribeOptions::new("jobs").group("workers")
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn higher_lanes_first_when_several_are_ready() -> Result<()> {
+            // No look-ahead: the order comes from the lanes' held heads alone.
+            let (q, _) = queue(Duration::ZERO);
+            let mut sub = q.subscribe(options()).await?;
+            for (payload, priority) in [
+                ("low-1", Priority::Low),
+                ("normal-1", Priority::Normal),
+                ("low-2", Priority::Low),
+                ("high-1", Priority::High),
+                ("normal-2", Priority::Normal),
+                ("high-2", Priority::High),
+            ] {
+                q.publish("jobs", msg(payload, priority)).await?;
+            }
+            let mut got = Vec::new();
+            for _ in 0..6 {
+                got.push(take(&mut sub).await?.0);
+            }
+            assert_eq!(
+                got,
+                ["high-1", "high-2", "normal-1", "normal-2", "low-1", "low-2"]
+            );
+            Ok(())
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn look_ahead_waits_for_a_higher_lane_within_the_window() -> Result<()> {
+            let (q, _) = queue(Duration::from_millis(25));
+            let mut sub = q.subscribe(options()).await?;
+
+            // A higher delivery 10 ms behind a lower one goes first.
+            q.publish("jobs", msg("low", Priority::Low)).await?;
+            publish_later(&q, Duration::from_millis(10), msg("high", Priority::High));
+            let start = tokio::time::Instant::now();
+            assert_eq!(take(&mut sub).await?.0, "high");
+            assert_eq!(start.elapsed(), Duration::from_millis(10));
+            assert_eq!(take(&mut sub).await?.0, "low");
+
+            // One 40 ms behind does not: the lower one waits the window, no longer.
+            q.publish("jobs", msg("normal", Priority::Normal)).await?;
+            publish_later(&q, Duration::from_millis(40), msg("late", Priority::High));
+            let start = tokio::time::Instant::now();
+            assert_eq!(take(&mut sub).await?.0, "normal");
+            assert_eq!(start.elapsed(), Duration::from_millis(25));
+            assert_eq!(take(&mut sub).await?.0, "late");
+            assert_eq!(start.elapsed(), Duration::from_millis(40));
+
+            // A lane with a backlog waits once, not once per delivery.
+            for payload in ["n1", "n2", "n3"] {
+                q.publish("jobs", msg(payload, Priority::Normal)).await?;
+            }
+            let start = tokio::time::Instant::now();
+            for payload in ["n1", "n2", "n3"] {
+                assert_eq!(take(&mut sub).await?.0, payload);
+            }
+            assert_eq!(start.elapsed(), Duration::from_millis(25));
+            Ok(())
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn zero_look_ahead_hands_over_at_once() -> Result<()> {
+            let (q, _) = queue(Duration::ZERO);
+            let mut sub = q.subscribe(options()).await?;
+            q.publish("jobs", msg("low", Priority::Low)).await?;
+            publish_later(&q, Duration::from_millis(10), msg("high", Priority::High));
+            let start = tokio::time::Instant::now();
+            assert_eq!(take(&mut sub).await?.0, "low");
+            assert_eq!(start.elapsed(), Duration::ZERO);
+            assert_eq!(take(&mut sub).await?.0, "high");
+            assert_eq!(start.elapsed(), Duration::from_millis(10));
+            Ok(())
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn look_ahead_is_clamped_to_a_quarter_of_the_ack_timeout() -> Result<()> {
+            let (q, _) = queue(Duration::from_secs(10));
+            let mut sub = q
+                .subscribe(options().ack_timeout(Duration::from_millis(200)))
+                .await?;
+            q.publish("jobs", msg("low", Priority::Low)).await?;
+            let start = tokio::time::Instant::now();
+            assert_eq!(take(&mut sub).await?.0, "low");
+            assert_eq!(start.elapsed(), Duration::from_millis(50));
+            Ok(())
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn held_heads_return_to_another_subscriber_when_dropped() -> Result<()> {
+            let (q, seen) = queue(Duration::from_millis(25));
+            let opts = options().max_attempts(1);
+            let mut first = q.subscribe(opts.clone()).await?;
+            q.publish("jobs", msg("high", Priority::High)).await?;
+            q.publish("jobs", msg("low", Priority::Low)).await?;
+            assert_eq!(take(&mut first).await?, ("high".to_string(), 1));
+            // "low" was taken from its lane with "high", and is held.
+            assert!(format!("{first:?}").contains("held: 1"), "{first:?}");
+            drop(first);
+
+            let mut second = q.subscribe(opts).await?;
+            // Returned by the first subscriber, it is the backend's second attempt, but the
+            // first one that counts: not dead-lettered with max_attempts 1.
+            assert_eq!(take(&mut second).await?, ("low".to_string(), 1));
+            let low: Vec<u32> = seen
+                .lock()
+                .iter()
+                .filter(|(p, _)| p == "low")
+                .map(|(_, a)| *a)
+                .collect();
+            assert_eq!(low, [1, 2]);
+            assert_eq!(q.stats().dead_lettered, 0);
+            assert!(q.dead_letters("jobs", 10).await?.is_empty());
+            Ok(())
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn returning_a_stale_head_does_not_count_as_an_attempt() -> Result<()> {
+            let (q, seen) = queue(Duration::from_millis(25));
+            // Stale after 100 ms.
+            let mut sub = q
+                .subscribe(
+                    options()
+                        .max_attempts(1)
+                        .ack_timeout(Duration::from_millis(300)),
+                )
+                .await?;
+            q.publish("jobs", msg("high", Priority::High)).await?;
+            q.publish("jobs", msg("low", Priority::Low)).await?;
+            assert_eq!(take(&mut sub).await?, ("high".to_string(), 1));
+            // "low" is held; it goes stale while nobody asks for it, and is returned to the
+            // backend (redelivered at once) by the next `next`.
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            assert_eq!(take(&mut sub).await?, ("low".to_string(), 1));
+            let low: Vec<u32> = seen
+                .lock()
+                .iter()
+                .filter(|(p, _)| p == "low")
+                .map(|(_, a)| *a)
+                .collect();
+            assert_eq!(low, [1, 2], "returned to the backend once");
+            let stats = sub.stats();
+            assert_eq!((stats.delivered, stats.acked), (2, 2));
+            assert_eq!((stats.nacked, stats.dead_lettered), (0, 0));
+            Ok(())
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn close_returns_held_heads() -> Result<()> {
+            let (q, _) = queue(Duration::from_millis(25));
+            let mut first = q.subscribe(options()).await?;
+            q.publish("jobs", msg("normal", Priority::Normal)).await?;
+            q.publish("jobs", msg("high", Priority::High)).await?;
+            assert_eq!(take(&mut first).await?.0, "high");
+            first.close().await?;
+            let mut second = q.subscribe(options()).await?;
+            assert_eq!(take(&mut second).await?, ("normal".to_string(), 1));
+            Ok(())
+        }
     }
 }

@@ -106,15 +106,6 @@ pub mod fixtures {
             format!("{base}?stream=FERRY_CONFORMANCE&prefix=ferry-conformance&inactive_s=300"),
         )
         .await
-        .map(|f| Fixture {
-            known_issues: &[(
-                "queue_priority_lanes",
-                "the lane subscriptions' pull consumers do not always have their buffered \
-                 messages ready on the same poll, so a lower lane can be handed over first \
-                 (seen in 2 of 4 CI runs); the Queue's lane selection needs fixing",
-            )],
-            ..f
-        })
     }
 
     pub async fn redis() -> Option<Fixture> {
