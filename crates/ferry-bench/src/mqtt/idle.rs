@@ -16,16 +16,26 @@ use super::brokers::BrokerProcess;
 const CONCURRENCY: usize = 128;
 /// Keep-alive of the idle clients, seconds: far longer than a run.
 const KEEP_ALIVE: u16 = 600;
+/// When the first RSS reading with every connection open is taken, after the last CONNACK.
+const SETTLE_FIRST: Duration = Duration::from_secs(5);
+/// Between two RSS readings while the broker settles.
+const SETTLE_POLL: Duration = Duration::from_secs(1);
+/// The RSS counts as settled once two readings differ by less than this.
+const SETTLE_DELTA: u64 = 256 * 1024;
+/// The longest the readings go on, after the first one.
+const SETTLE_MAX: Duration = Duration::from_secs(15);
 
 /// The result of an idle-connection run.
 #[derive(Debug)]
 pub struct IdleResult {
     /// Connections held open.
     pub connections: usize,
-    /// Broker RSS before the first connection, bytes.
+    /// Broker RSS with one warm-up connection open, before the measured ones, bytes.
     pub rss_before: u64,
     /// Broker RSS with every connection open (after settling), bytes.
     pub rss_after: u64,
+    /// From the last CONNACK to the RSS reading taken as settled.
+    pub settle: Duration,
     /// The broker's threads with every connection open.
     pub threads: u64,
     /// Time to open every connection (CONNECT -> CONNACK, `CONCURRENCY` at a time).
@@ -71,19 +81,38 @@ async fn open(broker: std::net::SocketAddr, client_id: String) -> Result<TcpStre
 }
 
 /// Opens `n` idle connections to `broker`, reads its RSS, closes them.
+///
+/// One warm-up connection is opened before the RSS before is read, so that what the broker
+/// allocates once, on its first connection, is not counted per connection. The RSS with every
+/// connection open is read from [`SETTLE_FIRST`] after the last CONNACK on, once a
+/// [`SETTLE_POLL`], until two readings differ by less than [`SETTLE_DELTA`] (at most
+/// [`SETTLE_MAX`] more): allocators return memory to the system some time after a burst.
 pub async fn run(broker: &mut BrokerProcess, n: usize) -> Result<IdleResult> {
+    let addr = broker.addr;
+    let warmup = open(addr, "idle-warmup".to_string()).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let rss_before = broker.rss()?;
-    let addr = broker.addr;
     let start = Instant::now();
     let conns: Vec<TcpStream> = stream::iter(0..n)
         .map(|i| open(addr, format!("idle-{i}")))
         .buffer_unordered(CONCURRENCY)
         .try_collect()
         .await?;
-    let connect_time = start.elapsed();
-    // Let the broker finish whatever follows a CONNACK (and allocators settle).
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let connected = Instant::now();
+    let connect_time = connected - start;
+    tokio::time::sleep(SETTLE_FIRST).await;
+    let mut rss_after = broker.rss()?;
+    let polling = Instant::now();
+    while polling.elapsed() < SETTLE_MAX {
+        tokio::time::sleep(SETTLE_POLL).await;
+        let now = broker.rss()?;
+        let settled = now.abs_diff(rss_after) < SETTLE_DELTA;
+        rss_after = now;
+        if settled {
+            break;
+        }
+    }
+    let settle = connected.elapsed();
     if !broker.alive() {
         bail!(
             "{} died holding idle connections:\n{}",
@@ -91,13 +120,14 @@ pub async fn run(broker: &mut BrokerProcess, n: usize) -> Result<IdleResult> {
             broker.log_tail()
         );
     }
-    let rss_after = broker.rss()?;
     let threads = broker.threads().unwrap_or(0);
     drop(conns);
+    drop(warmup);
     Ok(IdleResult {
         connections: n,
         rss_before,
         rss_after,
+        settle,
         threads,
         connect_time,
     })

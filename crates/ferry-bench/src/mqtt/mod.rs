@@ -149,7 +149,10 @@ const TABLE: Table = Table {
              at most --window undelivered messages each.\n\
              Latency: publish call -> delivery, every measured message, under that full load.\n\
              RSS MiB: broker VmRSS at the end of the run (peak in the notes). B/conn: (broker \
-             RSS with the idle connections open - before) / connections.\n\
+             RSS with the idle connections open - before, with one warm-up connection open) / \
+             connections; that RSS is read from 5 s after the last CONNACK until it changes by \
+             < 256 KiB between readings 1 s apart (at most 15 s more; settle_s: last CONNACK -> \
+             that reading).\n\
              ferry/x: Ferry's msgs/s / this row's (> 1: Ferry is faster). mem f/x: Ferry's RSS \
              (idle: bytes per connection) / this row's (< 1: Ferry uses less).\n\
              cpu ns: the broker process's CPU time (all threads, 10 ms resolution) per delivery.",
@@ -315,6 +318,7 @@ pub fn run(args: &Args) -> Result<()> {
                     row.add("connections", Extra::Count(r.connections as u64));
                     row.add("broker_threads", Extra::Count(r.threads));
                     row.add("rss_before_mib", Extra::Value(mib(r.rss_before)));
+                    row.add("settle_s", Extra::Value(r.settle.as_secs_f64()));
                     row.add(
                         "connects_per_s",
                         Extra::Value(r.connections as f64 / r.connect_time.as_secs_f64().max(1e-9)),
