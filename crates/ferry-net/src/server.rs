@@ -37,8 +37,9 @@ pub enum ServeError {
         /// The engine's error.
         source: ferry::storage::StorageError,
     },
-    /// A listener could not be bound.
-    #[error("binding {what} on {addr}: {source}")]
+    /// A listener could not be bound. The message says what to do when the address is taken;
+    /// the I/O error follows as the source.
+    #[error("binding {what} on {addr}{}", bind_hint(what, source))]
     Bind {
         /// `MQTT` or `HTTP`.
         what: &'static str,
@@ -124,6 +125,27 @@ impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsL
 {
     fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
         PeerAddr(*stream.remote_addr())
+    }
+}
+
+/// What a failed bind means for the person starting the server (empty when the I/O error,
+/// the source, says it all).
+fn bind_hint(what: &str, e: &std::io::Error) -> String {
+    let (flag, var) = match what {
+        "MQTT" => ("--mqtt-listen", "FERRY_MQTT_LISTEN"),
+        "MQTT TLS" => ("--mqtt-tls-listen", "FERRY_MQTT_TLS_LISTEN"),
+        _ => ("--http-listen", "FERRY_HTTP_LISTEN"),
+    };
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => format!(
+            ": the port is already in use by another process (another broker, or another \
+             `ferry serve`); stop it or choose another address with {flag} or {var}"
+        ),
+        std::io::ErrorKind::PermissionDenied => format!(
+            ": not allowed (ports below 1024 need privileges); choose another address with \
+             {flag} or {var}"
+        ),
+        _ => String::new(),
     }
 }
 
@@ -376,4 +398,30 @@ pub async fn serve(config: ServeConfig) -> Result<ShutdownReport, ServeError> {
     let server = Server::start(&config, broker).await?;
     wait_for_signal().await?;
     Ok(server.shutdown().await)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_port_in_use_is_explained() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let err = bind("MQTT", addr).await.err().unwrap();
+        let shown = format!("{err}");
+        assert_eq!(
+            shown,
+            format!(
+                "binding MQTT on {addr}: the port is already in use by another process (another \
+                 broker, or another `ferry serve`); stop it or choose another address with \
+                 --mqtt-listen or FERRY_MQTT_LISTEN"
+            )
+        );
+        // The OS error comes once, as the source.
+        let source = std::error::Error::source(&err).unwrap().to_string();
+        assert!(!shown.contains(&source), "{shown} / {source}");
+    }
 }
