@@ -21,10 +21,12 @@ use tracing_subscriber::EnvFilter;
 mod admin;
 mod client;
 mod demo;
+mod memory;
 mod serve;
 
 /// mimalloc rather than glibc's malloc: a broker allocates records on publishing threads and
 /// frees them on consuming threads, a pattern that makes glibc grow and trim per-thread heaps.
+/// `ferry serve` has it return free memory once a second ([`memory`]).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -115,7 +115,10 @@ impl ServeArgs {
 
 /// Runs the server until SIGINT/SIGTERM.
 pub async fn run(config: ServeConfig) -> anyhow::Result<ExitCode> {
-    let report = ferry_net::serve(config).await?;
+    let collector = tokio::spawn(crate::memory::collect_periodically());
+    let served = ferry_net::serve(config).await;
+    collector.abort();
+    let report = served?;
     tracing::info!(
         drained = report.drained,
         published = report.counters.published,
