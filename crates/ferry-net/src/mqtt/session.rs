@@ -114,11 +114,16 @@ fn now_ms() -> u64 {
     u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
+/// Wakes the connections waiting for another to be done with its session (takeovers): one for
+/// the process rather than one per connection, which keeps [`Control`] small. A takeover is
+/// rare; each waiter re-checks its own connection's flag when woken.
+static DONE_NOTIFY: Notify = Notify::const_new();
+
 /// A live connection's control block, shared by its task and the registry: one small
 /// allocation that carries takeover, shutdown and keep-alive expiry to the task (flags set by
 /// the registry, then a wake), the time of the task's last input (checked by
 /// [`Sessions::expire_keep_alive`] rather than by a timer per connection), and the end of the
-/// task to a connection taking the session over.
+/// task to a connection taking the session over (through [`DONE_NOTIFY`]).
 pub struct Control {
     state: AtomicU8,
     /// Keep-alive timeout in milliseconds; 0: none.
@@ -127,8 +132,6 @@ pub struct Control {
     last_input: AtomicU64,
     /// The connection task, woken by a kick.
     waker: AtomicWaker,
-    /// Connections waiting for this one to be done.
-    done: Notify,
 }
 
 impl Control {
@@ -138,7 +141,6 @@ impl Control {
             timeout_ms: keep_alive.map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
             last_input: AtomicU64::new(now_ms()),
             waker: AtomicWaker::new(),
-            done: Notify::new(),
         }
     }
 
@@ -187,13 +189,14 @@ impl Control {
 
     fn finish(&self) {
         self.state.fetch_or(DONE, Ordering::AcqRel);
-        self.done.notify_waiters();
+        DONE_NOTIFY.notify_waiters();
     }
 
-    /// Waits until the connection is done with its session.
+    /// Waits until the connection is done with its session (woken whenever any connection is
+    /// done; the flag tells whether it was this one).
     async fn wait_done(&self) {
         loop {
-            let notified = self.done.notified();
+            let notified = DONE_NOTIFY.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
             if self.state.load(Ordering::Acquire) & DONE != 0 {
@@ -369,18 +372,36 @@ impl SessionRecord {
     }
 }
 
-/// A connection's registration, returned by [`Sessions::connect`]. Dropping it tells a
-/// connection taking the session over that this one is done with it.
+/// A connection's registration, returned by [`Sessions::connect`].
 pub struct Registration {
     /// Kicks (takeover, shutdown, keep-alive expiry) and input stamps.
-    pub control: Arc<Control>,
+    pub control: Registered,
     /// The resumed session, if there was one and clean start was not asked.
     pub resumed: Option<Box<StoredSession>>,
 }
 
-impl Drop for Registration {
+/// A live connection's hold on its [`Control`]. Dropping it tells a connection taking the
+/// session over that this one is done with it.
+pub struct Registered(Arc<Control>);
+
+impl Registered {
+    /// The control block, shared.
+    pub fn shared(&self) -> Arc<Control> {
+        self.0.clone()
+    }
+}
+
+impl std::ops::Deref for Registered {
+    type Target = Control;
+
+    fn deref(&self) -> &Control {
+        &self.0
+    }
+}
+
+impl Drop for Registered {
     fn drop(&mut self) {
-        self.control.finish();
+        self.0.finish();
     }
 }
 
@@ -571,7 +592,10 @@ impl Sessions {
             }
             _ => None,
         };
-        Registration { control, resumed }
+        Registration {
+            control: Registered(control),
+            resumed,
+        }
     }
 
     /// Kicks every live connection (and those registering from now on) for the server's
@@ -747,7 +771,7 @@ mod tests {
                 .await
         });
         // The old connection sees the kick, then ends (its registration dropped).
-        let control = old.control.clone();
+        let control = old.control.shared();
         std::future::poll_fn(|cx| {
             control
                 .poll_kicked(cx)
