@@ -259,7 +259,8 @@ where
 
 /// The most bytes taken from the socket per read (through a scratch buffer on the stack).
 const READ_CHUNK: usize = 16 * 1024;
-/// The write buffer's first allocation when a packet is queued.
+/// The write buffer's first allocation when a PUBLISH is queued (more usually follow it
+/// before the flush); other packets take only their size.
 const WRITE_CHUNK: usize = 4096;
 
 /// Reads what the stream has (up to [`READ_CHUNK`] bytes) and appends it to `buf`. The read
@@ -517,9 +518,6 @@ where
     /// Queues a packet for writing. Encoding only fails for packets we built wrongly; those
     /// are logged and skipped.
     fn send(&mut self, packet: &Packet) {
-        if self.wbuf.capacity() == 0 {
-            self.wbuf.reserve(WRITE_CHUNK);
-        }
         if let Err(e) = encode(packet, self.version, &mut self.wbuf) {
             tracing::error!(client = self.neg.client_id, packet = %packet.packet_type(), error = %e, "encoding failed");
         }
@@ -1257,6 +1255,9 @@ where
             }
         } else {
             settle(handle);
+        }
+        if self.wbuf.capacity() == 0 {
+            self.wbuf.reserve(WRITE_CHUNK);
         }
         self.send(&packet);
         self.sent = self.sent.saturating_add(1);
