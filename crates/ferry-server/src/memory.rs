@@ -52,7 +52,9 @@ mod tests {
         let data: Vec<Vec<u8>> = (0..1000).map(|i| vec![0u8; 64 + i]).collect();
         drop(data);
         collect();
-        std::thread::spawn(collect).join().expect("collect on another thread");
+        std::thread::spawn(collect)
+            .join()
+            .expect("collect on another thread");
         // The allocator still works after a collection.
         let v = vec![1u8; 4096];
         assert_eq!(v.iter().map(|&b| usize::from(b)).sum::<usize>(), 4096);
