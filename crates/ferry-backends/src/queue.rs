@@ -1222,23 +1222,27 @@ impl QueueSubscription {
         settle_in_background("deferral", d.nack(Some(delay)));
     }
 
+    /// Takes the held lane heads out of the lanes, as nacks that return them to the backend
+    /// (a head out of deferrals is dropped here, with its delivery).
+    fn release_heads(&mut self) -> Vec<impl Future<Output = Result<()>> + Send + 'static> {
+        let (deferrals, backend_max_attempts) = (&self.deferrals, self.backend_max_attempts);
+        self.lanes
+            .iter_mut()
+            .filter_map(|lane| lane.head.take())
+            .filter_map(|held| release(deferrals, backend_max_attempts, held).ok())
+            .collect()
+    }
+
     /// Returns the held lane heads to the backend, then leaves every lane.
     pub async fn close(mut self) -> Result<()> {
-        let lanes = std::mem::take(&mut self.lanes);
-        let mut subs = Vec::with_capacity(lanes.len());
-        for lane in lanes {
-            if let Some(held) = lane.head {
-                if let Ok(nack) = release(&self.deferrals, self.backend_max_attempts, held) {
-                    if let Err(e) = nack.await {
-                        tracing::warn!(error = %e, "queue: returning a held lane head failed");
-                    }
-                }
+        for nack in self.release_heads() {
+            if let Err(e) = nack.await {
+                tracing::warn!(error = %e, "queue: returning a held lane head failed");
             }
-            subs.push(lane.sub);
         }
         let mut first_error = None;
-        for sub in subs {
-            if let Err(e) = sub.close().await {
+        for lane in std::mem::take(&mut self.lanes) {
+            if let Err(e) = lane.sub.close().await {
                 first_error.get_or_insert(e);
             }
         }
@@ -1250,13 +1254,7 @@ impl Drop for QueueSubscription {
     fn drop(&mut self) {
         // Return the held lane heads before the lanes go: as far as the nack goes without
         // waiting now, the rest in the background.
-        for lane in &mut self.lanes {
-            let Some(held) = lane.head.take() else {
-                continue;
-            };
-            let Ok(nack) = release(&self.deferrals, self.backend_max_attempts, held) else {
-                continue;
-            };
+        for nack in self.release_heads() {
             let mut nack = Box::pin(nack);
             match (&mut nack).now_or_never() {
                 Some(Ok(())) => {}
@@ -1665,6 +1663,15 @@ mod tests {
             Ok(got)
         }
 
+        /// The backend's attempt counts of the deliveries of `payload` it handed to the queue.
+        fn backend_attempts(seen: &Seen, payload: &str) -> Vec<u32> {
+            seen.lock()
+                .iter()
+                .filter(|(p, _)| p == payload)
+                .map(|(_, a)| *a)
+                .collect()
+        }
+
         fn publish_later(q: &Queue, after: Duration, m: BackendMessage) {
             let q = q.clone();
             tokio::spawn(async move {
@@ -1780,12 +1787,7 @@ mod tests {
             // Returned by the first subscriber, it is the backend's second attempt, but the
             // first one that counts: not dead-lettered with max_attempts 1.
             assert_eq!(take(&mut second).await?, ("low".to_string(), 1));
-            let low: Vec<u32> = seen
-                .lock()
-                .iter()
-                .filter(|(p, _)| p == "low")
-                .map(|(_, a)| *a)
-                .collect();
+            let low = backend_attempts(&seen, "low");
             assert_eq!(low, [1, 2]);
             assert_eq!(q.stats().dead_lettered, 0);
             assert!(q.dead_letters("jobs", 10).await?.is_empty());
@@ -1810,12 +1812,7 @@ mod tests {
             // backend (redelivered at once) by the next `next`.
             tokio::time::sleep(Duration::from_millis(150)).await;
             assert_eq!(take(&mut sub).await?, ("low".to_string(), 1));
-            let low: Vec<u32> = seen
-                .lock()
-                .iter()
-                .filter(|(p, _)| p == "low")
-                .map(|(_, a)| *a)
-                .collect();
+            let low = backend_attempts(&seen, "low");
             assert_eq!(low, [1, 2], "returned to the backend once");
             let stats = sub.stats();
             assert_eq!((stats.delivered, stats.acked), (2, 2));
