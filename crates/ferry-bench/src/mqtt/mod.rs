@@ -2,9 +2,11 @@
 //!
 //! Both brokers run as child processes (so that their resident memory can be compared): the
 //! `ferry` binary (`ferry serve --memory --no-http`) and the system's `mosquitto`, each on a free
-//! loopback port, a fresh process for every run. The load generator is this process: rumqttc
-//! clients (MQTT 3.1.1) on a multi-threaded Tokio runtime, one client per connection (see
-//! [`load`]), and raw CONNECTs for the idle connections (see [`idle`]).
+//! loopback port, a fresh process for every run. The load generator is this process, the same
+//! for both brokers: a lean MQTT 3.1.1 client of its own (a raw `TcpStream` and the workspace's
+//! `ferry-mqtt` codec, PUBLISHes written many per system call) on a multi-threaded Tokio
+//! runtime, one task per connection (see [`load`]), and raw CONNECTs for the idle connections
+//! (see [`idle`]).
 //!
 //! Scenarios, each at QoS 0 and QoS 1 with 100 B payloads: `fan-in` (8 publishers, a topic
 //! each -> 1 subscriber to `+`), `fan-out` (1 publisher -> 50 subscribers), `shared` (8
@@ -22,7 +24,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Args as ClapArgs, ValueEnum};
-use rumqttc::QoS;
+use ferry_mqtt::QoS;
 
 use crate::measure::{load_average, median_by, Outcome};
 use crate::report::{Counts, Extra, ExtraColumn, Report, Row, Table};
@@ -145,9 +147,10 @@ const TABLE: Table = Table {
         },
     ],
     legend: "msgs/s: deliveries (summed over subscribers) / time from the start of the measured \
-             phase to the last delivery; publishers publish as fast as the client lets them, \
+             phase to the last delivery; publishers publish as fast as the connection lets them, \
              at most --window undelivered messages each.\n\
-             Latency: publish call -> delivery, every measured message, under that full load.\n\
+             Latency: publish (the write of its chunk) -> delivery (the read that brought it), \
+             every measured message, under that full load.\n\
              RSS MiB: broker VmRSS at the end of the run (peak in the notes). B/conn: (broker \
              RSS with the idle connections open - before, with one warm-up connection open) / \
              connections; that RSS is read from 5 s after the last CONNACK until it changes by \
@@ -155,7 +158,8 @@ const TABLE: Table = Table {
              that reading).\n\
              ferry/x: Ferry's msgs/s / this row's (> 1: Ferry is faster). mem f/x: Ferry's RSS \
              (idle: bytes per connection) / this row's (< 1: Ferry uses less).\n\
-             cpu ns: the broker process's CPU time (all threads, 10 ms resolution) per delivery.",
+             cpu ns: the broker process's CPU time (all threads, 10 ms resolution) per delivery \
+             (gen_cpu_ns_per_msg in the notes: the load generator's).",
 };
 
 /// One measured run, for the report.
@@ -296,6 +300,12 @@ pub fn run(args: &Args) -> Result<()> {
                     row.add("peak_rss_mib", Extra::Value(mib(r.peak_rss)));
                     row.add("connected_rss_mib", Extra::Value(mib(r.idle_rss)));
                     row.add("qos", Extra::Count(u64::from(q)));
+                    if let Some(cpu) = r.generator_cpu.filter(|_| r.outcome.delivered > 0) {
+                        row.add(
+                            "gen_cpu_ns_per_msg",
+                            Extra::Value(cpu.as_nanos() as f64 / r.outcome.delivered as f64),
+                        );
+                    }
                     row
                 }
                 Run::Idle(r) => {
