@@ -1,7 +1,7 @@
 //! Idle connections: many MQTT 3.1.1 clients that connect and then do nothing, to measure the
 //! broker's resident memory per connection. Each is a raw CONNECT over a `TcpStream` (10,000
-//! rumqttc event loops would cost the generator far more than the brokers), kept open with a
-//! 10-minute keep-alive while the broker's RSS is read.
+//! full clients, each with a task reading its connection, would cost the generator far more
+//! than the brokers), kept open with a 10-minute keep-alive while the broker's RSS is read.
 
 use std::time::{Duration, Instant};
 
