@@ -134,6 +134,33 @@ struct State {
     member_inflight: HashMap<u64, usize>,
 }
 
+/// Timers beyond twice the unsettled deliveries (plus this many) are compacted away.
+const STALE_TIMER_SLACK: usize = 4096;
+
+impl State {
+    /// Adds a timer (an ack deadline or a delivery time) for delivery `tag`.
+    ///
+    /// A settled delivery's timer is not removed when it is settled but dropped when it falls
+    /// due; at a high rate and a long ack timeout (a million acks a second, 30 s) those stale
+    /// timers would pile up by the ten million. So once the queue holds more than twice the
+    /// unsettled deliveries (plus a slack), it drops every stale timer: each compaction follows
+    /// at least as many pushes as timers it keeps, so the cost stays constant per push, and the
+    /// queue stays within a small multiple of what is unsettled.
+    fn push_timer(&mut self, due: Instant, tag: u64) {
+        self.timers.push(due, tag);
+        if self.timers.len() > 2 * self.inflight.len() + STALE_TIMER_SLACK {
+            let inflight = &self.inflight;
+            self.timers.retain(|t, tag| {
+                inflight.get(&tag).is_some_and(|e| match e.phase {
+                    Phase::Delivered { deadline, .. } => deadline == t,
+                    Phase::Delayed { due } => due == t,
+                    Phase::Ready => false,
+                })
+            });
+        }
+    }
+}
+
 /// A record to be dead-lettered once the state lock is released.
 pub(crate) struct DeadJob {
     pub(crate) topic: TopicName,
@@ -445,7 +472,7 @@ impl Consumer {
                             phase: Phase::Delayed { due },
                         },
                     );
-                    st.timers.push(due, tag);
+                    st.push_timer(due, tag);
                 }
                 if prio {
                     for r in scratch.drain(..) {
@@ -597,7 +624,7 @@ impl Consumer {
                 phase: Phase::Delivered { member, deadline },
             },
         );
-        st.timers.push(deadline, tag);
+        st.push_timer(deadline, tag);
         *st.member_inflight.entry(member).or_default() += 1;
         Delivery::manual(record, attempt, self.clone(), tag)
     }
@@ -710,7 +737,7 @@ impl Consumer {
                         if let Some(e) = st.inflight.get_mut(&tag) {
                             e.phase = Phase::Delayed { due };
                         }
-                        st.timers.push(due, tag);
+                        st.push_timer(due, tag);
                         // A member waiting for the next timer must see this earlier one.
                         rearm = true;
                     }
@@ -942,5 +969,55 @@ fn status_error(status: u8) -> RecvError {
         RecvError::Evicted
     } else {
         RecvError::Closed
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::{Broker, Message};
+
+    /// Acknowledged deliveries leave no ack-deadline timers behind beyond a bounded slack: with a
+    /// one-hour ack timeout none of them falls due, so without compaction every one would stay.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn acknowledged_deliveries_do_not_pile_up_timers() {
+        const N: usize = 50_000;
+        let broker = Broker::default();
+        let mut sub = broker
+            .subscription("timers/t")
+            .manual_ack()
+            .ack_timeout(Duration::from_secs(3600))
+            .build()
+            .unwrap();
+        let publisher = broker.publisher("timers/t").unwrap();
+        let mut most = 0;
+        for i in 0..N {
+            publisher.publish(Message::new(vec![1u8; 8])).await.unwrap();
+            let d = sub.recv().await.unwrap();
+            assert_eq!(d.offset(), i as u64);
+            if i % 3 == 0 {
+                // Some deliveries stay unsettled for a while: their timers must survive.
+                d.nack_after(Duration::from_secs(3600)).unwrap();
+            } else {
+                d.ack().unwrap();
+            }
+            most = most.max(sub.consumer.state.lock().timers.len());
+        }
+        let st = sub.consumer.state.lock();
+        let unsettled = st.inflight.len();
+        assert_eq!(
+            unsettled,
+            N.div_ceil(3),
+            "the nacked deliveries wait for their delay"
+        );
+        // The queue never held more than the compaction bound (+1 for the push that triggers
+        // it), and every unsettled delivery still has its timer.
+        assert!(
+            most <= 2 * unsettled + super::STALE_TIMER_SLACK + 1,
+            "{most} timers for {unsettled} unsettled deliveries"
+        );
+        assert!(st.timers.len() >= unsettled);
     }
 }

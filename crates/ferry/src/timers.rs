@@ -60,6 +60,20 @@ impl TimerQueue {
         self.len == 0
     }
 
+    /// Timers held, including stale ones not yet dropped.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Keeps only the timers for which `keep(due, tag)` holds (and drops emptied buckets).
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(Instant, u64) -> bool) {
+        self.buckets.retain(|_, timers| {
+            timers.retain(|&(due, tag)| keep(due, tag));
+            !timers.is_empty()
+        });
+        self.len = self.buckets.values().map(Vec::len).sum();
+    }
+
     pub(crate) fn clear(&mut self) {
         self.buckets.clear();
         self.len = 0;
@@ -108,6 +122,34 @@ mod tests {
                 }
             }
             prop_assert_eq!(seen, offsets.len());
+            prop_assert!(q.is_empty());
+        }
+
+        /// `retain` drops exactly the timers it is told to, and the rest still come out in due
+        /// order at their time.
+        #[test]
+        fn retain_keeps_exactly_the_chosen_timers(
+            offsets in proptest::collection::vec((0u64..5_000_000, any::<bool>()), 1..300)
+        ) {
+            let start = Instant::now();
+            let mut q = TimerQueue { base: Some(start), ..TimerQueue::default() };
+            for (tag, (us, _)) in offsets.iter().enumerate() {
+                q.push(start + Duration::from_micros(*us), tag as u64);
+            }
+            q.retain(|_, tag| offsets[tag as usize].1);
+            let kept = offsets.iter().filter(|(_, k)| *k).count();
+            prop_assert_eq!(q.len(), kept);
+            let mut seen = 0;
+            let mut last_due = start;
+            while let Some(at) = q.next_due() {
+                for (due, tag) in q.pop_due(at).unwrap() {
+                    prop_assert!(offsets[tag as usize].1, "a dropped timer fired");
+                    prop_assert!(due >= last_due && due <= at);
+                    last_due = due;
+                    seen += 1;
+                }
+            }
+            prop_assert_eq!(seen, kept);
             prop_assert!(q.is_empty());
         }
     }
