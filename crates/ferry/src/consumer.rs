@@ -98,6 +98,18 @@ enum Phase {
     Ready,
 }
 
+impl Phase {
+    /// When this phase's timer falls due (an ack deadline or a delivery time); a timer of the
+    /// delivery due at any other time is stale.
+    fn timer(&self) -> Option<Instant> {
+        match *self {
+            Phase::Delivered { deadline, .. } => Some(deadline),
+            Phase::Delayed { due } => Some(due),
+            Phase::Ready => None,
+        }
+    }
+}
+
 struct Inflight {
     record: Arc<Record>,
     cursor: usize,
@@ -151,11 +163,9 @@ impl State {
         if self.timers.len() > 2 * self.inflight.len() + STALE_TIMER_SLACK {
             let inflight = &self.inflight;
             self.timers.retain(|t, tag| {
-                inflight.get(&tag).is_some_and(|e| match e.phase {
-                    Phase::Delivered { deadline, .. } => deadline == t,
-                    Phase::Delayed { due } => due == t,
-                    Phase::Ready => false,
-                })
+                inflight
+                    .get(&tag)
+                    .is_some_and(|e| e.phase.timer() == Some(t))
             });
         }
     }
@@ -636,16 +646,19 @@ impl Consumer {
                 let Some(e) = st.inflight.get_mut(&tag) else {
                     continue;
                 };
+                if e.phase.timer() != Some(t) {
+                    continue; // stale: settled, or re-armed for another time
+                }
                 match e.phase {
-                    Phase::Delivered { member, deadline } if deadline == t => {
+                    Phase::Delivered { member, .. } => {
                         dec(&mut st.member_inflight, member);
                         self.fail(st, tag, dead);
                     }
-                    Phase::Delayed { due } if due == t => {
+                    Phase::Delayed { .. } => {
                         e.phase = Phase::Ready;
                         st.ready.push_back(tag);
                     }
-                    _ => {}
+                    Phase::Ready => {}
                 }
             }
         }
