@@ -1,21 +1,20 @@
 //! Idle connections: many MQTT 3.1.1 clients that connect and then do nothing, to measure the
-//! broker's resident memory per connection. Each is a raw CONNECT over a `TcpStream` (10,000
-//! full clients, each with a task reading its connection, would cost the generator far more
-//! than the brokers), kept open with a 10-minute keep-alive while the broker's RSS is read.
+//! broker's resident memory per connection. Each connects as the throughput scenarios' clients
+//! do ([`Conn::open`]: CONNECT, CONNACK, a 10-minute keep-alive), then keeps only its
+//! `TcpStream` open, with no task reading it (10,000 full clients would cost the generator far
+//! more than the brokers), while the broker's RSS is read.
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{bail, Result};
 use futures::stream::{self, StreamExt as _, TryStreamExt as _};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 use super::brokers::BrokerProcess;
+use super::load::Conn;
 
 /// Connections being opened at once.
 const CONCURRENCY: usize = 128;
-/// Keep-alive of the idle clients, seconds: far longer than a run.
-const KEEP_ALIVE: u16 = 600;
 /// When the first RSS reading with every connection open is taken, after the last CONNACK.
 const SETTLE_FIRST: Duration = Duration::from_secs(5);
 /// Between two RSS readings while the broker settles.
@@ -49,35 +48,10 @@ impl IdleResult {
     }
 }
 
-/// An MQTT 3.1.1 CONNECT: clean session, no will, no credentials.
-fn connect_packet(client_id: &str) -> Result<Vec<u8>> {
-    let id = client_id.as_bytes();
-    let remaining = 10 + 2 + id.len();
-    if remaining > 127 || id.len() > 23 {
-        bail!("client id {client_id:?} too long");
-    }
-    let mut p = Vec::with_capacity(2 + remaining);
-    p.extend_from_slice(&[0x10, remaining as u8, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02]);
-    p.extend_from_slice(&KEEP_ALIVE.to_be_bytes());
-    p.extend_from_slice(&(id.len() as u16).to_be_bytes());
-    p.extend_from_slice(id);
-    Ok(p)
-}
-
+/// A connected client (CONNACK received) that reads nothing more: the connection alone, so
+/// that the generator holds no read buffer per idle connection.
 async fn open(broker: std::net::SocketAddr, client_id: String) -> Result<TcpStream> {
-    let mut s = TcpStream::connect(broker)
-        .await
-        .with_context(|| format!("connecting {client_id}"))?;
-    s.write_all(&connect_packet(&client_id)?).await?;
-    let mut ack = [0u8; 4];
-    tokio::time::timeout(Duration::from_secs(30), s.read_exact(&mut ack))
-        .await
-        .with_context(|| format!("{client_id}: no CONNACK within 30 s"))?
-        .with_context(|| format!("{client_id}: reading the CONNACK"))?;
-    if ack[0] != 0x20 || ack[1] != 2 || ack[3] != 0 {
-        bail!("{client_id}: CONNACK refused: {ack:02x?}");
-    }
-    Ok(s)
+    Ok(Conn::open(broker, client_id).await?.into_stream())
 }
 
 /// Opens `n` idle connections to `broker`, reads its RSS, closes them.
@@ -131,20 +105,4 @@ pub async fn run(broker: &mut BrokerProcess, n: usize) -> Result<IdleResult> {
         threads,
         connect_time,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-
-    use super::*;
-
-    #[test]
-    fn connect_packet_is_mqtt_3_1_1() {
-        let p = connect_packet("ab").unwrap();
-        assert_eq!(
-            p,
-            [0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0x02, 0x58, 0, 2, b'a', b'b']
-        );
-    }
 }

@@ -244,7 +244,7 @@ struct SubTally {
 const MAX_SEQ: u64 = 1 << 36;
 
 /// One client connection: the stream and the bytes read but not decoded yet.
-struct Conn {
+pub(super) struct Conn {
     stream: TcpStream,
     rbuf: BytesMut,
     /// The client id, for errors.
@@ -253,7 +253,7 @@ struct Conn {
 
 impl Conn {
     /// Connects to `addr` as `client_id` (clean session) and waits for a successful CONNACK.
-    async fn open(addr: SocketAddr, client_id: String) -> Result<Self> {
+    pub(super) async fn open(addr: SocketAddr, client_id: String) -> Result<Self> {
         let stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
             .await
             .map_err(|_| {
@@ -280,6 +280,11 @@ impl Conn {
                 other.packet_type()
             ),
         }
+    }
+
+    /// The connection alone (for a client that reads nothing more), without its read buffer.
+    pub(super) fn into_stream(self) -> TcpStream {
+        self.stream
     }
 
     /// Subscribes to `filter` at `qos` and waits for a SUBACK granting it.

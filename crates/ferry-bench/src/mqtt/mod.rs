@@ -5,8 +5,8 @@
 //! loopback port, a fresh process for every run. The load generator is this process, the same
 //! for both brokers: a lean MQTT 3.1.1 client of its own (a raw `TcpStream` and the workspace's
 //! `ferry-mqtt` codec, PUBLISHes written many per system call) on a multi-threaded Tokio
-//! runtime, one task per connection (see [`load`]), and raw CONNECTs for the idle connections
-//! (see [`idle`]).
+//! runtime, one task per connection (see [`load`]); the idle connections connect the same way
+//! and then keep only their socket, with no task (see [`idle`]).
 //!
 //! Scenarios, each at QoS 0 and QoS 1 with 100 B payloads: `fan-in` (8 publishers, a topic
 //! each -> 1 subscriber to `+`), `fan-out` (1 publisher -> 50 subscribers), `shared` (8
