@@ -17,15 +17,27 @@ pub const FORMAT_VERSION: u16 = 1;
 pub const SEGMENT_HEADER_LEN: u64 = 32;
 /// Version byte of a batch.
 pub const BATCH_VERSION: u8 = 1;
+/// Version byte of a batch that belongs to a stream of a multi-stream store: its header is
+/// followed by the stream id and the stream offset of its first record ([`StreamTag`]).
+pub const STREAM_BATCH_VERSION: u8 = 2;
 /// Size of the fixed batch header.
 pub const BATCH_HEADER_LEN: usize = 43;
+/// Size of the fixed header of a stream batch ([`STREAM_BATCH_VERSION`]).
+pub const STREAM_BATCH_HEADER_LEN: usize = BATCH_HEADER_LEN + 12;
 /// Hard limit of the format on the size of one batch (header included), and on the
 /// decompressed size of its records.
 pub const MAX_BATCH_BYTES: u32 = 256 << 20;
 /// Smallest possible encoded record (every field present with its shortest encoding).
 const MIN_RECORD_LEN: u32 = 8;
-/// Bytes of the batch header after the length field (`length` counts from here).
-const HEADER_AFTER_LENGTH: u32 = BATCH_HEADER_LEN as u32 - 4;
+
+/// Size of the fixed header of a plain or a stream batch.
+fn header_len(stream: bool) -> usize {
+    if stream {
+        STREAM_BATCH_HEADER_LEN
+    } else {
+        BATCH_HEADER_LEN
+    }
+}
 /// Attribute bits holding the compression codec; every other bit is reserved and must be 0.
 const CODEC_MASK: u16 = 0x7;
 
@@ -106,6 +118,15 @@ impl SegmentHeader {
     }
 }
 
+/// Which stream of a multi-stream store a batch belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StreamTag {
+    /// The stream id (0 is the store's own control stream).
+    pub id: u32,
+    /// Stream offset of the batch's first record.
+    pub base: u64,
+}
+
 /// The fixed header of a batch, as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchHeader {
@@ -125,6 +146,8 @@ pub struct BatchHeader {
     pub max_timestamp: u64,
     /// Size of the records section once decompressed.
     pub records_len: u32,
+    /// The stream of a [`STREAM_BATCH_VERSION`] batch; `None` for a plain batch.
+    pub stream: Option<StreamTag>,
 }
 
 impl BatchHeader {
@@ -138,14 +161,28 @@ impl BatchHeader {
                 available: bytes.len() as u64,
             })?;
         let length = le_u32(b, 0);
-        if !(HEADER_AFTER_LENGTH..=MAX_BATCH_BYTES - 4).contains(&length) {
+        let stream = match b[8] {
+            BATCH_VERSION => None,
+            STREAM_BATCH_VERSION => {
+                let t = bytes.get(BATCH_HEADER_LEN..STREAM_BATCH_HEADER_LEN).ok_or(
+                    DecodeError::Truncated {
+                        needed: STREAM_BATCH_HEADER_LEN as u64,
+                        available: bytes.len() as u64,
+                    },
+                )?;
+                Some(StreamTag {
+                    id: le_u32(t, 0),
+                    base: le_u64(t, 4),
+                })
+            }
+            v => return Err(DecodeError::BadMagic(format!("batch version {v}"))),
+        };
+        let after_length = header_len(stream.is_some()) as u32 - 4;
+        if !(after_length..=MAX_BATCH_BYTES - 4).contains(&length) {
             return Err(DecodeError::BadLength {
                 what: "batch length",
                 value: length.into(),
             });
-        }
-        if b[8] != BATCH_VERSION {
-            return Err(DecodeError::BadMagic(format!("batch version {}", b[8])));
         }
         let attributes = le_u16(b, 9);
         let compression = match Compression::from_bits(attributes & CODEC_MASK) {
@@ -161,6 +198,7 @@ impl BatchHeader {
             first_timestamp: le_u64(b, 23),
             max_timestamp: le_u64(b, 31),
             records_len: le_u32(b, 39),
+            stream,
         };
         let body_len = header.body_len();
         let records_len_ok = match compression {
@@ -183,11 +221,8 @@ impl BatchHeader {
                 value: header.record_count.into(),
             });
         }
-        if header
-            .base_offset
-            .checked_add(header.record_count.into())
-            .is_none()
-        {
+        let overflows = |base: u64| base.checked_add(header.record_count.into()).is_none();
+        if overflows(header.base_offset) || stream.is_some_and(|t| overflows(t.base)) {
             return Err(DecodeError::BadLength {
                 what: "base offset",
                 value: header.base_offset,
@@ -201,9 +236,22 @@ impl BatchHeader {
         u64::from(self.length) + 4
     }
 
+    /// Size of the fixed header (longer for a stream batch).
+    pub fn header_len(&self) -> usize {
+        header_len(self.stream.is_some())
+    }
+
     /// Size of the (possibly compressed) records section.
     fn body_len(&self) -> u32 {
-        self.length - HEADER_AFTER_LENGTH
+        // `parse` checked that the length covers the header.
+        self.length - (self.header_len() as u32 - 4)
+    }
+
+    /// Stream offset after the last record of a stream batch.
+    pub fn stream_next(&self) -> Option<u64> {
+        // Checked in `parse`.
+        self.stream
+            .map(|t| t.base.saturating_add(self.record_count.into()))
     }
 
     /// Offset after the last record of the batch.
@@ -297,7 +345,7 @@ impl Iterator for DecodeBatches<'_> {
 /// sharing `frame`'s memory for uncompressed payloads.
 pub(crate) fn decode_frame(header: BatchHeader, frame: Bytes) -> Result<DecodedBatch, DecodeError> {
     header.verify_crc(&frame)?;
-    let body = frame.slice(BATCH_HEADER_LEN..);
+    let body = frame.slice(header.header_len()..);
     let section = match header.compression {
         Compression::None => body,
         Compression::Lz4 => {
@@ -434,15 +482,29 @@ pub fn encode_batch(
     compression: Compression,
 ) -> Result<Vec<u8>, EncodeError> {
     let views: Vec<RecordView<'_>> = records.iter().map(RecordView::from).collect();
-    encode_views(base_offset, &views, compression)
+    encode_views(base_offset, &views, compression, None)
 }
 
-/// Encodes one batch. An empty slice is encoded too (the decoder rejects it): callers check.
+/// Encodes `records` as one batch of a stream (see [`StreamTag`]).
+pub fn encode_stream_batch(
+    base_offset: u64,
+    stream: StreamTag,
+    records: &[StoredRecord],
+    compression: Compression,
+) -> Result<Vec<u8>, EncodeError> {
+    let views: Vec<RecordView<'_>> = records.iter().map(RecordView::from).collect();
+    encode_views(base_offset, &views, compression, Some(stream))
+}
+
+/// Encodes one batch, of a stream if `stream` is set. An empty slice is encoded too (the
+/// decoder rejects it): callers check.
 pub(crate) fn encode_views(
     base_offset: u64,
     records: &[RecordView<'_>],
     compression: Compression,
+    stream: Option<StreamTag>,
 ) -> Result<Vec<u8>, EncodeError> {
+    let hlen = header_len(stream.is_some());
     let limit = u64::from(MAX_BATCH_BYTES);
     let too_large = |size: u64| EncodeError { size };
     let first = records.first().map_or(0, |r| r.timestamp);
@@ -455,13 +517,13 @@ pub(crate) fn encode_views(
         .iter()
         .map(|&s| s.saturating_add(varint_len(s)))
         .fold(0u64, u64::saturating_add);
-    let total = records_len.saturating_add(BATCH_HEADER_LEN as u64);
+    let total = records_len.saturating_add(hlen as u64);
     let count = u32::try_from(records.len()).map_err(|_| too_large(total))?;
     if total > limit {
         return Err(too_large(total));
     }
-    let mut out = Vec::with_capacity(BATCH_HEADER_LEN + records_len as usize);
-    out.resize(BATCH_HEADER_LEN, 0);
+    let mut out = Vec::with_capacity(hlen + records_len as usize);
+    out.resize(hlen, 0);
     for (i, (r, &size)) in records.iter().zip(&sizes).enumerate() {
         put_varint(&mut out, size);
         put_varint(&mut out, i as u64);
@@ -483,9 +545,9 @@ pub(crate) fn encode_views(
     }
     let mut codec = Compression::None;
     if compression == Compression::Lz4 {
-        let packed = lz4_flex::block::compress(&out[BATCH_HEADER_LEN..]);
-        if packed.len() < out.len() - BATCH_HEADER_LEN {
-            out.truncate(BATCH_HEADER_LEN);
+        let packed = lz4_flex::block::compress(&out[hlen..]);
+        if packed.len() < out.len() - hlen {
+            out.truncate(hlen);
             out.extend_from_slice(&packed);
             codec = Compression::Lz4;
         }
@@ -493,13 +555,21 @@ pub(crate) fn encode_views(
     let max_ts = records.iter().map(|r| r.timestamp).max().unwrap_or(first);
     let length = u32::try_from(out.len() - 4).map_err(|_| too_large(out.len() as u64))?;
     out[0..4].copy_from_slice(&length.to_le_bytes());
-    out[8] = BATCH_VERSION;
+    out[8] = if stream.is_some() {
+        STREAM_BATCH_VERSION
+    } else {
+        BATCH_VERSION
+    };
     out[9..11].copy_from_slice(&codec.bits().to_le_bytes());
     out[11..19].copy_from_slice(&base_offset.to_le_bytes());
     out[19..23].copy_from_slice(&count.to_le_bytes());
     out[23..31].copy_from_slice(&first.to_le_bytes());
     out[31..39].copy_from_slice(&max_ts.to_le_bytes());
     out[39..43].copy_from_slice(&(records_len as u32).to_le_bytes());
+    if let Some(t) = stream {
+        out[43..47].copy_from_slice(&t.id.to_le_bytes());
+        out[47..55].copy_from_slice(&t.base.to_le_bytes());
+    }
     write_crc(&mut out);
     Ok(out)
 }

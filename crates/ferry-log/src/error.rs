@@ -111,6 +111,10 @@ pub enum LogError {
     /// The configuration is invalid.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
+    /// A store's streams do not add up: a batch of a stream that was never defined, offsets
+    /// that go back, a control record that cannot be read, or an append below a stream's end.
+    #[error("inconsistent store: {0}")]
+    Inconsistent(String),
 }
 
 impl LogError {

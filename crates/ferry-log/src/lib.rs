@@ -109,17 +109,20 @@ mod log;
 mod record;
 mod recovery;
 mod segment;
+mod store;
 mod sync;
 
 pub use codec::{
-    decode_batch, decode_batches, encode_batch, reseal_batch, BatchHeader, Compression,
-    DecodeBatches, DecodedBatch, EncodeError, SegmentHeader, BATCH_HEADER_LEN, FORMAT_VERSION,
-    MAX_BATCH_BYTES, SEGMENT_HEADER_LEN, SEGMENT_MAGIC,
+    decode_batch, decode_batches, encode_batch, encode_stream_batch, reseal_batch, BatchHeader,
+    Compression, DecodeBatches, DecodedBatch, EncodeError, SegmentHeader, StreamTag,
+    BATCH_HEADER_LEN, BATCH_VERSION, FORMAT_VERSION, MAX_BATCH_BYTES, SEGMENT_HEADER_LEN,
+    SEGMENT_MAGIC, STREAM_BATCH_HEADER_LEN, STREAM_BATCH_VERSION,
 };
 pub use config::{Durability, LogConfig, RetentionPolicy};
 pub use error::{DecodeError, LogError};
-pub use log::{Log, LogStats};
+pub use log::{Log, LogStats, Visit};
 pub use record::{AppendInfo, RecordIn, StoredRecord};
+pub use store::{Store, StoreConfig, Stream};
 
 pub(crate) use log::State;
 

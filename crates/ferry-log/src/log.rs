@@ -6,10 +6,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 
 use crate::cache::{BatchCache, CachedBatch};
-use crate::codec::{encode_batch, encode_views, set_base_offset, RecordView};
+use crate::codec::{
+    decode_frame, encode_views, set_base_offset, BatchHeader, DecodedBatch, RecordView, StreamTag,
+    SEGMENT_HEADER_LEN, STREAM_BATCH_HEADER_LEN,
+};
 use crate::config::{Durability, LogConfig};
 use crate::error::LogError;
 use crate::record::{record_size, AppendInfo, RecordIn, StoredRecord};
@@ -252,7 +256,7 @@ impl Log {
     /// Appends `records` as one batch with contiguous offsets, all or nothing. Returns once the
     /// configured [`Durability`] holds.
     pub fn append(&self, records: &[RecordIn]) -> Result<AppendInfo, LogError> {
-        let (info, seq) = self.write_batch(records)?;
+        let (info, seq) = self.write_batch(records, None, |_, _| ())?;
         let s = &*self.shared;
         if s.config.durability == Durability::Always {
             s.commit.wait_synced(seq, || s.sync_all_written())?;
@@ -265,11 +269,31 @@ impl Log {
     /// then wait for durability outside it with [`sync`](Self::sync), which concurrent callers
     /// share (group commit).
     pub fn append_buffered(&self, records: &[RecordIn]) -> Result<AppendInfo, LogError> {
-        self.write_batch(records).map(|(info, _)| info)
+        self.write_batch(records, None, |_, _| ())
+            .map(|(info, _)| info)
+    }
+
+    /// Appends `records` as one batch of `stream` (a [`crate::STREAM_BATCH_VERSION`] batch),
+    /// buffered like [`append_buffered`](Self::append_buffered). `written` runs once the batch
+    /// is written, still under the log's write lock (so calls see batches in log order), with
+    /// the log offset of its first record and its size in bytes.
+    pub fn append_stream_buffered(
+        &self,
+        stream: StreamTag,
+        records: &[RecordIn],
+        written: impl FnOnce(u64, u64),
+    ) -> Result<AppendInfo, LogError> {
+        self.write_batch(records, Some(stream), written)
+            .map(|(info, _)| info)
     }
 
     /// Writes one batch; returns where it went and its write sequence number.
-    fn write_batch(&self, records: &[RecordIn]) -> Result<(AppendInfo, u64), LogError> {
+    fn write_batch(
+        &self,
+        records: &[RecordIn],
+        stream: Option<StreamTag>,
+        on_written: impl FnOnce(u64, u64),
+    ) -> Result<(AppendInfo, u64), LogError> {
         let s = &*self.shared;
         s.check_open()?;
         if records.is_empty() {
@@ -280,7 +304,7 @@ impl Log {
         let max = u64::from(s.config.max_batch_bytes);
         let too_large = |size| LogError::RecordTooLarge { size, max };
         let mut frame =
-            encode_views(0, &views, s.config.compression).map_err(|e| too_large(e.size))?;
+            encode_views(0, &views, s.config.compression, stream).map_err(|e| too_large(e.size))?;
         if frame.len() as u64 > max {
             return Err(too_large(frame.len() as u64));
         }
@@ -317,6 +341,7 @@ impl Log {
                 st.active_mut().meta = active.meta;
                 st.written_seq
             };
+            on_written(base, frame.len() as u64);
             if s.config.cache_bytes > 0 {
                 let stored = records
                     .iter()
@@ -527,6 +552,38 @@ impl Log {
             sync_dir(&s.dir)?;
         }
         Ok(deleted)
+    }
+
+    /// Deletes the oldest sealed segments that hold nothing at or after `offset` (every record
+    /// of theirs is below it). The active segment is never deleted. Returns how many were.
+    pub fn delete_segments_before(&self, offset: u64) -> Result<u64, LogError> {
+        let s = &*self.shared;
+        s.check_open()?;
+        let _writer = s.writer.lock();
+        let mut deleted = 0;
+        loop {
+            let victim = {
+                let mut st = s.state.write();
+                if st.segments.len() < 2 || st.segments[0].meta.next_offset > offset {
+                    break;
+                }
+                st.segments.remove(0)
+            };
+            s.cache.lock().remove_below(victim.meta.next_offset);
+            victim.seg.delete()?;
+            deleted += 1;
+            bump(&s.counters.deleted, 1);
+        }
+        if deleted > 0 && s.durable_meta() {
+            sync_dir(&s.dir)?;
+        }
+        Ok(deleted)
+    }
+
+    /// The log offsets where each segment starts, oldest first (the last one is active).
+    pub fn segment_bases(&self) -> Vec<u64> {
+        let st = self.shared.state.read();
+        st.segments.iter().map(|sg| sg.seg.base).collect()
     }
 
     /// Counters and sizes.
@@ -746,13 +803,18 @@ impl Shared {
         let prefix = if kept > 0 {
             let mut batch = seg.decode_at(pos, header)?;
             batch.records.truncate(kept);
+            let views: Vec<RecordView<'_>> = batch.records.iter().map(RecordView::from).collect();
             Some(
-                encode_batch(header.base_offset, &batch.records, header.compression).map_err(
-                    |e| LogError::RecordTooLarge {
-                        size: e.size,
-                        max: u64::from(self.config.max_batch_bytes),
-                    },
-                )?,
+                encode_views(
+                    header.base_offset,
+                    &views,
+                    header.compression,
+                    header.stream,
+                )
+                .map_err(|e| LogError::RecordTooLarge {
+                    size: e.size,
+                    max: u64::from(self.config.max_batch_bytes),
+                })?,
             )
         } else {
             None
@@ -765,5 +827,108 @@ impl Shared {
             seg.sync_data()?;
         }
         open_active(seg, &self.config, now_ms())
+    }
+}
+
+/// What [`Log::scan`] does with a batch it visits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Visit {
+    /// Goes on to the next batch without decoding this one.
+    Skip,
+    /// Decodes this batch (checking its CRC) and hands it over.
+    Take,
+    /// Ends the scan.
+    Stop,
+}
+
+/// Bytes a scan reads at a time.
+const SCAN_CHUNK: u64 = 256 << 10;
+
+/// A window of a segment file held in memory by a scan.
+#[derive(Default)]
+struct Window {
+    buf: Vec<u8>,
+    at: u64,
+}
+
+impl Window {
+    /// The bytes `[pos, pos + len)` of `seg`, reading a chunk from `pos` if they are not held.
+    fn get(&mut self, seg: &SegmentState, pos: u64, len: u64) -> Result<&[u8], LogError> {
+        let held = pos >= self.at && pos + len <= self.at + self.buf.len() as u64;
+        if !held {
+            let want = len.max(SCAN_CHUNK).min(seg.meta.len.saturating_sub(pos));
+            if want < len {
+                return Err(LogError::corrupt(
+                    &seg.seg.path,
+                    pos,
+                    "batch runs past the end of the segment",
+                ));
+            }
+            self.buf.resize(want as usize, 0);
+            crate::segment::read_exact_at(&seg.seg.log, &seg.seg.path, &mut self.buf, pos)?;
+            self.at = pos;
+        }
+        let from = (pos - self.at) as usize;
+        Ok(&self.buf[from..from + len as usize])
+    }
+}
+
+impl Log {
+    /// Visits, in log order, every batch holding records at or after log offset `from` (from
+    /// the start if `from` is below it) that was written when the scan began, reading the
+    /// files sequentially in large chunks. `visit` sees each header; the batches it answers
+    /// [`Visit::Take`] are decoded and passed to `take`, which returns whether to go on. Damage
+    /// met on the way is [`LogError::Corrupt`].
+    pub fn scan(
+        &self,
+        from: u64,
+        mut visit: impl FnMut(&BatchHeader) -> Visit,
+        mut take: impl FnMut(DecodedBatch) -> bool,
+    ) -> Result<(), LogError> {
+        let s = &*self.shared;
+        s.check_open()?;
+        let _readers = s.readers.read();
+        let segments = s.state.read().segments.clone();
+        let first = segments
+            .partition_point(|sg| sg.seg.base <= from)
+            .saturating_sub(1);
+        for sg in &segments[first..] {
+            let (mut pos, mut next) = if sg.seg.base <= from {
+                sg.seg.seek(&sg.meta, from)?
+            } else {
+                (SEGMENT_HEADER_LEN, sg.seg.base)
+            };
+            let mut window = Window::default();
+            while pos < sg.meta.len {
+                let avail = (sg.meta.len - pos).min(STREAM_BATCH_HEADER_LEN as u64);
+                let h = BatchHeader::parse(window.get(sg, pos, avail)?)
+                    .map_err(|e| LogError::corrupt(&sg.seg.path, pos, e.to_string()))?;
+                if h.base_offset != next {
+                    return Err(LogError::corrupt(
+                        &sg.seg.path,
+                        pos,
+                        format!("batch at offset {}, expected {next}", h.base_offset),
+                    ));
+                }
+                if h.next_offset() > from {
+                    match visit(&h) {
+                        Visit::Stop => return Ok(()),
+                        Visit::Skip => {}
+                        Visit::Take => {
+                            let frame =
+                                Bytes::copy_from_slice(window.get(sg, pos, h.total_len())?);
+                            let batch = decode_frame(h, frame)
+                                .map_err(|e| LogError::corrupt(&sg.seg.path, pos, e.to_string()))?;
+                            if !take(batch) {
+                                return Ok(());
+                            }
+                        }
+                    }
+                }
+                pos += h.total_len();
+                next = h.next_offset();
+            }
+        }
+        Ok(())
     }
 }

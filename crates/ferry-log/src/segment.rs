@@ -9,6 +9,7 @@ use bytes::Bytes;
 
 use crate::codec::{
     decode_frame, BatchHeader, DecodedBatch, SegmentHeader, BATCH_HEADER_LEN, SEGMENT_HEADER_LEN,
+    STREAM_BATCH_HEADER_LEN,
 };
 use crate::error::LogError;
 
@@ -275,7 +276,7 @@ pub(crate) struct Scan {
 pub(crate) struct Segment {
     pub base: u64,
     pub path: PathBuf,
-    log: File,
+    pub log: File,
     pub index: IndexFile,
     pub time: IndexFile,
 }
@@ -397,9 +398,10 @@ impl Segment {
                 "{avail} bytes left, less than a batch header"
             )));
         }
-        let mut b = [0u8; BATCH_HEADER_LEN];
-        read_exact_at(&self.log, &self.path, &mut b, pos)?;
-        Ok(match BatchHeader::parse(&b) {
+        let mut buf = [0u8; STREAM_BATCH_HEADER_LEN];
+        let b = &mut buf[..avail.min(STREAM_BATCH_HEADER_LEN as u64) as usize];
+        read_exact_at(&self.log, &self.path, b, pos)?;
+        Ok(match BatchHeader::parse(b) {
             Ok(h) if h.total_len() > avail => Probe::Invalid(format!(
                 "batch of {} bytes runs past the end ({avail} bytes left)",
                 h.total_len()
@@ -424,7 +426,7 @@ impl Segment {
     }
 
     /// Reads the whole batch described by `header` at `pos`.
-    fn read_frame(&self, pos: u64, header: &BatchHeader) -> Result<Bytes, LogError> {
+    pub(crate) fn read_frame(&self, pos: u64, header: &BatchHeader) -> Result<Bytes, LogError> {
         // `parse` bounds the length by MAX_BATCH_BYTES.
         let mut frame = vec![0u8; header.total_len() as usize];
         read_exact_at(&self.log, &self.path, &mut frame, pos)?;

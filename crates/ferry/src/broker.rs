@@ -678,6 +678,7 @@ impl BrokerInner {
             }
             positions.clone()
         };
+        storage.sync()?;
         for t in self.all_topics() {
             if let Some(store) = t.store() {
                 store.sync(store.end())?;

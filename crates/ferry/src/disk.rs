@@ -1,13 +1,18 @@
-//! Durable storage on a data directory, over the `ferry-log` segmented log.
+//! Durable storage on a data directory, over the `ferry-log` multi-stream [`Store`].
 //!
 //! Layout of the data directory:
-//! - `topics/<name>/`: one `ferry-log` log per topic (segments, offset and time indexes). The
-//!   directory name is the topic name with every byte outside `[A-Za-z0-9._-]` written as
-//!   `%XX`, so any valid topic name maps to one directory and back;
+//! - `store/`: one `ferry-log` store, a single segmented commit log that holds the records of
+//!   every topic (each topic is a stream of the store, its name stored as data inside a control
+//!   record, never as a file name), so the open files do not depend on the number of topics
+//!   and one fsync covers the appends of every topic waiting for it (group commit);
 //! - `positions.json`: consumer positions, replaced atomically (write, fsync, rename, fsync of
-//!   the directory);
-//! - `starts.json`: per topic, the offset below which records were purged (dead-letter purges),
-//!   replaced the same way.
+//!   the directory).
+//!
+//! A data directory of the first layout (`topics/<name>/`, a segmented log per topic, and
+//! `starts.json`) is migrated when it is first opened: every topic's records are copied into
+//! `store.migrating/` with their offsets, which is synced and renamed to `store/`; only then
+//! are `topics/` and `starts.json` removed. A crash during the migration leaves the old layout
+//! in place and the next open starts it again.
 //!
 //! A message is stored as a log record: payload, key and headers as they are, the timestamp in
 //! milliseconds, the priority in the flags, and the rest of what Ferry knows about it (id,
@@ -23,8 +28,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 pub use ferry_log::Durability;
-use ferry_log::{Log, LogConfig, RecordIn, RetentionPolicy, StoredRecord};
-use parking_lot::Mutex;
+use ferry_log::{
+    Log, LogConfig, RecordIn, RetentionPolicy, Store, StoreConfig, StoredRecord, Stream,
+};
 
 use crate::config::{Retention, TopicConfig};
 use crate::message::{Message, MessageId, Priority};
@@ -40,14 +46,14 @@ const META_VERSION: u8 = 1;
 #[derive(Debug, Clone)]
 pub struct DiskConfig {
     /// When a publish is acknowledged relative to fsync. Default: fsync before acknowledging,
-    /// concurrent publishes sharing one fsync.
+    /// concurrent publishes (on any topics) sharing one fsync.
     pub durability: Durability,
-    /// Segment files roll at this size. Default 64 MiB.
+    /// Segment files of the commit log roll at this size. Default 64 MiB.
     pub segment_bytes: u64,
     /// Segment files roll at this age, if set.
     pub segment_max_age: Option<Duration>,
-    /// Per topic, bytes of recently written records that the log keeps for tail reads.
-    /// Default 1 MiB.
+    /// Unused since the shared commit log (recent records are the engine's hot window); kept
+    /// so that existing configurations still build.
     pub cache_bytes: usize,
     /// Compress batches with lz4.
     pub compress: bool,
@@ -71,30 +77,29 @@ impl Default for DiskConfig {
     }
 }
 
-/// A data directory holding topic logs and consumer positions.
+/// A data directory holding the commit log of every topic and the consumer positions.
 #[derive(Debug)]
 pub struct DiskStorage {
     dir: PathBuf,
     config: DiskConfig,
-    /// Purge marks, shared with the topics (see `starts.json`).
-    starts: Arc<Mutex<BTreeMap<String, u64>>>,
+    store: Store,
 }
 
 impl DiskStorage {
-    /// Opens (creating if needed) the data directory `dir`.
+    /// Opens (creating if needed) the data directory `dir`, migrating the first layout (see
+    /// the module docs).
     pub fn open(dir: impl AsRef<Path>, config: DiskConfig) -> Result<DiskStorage, StorageError> {
         let dir = dir.as_ref().to_path_buf();
-        let topics = dir.join("topics");
-        fs::create_dir_all(&topics).map_err(|source| StorageError::Io {
-            path: topics.clone(),
+        fs::create_dir_all(&dir).map_err(|source| StorageError::Io {
+            path: dir.clone(),
             source,
         })?;
-        let starts = read_json(&dir.join("starts.json"))?.unwrap_or_default();
-        Ok(DiskStorage {
-            dir,
-            config,
-            starts: Arc::new(Mutex::new(starts)),
-        })
+        let store_dir = dir.join("store");
+        if dir.join("topics").is_dir() {
+            migrate_v1(&dir, &config)?;
+        }
+        let store = Store::open(&store_dir, store_config(&config)).map_err(store_error)?;
+        Ok(DiskStorage { dir, config, store })
     }
 
     /// The data directory.
@@ -102,30 +107,53 @@ impl DiskStorage {
         &self.dir
     }
 
-    fn log_config(&self, topic: &TopicConfig) -> LogConfig {
+    fn retention(&self, topic: &TopicConfig) -> RetentionPolicy {
         let r = &topic.retention;
         let r = if r.max_age.is_none() && r.max_bytes.is_none() && r.max_messages.is_none() {
             &self.config.default_retention
         } else {
             r
         };
-        LogConfig {
-            segment_bytes: self.config.segment_bytes,
-            segment_max_age: self.config.segment_max_age,
-            durability: self.config.durability,
-            cache_bytes: self.config.cache_bytes,
-            compression: if self.config.compress {
+        RetentionPolicy {
+            max_bytes: r.max_bytes.map(|b| b as u64),
+            max_age: r.max_age,
+            max_records: r.max_messages.map(|m| m as u64),
+        }
+    }
+}
+
+fn store_config(config: &DiskConfig) -> StoreConfig {
+    StoreConfig {
+        log: LogConfig {
+            segment_bytes: config.segment_bytes,
+            segment_max_age: config.segment_max_age,
+            durability: config.durability,
+            compression: if config.compress {
                 ferry_log::Compression::Lz4
             } else {
                 ferry_log::Compression::None
             },
-            retention: RetentionPolicy {
-                max_bytes: r.max_bytes.map(|b| b as u64),
-                max_age: r.max_age,
-                max_records: r.max_messages.map(|m| m as u64),
-            },
             ..LogConfig::default()
-        }
+        },
+        ..StoreConfig::default()
+    }
+}
+
+fn store_error(e: ferry_log::LogError) -> StorageError {
+    StorageError::Log {
+        topic: "(commit log)".into(),
+        reason: e.to_string(),
+    }
+}
+
+/// A topic name read back from the store (dead-letter queues are system names over a valid
+/// topic name).
+fn topic_name(n: &str) -> Option<TopicName> {
+    match n.strip_prefix("$dlq/") {
+        Some(source) => TopicName::new(source)
+            .ok()
+            .map(|_| TopicName::system(n.to_string())),
+        None => TopicName::new(n).ok(),
     }
 }
 
@@ -135,44 +163,27 @@ impl Storage for DiskStorage {
         name: &TopicName,
         config: &TopicConfig,
     ) -> Result<Arc<dyn TopicStore>, StorageError> {
-        let dir = self.dir.join("topics").join(encode_name(name.as_str()));
-        let log =
-            Log::open(&dir, self.log_config(config)).map_err(|e| log_error(name.as_str(), e))?;
+        let stream = self
+            .store
+            .stream(name.as_str())
+            .map_err(|e| log_error(name.as_str(), e))?;
+        stream.set_retention(self.retention(config));
         Ok(Arc::new(DiskTopic {
             name: name.to_string(),
-            log,
+            stream,
+            store: self.store.clone(),
             always: self.config.durability == Durability::Always,
-            starts: self.starts.clone(),
-            starts_file: self.dir.join("starts.json"),
         }))
     }
 
     fn topics(&self) -> Result<Vec<TopicName>, StorageError> {
-        let topics = self.dir.join("topics");
-        let entries = fs::read_dir(&topics).map_err(|source| StorageError::Io {
-            path: topics.clone(),
-            source,
-        })?;
         let mut names = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|source| StorageError::Io {
-                path: topics.clone(),
-                source,
-            })?;
-            let file = entry.file_name();
-            let decoded = file.to_str().and_then(decode_name).and_then(|n| {
-                match n.strip_prefix("$dlq/") {
-                    // A dead-letter queue: a system name over a valid topic name.
-                    Some(source) => TopicName::new(source).ok().map(|_| TopicName::system(n)),
-                    None => TopicName::new(n).ok(),
-                }
-            });
-            match decoded {
+        for n in self.store.stream_names() {
+            match topic_name(&n) {
                 Some(name) => names.push(name),
-                None => tracing::warn!(entry = ?file, "ignoring a directory that is not a topic"),
+                None => tracing::warn!(stream = ?n, "ignoring a stream that is not a topic"),
             }
         }
-        names.sort();
         Ok(names)
     }
 
@@ -183,23 +194,22 @@ impl Storage for DiskStorage {
     fn save_positions(&self, positions: &Positions) -> Result<(), StorageError> {
         write_json_atomic(&self.dir.join("positions.json"), positions)
     }
+
+    fn sync(&self) -> Result<(), StorageError> {
+        self.store.sync().map_err(store_error)
+    }
 }
 
-/// One topic's log.
+/// One topic: a stream of the shared store.
 #[derive(Debug)]
 struct DiskTopic {
     name: String,
-    log: Log,
+    stream: Stream,
+    store: Store,
     always: bool,
-    starts: Arc<Mutex<BTreeMap<String, u64>>>,
-    starts_file: PathBuf,
 }
 
 impl DiskTopic {
-    fn purged_below(&self) -> u64 {
-        self.starts.lock().get(&self.name).copied().unwrap_or(0)
-    }
-
     fn err(&self, e: ferry_log::LogError) -> StorageError {
         log_error(&self.name, e)
     }
@@ -207,7 +217,7 @@ impl DiskTopic {
 
 impl TopicStore for DiskTopic {
     fn append(&self, first: u64, messages: &[&Message]) -> Result<(), StorageError> {
-        let end = self.log.next_offset();
+        let end = self.stream.next_offset();
         if end != first {
             return Err(StorageError::OffsetMismatch {
                 topic: self.name.clone(),
@@ -219,15 +229,15 @@ impl TopicStore for DiskTopic {
             return Ok(());
         }
         let records: Vec<RecordIn> = messages.iter().map(|m| encode_message(m)).collect();
-        self.log
-            .append_buffered(&records)
+        self.stream
+            .append(first, &records)
             .map_err(|e| self.err(e))?;
         Ok(())
     }
 
     fn sync(&self, _end: u64) -> Result<(), StorageError> {
         if self.always {
-            self.log.sync().map_err(|e| self.err(e))?;
+            self.store.sync().map_err(|e| self.err(e))?;
         }
         Ok(())
     }
@@ -238,10 +248,13 @@ impl TopicStore for DiskTopic {
 
     fn read(&self, from: u64, max: usize) -> Result<Vec<StoredMessage>, StorageError> {
         let from = from.max(self.start());
-        if from >= self.log.next_offset() || max == 0 {
+        if from >= self.stream.next_offset() || max == 0 {
             return Ok(Vec::new());
         }
-        let records = self.log.read(from, max, 4 << 20).map_err(|e| self.err(e))?;
+        let records = self
+            .stream
+            .read(from, max, 4 << 20)
+            .map_err(|e| self.err(e))?;
         records
             .into_iter()
             .map(|r| {
@@ -258,46 +271,130 @@ impl TopicStore for DiskTopic {
     }
 
     fn start(&self) -> u64 {
-        self.log
-            .start_offset()
-            .max(self.purged_below())
-            .min(self.log.next_offset())
+        self.stream.start()
     }
 
     fn end(&self) -> u64 {
-        self.log.next_offset()
+        self.stream.next_offset()
     }
 
     fn offset_at(&self, time: SystemTime) -> Result<u64, StorageError> {
         let ms = time
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let found = self.log.offset_for_timestamp(ms).map_err(|e| self.err(e))?;
+        let found = self
+            .stream
+            .offset_for_timestamp(ms)
+            .map_err(|e| self.err(e))?;
         Ok(found.unwrap_or_else(|| self.end()).max(self.start()))
     }
 
     fn apply_retention(&self) -> Result<(), StorageError> {
-        self.log.apply_retention().map_err(|e| self.err(e))?;
+        self.stream.apply_retention().map_err(|e| self.err(e))?;
         Ok(())
     }
 
     fn truncate_before(&self, offset: u64) -> Result<(), StorageError> {
-        let offset = offset.min(self.end());
-        let snapshot = {
-            let mut starts = self.starts.lock();
-            let entry = starts.entry(self.name.clone()).or_insert(0);
-            if *entry >= offset {
-                return Ok(());
-            }
-            *entry = offset;
-            starts.clone()
-        };
-        write_json_atomic(&self.starts_file, &snapshot)
+        if self.stream.trim(offset).map_err(|e| self.err(e))? {
+            // A purge is durable when it returns, as it was with its own file.
+            self.store.sync().map_err(|e| self.err(e))?;
+        }
+        Ok(())
     }
 
     fn size_bytes(&self) -> u64 {
-        self.log.stats().size_bytes
+        self.stream.size_bytes()
     }
+}
+
+/// Copies a data directory of the first layout (a log per topic under `topics/`, purge marks
+/// in `starts.json`) into a new store, keeping every offset, then removes the old files.
+fn migrate_v1(dir: &Path, config: &DiskConfig) -> Result<(), StorageError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StorageError::Io { path, source }
+    };
+    let topics = dir.join("topics");
+    let target = dir.join("store");
+    if !target.exists() {
+        let tmp = dir.join("store.migrating");
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+        }
+        let starts: BTreeMap<String, u64> =
+            read_json(&dir.join("starts.json"))?.unwrap_or_default();
+        let store = Store::open(
+            &tmp,
+            store_config(&DiskConfig {
+                durability: Durability::Never,
+                ..config.clone()
+            }),
+        )
+        .map_err(store_error)?;
+        let mut migrated = 0usize;
+        for entry in fs::read_dir(&topics).map_err(io(&topics))? {
+            let entry = entry.map_err(io(&topics))?;
+            let file = entry.file_name();
+            let Some(name) = file.to_str().and_then(decode_name) else {
+                tracing::warn!(entry = ?file, "migration: ignoring a directory that is not a topic");
+                continue;
+            };
+            let log = Log::open(
+                entry.path(),
+                LogConfig {
+                    durability: Durability::Never,
+                    cache_bytes: 0,
+                    ..LogConfig::default()
+                },
+            )
+            .map_err(|e| log_error(&name, e))?;
+            let stream = store.stream(&name).map_err(|e| log_error(&name, e))?;
+            let purged = starts.get(&name).copied().unwrap_or(0);
+            let mut next = log.start_offset().max(purged).min(log.next_offset());
+            if next == log.next_offset() {
+                stream.advance_to(next).map_err(|e| log_error(&name, e))?;
+            }
+            while next < log.next_offset() {
+                let batch = log
+                    .read(next, 4096, 4 << 20)
+                    .map_err(|e| log_error(&name, e))?;
+                let Some(first) = batch.first().map(|r| r.offset) else {
+                    break;
+                };
+                let records: Vec<RecordIn> = batch
+                    .into_iter()
+                    .map(|r| RecordIn {
+                        timestamp: Some(r.timestamp),
+                        flags: r.flags,
+                        key: r.key,
+                        headers: r.headers,
+                        payload: r.payload,
+                    })
+                    .collect();
+                next = first + records.len() as u64;
+                stream
+                    .append(first, &records)
+                    .map_err(|e| log_error(&name, e))?;
+            }
+            migrated += 1;
+        }
+        store.close().map_err(store_error)?;
+        drop(store);
+        fs::rename(&tmp, &target).map_err(io(&tmp))?;
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(dir))?;
+        tracing::warn!(
+            topics = migrated,
+            "migrated the data directory to the shared commit log (store/)"
+        );
+    }
+    fs::remove_dir_all(&topics).map_err(io(&topics))?;
+    let starts = dir.join("starts.json");
+    if starts.exists() {
+        fs::remove_file(&starts).map_err(io(&starts))?;
+    }
+    Ok(())
 }
 
 fn log_error(topic: &str, e: ferry_log::LogError) -> StorageError {
@@ -393,7 +490,8 @@ pub(crate) fn decode_record(r: StoredRecord) -> Result<Message, String> {
     Ok(message)
 }
 
-/// A topic name as a directory name (see the module docs).
+/// A topic name as a directory name of the first layout.
+#[cfg(test)]
 fn encode_name(name: &str) -> String {
     let mut out = String::with_capacity(name.len());
     for b in name.bytes() {

@@ -134,4 +134,10 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 
     /// Saves positions atomically (all of them or, after a crash, the previous set).
     fn save_positions(&self, positions: &Positions) -> Result<(), StorageError>;
+
+    /// Makes everything appended to any topic so far durable (the default syncs nothing: for
+    /// stores whose topics sync on their own, see [`TopicStore::sync`]).
+    fn sync(&self) -> Result<(), StorageError> {
+        Ok(())
+    }
 }

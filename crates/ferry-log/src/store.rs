@@ -1,0 +1,907 @@
+//! [`Store`]: many named streams in one log.
+//!
+//! A store is one [`Log`] whose batches each belong to a stream (a
+//! [`crate::STREAM_BATCH_VERSION`] batch carries the stream id and the stream offset of its
+//! first record). Stream 0 is the store's own control stream: its records define streams
+//! (id, name, first and next offset) and move their start (purge, retention). A stream's name
+//! is data inside a record, never a file name, and the number of open files does not depend on
+//! the number of streams: every stream shares the log's segments, its group commit and its
+//! recovery.
+//!
+//! In memory each stream keeps its bounds and a sparse index of `(stream offset, log offset)`
+//! entries: one at its first batch, then one whenever [`StoreConfig::index_interval_bytes`] of
+//! its own batches were written since the last entry, or when more than
+//! [`StoreConfig::skip_bytes`] of other streams' batches lie between two of its batches. A read
+//! starts at the entry at or before the wanted offset and scans forward, skipping other
+//! streams' batches by their headers; after `skip_bytes` of them it jumps to the next entry
+//! (the next batch of the stream is known to have one), so a read never scans more than that
+//! between two of its batches. The index is rebuilt by one sequential scan when the store
+//! opens.
+//!
+//! Retention is per stream and logical (its start moves); a segment is deleted once no stream
+//! needs anything in it, after the definitions of the streams it holds were written again at
+//! the end of the log.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use parking_lot::{Mutex, RwLock};
+
+use crate::codec::{BatchHeader, DecodedBatch, StreamTag};
+use crate::config::{LogConfig, RetentionPolicy};
+use crate::error::LogError;
+use crate::log::{now_ms, Log, LogStats, Visit};
+use crate::record::{AppendInfo, RecordIn, StoredRecord};
+
+/// The control stream's id.
+const CONTROL: u32 = 0;
+/// Control record: a stream's definition.
+const OP_DEFINE: u8 = 1;
+/// Control record: a stream's new start.
+const OP_TRIM: u8 = 2;
+/// Compaction (deleting segments no stream needs) runs at most this often.
+const COMPACT_EVERY: Duration = Duration::from_secs(1);
+
+/// Settings of a [`Store`].
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// The log's settings: segment size and age, durability, compression, batch size limit.
+    /// Its `retention` and `cache_bytes` are ignored (retention is per stream, and reads of
+    /// recent records are the caller's to cache).
+    pub log: LogConfig,
+    /// A stream gets an index entry after this many bytes of its own batches. Default 4 KiB.
+    pub index_interval_bytes: u64,
+    /// A stream gets an index entry when more than this many bytes of other streams' batches
+    /// were written since its previous batch; a read skips at most this much before jumping.
+    /// Default 256 KiB.
+    pub skip_bytes: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            log: LogConfig::default(),
+            index_interval_bytes: 4 << 10,
+            skip_bytes: 256 << 10,
+        }
+    }
+}
+
+/// An index entry: the batch of a stream starting at `offset` is at log offset `seq`.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    offset: u64,
+    seq: u64,
+    /// Largest record timestamp of the stream before this batch.
+    ts_before: u64,
+    /// Bytes of the stream's batches before this one (from an arbitrary origin).
+    bytes_before: u64,
+}
+
+#[derive(Debug)]
+struct StreamState {
+    name: Arc<str>,
+    start: u64,
+    next: u64,
+    entries: Vec<Entry>,
+    /// Byte clock at the end of the stream's last batch.
+    last_end: u64,
+    /// Bytes of the stream's batches since its last index entry.
+    since_entry: u64,
+    /// Bytes of the stream's batches so far (same origin as `Entry::bytes_before`).
+    bytes: u64,
+    max_ts: u64,
+    /// Log offset of the stream's latest definition record.
+    define_seq: u64,
+    /// Whether a definition was seen: while a store opens, the batches of a stream that was
+    /// defined again at the end of the log (see [`Store::compact`]) come before its
+    /// definition.
+    defined: bool,
+    retention: RetentionPolicy,
+}
+
+impl StreamState {
+    fn new(name: Arc<str>, start: u64, clock: u64) -> Self {
+        StreamState {
+            name,
+            start,
+            next: start,
+            entries: Vec::new(),
+            last_end: clock,
+            since_entry: 0,
+            bytes: 0,
+            max_ts: 0,
+            define_seq: 0,
+            defined: false,
+            retention: RetentionPolicy::default(),
+        }
+    }
+
+    /// Index of the entry to start reading `offset` from.
+    fn entry_for(&self, offset: u64) -> Option<usize> {
+        if self.entries.is_empty() {
+            return None;
+        }
+        Some(
+            self.entries
+                .partition_point(|e| e.offset <= offset)
+                .saturating_sub(1),
+        )
+    }
+
+    /// Moves the start to `start` (never back, never past the end) and forgets index entries
+    /// no longer needed. Returns whether it moved.
+    fn trim(&mut self, start: u64) -> bool {
+        let start = start.min(self.next);
+        if start <= self.start {
+            return false;
+        }
+        self.start = start;
+        if start == self.next {
+            self.entries.clear();
+        } else if let Some(i) = self.entry_for(start) {
+            self.entries.drain(..i);
+        }
+        true
+    }
+
+    /// The start retention allows at `now_ms` (floors, as in Kafka: never less than asked).
+    fn retention_start(&self, now_ms: u64) -> u64 {
+        let p = &self.retention;
+        let mut start = self.start;
+        if let Some(max) = p.max_records {
+            start = start.max(self.next.saturating_sub(max));
+        }
+        if let Some(max) = p.max_bytes {
+            let keep = self
+                .entries
+                .iter()
+                .rev()
+                .find(|e| self.bytes - e.bytes_before >= max);
+            if let Some(e) = keep {
+                start = start.max(e.offset);
+            }
+        }
+        if let Some(age) = p.max_age {
+            let cutoff = now_ms.saturating_sub(u64::try_from(age.as_millis()).unwrap_or(u64::MAX));
+            if self.max_ts < cutoff && !self.entries.is_empty() {
+                start = self.next;
+            } else if let Some(e) = self.entries.iter().rev().find(|e| e.ts_before < cutoff) {
+                start = start.max(e.offset);
+            }
+        }
+        start
+    }
+}
+
+#[derive(Debug, Default)]
+struct Streams {
+    by_name: HashMap<Arc<str>, u32>,
+    by_id: HashMap<u32, StreamState>,
+    next_id: u32,
+    /// Next offset of the control stream.
+    control_next: u64,
+    /// Bytes of batches in log order since the store opened (from the first retained batch).
+    clock: u64,
+}
+
+/// A control record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Op {
+    Define {
+        id: u32,
+        start: u64,
+        next: u64,
+        name: String,
+    },
+    Trim {
+        id: u32,
+        start: u64,
+    },
+}
+
+impl Op {
+    fn encode(&self) -> RecordIn {
+        let mut b = BytesMut::new();
+        match self {
+            Op::Define {
+                id,
+                start,
+                next,
+                name,
+            } => {
+                b.put_u8(OP_DEFINE);
+                b.put_u32_le(*id);
+                b.put_u64_le(*start);
+                b.put_u64_le(*next);
+                b.put_slice(name.as_bytes());
+            }
+            Op::Trim { id, start } => {
+                b.put_u8(OP_TRIM);
+                b.put_u32_le(*id);
+                b.put_u64_le(*start);
+            }
+        }
+        RecordIn::new(b.freeze())
+    }
+
+    fn decode(mut b: Bytes) -> Result<Op, String> {
+        let short = || "control record too short".to_string();
+        if b.remaining() < 13 {
+            return Err(short());
+        }
+        let op = b.get_u8();
+        let id = b.get_u32_le();
+        let start = b.get_u64_le();
+        match op {
+            OP_DEFINE => {
+                if b.remaining() < 8 {
+                    return Err(short());
+                }
+                let next = b.get_u64_le();
+                let name = String::from_utf8(b.to_vec())
+                    .map_err(|_| "stream name is not UTF-8".to_string())?;
+                Ok(Op::Define {
+                    id,
+                    start,
+                    next,
+                    name,
+                })
+            }
+            OP_TRIM => Ok(Op::Trim { id, start }),
+            op => Err(format!("unknown control record {op}")),
+        }
+    }
+}
+
+impl Streams {
+    /// Applies a control record found at log offset `seq`.
+    fn apply(&mut self, op: Op, seq: u64) -> Result<(), String> {
+        match op {
+            Op::Define {
+                id,
+                start,
+                next,
+                name,
+            } => {
+                if id == CONTROL || start > next {
+                    return Err(format!("bad definition of stream {id}"));
+                }
+                let name: Arc<str> = Arc::from(name);
+                if let Some(other) = self.by_name.get(&name) {
+                    if *other != id {
+                        return Err(format!("stream {name:?} defined as {other} and {id}"));
+                    }
+                }
+                self.next_id = self.next_id.max(id + 1);
+                let clock = self.clock;
+                let st = self
+                    .by_id
+                    .entry(id)
+                    .or_insert_with(|| StreamState::new(name.clone(), start, clock));
+                if st.defined && st.name != name {
+                    return Err(format!("stream {id} renamed"));
+                }
+                if !st.defined {
+                    st.name = name.clone();
+                    st.defined = true;
+                    self.by_name.insert(name, id);
+                }
+                st.define_seq = seq;
+                if st.entries.is_empty() && next > st.next {
+                    st.start = st.start.max(next);
+                }
+                st.next = st.next.max(next);
+                st.trim(start);
+            }
+            Op::Trim { id, start } => {
+                // Before its definition only while opening (see `StreamState::defined`).
+                let clock = self.clock;
+                let st = self
+                    .by_id
+                    .entry(id)
+                    .or_insert_with(|| StreamState::new(Arc::from(""), start, clock));
+                st.trim(start);
+            }
+        }
+        Ok(())
+    }
+
+    /// Accounts for a batch of stream `tag.id` written at log offset `seq`.
+    fn on_batch(
+        &mut self,
+        tag: StreamTag,
+        count: u64,
+        seq: u64,
+        len: u64,
+        max_ts: u64,
+        config: &StoreConfig,
+    ) -> Result<(), String> {
+        let before = self.clock;
+        self.clock += len;
+        if tag.id == CONTROL {
+            self.control_next = tag.base + count;
+            return Ok(());
+        }
+        // A placeholder until its definition is read (see `StreamState::defined`).
+        let st = self
+            .by_id
+            .entry(tag.id)
+            .or_insert_with(|| StreamState::new(Arc::from(""), tag.base, before));
+        if tag.base < st.next {
+            return Err(format!(
+                "batch of stream {:?} at offset {}, below its end {}",
+                st.name, tag.base, st.next
+            ));
+        }
+        let gap = before.saturating_sub(st.last_end);
+        if st.entries.is_empty()
+            || tag.base > st.next
+            || st.since_entry >= config.index_interval_bytes
+            || gap >= config.skip_bytes
+        {
+            st.entries.push(Entry {
+                offset: tag.base,
+                seq,
+                ts_before: st.max_ts,
+                bytes_before: st.bytes,
+            });
+            st.since_entry = 0;
+        }
+        if st.start == st.next && tag.base > st.next {
+            st.start = tag.base;
+        }
+        st.since_entry += len;
+        st.bytes += len;
+        st.max_ts = st.max_ts.max(max_ts);
+        st.next = tag.base + count;
+        st.last_end = self.clock;
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    log: Log,
+    config: StoreConfig,
+    streams: RwLock<Streams>,
+    /// Serialises control records (so the next stream id is stable while one is written).
+    control: Mutex<()>,
+    last_compact: Mutex<Option<Instant>>,
+}
+
+/// Many named streams in one crash-safe segmented log (see the module docs). `Send + Sync`;
+/// cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+/// One stream of a [`Store`]: appends, reads, bounds, retention. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Stream {
+    inner: Arc<Inner>,
+    id: u32,
+    name: Arc<str>,
+}
+
+impl Store {
+    /// Opens the store in `dir` (created if missing), recovering the log (see the crate docs,
+    /// RECOVERY) and rebuilding every stream's index with one sequential scan.
+    pub fn open(dir: impl AsRef<Path>, config: StoreConfig) -> Result<Store, LogError> {
+        let log_config = LogConfig {
+            cache_bytes: 0,
+            retention: RetentionPolicy::default(),
+            ..config.log.clone()
+        };
+        let log = Log::open(dir.as_ref(), log_config)?;
+        let streams = RefCell::new(Streams::default());
+        let failure = RefCell::new(None::<String>);
+        let fail = |seq: u64, reason: String| {
+            failure
+                .borrow_mut()
+                .get_or_insert(format!("log offset {seq}: {reason}"));
+            Visit::Stop
+        };
+        log.scan(
+            0,
+            |h| {
+                let Some(tag) = h.stream else {
+                    return fail(h.base_offset, "a batch that belongs to no stream".into());
+                };
+                if tag.id == CONTROL {
+                    return Visit::Take;
+                }
+                let mut s = streams.borrow_mut();
+                match s.on_batch(
+                    tag,
+                    h.record_count.into(),
+                    h.base_offset,
+                    h.total_len(),
+                    h.max_timestamp,
+                    &config,
+                ) {
+                    Ok(()) => Visit::Skip,
+                    Err(e) => fail(h.base_offset, e),
+                }
+            },
+            |batch| {
+                let h = batch.header;
+                let mut s = streams.borrow_mut();
+                for r in batch.records {
+                    let seq = r.offset;
+                    if let Err(e) = Op::decode(r.payload).and_then(|op| s.apply(op, seq)) {
+                        fail(seq, e);
+                        return false;
+                    }
+                }
+                let Some(tag) = h.stream else { return false };
+                s.on_batch(
+                    tag,
+                    h.record_count.into(),
+                    h.base_offset,
+                    h.total_len(),
+                    h.max_timestamp,
+                    &config,
+                )
+                .is_ok()
+            },
+        )?;
+        if let Some(reason) = failure.into_inner() {
+            return Err(LogError::Inconsistent(reason));
+        }
+        let mut streams = streams.into_inner();
+        if let Some(id) = streams
+            .by_id
+            .iter()
+            .find(|(_, st)| !st.defined)
+            .map(|(id, _)| id)
+        {
+            return Err(LogError::Inconsistent(format!(
+                "stream {id} has batches but no definition"
+            )));
+        }
+        streams.next_id = streams.next_id.max(1);
+        Ok(Store {
+            inner: Arc::new(Inner {
+                log,
+                config,
+                streams: RwLock::new(streams),
+                control: Mutex::new(()),
+                last_compact: Mutex::new(None),
+            }),
+        })
+    }
+
+    /// The stream named `name`, defined (a buffered control record, durable with the next
+    /// [`sync`](Self::sync) or with any later batch's sync) if it does not exist yet.
+    pub fn stream(&self, name: &str) -> Result<Stream, LogError> {
+        if let Some(s) = self.existing(name) {
+            return Ok(s);
+        }
+        let _control = self.inner.control.lock();
+        if let Some(s) = self.existing(name) {
+            return Ok(s);
+        }
+        let id = self.inner.streams.read().next_id;
+        let op = Op::Define {
+            id,
+            start: 0,
+            next: 0,
+            name: name.to_string(),
+        };
+        self.inner.write_control(&[op])?;
+        Ok(Stream {
+            inner: self.inner.clone(),
+            id,
+            name: Arc::from(name),
+        })
+    }
+
+    fn existing(&self, name: &str) -> Option<Stream> {
+        let streams = self.inner.streams.read();
+        let id = *streams.by_name.get(name)?;
+        let name = streams.by_id.get(&id)?.name.clone();
+        Some(Stream {
+            inner: self.inner.clone(),
+            id,
+            name,
+        })
+    }
+
+    /// The names of every stream, sorted.
+    pub fn stream_names(&self) -> Vec<String> {
+        let streams = self.inner.streams.read();
+        let mut names: Vec<String> = streams.by_name.keys().map(|n| n.to_string()).collect();
+        names.sort();
+        names
+    }
+
+    /// Number of streams.
+    pub fn stream_count(&self) -> usize {
+        self.inner.streams.read().by_id.len()
+    }
+
+    /// Makes everything appended so far durable (one fsync shared by concurrent callers).
+    pub fn sync(&self) -> Result<(), LogError> {
+        self.inner.log.sync()
+    }
+
+    /// Deletes the segments no stream needs any more (at most once a second unless `force`):
+    /// the definitions of the streams they hold are first written again at the end of the log
+    /// and synced. Returns how many segments were deleted.
+    pub fn compact(&self, force: bool) -> Result<u64, LogError> {
+        self.inner.compact(force)
+    }
+
+    /// The underlying log's counters (appends, fsyncs, segments, bytes on disk).
+    pub fn stats(&self) -> LogStats {
+        self.inner.log.stats()
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        self.inner.log.dir()
+    }
+
+    /// Syncs and closes the store: later calls return [`LogError::Closed`].
+    pub fn close(&self) -> Result<(), LogError> {
+        self.inner.log.close()
+    }
+}
+
+impl Inner {
+    /// Appends control records and applies them (under the log's write lock, in log order).
+    /// The caller holds `control`.
+    fn write_control(&self, ops: &[Op]) -> Result<(), LogError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let records: Vec<RecordIn> = ops.iter().map(Op::encode).collect();
+        let base = self.streams.read().control_next;
+        let tag = StreamTag { id: CONTROL, base };
+        let mut failed = None;
+        self.log.append_stream_buffered(tag, &records, |seq, len| {
+            let mut s = self.streams.write();
+            for (i, op) in ops.iter().enumerate() {
+                if let Err(e) = s.apply(op.clone(), seq + i as u64) {
+                    failed = Some(e);
+                }
+            }
+            let _ = s.on_batch(tag, ops.len() as u64, seq, len, 0, &self.config);
+        })?;
+        match failed {
+            Some(reason) => Err(LogError::Inconsistent(reason)),
+            None => Ok(()),
+        }
+    }
+
+    fn compact(&self, force: bool) -> Result<u64, LogError> {
+        {
+            let mut last = self.last_compact.lock();
+            if !force && last.is_some_and(|t| t.elapsed() < COMPACT_EVERY) {
+                return Ok(0);
+            }
+            *last = Some(Instant::now());
+        }
+        let bases = self.log.segment_bases();
+        if bases.len() < 2 {
+            return Ok(0);
+        }
+        let _control = self.control.lock();
+        let needed = {
+            let s = self.streams.read();
+            s.by_id
+                .values()
+                .filter(|st| st.start < st.next)
+                .filter_map(|st| st.entry_for(st.start).map(|i| st.entries[i].seq))
+                .min()
+                .unwrap_or(u64::MAX)
+        };
+        // The newest segment boundary below which nothing is needed (never the active segment).
+        let Some(&cut) = bases[1..].iter().rev().find(|&&b| b <= needed) else {
+            return Ok(0);
+        };
+        let redefine: Vec<Op> = {
+            let s = self.streams.read();
+            s.by_id
+                .iter()
+                .filter(|(_, st)| st.define_seq < cut)
+                .map(|(&id, st)| Op::Define {
+                    id,
+                    start: st.start,
+                    next: st.next,
+                    name: st.name.to_string(),
+                })
+                .collect()
+        };
+        for chunk in redefine.chunks(1024) {
+            self.write_control(chunk)?;
+        }
+        self.log.sync()?;
+        self.log.delete_segments_before(cut)
+    }
+
+    /// Calls `take` with each batch of stream `id` holding records at or after `*want` (which
+    /// `take` advances), until `take` returns false or the stream's end as of the call.
+    fn scan_stream(
+        &self,
+        id: u32,
+        want: &std::cell::Cell<u64>,
+        mut select: impl FnMut(&BatchHeader) -> bool,
+        mut take: impl FnMut(DecodedBatch) -> bool,
+    ) -> Result<(), LogError> {
+        let skip = self.config.skip_bytes;
+        let mut first = true;
+        loop {
+            let (seq, end) = {
+                let s = self.streams.read();
+                let Some(st) = s.by_id.get(&id) else {
+                    return Ok(());
+                };
+                if want.get() >= st.next {
+                    return Ok(());
+                }
+                let entry = if first {
+                    st.entry_for(want.get())
+                } else {
+                    let i = st.entries.partition_point(|e| e.offset < want.get());
+                    (i < st.entries.len()).then_some(i)
+                };
+                match entry {
+                    Some(i) => (st.entries[i].seq, st.next),
+                    None => return Ok(()),
+                }
+            };
+            first = false;
+            let mut gap = 0u64;
+            let mut jumped = false;
+            let taken_all = std::cell::Cell::new(false);
+            self.log.scan(
+                seq,
+                |h| match h.stream {
+                    Some(t) if t.id == id => {
+                        gap = 0;
+                        if t.base >= end {
+                            taken_all.set(true);
+                            Visit::Stop
+                        } else if h.stream_next().unwrap_or(0) <= want.get() {
+                            Visit::Skip
+                        } else if !select(h) {
+                            // Nothing wanted in it: the scan has passed it.
+                            want.set(h.stream_next().unwrap_or(0));
+                            Visit::Skip
+                        } else {
+                            Visit::Take
+                        }
+                    }
+                    _ => {
+                        gap += h.total_len();
+                        if gap >= skip {
+                            jumped = true;
+                            Visit::Stop
+                        } else {
+                            Visit::Skip
+                        }
+                    }
+                },
+                |batch| {
+                    let go_on = take(batch);
+                    taken_all.set(!go_on);
+                    go_on
+                },
+            )?;
+            if !jumped || taken_all.get() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl Stream {
+    /// The stream's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn state<T>(&self, f: impl FnOnce(&StreamState) -> T) -> Option<T> {
+        self.inner.streams.read().by_id.get(&self.id).map(f)
+    }
+
+    /// The first retained offset.
+    pub fn start(&self) -> u64 {
+        self.state(|st| st.start).unwrap_or(0)
+    }
+
+    /// The offset the next appended record gets.
+    pub fn next_offset(&self) -> u64 {
+        self.state(|st| st.next).unwrap_or(0)
+    }
+
+    /// Bytes of the stream's retained batches (counted from its index entries: at most one
+    /// index interval more than exact).
+    pub fn size_bytes(&self) -> u64 {
+        self.state(|st| {
+            st.entry_for(st.start)
+                .map_or(0, |i| st.bytes - st.entries[i].bytes_before)
+        })
+        .unwrap_or(0)
+    }
+
+    /// Appends `records` at stream offsets `first..`, as one batch, buffered: durable after
+    /// [`Store::sync`]. `first` must be the stream's next offset, or beyond it (the offsets in
+    /// between are skipped for good).
+    pub fn append(&self, first: u64, records: &[RecordIn]) -> Result<AppendInfo, LogError> {
+        let next = self.next_offset();
+        if first < next {
+            return Err(LogError::Inconsistent(format!(
+                "stream {:?}: append at offset {first}, below its end {next}",
+                self.name
+            )));
+        }
+        let tag = StreamTag {
+            id: self.id,
+            base: first,
+        };
+        let mut failed = None;
+        let inner = &*self.inner;
+        inner.log.append_stream_buffered(tag, records, |seq, len| {
+            let max_ts = records
+                .iter()
+                .map(|r| r.timestamp.unwrap_or(0))
+                .max()
+                .unwrap_or(0);
+            let mut s = inner.streams.write();
+            if let Err(e) = s.on_batch(tag, records.len() as u64, seq, len, max_ts, &inner.config) {
+                failed = Some(e);
+            }
+        })?;
+        if let Some(reason) = failed {
+            return Err(LogError::Inconsistent(reason));
+        }
+        Ok(AppendInfo {
+            base_offset: first,
+            last_offset: first + records.len() as u64 - 1,
+        })
+    }
+
+    /// Reads records from `from` on (from the start if below it): at most `max_records`, and
+    /// stopping before the record that would bring their total size over `max_bytes` (the
+    /// first is returned whatever its size). Their `offset` is the stream offset.
+    pub fn read(
+        &self,
+        from: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredRecord>, LogError> {
+        let want = std::cell::Cell::new(from.max(self.start()));
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        if max_records == 0 {
+            return Ok(out);
+        }
+        self.inner.scan_stream(
+            self.id,
+            &want,
+            |_| true,
+            |batch| {
+                let base = batch.header.stream.map_or(0, |t| t.base);
+                for (i, mut r) in batch.records.into_iter().enumerate() {
+                    let offset = base + i as u64;
+                    if offset < want.get() {
+                        continue;
+                    }
+                    let size = r.size();
+                    if out.len() >= max_records || (!out.is_empty() && bytes + size > max_bytes) {
+                        return false;
+                    }
+                    r.offset = offset;
+                    bytes += size;
+                    out.push(r);
+                    want.set(offset + 1);
+                }
+                out.len() < max_records
+            },
+        )?;
+        Ok(out)
+    }
+
+    /// The first offset whose record timestamp is `>= timestamp_ms`, or `None` if every
+    /// retained record is older.
+    pub fn offset_for_timestamp(&self, timestamp_ms: u64) -> Result<Option<u64>, LogError> {
+        let from = self.state(|st| {
+            let i = st
+                .entries
+                .iter()
+                .rposition(|e| e.ts_before < timestamp_ms)
+                .unwrap_or(0);
+            st.entries
+                .get(i)
+                .map_or(st.start, |e| e.offset.max(st.start))
+        });
+        let Some(from) = from else { return Ok(None) };
+        let want = std::cell::Cell::new(from);
+        let mut found = None;
+        self.inner.scan_stream(
+            self.id,
+            &want,
+            |h| h.max_timestamp >= timestamp_ms,
+            |batch| {
+                let base = batch.header.stream.map_or(0, |t| t.base);
+                let hit = batch
+                    .records
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| (base + i as u64, r.timestamp))
+                    .find(|&(o, ts)| o >= want.get() && ts >= timestamp_ms);
+                want.set(base + batch.records.len() as u64);
+                found = hit.map(|(o, _)| o);
+                found.is_none()
+            },
+        )?;
+        Ok(found)
+    }
+
+    /// Moves the stream's start to `start` (records below it are gone for readers; their
+    /// space is reclaimed once no stream needs their segment). A control record, buffered:
+    /// durable after [`Store::sync`]. Returns whether the start moved.
+    pub fn trim(&self, start: u64) -> Result<bool, LogError> {
+        let _control = self.inner.control.lock();
+        let moves = self
+            .state(|st| start.min(st.next) > st.start)
+            .unwrap_or(false);
+        if !moves {
+            return Ok(false);
+        }
+        self.inner
+            .write_control(&[Op::Trim { id: self.id, start }])?;
+        Ok(true)
+    }
+
+    /// Moves an empty stream's start and end to `offset` (never back), so that its next record
+    /// gets that offset: for streams whose earlier records are gone (an imported log whose
+    /// records retention deleted, or offsets handed out that must never be reused). A control
+    /// record, buffered like [`trim`](Self::trim).
+    pub fn advance_to(&self, offset: u64) -> Result<(), LogError> {
+        let _control = self.inner.control.lock();
+        let Some((start, next)) = self.state(|st| (st.start, st.next)) else {
+            return Ok(());
+        };
+        if offset <= next {
+            return Ok(());
+        }
+        if start < next {
+            return Err(LogError::Inconsistent(format!(
+                "stream {:?} holds records: it cannot skip from {next} to {offset}",
+                self.name
+            )));
+        }
+        self.inner.write_control(&[Op::Define {
+            id: self.id,
+            start: offset,
+            next: offset,
+            name: self.name.to_string(),
+        }])
+    }
+
+    /// Sets the stream's retention (in memory: the caller sets it again after reopening).
+    pub fn set_retention(&self, retention: RetentionPolicy) {
+        if let Some(st) = self.inner.streams.write().by_id.get_mut(&self.id) {
+            st.retention = retention;
+        }
+    }
+
+    /// Applies the stream's retention (moving its start), then deletes the segments no stream
+    /// needs (at most once a second). Returns whether the start moved.
+    pub fn apply_retention(&self) -> Result<bool, LogError> {
+        let now = now_ms();
+        let start = self.state(|st| st.retention_start(now)).unwrap_or(0);
+        let moved = self.trim(start)?;
+        self.inner.compact(false)?;
+        Ok(moved)
+    }
+}
