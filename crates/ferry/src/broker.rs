@@ -25,6 +25,7 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
 
+use crate::commit::Committer;
 use crate::config::{BrokerConfig, Overflow, TopicConfig};
 use crate::consumer::{AckMode, AckPolicy, Consumer, ConsumerSpec, DeadJob};
 use crate::dlq::{dead_letter_message, dlq_name, DeadLetterQueue};
@@ -79,6 +80,8 @@ pub(crate) struct BrokerInner {
     positions: Mutex<Positions>,
     /// What was saved last (to skip writing an unchanged set).
     saved_positions: Mutex<Positions>,
+    /// Where publishes on topics that wait for their sync wait for it (durable brokers).
+    committer: Option<Committer>,
 }
 
 /// What shutdown found.
@@ -169,6 +172,13 @@ impl Broker {
     ) -> Self {
         let (events, _) = broadcast::channel(config.event_capacity.max(1));
         let memory = config.memory_limit.map(|l| Arc::new(MemoryGauge::new(l)));
+        let committer = storage.as_ref().and_then(|_| {
+            Committer::start()
+                .inspect_err(|e| {
+                    tracing::warn!(error = %e, "no commit thread: publishes wait on the blocking pool")
+                })
+                .ok()
+        });
         let inner = Arc::new_cyclic(|weak| BrokerInner {
             config,
             registry: RwLock::new(Registry::default()),
@@ -186,6 +196,7 @@ impl Broker {
             storage,
             saved_positions: Mutex::new(positions.clone()),
             positions: Mutex::new(positions),
+            committer,
         });
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(maintenance(Arc::downgrade(&inner)));
@@ -494,6 +505,65 @@ impl Clone for Publisher {
     }
 }
 
+/// A publish under way (see [`Publisher::publish_pipelined`]): resolves to the offset once the
+/// message is durable and visible, or to why it was not published.
+#[must_use = "a pipelined publish reports its outcome only when awaited"]
+pub struct Pipelined(PipelinedState);
+
+enum PipelinedState {
+    Ready(Option<Result<u64, PublishError>>),
+    Syncing {
+        offset: u64,
+        reply: crate::commit::Reply,
+        topic: Arc<Topic>,
+    },
+    Blocked(std::pin::Pin<Box<dyn Future<Output = Result<u64, PublishError>> + Send>>),
+}
+
+impl std::fmt::Debug for Pipelined {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match &self.0 {
+            PipelinedState::Ready(_) => "ready",
+            PipelinedState::Syncing { .. } => "syncing",
+            PipelinedState::Blocked(_) => "waiting for space",
+        };
+        f.debug_tuple("Pipelined").field(&state).finish()
+    }
+}
+
+impl Pipelined {
+    /// Whether the message was appended (or refused) already; `false` while it waits for space
+    /// in a full topic.
+    pub fn is_appended(&self) -> bool {
+        !matches!(self.0, PipelinedState::Blocked(_))
+    }
+}
+
+impl Future for Pipelined {
+    type Output = Result<u64, PublishError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        use std::task::Poll;
+        match &mut self.0 {
+            PipelinedState::Ready(r) => Poll::Ready(r.take().unwrap_or(Err(PublishError::Closed))),
+            PipelinedState::Syncing {
+                offset,
+                reply,
+                topic,
+            } => match std::pin::Pin::new(reply).poll(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Ok(Ok(()))) => Poll::Ready(Ok(*offset)),
+                Poll::Ready(Ok(Err(e))) => Poll::Ready(Err(BrokerInner::append_error(topic, e))),
+                Poll::Ready(Err(_)) => Poll::Ready(Err(PublishError::Closed)),
+            },
+            PipelinedState::Blocked(f) => f.as_mut().poll(cx),
+        }
+    }
+}
+
 impl Publisher {
     /// Stamps this producer id on messages that have none.
     pub fn with_producer_id(mut self, producer: impl Into<Arc<str>>) -> Self {
@@ -518,6 +588,49 @@ impl Publisher {
             .topic
             .wrap_as(&self.name, message.into(), &self.producer);
         self.broker.inner.publish_one(&self.topic, record)
+    }
+
+    /// Publishes in order without waiting for durability: the message is appended when this is
+    /// called (so messages published one after another keep their order), and the returned
+    /// [`Pipelined`] resolves to its offset once it is durable and visible (at once on topics
+    /// that need no sync). Meanwhile the caller may publish more: concurrent publishes on any
+    /// topics share one fsync. If the topic is full and blocks, the append itself waits: check
+    /// [`Pipelined::is_appended`] and await it before publishing more, to keep the order.
+    pub fn publish_pipelined(&self, message: impl Into<Message>) -> Pipelined {
+        let mut pending = Some(
+            self.topic
+                .wrap_as(&self.name, message.into(), &self.producer),
+        );
+        let inner = &self.broker.inner;
+        match inner.append_unsynced(&self.topic, &mut pending) {
+            Err(PublishError::Full { .. }) if self.topic.config.overflow == Overflow::Block => {
+                let publisher = self.clone();
+                let records: Vec<Arc<Record>> = pending.into_iter().collect();
+                Pipelined(PipelinedState::Blocked(Box::pin(async move {
+                    let inner = &publisher.broker.inner;
+                    inner
+                        .append_wait(&publisher.topic, records)
+                        .await
+                        .map(|r| r.start)
+                })))
+            }
+            Err(e) => Pipelined(PipelinedState::Ready(Some(Err(e)))),
+            Ok(range) if self.topic.waits_for_sync() => match &inner.committer {
+                Some(c) => Pipelined(PipelinedState::Syncing {
+                    offset: range.start,
+                    reply: c.submit(self.topic.clone(), range.end),
+                    topic: self.topic.clone(),
+                }),
+                None => {
+                    let publisher = self.clone();
+                    Pipelined(PipelinedState::Blocked(Box::pin(async move {
+                        let inner = &publisher.broker.inner;
+                        inner.synced(&publisher.topic, range).await.map(|r| r.start)
+                    })))
+                }
+            },
+            Ok(range) => Pipelined(PipelinedState::Ready(Some(Ok(range.start)))),
+        }
     }
 
     /// Publishes without waiting.
@@ -721,9 +834,21 @@ impl BrokerInner {
     }
 
     /// Waits, off the async worker threads, until `range` is durable and visible.
-    async fn synced(topic: &Arc<Topic>, range: Range<u64>) -> Result<Range<u64>, PublishError> {
+    async fn synced(
+        &self,
+        topic: &Arc<Topic>,
+        range: Range<u64>,
+    ) -> Result<Range<u64>, PublishError> {
         if !topic.waits_for_sync() {
             return Ok(range);
+        }
+        if let Some(committer) = &self.committer {
+            let reply = committer.submit(topic.clone(), range.end);
+            return match reply.await {
+                Ok(Ok(())) => Ok(range),
+                Ok(Err(e)) => Err(BrokerInner::append_error(topic, e)),
+                Err(_) => Err(PublishError::Closed),
+            };
         }
         let t = topic.clone();
         let end = range.end;
@@ -763,9 +888,7 @@ impl BrokerInner {
         match self.append_unsynced(topic, &mut pending) {
             Err(PublishError::Full { .. }) if topic.config.overflow == Overflow::Block => {}
             Ok(range) if topic.waits_for_sync() => {
-                return Box::pin(BrokerInner::synced(topic, range))
-                    .await
-                    .map(|r| r.start)
+                return Box::pin(self.synced(topic, range)).await.map(|r| r.start)
             }
             other => return other.map(|r| r.start),
         }
@@ -779,7 +902,7 @@ impl BrokerInner {
         records: Vec<Arc<Record>>,
     ) -> Result<Range<u64>, PublishError> {
         let range = self.append_waiting_for_space(topic, records).await?;
-        BrokerInner::synced(topic, range).await
+        self.synced(topic, range).await
     }
 
     async fn append_waiting_for_space(

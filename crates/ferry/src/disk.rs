@@ -335,6 +335,10 @@ fn migrate_v1(dir: &Path, config: &DiskConfig) -> Result<(), StorageError> {
         for entry in fs::read_dir(&topics).map_err(io(&topics))? {
             let entry = entry.map_err(io(&topics))?;
             let file = entry.file_name();
+            if !entry.path().is_dir() {
+                tracing::warn!(entry = ?file, "migration: ignoring a file that is not a topic");
+                continue;
+            }
             let Some(name) = file.to_str().and_then(decode_name) else {
                 tracing::warn!(entry = ?file, "migration: ignoring a directory that is not a topic");
                 continue;
@@ -626,5 +630,306 @@ mod tests {
             ..plain
         };
         assert!(decode_record(short).is_err());
+    }
+
+    // ---- migration of the first layout -------------------------------------------------------
+
+    /// A topic of a data directory of the first layout, as the old code wrote it.
+    struct OldTopic {
+        name: &'static str,
+        /// Records per appended batch (each `Log::append` is one batch).
+        batches: &'static [usize],
+        /// Segment size of its log: small enough to roll every few batches when set.
+        segment_bytes: Option<u64>,
+        /// Sealed segments holding nothing at or after this offset were deleted (retention).
+        retention_below: Option<u64>,
+        /// Its purge mark in `starts.json`.
+        purged_below: Option<u64>,
+    }
+
+    const OLD_TOPICS: &[OldTopic] = &[
+        OldTopic {
+            name: "orders",
+            batches: &[2, 3],
+            segment_bytes: None,
+            retention_below: None,
+            purged_below: None,
+        },
+        OldTopic {
+            // Escaped as `telemetry%2Fnode-1%2Fgpu%20%C3%BC%25` in the old layout.
+            name: "telemetry/node-1/gpu ü%",
+            batches: &[1, 1, 2],
+            segment_bytes: None,
+            retention_below: None,
+            purged_below: None,
+        },
+        OldTopic {
+            name: "$dlq/orders",
+            batches: &[1, 1],
+            segment_bytes: None,
+            retention_below: None,
+            purged_below: None,
+        },
+        OldTopic {
+            // Purged in the middle of a batch.
+            name: "purged",
+            batches: &[3, 3, 3, 1],
+            segment_bytes: None,
+            retention_below: None,
+            purged_below: Some(4),
+        },
+        OldTopic {
+            // Its log starts past 0 (retention deleted segments); its stale purge mark is
+            // below that start.
+            name: "retained",
+            batches: &[1; 12],
+            segment_bytes: Some(600),
+            retention_below: Some(7),
+            purged_below: Some(1),
+        },
+        OldTopic {
+            // Purged entirely: nothing to copy, but its offsets must not be reused.
+            name: "emptied",
+            batches: &[3],
+            segment_bytes: None,
+            retention_below: None,
+            purged_below: Some(3),
+        },
+        OldTopic {
+            name: "never-written",
+            batches: &[],
+            segment_bytes: None,
+            retention_below: None,
+            purged_below: None,
+        },
+    ];
+
+    fn old_message(topic: &str, i: u64) -> Message {
+        Message::builder()
+            .payload(format!("{topic} #{i}"))
+            .key(format!("k{}", i % 3))
+            .header("i", i.to_string())
+            .producer("old")
+            .priority(if i % 2 == 0 {
+                Priority::Normal
+            } else {
+                Priority::High
+            })
+            .build()
+    }
+
+    /// Writes `topics` in the first layout under `dir` (and `starts.json`, with a mark for a
+    /// topic that no longer exists too). Returns, per topic, the messages at each offset and
+    /// the offsets a reader should find after the migration.
+    fn write_old_layout(
+        dir: &Path,
+        topics: &[OldTopic],
+    ) -> BTreeMap<String, (Vec<Message>, std::ops::Range<u64>)> {
+        let mut starts = BTreeMap::new();
+        starts.insert("deleted-since".to_string(), 5u64);
+        let mut out = BTreeMap::new();
+        for t in topics {
+            let path = dir.join("topics").join(encode_name(t.name));
+            let log = Log::open(
+                &path,
+                LogConfig {
+                    segment_bytes: t.segment_bytes.unwrap_or(64 << 20),
+                    durability: Durability::Never,
+                    ..LogConfig::default()
+                },
+            )
+            .unwrap();
+            let mut messages = Vec::new();
+            for &n in t.batches {
+                let base = messages.len() as u64;
+                let batch: Vec<Message> = (base..base + n as u64)
+                    .map(|i| old_message(t.name, i))
+                    .collect();
+                let records: Vec<RecordIn> = batch.iter().map(encode_message).collect();
+                let info = log.append(&records).unwrap();
+                assert_eq!(info.base_offset, messages.len() as u64);
+                messages.extend(batch);
+            }
+            if let Some(below) = t.retention_below {
+                assert!(log.delete_segments_before(below).unwrap() > 0, "{}", t.name);
+            }
+            let mut start = log.start_offset();
+            if t.retention_below.is_some() {
+                assert!(start > 0, "{}: the log should start past 0", t.name);
+            }
+            if let Some(mark) = t.purged_below {
+                starts.insert(t.name.to_string(), mark);
+                start = start.max(mark);
+            }
+            out.insert(t.name.to_string(), (messages, start..log.next_offset()));
+            log.close().unwrap();
+        }
+        // A directory whose name is no topic's: ignored (and removed with `topics/`).
+        fs::create_dir_all(dir.join("topics").join("%ZZ")).unwrap();
+        fs::write(
+            dir.join("starts.json"),
+            serde_json::to_vec(&starts).unwrap(),
+        )
+        .unwrap();
+        fs::write(dir.join("positions.json"), br#"{"group:g":{"orders":3}}"#).unwrap();
+        out
+    }
+
+    fn topic_name_of(name: &str) -> TopicName {
+        topic_name(name).unwrap()
+    }
+
+    /// Checks every topic of `expected` in `storage`: bounds, and each record with its offset.
+    fn check_migrated(
+        storage: &DiskStorage,
+        expected: &BTreeMap<String, (Vec<Message>, std::ops::Range<u64>)>,
+    ) {
+        let listed: Vec<String> = storage
+            .topics()
+            .unwrap()
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+        let wanted: Vec<String> = expected.keys().cloned().collect();
+        assert_eq!(listed, wanted);
+        for (name, (messages, range)) in expected {
+            let topic = storage
+                .open_topic(&topic_name_of(name), &TopicConfig::default())
+                .unwrap();
+            assert_eq!(
+                (topic.start(), topic.end()),
+                (range.start, range.end),
+                "{name}"
+            );
+            // Reading below the start gives what is retained, from the start.
+            let read = topic.read(0, 1000).unwrap();
+            let offsets: Vec<u64> = read.iter().map(|m| m.offset).collect();
+            assert_eq!(offsets, range.clone().collect::<Vec<_>>(), "{name}");
+            for stored in &read {
+                let want = &messages[stored.offset as usize];
+                let got = &stored.message;
+                assert_eq!(got.id(), want.id(), "{name} @{}", stored.offset);
+                assert_eq!(got.payload(), want.payload());
+                assert_eq!(got.key(), want.key());
+                assert_eq!(got.headers(), want.headers());
+                assert_eq!(got.timestamp(), want.timestamp());
+                assert_eq!(got.priority(), want.priority());
+                assert_eq!(got.producer_id(), Some("old"));
+            }
+            // Reading from the middle starts exactly there.
+            if range.end - range.start >= 2 {
+                let mid = range.start + 1;
+                assert_eq!(topic.read(mid, 1).unwrap()[0].offset, mid, "{name}");
+            }
+        }
+    }
+
+    fn assert_new_layout(dir: &Path) {
+        assert!(dir.join("store").is_dir());
+        assert!(!dir.join("topics").exists());
+        assert!(!dir.join("starts.json").exists());
+        assert!(!dir.join("store.migrating").exists());
+        // Consumer positions are untouched.
+        assert_eq!(
+            fs::read(dir.join("positions.json")).unwrap(),
+            br#"{"group:g":{"orders":3}}"#
+        );
+    }
+
+    fn disk_config() -> DiskConfig {
+        DiskConfig {
+            durability: Durability::Never,
+            ..DiskConfig::default()
+        }
+    }
+
+    #[test]
+    fn the_first_layout_is_migrated_with_its_offsets_and_purges() {
+        let dir = tempfile::tempdir().unwrap();
+        let expected = write_old_layout(dir.path(), OLD_TOPICS);
+        assert_eq!(
+            encode_name("telemetry/node-1/gpu ü%"),
+            "telemetry%2Fnode-1%2Fgpu%20%C3%BC%25"
+        );
+        assert!(dir.path().join("topics/%24dlq%2Forders").is_dir());
+        let retained = expected["retained"].1.clone();
+        assert!(
+            retained.start > 1 && retained.start < retained.end,
+            "{retained:?}"
+        );
+        assert_eq!(expected["purged"].1, 4..10);
+        assert_eq!(expected["emptied"].1, 3..3);
+
+        let storage = DiskStorage::open(dir.path(), disk_config()).unwrap();
+        assert_new_layout(dir.path());
+        check_migrated(&storage, &expected);
+        let positions = storage.load_positions().unwrap();
+        assert_eq!(positions["group:g"]["orders"], 3);
+        // Appends continue at the old ends, purged offsets included.
+        let mut expected = expected;
+        for (name, end) in [("emptied", 3u64), ("orders", 5)] {
+            let topic = storage
+                .open_topic(&topic_name_of(name), &TopicConfig::default())
+                .unwrap();
+            assert!(matches!(
+                topic.append(0, &[&old_message(name, 0)]),
+                Err(StorageError::OffsetMismatch { store, .. }) if store == end
+            ));
+            let m = old_message(name, end);
+            topic.append(end, &[&m]).unwrap();
+            let (messages, range) = expected.get_mut(name).unwrap();
+            assert_eq!(messages.len() as u64, end);
+            messages.push(m);
+            range.end = end + 1;
+        }
+        storage.sync().unwrap();
+        drop(storage);
+
+        // Opening again: nothing to migrate, everything still there.
+        let storage = DiskStorage::open(dir.path(), disk_config()).unwrap();
+        assert_new_layout(dir.path());
+        check_migrated(&storage, &expected);
+    }
+
+    #[test]
+    fn a_migration_interrupted_before_its_rename_is_started_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let expected = write_old_layout(dir.path(), OLD_TOPICS);
+        // What a crash during the copy leaves: a partial store beside the old layout.
+        {
+            let partial =
+                Store::open(dir.path().join("store.migrating"), StoreConfig::default()).unwrap();
+            let junk = partial.stream("junk").unwrap();
+            junk.append(0, &[encode_message(&old_message("junk", 0))])
+                .unwrap();
+            let orders = partial.stream("orders").unwrap();
+            orders
+                .append(0, &[encode_message(&old_message("orders", 0))])
+                .unwrap();
+            partial.close().unwrap();
+        }
+        fs::write(dir.path().join("store.migrating/garbage"), b"torn").unwrap();
+
+        let storage = DiskStorage::open(dir.path(), disk_config()).unwrap();
+        assert_new_layout(dir.path());
+        check_migrated(&storage, &expected);
+        drop(storage);
+        let storage = DiskStorage::open(dir.path(), disk_config()).unwrap();
+        check_migrated(&storage, &expected);
+    }
+
+    #[test]
+    fn a_migration_interrupted_after_its_rename_only_removes_the_old_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let expected = write_old_layout(dir.path(), &OLD_TOPICS[..2]);
+        drop(DiskStorage::open(dir.path(), disk_config()).unwrap());
+        // A crash between the rename of `store.migrating/` and the removal of `topics/` and
+        // `starts.json` leaves both layouts: `store/` is complete and wins.
+        let stale = write_old_layout(dir.path(), &OLD_TOPICS[2..]);
+        assert!(dir.path().join("store").is_dir() && dir.path().join("topics").is_dir());
+        let storage = DiskStorage::open(dir.path(), disk_config()).unwrap();
+        assert_new_layout(dir.path());
+        check_migrated(&storage, &expected);
+        assert!(stale.keys().all(|k| !expected.contains_key(k)));
     }
 }

@@ -36,6 +36,7 @@
 #![deny(missing_docs)]
 
 mod broker;
+mod commit;
 mod config;
 mod consumer;
 pub mod disk;
@@ -60,7 +61,7 @@ mod timers;
 pub mod topic;
 mod tx;
 
-pub use broker::{Broker, Publisher, ShutdownReport};
+pub use broker::{Broker, Pipelined, Publisher, ShutdownReport};
 pub use config::{BrokerConfig, HotWindow, Overflow, Retention, TopicConfig};
 pub use consumer::AckMode;
 pub use dlq::{DeadLetter, DeadLetterQueue, DeadLetterReason};

@@ -53,7 +53,7 @@ impl Hold {
 }
 
 /// Why an append did not happen.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum AppendError {
     Full,
     TooLarge(usize),

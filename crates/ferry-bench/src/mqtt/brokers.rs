@@ -20,6 +20,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum Kind {
     /// Ferry: `ferry serve --memory --no-http`.
     Ferry,
+    /// Ferry on a fresh data directory with its defaults (fsync before every acknowledgement,
+    /// shared by concurrent publishes): `ferry serve --data-dir DIR --no-http`.
+    FerryDurable,
     /// Mosquitto, the system binary.
     Mosquitto,
 }
@@ -28,6 +31,7 @@ impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Kind::Ferry => "ferry",
+            Kind::FerryDurable => "ferry-durable",
             Kind::Mosquitto => "mosquitto",
         })
     }
@@ -55,7 +59,8 @@ impl Binaries {
                 .map(|dir| dir.join("ferry"))
                 .context("the ferry-bench executable has no parent directory")?,
         };
-        if kinds.contains(&Kind::Ferry) && !ferry.is_file() {
+        let wants_ferry = kinds.contains(&Kind::Ferry) || kinds.contains(&Kind::FerryDurable);
+        if wants_ferry && !ferry.is_file() {
             bail!(
                 "no ferry binary at {} : build it first with `cargo build --release -p \
                  ferry-server` (same CARGO_TARGET_DIR as the bench), or pass --ferry-bin PATH",
@@ -106,9 +111,15 @@ impl BrokerProcess {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let log = File::create(dir.path().join("broker.log")).context("creating the log")?;
         let mut cmd = match kind {
-            Kind::Ferry => {
+            Kind::Ferry | Kind::FerryDurable => {
                 let mut c = Command::new(&bins.ferry);
-                c.args(["serve", "--memory", "--no-http", "--mqtt-listen"])
+                c.arg("serve");
+                if kind == Kind::Ferry {
+                    c.arg("--memory");
+                } else {
+                    c.arg("--data-dir").arg(dir.path().join("data"));
+                }
+                c.args(["--no-http", "--mqtt-listen"])
                     .arg(addr.to_string())
                     .arg("--max-connections")
                     .arg(max_connections.to_string())

@@ -1065,4 +1065,23 @@ mod tests {
         .unwrap();
         tiny_runs_count_every_delivery(Kind::Ferry, &bins);
     }
+
+    /// Against `ferry serve` on a data directory (pipelined publishes waiting for their fsync).
+    #[test]
+    fn tiny_runs_against_durable_ferry_count_every_delivery() {
+        let ferry = ferry_binary();
+        if !available(
+            "the ferry binary (FERRY_BIN, or `cargo build -p ferry-server`)",
+            ferry.as_deref(),
+        ) {
+            return;
+        }
+        let bins = Binaries::find(
+            ferry.as_deref(),
+            Path::new("/usr/sbin/mosquitto"),
+            &[Kind::FerryDurable],
+        )
+        .unwrap();
+        tiny_runs_count_every_delivery(Kind::FerryDurable, &bins);
+    }
 }

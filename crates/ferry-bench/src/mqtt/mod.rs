@@ -44,7 +44,7 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', default_values = ["fan-in", "fan-out", "shared", "idle"])]
     pub scenarios: Vec<Scenario>,
     /// Brokers to measure.
-    #[arg(long, value_delimiter = ',', default_values = ["ferry", "mosquitto"])]
+    #[arg(long, value_delimiter = ',', default_values = ["ferry", "ferry-durable", "mosquitto"])]
     pub systems: Vec<Kind>,
     /// QoS levels of the throughput scenarios.
     #[arg(long, value_delimiter = ',', default_values_t = [0u8, 1], value_parser = clap::value_parser!(u8).range(0..=1))]
@@ -249,6 +249,10 @@ pub fn run(args: &Args) -> Result<()> {
         let mut runs: Vec<(Kind, Vec<Run>)> = systems.iter().map(|k| (*k, Vec::new())).collect();
         for _round in 0..args.repeat {
             for (kind, done) in &mut runs {
+                if scenario.shape().is_none() && *kind == Kind::FerryDurable {
+                    // Idle connections touch no storage: the in-memory row says it all.
+                    continue;
+                }
                 eprintln!("{name}: {kind}...");
                 let max_conn = idle_n + 1024;
                 let mut broker = BrokerProcess::start(*kind, &bins, max_conn)?;
@@ -384,6 +388,28 @@ fn targets(report: &Report) -> String {
                  (mosquitto/ferry {:.2}x)\n",
                 r.scenario,
                 m / f.max(1.0)
+            ));
+        }
+        let durable = rows
+            .iter()
+            .find(|f| f.scenario == r.scenario && f.system == Kind::FerryDurable.to_string());
+        let memory = rows
+            .iter()
+            .find(|f| f.scenario == r.scenario && f.system == Kind::Ferry.to_string());
+        if let Some(d) = durable.filter(|d| d.msgs_per_s > 0) {
+            let rate = |x: u64| x.max(1) as f64;
+            let vs_mosq = d.msgs_per_s as f64 / rate(r.msgs_per_s);
+            let vs_mem = memory.map(|m| d.msgs_per_s as f64 / rate(m.msgs_per_s));
+            let verdict = if vs_mosq >= 1.0 && vs_mem.is_none_or(|v| v >= 0.5) {
+                "met"
+            } else {
+                "MISSED"
+            };
+            out.push_str(&format!(
+                "  {:<16} ferry-durable/mosquitto {vs_mosq:.2}x (target >= 1x), \
+                 ferry-durable/ferry {} (target >= 0.5): {verdict}\n",
+                r.scenario,
+                vs_mem.map_or("-".to_string(), |v| format!("{v:.2}x")),
             ));
         }
         if let Some(Extra::Value(x)) = r.extra("per_conn_ferry_over_this") {

@@ -13,8 +13,8 @@ use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use ferry::{
-    Delivery, Message, PublishError, Publisher, SubscribeError, Subscription, TopicFilter,
-    TopicName,
+    Delivery, Message, Pipelined, PublishError, Publisher, SubscribeError, Subscription,
+    TopicFilter, TopicName,
 };
 use ferry_mqtt::{
     decode, decode_connect, encode, encoded_len, ConnAck, ConnAckProperties, Connect, DecodeError,
@@ -105,6 +105,36 @@ struct Active {
     /// Packet ids of messages left unacknowledged by the session's last connection, by
     /// message id: reused when they are resent (MQTT-4.4.0-1).
     resend_ids: HashMap<String, u16>,
+    /// QoS 1/2 publishes waiting for durability, in the order they were received: their
+    /// PUBACK/PUBREC go out in that order once each is durable, while the connection goes on
+    /// reading and appending (pipelining).
+    acks: VecDeque<AckDue>,
+}
+
+/// A QoS 1/2 publish whose acknowledgement is due once its outcome is known.
+struct AckDue {
+    id: Option<u16>,
+    qos: QoS,
+    outcome: Outcome,
+}
+
+/// How a publish ends: the reason code to acknowledge with or why publishing failed, known now
+/// or once the engine made the message durable.
+enum Outcome {
+    Done(Settled),
+    Pending(Pipelined),
+}
+
+/// The reason code of an acknowledgement, or the failure to report.
+type Settled = Result<ReasonCode, PublishError>;
+
+impl AckDue {
+    fn poll_outcome(&mut self, cx: &mut Context<'_>) -> Poll<Settled> {
+        match &mut self.outcome {
+            Outcome::Done(r) => Poll::Ready(std::mem::replace(r, Ok(ReasonCode::Success))),
+            Outcome::Pending(p) => p.poll_unpin(cx).map(|r| r.map(|_| ReasonCode::Success)),
+        }
+    }
 }
 
 /// Runs a connection to its end.
@@ -300,6 +330,8 @@ enum Wake {
     Input(std::io::Result<usize>),
     /// A delivery of the subscription with that key.
     Delivery(String, Delivery),
+    /// The oldest publish waiting for its acknowledgement has its outcome.
+    Acked(Settled),
 }
 
 /// What the connection does after a wake.
@@ -465,6 +497,7 @@ where
                 }),
                 publishers: HashMap::new(),
                 resend_ids: HashMap::new(),
+                acks: VecDeque::new(),
             })
         })
     }
@@ -647,6 +680,10 @@ where
                 }
                 Next::Wait
             }
+            Wake::Acked(result) => match self.acks_ready(result) {
+                Some(end) => Next::End(end),
+                None => Next::Wait,
+            },
             Wake::Input(Ok(0)) => Next::End(End::Gone("closed by peer".into())),
             Wake::Input(Ok(_)) => Next::Input,
             Wake::Input(Err(e)) => Next::End(End::Gone(e.to_string())),
@@ -658,6 +695,11 @@ where
     fn poll_wake(&mut self, can_send: bool, cx: &mut Context<'_>) -> Poll<Wake> {
         if let Poll::Ready(k) = self.control.poll_kicked(cx) {
             return Poll::Ready(Wake::Kicked(k));
+        }
+        if let Some(head) = self.active.as_mut().and_then(|a| a.acks.front_mut()) {
+            if let Poll::Ready(r) = head.poll_outcome(cx) {
+                return Poll::Ready(Wake::Acked(r));
+            }
         }
         if let Poll::Ready(r) = poll_read_some(&mut self.stream, &mut self.rbuf, cx) {
             return Poll::Ready(Wake::Input(r));
@@ -781,8 +823,13 @@ where
             // A valid MQTT topic that Ferry does not accept (`$...`, `*`, control characters).
             if self.v5() && p.qos > QoS::AtMostOnce {
                 tracing::info!(client = self.neg.client_id, topic, error = %e, "PUBLISH refused");
-                self.ack_publish(&p, ReasonCode::TopicNameInvalid);
-                return None;
+                return self
+                    .queue_ack(
+                        p.packet_id,
+                        p.qos,
+                        Outcome::Done(Ok(ReasonCode::TopicNameInvalid)),
+                    )
+                    .await;
             }
             return Some(End::Protocol(
                 ReasonCode::TopicNameInvalid,
@@ -793,8 +840,13 @@ where
             && std::str::from_utf8(&p.payload).is_err()
         {
             if self.v5() && p.qos > QoS::AtMostOnce {
-                self.ack_publish(&p, ReasonCode::PayloadFormatInvalid);
-                return None;
+                return self
+                    .queue_ack(
+                        p.packet_id,
+                        p.qos,
+                        Outcome::Done(Ok(ReasonCode::PayloadFormatInvalid)),
+                    )
+                    .await;
             }
             return Some(End::Protocol(
                 ReasonCode::PayloadFormatInvalid,
@@ -818,8 +870,9 @@ where
             } else {
                 ReasonCode::Success
             };
-            self.ack_publish(&p, code);
-            return None;
+            return self
+                .queue_ack(p.packet_id, p.qos, Outcome::Done(Ok(code)))
+                .await;
         }
         if p.qos == QoS::ExactlyOnce {
             let Some(id) = p.packet_id else {
@@ -831,8 +884,9 @@ where
             match self.active().inbound_qos2.on_publish(id) {
                 Qos2Inbound::Publish => {}
                 Qos2Inbound::Duplicate => {
-                    self.ack_publish(&p, ReasonCode::Success);
-                    return None;
+                    return self
+                        .queue_ack(p.packet_id, p.qos, Outcome::Done(Ok(ReasonCode::Success)))
+                        .await;
                 }
                 Qos2Inbound::ReceiveMaximumExceeded => {
                     return Some(End::Protocol(
@@ -844,48 +898,113 @@ where
         }
         let message = Inbound::from_publish(p.qos, p.retain, &self.neg.client_id, &p.properties)
             .to_message(p.payload.clone());
-        let code = match self.publish(&topic, message, p.retain).await {
-            Ok(()) => ReasonCode::Success,
-            Err(e) => {
+        let outcome = match self.publish(&topic, message, p.retain).await {
+            Ok(Some(pipelined)) => Outcome::Pending(pipelined),
+            Ok(None) => Outcome::Done(Ok(ReasonCode::Success)),
+            Err(e) => Outcome::Done(Err(e)),
+        };
+        if p.qos == QoS::AtMostOnce {
+            // Nothing to acknowledge: the engine makes it durable and visible on its own.
+            if let Outcome::Done(Err(e)) = outcome {
                 tracing::warn!(client = self.neg.client_id, topic, error = %e, "publish failed");
-                if p.qos == QoS::ExactlyOnce {
-                    if let Some(id) = p.packet_id {
+            }
+            return None;
+        }
+        self.queue_ack(p.packet_id, p.qos, outcome).await
+    }
+
+    /// Acknowledges a QoS 1/2 publish now, or after the publishes before it (acknowledgements
+    /// go out in the order the publishes came, MQTT-4.6.0-2).
+    async fn queue_ack(&mut self, id: Option<u16>, qos: QoS, outcome: Outcome) -> Option<End> {
+        let acks = &mut self.active().acks;
+        if acks.is_empty() {
+            if let Outcome::Done(result) = outcome {
+                return self.publish_done(id, qos, result);
+            }
+        }
+        acks.push_back(AckDue { id, qos, outcome });
+        // Bounded: past the limit, wait for the oldest before reading more.
+        let limit = usize::from(self.shared.config.max_inflight).max(16);
+        while self.active.as_ref().is_some_and(|a| a.acks.len() >= limit) {
+            let result = std::future::poll_fn(|cx| match self.active.as_mut() {
+                Some(a) => match a.acks.front_mut() {
+                    Some(head) => head.poll_outcome(cx),
+                    None => Poll::Ready(Ok(ReasonCode::Success)),
+                },
+                None => Poll::Ready(Ok(ReasonCode::Success)),
+            })
+            .await;
+            if let Some(end) = self.acks_ready(result) {
+                return Some(end);
+            }
+        }
+        None
+    }
+
+    /// Acknowledges the oldest waiting publish with `result`, then every following one whose
+    /// outcome is known, in order.
+    fn acks_ready(&mut self, mut result: Settled) -> Option<End> {
+        loop {
+            let due = self.active.as_mut()?.acks.pop_front()?;
+            if let Some(end) = self.publish_done(due.id, due.qos, result) {
+                return Some(end);
+            }
+            let head = self.active.as_mut()?.acks.front_mut()?;
+            let waker = futures::task::noop_waker();
+            match head.poll_outcome(&mut Context::from_waker(&waker)) {
+                Poll::Ready(r) => result = r,
+                Poll::Pending => return None,
+            }
+        }
+    }
+
+    /// Sends the acknowledgement of a QoS 1/2 publish given its outcome; a failure on MQTT
+    /// 3.1.1, which has no way to say no, closes the connection.
+    fn publish_done(&mut self, id: Option<u16>, qos: QoS, result: Settled) -> Option<End> {
+        let code = match result {
+            Ok(code) => code,
+            Err(e) => {
+                tracing::warn!(client = self.neg.client_id, error = %e, "publish failed");
+                if qos == QoS::ExactlyOnce {
+                    if let Some(id) = id {
                         self.active().inbound_qos2.on_pubrel(id);
                     }
                 }
-                match p.qos {
-                    QoS::AtMostOnce => return None,
-                    _ if !self.v5() => {
-                        // 3.1.1 has no way to say no but closing.
-                        return Some(End::Protocol(
-                            ReasonCode::ImplementationSpecificError,
-                            format!("publish failed: {e}"),
-                        ));
-                    }
-                    _ => publish_error_code(&e),
+                if !self.v5() {
+                    return Some(End::Protocol(
+                        ReasonCode::ImplementationSpecificError,
+                        format!("publish failed: {e}"),
+                    ));
                 }
+                publish_error_code(&e)
             }
         };
-        self.ack_publish(&p, code);
+        self.ack(id, qos, code);
         None
     }
 
     /// Publishes to the engine (and the retained store) through a cached [`Publisher`].
+    /// Publishing through the engine is pipelined (`Ok(Some)`: its outcome comes later, see
+    /// [`AckDue`]); the other paths are done when this returns (`Ok(None)`).
     async fn publish(
         &mut self,
         topic: &str,
         message: Message,
         retain: bool,
-    ) -> Result<(), PublishError> {
+    ) -> Result<Option<Pipelined>, PublishError> {
         if self.shared.bridge.is_some() {
-            return publish(&self.shared, topic, message, retain).await;
+            return publish(&self.shared, topic, message, retain)
+                .await
+                .map(|()| None);
         }
         if retain {
             self.shared.retained.set(topic, message.clone());
         }
         self.active();
         let Some(active) = self.active.as_mut() else {
-            return publish(&self.shared, topic, message, false).await;
+            return publish(&self.shared, topic, message, false)
+                .await
+                .map(|()| None);
         };
         let publishers = &mut active.publishers;
         if !publishers.contains_key(topic) {
@@ -896,16 +1015,26 @@ where
             publishers.insert(topic.to_string(), publisher);
         }
         match publishers.get(topic) {
-            Some(publisher) => publisher.publish(message).await.map(|_| ()),
-            None => publish(&self.shared, topic, message, false).await,
+            Some(publisher) => {
+                let mut pipelined = publisher.publish_pipelined(message);
+                if !pipelined.is_appended() {
+                    // A full topic: wait for the append before reading on, to keep the order.
+                    (&mut pipelined).await?;
+                    return Ok(None);
+                }
+                Ok(Some(pipelined))
+            }
+            None => publish(&self.shared, topic, message, false)
+                .await
+                .map(|()| None),
         }
     }
 
-    fn ack_publish(&mut self, p: &Publish, code: ReasonCode) {
-        let Some(id) = p.packet_id else {
+    fn ack(&mut self, id: Option<u16>, qos: QoS, code: ReasonCode) {
+        let Some(id) = id else {
             return;
         };
-        match p.qos {
+        match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => {
                 let mut a = PubAck::new(id);
