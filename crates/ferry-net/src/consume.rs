@@ -128,15 +128,16 @@ impl HttpConsumers {
         }
     }
 
+    /// The member of `group` on `topic`, and whether it was made now.
     fn member(
         &self,
         group: &str,
         topic: &str,
         o: &FetchOptions,
-    ) -> Result<Arc<Member>, ConsumeError> {
+    ) -> Result<(Arc<Member>, bool), ConsumeError> {
         let key = (group.to_string(), topic.to_string());
         if let Some(m) = self.members.lock().get(&key) {
-            return Ok(m.clone());
+            return Ok((m.clone(), false));
         }
         if group.is_empty() || group.contains(['/', '+', '#']) {
             return Err(ConsumeError::Invalid(format!(
@@ -160,7 +161,10 @@ impl HttpConsumers {
             sub: tokio::sync::Mutex::new(b.build()?),
             last_used: Mutex::new(Instant::now()),
         });
-        Ok(self.members.lock().entry(key).or_insert(member).clone())
+        Ok((
+            self.members.lock().entry(key).or_insert(member).clone(),
+            true,
+        ))
     }
 
     /// Drops expired holds and idle members.
@@ -196,7 +200,17 @@ impl HttpConsumers {
             ));
         }
         self.prune();
-        let member = self.member(group, topic, &o)?;
+        let (member, made) = self.member(group, topic, &o)?;
+        if made && self.broker.is_durable() {
+            // The group's start position is on disk before it delivers anything, so that
+            // what is published from now on reaches it even across a crash.
+            let broker = self.broker.clone();
+            match tokio::task::spawn_blocking(move || broker.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "saving consumer positions failed"),
+                Err(e) => tracing::error!(error = %e, "saving consumer positions failed"),
+            }
+        }
         *member.last_used.lock() = Instant::now();
         let batch = {
             let mut sub = member.sub.lock().await;

@@ -766,15 +766,20 @@ impl BrokerInner {
         Ok(topic)
     }
 
-    /// Where a consumer starts on a topic: its saved position, if it has one, else `default`.
+    /// Where a consumer starts on a topic: its saved position, if it has one; the start of
+    /// the topic if the consumer was saved before but not on this topic (the topic appeared
+    /// since its last save, so everything in it came after the consumer); else `default`.
     fn seek_for(&self, key: Option<&str>, topic: &TopicName, default: Seek) -> Seek {
-        key.and_then(|k| {
-            self.positions
-                .lock()
-                .get(k)
-                .and_then(|p| p.get(topic.as_str()).copied())
-        })
-        .map_or(default, Seek::Offset)
+        let Some(key) = key else {
+            return default;
+        };
+        match self.positions.lock().get(key) {
+            Some(p) => p
+                .get(topic.as_str())
+                .copied()
+                .map_or(Seek::Earliest, Seek::Offset),
+            None => default,
+        }
     }
 
     /// Syncs every topic log, then saves the consumer positions if they changed: a saved

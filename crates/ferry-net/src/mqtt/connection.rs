@@ -111,6 +111,11 @@ struct Active {
     acks: VecDeque<AckDue>,
 }
 
+/// QoS 1/2 publishes of a connection that may wait for durability at once (at least; the receive
+/// maximum if higher): an MQTT 5 client keeps to the receive maximum, an MQTT 3.1.1 client has
+/// no such limit, and the connection stops reading past this one.
+const PIPELINED_PUBLISHES: usize = 1024;
+
 /// A QoS 1/2 publish whose acknowledgement is due once its outcome is known.
 struct AckDue {
     id: Option<u16>,
@@ -786,8 +791,14 @@ where
                     );
                 }
             }
-            Packet::Subscribe(s) => self.on_subscribe(s),
-            Packet::Unsubscribe(u) => self.on_unsubscribe(u),
+            Packet::Subscribe(s) => {
+                self.on_subscribe(s);
+                self.persist_session().await;
+            }
+            Packet::Unsubscribe(u) => {
+                self.on_unsubscribe(u);
+                self.persist_session().await;
+            }
             Packet::PingReq => self.send(&Packet::PingResp),
             Packet::Disconnect(d) => return Some(self.on_disconnect(d)),
             Packet::Auth(_) => {
@@ -924,7 +935,7 @@ where
         }
         acks.push_back(AckDue { id, qos, outcome });
         // Bounded: past the limit, wait for the oldest before reading more.
-        let limit = usize::from(self.shared.config.max_inflight).max(16);
+        let limit = usize::from(self.shared.config.max_inflight).max(PIPELINED_PUBLISHES);
         while self.active.as_ref().is_some_and(|a| a.acks.len() >= limit) {
             let result = std::future::poll_fn(|cx| match self.active.as_mut() {
                 Some(a) => match a.acks.front_mut() {
@@ -1017,6 +1028,12 @@ where
         match publishers.get(topic) {
             Some(publisher) => {
                 let mut pipelined = publisher.publish_pipelined(message);
+                if retain {
+                    // Acknowledged once both the message and the retained set are on disk.
+                    (&mut pipelined).await?;
+                    self.shared.persist().await;
+                    return Ok(None);
+                }
                 if !pipelined.is_appended() {
                     // A full topic: wait for the append before reading on, to keep the order.
                     (&mut pipelined).await?;
@@ -1116,6 +1133,15 @@ where
 
     /// Tells the registry about the session's subscriptions (persisted with a data directory,
     /// so that they survive a crash); nothing for a session that ends with the connection.
+    /// For a persistent session, waits until its subscriptions (and the positions of new
+    /// engine groups) are on disk: the SUBACK or UNSUBACK just queued goes out only after that,
+    /// so an acknowledged subscription survives a crash.
+    async fn persist_session(&mut self) {
+        if self.neg.session_expiry.is_some() {
+            self.shared.persist().await;
+        }
+    }
+
     fn record_session(&self) {
         if self.neg.session_expiry.is_some() {
             self.shared.sessions.record(

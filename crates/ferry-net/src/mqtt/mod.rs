@@ -104,9 +104,23 @@ pub(crate) struct MqttShared {
     pub(crate) shutdown: CancellationToken,
     pub(crate) tracker: TaskTracker,
     next_conn: AtomicU64,
+    /// Saves sessions, retained messages and consumer positions before the acknowledgements
+    /// that promise them (`None` if its thread could not start: then they wait for the
+    /// once-a-second save).
+    persister: Option<crate::persist::Persister>,
 }
 
 impl MqttShared {
+    /// Returns once the persistent sessions, retained messages and consumer positions as they
+    /// stand now are on disk (a no-op in memory).
+    pub(crate) async fn persist(&self) {
+        if let Some(p) = &self.persister {
+            if let Err(e) = p.persist().await {
+                tracing::error!(error = %e, "saving the server state failed");
+            }
+        }
+    }
+
     pub(crate) fn stats(&self) -> MqttStats {
         let m = &self.metrics;
         let (online, offline) = self.sessions.counts();
@@ -162,18 +176,49 @@ pub(crate) fn start(
 ) -> MqttHandle {
     let auth = Authenticator::new(&config.users, config.allow_anonymous);
     let acl = AclRules::new(&config);
-    let shared = Arc::new(MqttShared {
-        broker,
-        config,
-        auth,
-        acl,
-        retained,
-        sessions,
-        bridge,
-        metrics: MqttMetrics::default(),
-        shutdown,
-        tracker: tracker.clone(),
-        next_conn: AtomicU64::new(1),
+    let durable = broker.is_durable();
+    let shared = Arc::new_cyclic(|weak: &std::sync::Weak<MqttShared>| {
+        let weak = weak.clone();
+        let persister = durable
+            .then(|| {
+                crate::persist::Persister::start(move || {
+                    let Some(shared) = weak.upgrade() else {
+                        return Ok(());
+                    };
+                    let mut failed = Vec::new();
+                    if let Err(e) = shared.broker.flush() {
+                        failed.push(format!("consumer positions: {e}"));
+                    }
+                    if let Err(e) = shared.sessions.save() {
+                        failed.push(e.to_string());
+                    }
+                    if let Err(e) = shared.retained.save() {
+                        failed.push(e.to_string());
+                    }
+                    if failed.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(failed.join("; "))
+                    }
+                })
+                .inspect_err(|e| tracing::warn!(error = %e, "no state saver thread"))
+                .ok()
+            })
+            .flatten();
+        MqttShared {
+            broker,
+            config,
+            auth,
+            acl,
+            retained,
+            sessions,
+            bridge,
+            metrics: MqttMetrics::default(),
+            shutdown,
+            tracker: tracker.clone(),
+            next_conn: AtomicU64::new(1),
+            persister,
+        }
     });
     tracker.spawn(accept_loop(shared.clone(), listeners.tcp));
     if let Some(tls) = listeners.tls {
