@@ -57,6 +57,12 @@ pub struct LogConfig {
     pub cache_bytes: usize,
     /// Retention limits applied by `apply_retention`. Default none.
     pub retention: RetentionPolicy,
+    /// Open even when a sealed segment is damaged: the damage is reported by
+    /// [`crate::Log::recovery_notes`], the rest of that segment from the damage on is skipped by
+    /// [`crate::Log::scan`], and reads that meet it are [`crate::LogError::Corrupt`]. Without it
+    /// (the default) such damage fails the open. Damage in the middle of the active segment
+    /// fails the open either way.
+    pub tolerate_damage: bool,
 }
 
 impl Default for LogConfig {
@@ -70,6 +76,7 @@ impl Default for LogConfig {
             compression: Compression::None,
             cache_bytes: 4 << 20,
             retention: RetentionPolicy::default(),
+            tolerate_damage: false,
         }
     }
 }

@@ -111,6 +111,20 @@ pub enum LogError {
     /// The configuration is invalid.
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
+    /// Records of a stream could not be read: damaged on disk. The range is what a reader
+    /// skips to get past the damage (the whole damaged batch, or up to the stream's next index
+    /// entry when the damage hides where its batches are).
+    #[error("stream {stream:?}: records {from}..{to} are damaged: {reason}")]
+    Damaged {
+        /// The stream.
+        stream: String,
+        /// First offset of the damaged range.
+        from: u64,
+        /// Offset after it.
+        to: u64,
+        /// What is wrong, with the segment file and position.
+        reason: String,
+    },
     /// A store's streams do not add up: a batch of a stream that was never defined, offsets
     /// that go back, a control record that cannot be read, or an append below a stream's end.
     #[error("inconsistent store: {0}")]

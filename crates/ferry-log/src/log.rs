@@ -66,6 +66,8 @@ pub(crate) struct State {
     pub written_seq: u64,
     /// Sealed segments not fsynced since they were rolled (durability `Never` only).
     pub unsynced: Vec<Arc<Segment>>,
+    /// What recovery cut or skipped (see [`Log::recovery_notes`]).
+    pub notes: Vec<String>,
 }
 
 impl State {
@@ -241,6 +243,12 @@ impl Log {
             shared,
             flusher: Mutex::new(flusher),
         })
+    }
+
+    /// What recovery did to the data when the log opened, one line each: torn tails cut (with
+    /// the bytes and offset), and damaged sealed segments skipped with `tolerate_damage`.
+    pub fn recovery_notes(&self) -> Vec<String> {
+        self.shared.state.read().notes.clone()
     }
 
     /// The directory of the log.
@@ -744,6 +752,7 @@ impl Shared {
         let new = SegmentState {
             seg: Arc::new(seg),
             meta,
+            damaged_at: None,
         };
         {
             let mut st = self.state.write();
@@ -826,7 +835,7 @@ impl Shared {
         if self.durable_meta() {
             seg.sync_data()?;
         }
-        open_active(seg, &self.config, now_ms())
+        open_active(seg, &self.config, now_ms(), &mut Vec::new())
     }
 }
 
@@ -885,6 +894,30 @@ impl Log {
         mut visit: impl FnMut(&BatchHeader) -> Visit,
         mut take: impl FnMut(DecodedBatch) -> bool,
     ) -> Result<(), LogError> {
+        self.scan_inner(from, &mut visit, &mut take, None)
+    }
+
+    /// Like [`scan`](Self::scan), but damage met in a sealed segment is handed to `damaged` and
+    /// the scan goes on with the next segment (the rest of the damaged one is skipped): for
+    /// rebuilding what can be rebuilt around damage. Damage in the active segment is still an
+    /// error.
+    pub fn scan_around_damage(
+        &self,
+        from: u64,
+        mut visit: impl FnMut(&BatchHeader) -> Visit,
+        mut take: impl FnMut(DecodedBatch) -> bool,
+        mut damaged: impl FnMut(LogError),
+    ) -> Result<(), LogError> {
+        self.scan_inner(from, &mut visit, &mut take, Some(&mut damaged))
+    }
+
+    fn scan_inner(
+        &self,
+        from: u64,
+        visit: &mut dyn FnMut(&BatchHeader) -> Visit,
+        take: &mut dyn FnMut(DecodedBatch) -> bool,
+        mut damaged: Option<&mut dyn FnMut(LogError)>,
+    ) -> Result<(), LogError> {
         let s = &*self.shared;
         s.check_open()?;
         let _readers = s.readers.read();
@@ -892,43 +925,62 @@ impl Log {
         let first = segments
             .partition_point(|sg| sg.seg.base <= from)
             .saturating_sub(1);
-        for sg in &segments[first..] {
-            let (mut pos, mut next) = if sg.seg.base <= from {
-                sg.seg.seek(&sg.meta, from)?
-            } else {
-                (SEGMENT_HEADER_LEN, sg.seg.base)
-            };
-            let mut window = Window::default();
-            while pos < sg.meta.len {
-                let avail = (sg.meta.len - pos).min(STREAM_BATCH_HEADER_LEN as u64);
-                let h = BatchHeader::parse(window.get(sg, pos, avail)?)
-                    .map_err(|e| LogError::corrupt(&sg.seg.path, pos, e.to_string()))?;
-                if h.base_offset != next {
-                    return Err(LogError::corrupt(
-                        &sg.seg.path,
-                        pos,
-                        format!("batch at offset {}, expected {next}", h.base_offset),
-                    ));
-                }
-                if h.next_offset() > from {
-                    match visit(&h) {
-                        Visit::Stop => return Ok(()),
-                        Visit::Skip => {}
-                        Visit::Take => {
-                            let frame =
-                                Bytes::copy_from_slice(window.get(sg, pos, h.total_len())?);
-                            let batch = decode_frame(h, frame)
-                                .map_err(|e| LogError::corrupt(&sg.seg.path, pos, e.to_string()))?;
-                            if !take(batch) {
-                                return Ok(());
-                            }
-                        }
-                    }
-                }
-                pos += h.total_len();
-                next = h.next_offset();
+        let last = segments.len() - 1;
+        for (i, sg) in segments.iter().enumerate().skip(first) {
+            match scan_segment(sg, from, visit, take) {
+                Ok(true) => {}
+                Ok(false) => return Ok(()),
+                Err(e @ LogError::Corrupt { .. }) if i < last => match damaged.as_mut() {
+                    Some(report) => report(e),
+                    None => return Err(e),
+                },
+                Err(e) => return Err(e),
             }
         }
         Ok(())
     }
+}
+
+/// Scans one segment for [`Log::scan`]; `Ok(false)` when the scan is to end.
+fn scan_segment(
+    sg: &SegmentState,
+    from: u64,
+    visit: &mut dyn FnMut(&BatchHeader) -> Visit,
+    take: &mut dyn FnMut(DecodedBatch) -> bool,
+) -> Result<bool, LogError> {
+    let (mut pos, mut next) = if sg.seg.base <= from {
+        sg.seg.seek(&sg.meta, from)?
+    } else {
+        (SEGMENT_HEADER_LEN, sg.seg.base)
+    };
+    let mut window = Window::default();
+    let end = sg.damaged_at.unwrap_or(sg.meta.len);
+    let corrupt = |pos, reason: String| LogError::corrupt(&sg.seg.path, pos, reason);
+    while pos < end {
+        let avail = (sg.meta.len - pos).min(STREAM_BATCH_HEADER_LEN as u64);
+        let h = BatchHeader::parse(window.get(sg, pos, avail)?)
+            .map_err(|e| corrupt(pos, e.to_string()))?;
+        if h.base_offset != next {
+            return Err(corrupt(
+                pos,
+                format!("batch at offset {}, expected {next}", h.base_offset),
+            ));
+        }
+        if h.next_offset() > from {
+            match visit(&h) {
+                Visit::Stop => return Ok(false),
+                Visit::Skip => {}
+                Visit::Take => {
+                    let frame = Bytes::copy_from_slice(window.get(sg, pos, h.total_len())?);
+                    let batch = decode_frame(h, frame).map_err(|e| corrupt(pos, e.to_string()))?;
+                    if !take(batch) {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+        pos += h.total_len();
+        next = h.next_offset();
+    }
+    Ok(true)
 }

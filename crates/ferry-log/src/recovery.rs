@@ -25,21 +25,42 @@ use crate::State;
 pub(crate) struct SegmentState {
     pub seg: Arc<Segment>,
     pub meta: SegmentMeta,
+    /// Where known damage starts in a sealed segment opened with `tolerate_damage`: scans skip
+    /// the rest of the segment from there.
+    pub damaged_at: Option<u64>,
 }
 
 /// Opens or creates the segments of `dir`, in offset order.
 pub(crate) fn recover(dir: &Path, config: &LogConfig, now_ms: u64) -> Result<State, LogError> {
     let bases = list_segments(dir)?;
     let mut segments = Vec::with_capacity(bases.len().max(1));
+    let mut notes = Vec::new();
     for (i, &base) in bases.iter().enumerate() {
         let seg = Segment::open(dir, base)?;
+        let mut damaged_at = None;
         let meta = match bases.get(i + 1) {
-            Some(&next) => open_sealed(&seg, next, config)?,
-            None => open_active(&seg, config, now_ms)?,
+            Some(&next) => match open_sealed(&seg, next, config) {
+                Err(LogError::Corrupt {
+                    segment,
+                    position,
+                    reason,
+                }) if config.tolerate_damage => {
+                    notes.push(format!(
+                        "damaged segment {} at position {position}: {reason}; the rest of it \
+                         is skipped",
+                        segment.display()
+                    ));
+                    damaged_at = Some(position);
+                    damaged_meta(&seg, next, position)?
+                }
+                other => other?,
+            },
+            None => open_active(&seg, config, now_ms, &mut notes)?,
         };
         segments.push(SegmentState {
             seg: Arc::new(seg),
             meta,
+            damaged_at,
         });
     }
     if segments.is_empty() {
@@ -47,12 +68,14 @@ pub(crate) fn recover(dir: &Path, config: &LogConfig, now_ms: u64) -> Result<Sta
         segments.push(SegmentState {
             seg: Arc::new(seg),
             meta,
+            damaged_at: None,
         });
     }
     Ok(State {
         segments,
         written_seq: 0,
         unsynced: Vec::new(),
+        notes,
     })
 }
 
@@ -91,6 +114,20 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>, LogError> {
         }
     }
     Ok(logs)
+}
+
+/// The metadata of a sealed segment damaged at `position`: whole as far as reads go (they meet
+/// the damage and report it), with no index entries (reads scan from the segment's start).
+fn damaged_meta(seg: &Segment, next_base: u64, position: u64) -> Result<SegmentMeta, LogError> {
+    let file_len = seg.file_len()?;
+    let created_ms = seg.read_header()?.map(|h| h.created_ms).unwrap_or_default();
+    let mut meta = SegmentMeta::empty(seg.base, created_ms);
+    meta.len = file_len.max(position);
+    meta.next_offset = next_base;
+    meta.max_ts = Some(created_ms);
+    seg.index.rewrite(&[])?;
+    seg.time.rewrite(&[])?;
+    Ok(meta)
 }
 
 /// Checks a sealed segment that must end where the next one (`next_base`) starts.
@@ -177,6 +214,7 @@ pub(crate) fn open_active(
     seg: &Segment,
     config: &LogConfig,
     now_ms: u64,
+    notes: &mut Vec<String>,
 ) -> Result<SegmentMeta, LogError> {
     let file_len = seg.file_len()?;
     let header = match seg.read_header()? {
@@ -203,6 +241,12 @@ pub(crate) fn open_active(
                 format!("{reason} (valid batches follow: not a torn tail)"),
             ));
         }
+        notes.push(format!(
+            "torn tail of {} cut at position {pos} ({} bytes after offset {}): {reason}",
+            seg.path.display(),
+            file_len - pos,
+            scan.meta.next_offset
+        ));
         seg.set_len(pos)?;
         if durable(config) {
             seg.sync_data()?;

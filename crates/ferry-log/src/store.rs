@@ -372,6 +372,8 @@ struct Inner {
     /// Serialises control records (so the next stream id is stable while one is written).
     control: Mutex<()>,
     last_compact: Mutex<Option<Instant>>,
+    /// What recovery cut or skipped when the store opened.
+    notes: Vec<String>,
 }
 
 /// Many named streams in one crash-safe segmented log (see the module docs). `Send + Sync`;
@@ -396,6 +398,7 @@ impl Store {
         let log_config = LogConfig {
             cache_bytes: 0,
             retention: RetentionPolicy::default(),
+            tolerate_damage: true,
             ..config.log.clone()
         };
         let log = Log::open(dir.as_ref(), log_config)?;
@@ -407,7 +410,8 @@ impl Store {
                 .get_or_insert(format!("log offset {seq}: {reason}"));
             Visit::Stop
         };
-        log.scan(
+        let damage = RefCell::new(log.recovery_notes());
+        log.scan_around_damage(
             0,
             |h| {
                 let Some(tag) = h.stream else {
@@ -450,20 +454,34 @@ impl Store {
                 )
                 .is_ok()
             },
+            |e| {
+                damage
+                    .borrow_mut()
+                    .push(format!("{e}; the rest of that segment is skipped"))
+            },
         )?;
         if let Some(reason) = failure.into_inner() {
             return Err(LogError::Inconsistent(reason));
         }
         let mut streams = streams.into_inner();
-        if let Some(id) = streams
+        let mut notes = damage.into_inner();
+        let lost: Vec<u32> = streams
             .by_id
             .iter()
-            .find(|(_, st)| !st.defined)
-            .map(|(id, _)| id)
-        {
+            .filter(|(_, st)| !st.defined)
+            .map(|(id, _)| *id)
+            .collect();
+        if !lost.is_empty() && notes.is_empty() {
             return Err(LogError::Inconsistent(format!(
-                "stream {id} has batches but no definition"
+                "streams {lost:?} have batches but no definition"
             )));
+        }
+        for id in lost {
+            // Its definition was in the damaged data: its name is unknown, so its records
+            // cannot be reached; the id stays taken, so it is never reused.
+            notes.push(format!(
+                "stream {id} lost its definition to the damage: its records are unreachable"
+            ));
         }
         streams.next_id = streams.next_id.max(1);
         Ok(Store {
@@ -473,6 +491,7 @@ impl Store {
                 streams: RwLock::new(streams),
                 control: Mutex::new(()),
                 last_compact: Mutex::new(None),
+                notes,
             }),
         })
     }
@@ -511,6 +530,13 @@ impl Store {
             id,
             name,
         })
+    }
+
+    /// What opening the store cut or skipped, one line each: torn tails cut (with the bytes
+    /// and the offset where they were cut), damaged segments whose rest was skipped, streams
+    /// whose definition was lost to damage. Empty after a clean shutdown.
+    pub fn recovery_notes(&self) -> &[String] {
+        &self.inner.notes
     }
 
     /// The names of every stream, sorted.
@@ -597,7 +623,7 @@ impl Inner {
             let s = self.streams.read();
             s.by_id
                 .values()
-                .filter(|st| st.start < st.next)
+                .filter(|st| st.defined && st.start < st.next)
                 .filter_map(|st| st.entry_for(st.start).map(|i| st.entries[i].seq))
                 .min()
                 .unwrap_or(u64::MAX)
@@ -610,7 +636,7 @@ impl Inner {
             let s = self.streams.read();
             s.by_id
                 .iter()
-                .filter(|(_, st)| st.define_seq < cut)
+                .filter(|(_, st)| st.defined && st.define_seq < cut)
                 .map(|(&id, st)| Op::Define {
                     id,
                     start: st.start,
@@ -784,7 +810,8 @@ impl Stream {
         if max_records == 0 {
             return Ok(out);
         }
-        self.inner.scan_stream(
+        let mut gap_to = None;
+        let scanned = self.inner.scan_stream(
             self.id,
             &want,
             |_| true,
@@ -794,6 +821,13 @@ impl Stream {
                     let offset = base + i as u64;
                     if offset < want.get() {
                         continue;
+                    }
+                    if offset > want.get() {
+                        // Records lost to damage: what came before first, then the gap.
+                        if out.is_empty() {
+                            gap_to = Some(offset);
+                        }
+                        return false;
                     }
                     let size = r.size();
                     if out.len() >= max_records || (!out.is_empty() && bytes + size > max_bytes) {
@@ -806,8 +840,49 @@ impl Stream {
                 }
                 out.len() < max_records
             },
-        )?;
-        Ok(out)
+        );
+        if let (Some(to), Ok(())) = (gap_to, &scanned) {
+            return Err(LogError::Damaged {
+                stream: self.name.to_string(),
+                from: want.get(),
+                to,
+                reason: "records lost to damage".into(),
+            });
+        }
+        match scanned {
+            Ok(()) => Ok(out),
+            // What was read before the damage first; the next read reports it.
+            Err(LogError::Corrupt { .. }) if !out.is_empty() => Ok(out),
+            Err(LogError::Corrupt {
+                segment,
+                position,
+                reason,
+            }) => Err(self.damaged(
+                want.get(),
+                format!("{}: {position}: {reason}", segment.display()),
+            )),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The damaged range starting at `from`: up to the stream's next index entry after it (or
+    /// its end), which a reader skips to get past the damage.
+    fn damaged(&self, from: u64, reason: String) -> LogError {
+        let to = self
+            .state(|st| {
+                st.entries
+                    .iter()
+                    .find(|e| e.offset > from)
+                    .map_or(st.next, |e| e.offset)
+            })
+            .unwrap_or(from + 1)
+            .max(from + 1);
+        LogError::Damaged {
+            stream: self.name.to_string(),
+            from,
+            to,
+            reason,
+        }
     }
 
     /// The first offset whose record timestamp is `>= timestamp_ms`, or `None` if every

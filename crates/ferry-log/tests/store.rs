@@ -252,3 +252,68 @@ fn time_lookup_across_interleaved_streams() {
         assert_eq!(s.offset_for_timestamp(5000).unwrap(), None);
     }
 }
+
+#[test]
+fn a_damaged_batch_in_a_sealed_segment_is_reported_as_a_range_and_the_rest_stays_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    // Small segments: the damaged batch is in a sealed one.
+    let cfg = config(4096, 1 << 20);
+    {
+        let store = Store::open(dir.path(), cfg.clone()).unwrap();
+        let hit = store.stream("hit").unwrap();
+        let other = store.stream("other").unwrap();
+        for i in 0..200u64 {
+            hit.append(i, &[RecordIn::new(format!("hit-{i:04}-payload"))])
+                .unwrap();
+            other
+                .append(i, &[RecordIn::new(format!("other-{i:04}"))])
+                .unwrap();
+        }
+        store.sync().unwrap();
+    }
+    // Flip a byte inside the payload of record 5 of "hit".
+    let (seg, mut bytes, at) = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .find_map(|p| {
+            let bytes = std::fs::read(&p).unwrap();
+            let at = bytes.windows(8).position(|w| w == b"hit-0005")?;
+            Some((p, bytes, at))
+        })
+        .unwrap();
+    bytes[at + 9] ^= 0xff;
+    std::fs::write(&seg, &bytes).unwrap();
+
+    let store = Store::open(dir.path(), cfg).unwrap();
+    let hit = store.stream("hit").unwrap();
+    // Records before the damage come back; the read that meets it says which range to skip.
+    let before = hit.read(0, 100, usize::MAX).unwrap();
+    assert_eq!(before.len(), 5);
+    let Err(LogError::Damaged { from, to, .. }) = hit.read(5, 100, usize::MAX) else {
+        panic!("damage not reported");
+    };
+    assert_eq!(from, 5);
+    assert!(to > 5 && to <= 200, "{to}");
+    let after = hit.read(to, 1000, usize::MAX).unwrap();
+    assert_eq!(after.first().map(|r| r.offset), Some(to));
+    assert_eq!(after.last().map(|r| r.offset), Some(199));
+    // The damage is reported once, with the segment and position; the rest of that segment
+    // is quarantined, so another stream loses what it had there and nothing else: it reads up
+    // to the damage, is told the range it lost, and reads on after it.
+    let notes = store.recovery_notes();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(notes[0].contains("CRC"), "{notes:?}");
+    let other = store.stream("other").unwrap();
+    let first = other.read(0, 1000, usize::MAX).unwrap();
+    let next = first.last().map_or(0, |r| r.offset + 1);
+    let Err(LogError::Damaged { from, to, .. }) = other.read(next, 1000, usize::MAX) else {
+        panic!("lost range not reported");
+    };
+    assert_eq!(from, next);
+    let rest = other.read(to, 1000, usize::MAX).unwrap();
+    assert_eq!(rest.last().map(|r| r.offset), Some(199));
+    // Offsets are never reused: appends go on after the end.
+    assert_eq!(hit.next_offset(), 200);
+    hit.append(200, &[RecordIn::new("after")]).unwrap();
+}

@@ -99,6 +99,9 @@ impl DiskStorage {
             migrate_v1(&dir, &config)?;
         }
         let store = Store::open(&store_dir, store_config(&config)).map_err(store_error)?;
+        for note in store.recovery_notes() {
+            tracing::error!(dir = %store_dir.display(), "{note}");
+        }
         Ok(DiskStorage { dir, config, store })
     }
 
@@ -251,10 +254,17 @@ impl TopicStore for DiskTopic {
         if from >= self.stream.next_offset() || max == 0 {
             return Ok(Vec::new());
         }
-        let records = self
-            .stream
-            .read(from, max, 4 << 20)
-            .map_err(|e| self.err(e))?;
+        let records = self.stream.read(from, max, 4 << 20).map_err(|e| match e {
+            ferry_log::LogError::Damaged {
+                from, to, reason, ..
+            } => StorageError::Damaged {
+                topic: self.name.clone(),
+                from,
+                to,
+                reason,
+            },
+            e => self.err(e),
+        })?;
         records
             .into_iter()
             .map(|r| {

@@ -669,6 +669,15 @@ impl Topic {
                     *next += 1;
                 }
             }
+            Err(StorageError::Damaged {
+                from, to, reason, ..
+            }) if from == *next => {
+                // Quarantined: the cursor skips the damaged range, which counts as dropped;
+                // every reader reports it (once per reader and range).
+                tracing::error!(topic = %self.name, from, to, reason, "damaged records skipped");
+                *next = to;
+                return skipped + (to - from);
+            }
             Err(e) => {
                 // The cursor stays where it is and tries again on its next read.
                 tracing::error!(topic = %self.name, offset = *next, error = %e, "reading the topic log failed");

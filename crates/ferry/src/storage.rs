@@ -63,6 +63,18 @@ pub enum StorageError {
         /// Why.
         reason: String,
     },
+    /// Records of a topic are damaged on disk; readers skip `from..to` (reported, counted).
+    #[error("topic {topic}: records {from}..{to} are damaged: {reason}")]
+    Damaged {
+        /// The topic.
+        topic: String,
+        /// First damaged offset.
+        from: u64,
+        /// Offset after the damaged range.
+        to: u64,
+        /// What is wrong, with the file and position.
+        reason: String,
+    },
     /// The positions file could not be read or written.
     #[error("consumer positions: {0}")]
     Positions(String),

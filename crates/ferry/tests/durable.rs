@@ -321,6 +321,68 @@ async fn retention_deletes_whole_segments() {
     assert_eq!(sub.recv().await.unwrap().offset(), s.first_offset);
 }
 
+/// A byte flipped on disk in an older segment: the broker still opens, reports the damage,
+/// skips the damaged records (counted as dropped) instead of retrying them forever, and serves
+/// everything after them and every other topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_records_are_skipped_and_the_rest_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = DiskConfig {
+        durability: ferry::disk::Durability::Never,
+        segment_bytes: 16 << 10,
+        ..DiskConfig::default()
+    };
+    {
+        let broker = Broker::open_with(dir.path(), BrokerConfig::default(), disk.clone()).unwrap();
+        publish_range(&broker, "hit", 0..300).await;
+        publish_range(&broker, "other", 0..10).await;
+        broker.shutdown(Duration::from_secs(1)).await;
+    }
+    let (path, mut bytes, at) = std::fs::read_dir(dir.path().join("store"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .find_map(|p| {
+            let bytes = std::fs::read(&p).unwrap();
+            let at = bytes.windows(16).position(|w| w == b"message 00000010")?;
+            Some((p, bytes, at))
+        })
+        .unwrap();
+    bytes[at + 17] ^= 0x55;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let broker = Broker::open_with(dir.path(), BrokerConfig::default(), disk).unwrap();
+    let mut sub = broker
+        .subscription("hit")
+        .start(StartPosition::Earliest)
+        .build()
+        .unwrap();
+    let mut seen = Vec::new();
+    while seen.last() != Some(&299) {
+        let d = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+            .await
+            .expect("the reader is stuck at the damage")
+            .unwrap();
+        assert_eq!(d.payload().as_ref(), payload_of(number(&d)).as_slice());
+        seen.push(number(&d));
+    }
+    assert!(seen.starts_with(&(0..10).collect::<Vec<_>>()), "{seen:?}");
+    assert!(!seen.contains(&10), "a damaged record was delivered");
+    let lost = 300 - seen.len() as u64;
+    assert!(lost > 0);
+    assert_eq!(sub.stats().counters.dropped, lost);
+    // Another topic, in a later segment, is served whole.
+    let mut other = broker
+        .subscription("other")
+        .start(StartPosition::Earliest)
+        .build()
+        .unwrap();
+    for i in 0..10 {
+        assert_eq!(number(&other.recv().await.unwrap()), i);
+    }
+    broker.shutdown(Duration::from_secs(1)).await;
+}
+
 // ---- crash test ------------------------------------------------------------------------------
 
 const CHILD_ENV: &str = "FERRY_DURABLE_CRASH_CHILD";
