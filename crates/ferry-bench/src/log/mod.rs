@@ -5,12 +5,18 @@
 //! - `reference` (always): raw sequential write bandwidth (1 MiB writes, then `sync_all`), raw
 //!   sequential read bandwidth, fsyncs/s (100 B append + `sync_data`, one writer) and small
 //!   writes/s (100 B `pwrite`, no fsync). See [`disk`].
+//! - `topics`: `--topics` topics (100,000) created on one data directory by a first publish
+//!   each, with the RSS and open files they cost, then the broker's restart time. See
+//!   [`topics`].
 //! - `append`: `Log::append` of single-record batches by 1, 4 and 16 threads for a fixed time,
 //!   for each payload and durability policy. See [`append`].
 //! - `engine`: the same through `Broker::open_with` and `Publisher::publish` on a durable topic,
-//!   fsync-always and never, with publish -> acknowledgement latency. See [`engine`].
+//!   fsync-always and never, with publish -> acknowledgement latency, beside the raw store
+//!   (`Store` + `Stream::append`, never) that the engine writes to. See [`engine`].
 //! - `read` and `recovery`: a 1 GB log read from the start, and opened again (recovery), also
-//!   without its index files (rebuild). See [`scan`].
+//!   without its index files (rebuild); the same records read through the store
+//!   (`Stream::read`) and through the engine (a subscription from the earliest offset). See
+//!   [`scan`].
 //!
 //! Everything happens in a fresh temporary directory (under `--dir` if given), deleted at the
 //! end. Throughput runs can be repeated (`--repeat`) in rounds; each reports its median run.
@@ -19,6 +25,7 @@ mod append;
 mod disk;
 mod engine;
 mod scan;
+mod topics;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -44,7 +51,11 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub dir: Option<PathBuf>,
     /// Parts to run (the reference figures always run).
-    #[arg(long, value_delimiter = ',', default_values = ["append", "engine", "read", "recovery"])]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_values = ["topics", "append", "engine", "read", "recovery"]
+    )]
     pub scenarios: Vec<Part>,
     /// Payload sizes in bytes of the append runs (the engine runs use the first).
     #[arg(long, value_delimiter = ',', default_values_t = [100, 1024])]
@@ -62,6 +73,9 @@ pub struct Args {
     /// 64,000,000 with --quick).
     #[arg(long, value_name = "BYTES")]
     pub log_bytes: Option<u64>,
+    /// Topics the `topics` part creates (default 100,000; 10,000 with --quick).
+    #[arg(long, value_name = "N")]
+    pub topics: Option<usize>,
     /// Measure each append and engine run, and the reference loops, this many times, in rounds,
     /// and report the median.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
@@ -75,6 +89,8 @@ pub struct Args {
 /// A part of the benchmark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Part {
+    /// Many topics on one data directory: creation rate, RSS and open files, restart time.
+    Topics,
     /// `Log::append` throughput per payload, durability and publisher count.
     Append,
     /// `Publisher::publish` on a durable topic: throughput and publish -> ack latency.
@@ -106,6 +122,8 @@ pub struct Settings {
     pub pwrite_for: Duration,
     /// Payload bytes of the large log.
     pub log_bytes: u64,
+    /// Topics of the `topics` part.
+    pub topics: usize,
     /// Rounds of the repeated measurements.
     pub repeat: u32,
     /// Whether to try dropping the page cache.
@@ -114,17 +132,17 @@ pub struct Settings {
 
 impl Settings {
     fn from_args(args: &Args) -> Result<Self> {
-        let (run_for, raw_mib, fsync_for, pwrite_for, log_bytes) = if args.quick {
-            (0.25, 64, 0.5, 0.2, 64_000_000)
+        let (run_for, raw_mib, fsync_for, pwrite_for, log_bytes, topics) = if args.quick {
+            (0.25, 64, 0.5, 0.2, 64_000_000, 10_000)
         } else {
-            (2.0, 256, 2.0, 1.0, 1_000_000_000)
+            (2.0, 256, 2.0, 1.0, 1_000_000_000, 100_000)
         };
         let run_for = args.seconds.unwrap_or(run_for);
         if args.payloads.is_empty() || args.publishers.is_empty() {
             bail!("--payloads and --publishers need at least one value");
         }
-        if args.publishers.contains(&0) || args.interval_ms == 0 {
-            bail!("--publishers and --interval-ms must be positive");
+        if args.publishers.contains(&0) || args.interval_ms == 0 || args.topics == Some(0) {
+            bail!("--publishers, --interval-ms and --topics must be positive");
         }
         Ok(Settings {
             parts: args.scenarios.clone(),
@@ -136,6 +154,7 @@ impl Settings {
             fsync_for: Duration::from_secs_f64(fsync_for),
             pwrite_for: Duration::from_secs_f64(pwrite_for),
             log_bytes: args.log_bytes.unwrap_or(log_bytes).max(1),
+            topics: args.topics.unwrap_or(topics),
             repeat: args.repeat,
             drop_caches: !args.warm_only,
         })
@@ -181,13 +200,26 @@ const TABLE: Table = Table {
     ],
     legend: "records/s: records appended, published, read or recovered per second (reference: \
              operations per second: 1 MiB writes or reads, 100 B writes, write + fsync pairs).\n\
-             MB/s: payload bytes per second, 10^6 B (recovery and reference: bytes of file).\n\
+             MB/s: payload bytes per second, 10^6 B (recovery, restart and reference: bytes of \
+             file).\n\
              Latency: of each append, publish -> acknowledgement, or write + fsync, closed loop \
              (each publisher starts its next one when the previous returns).\n\
              vs ref: ratio to the machine's own limit, measured on the same directory in this \
              run: always -> records/s / raw fsyncs/s (vs_fsync_ceiling; group commit can pass 1 \
              with several publishers); interval, never -> MB/s / raw write MB/s (vs_raw_write); \
              read -> MB/s / raw read MB/s with the same cache state (vs_raw_read).\n\
+             vs_log: to the raw log (Log::append or Log::read row of the same policy, payload, \
+             publishers or cache state); vs_store (engine never): to the raw store (store \
+             never: Stream::append, same payload and publishers): the engine's share of the \
+             store's append rate. read store/ferry: the engine's copy of the records read \
+             with Stream::read as the engine does, and through a subscription from the \
+             earliest offset.\n\
+             topics: records/s is topics per second: created by a first publish each \
+             (create), recovered by a restart (restart: Broker::open_with again and one \
+             message read back); rss_per_topic: growth of VmRSS per topic created, bytes; \
+             fds: open files of the process (fds_before: before the broker opened). The store \
+             has no index checkpoint yet: a restart scans the whole log, and there is no \
+             restart-with-checkpoint row.\n\
              cpu ns: process CPU time (all threads, 10 ms resolution) per record.",
 };
 
@@ -344,6 +376,10 @@ pub fn run(args: &Args) -> Result<()> {
 fn measure(bench: &mut Bench) -> Result<()> {
     disk::reference(bench)?;
     let parts = bench.settings.parts.clone();
+    // First, while the process is small: its RSS growth is measured.
+    if parts.contains(&Part::Topics) {
+        topics::run(bench)?;
+    }
     if parts.contains(&Part::Append) {
         append::run(bench)?;
     }
@@ -366,7 +402,13 @@ mod tests {
     #[test]
     fn every_part_accounts_for_every_record() -> Result<()> {
         let settings = Settings {
-            parts: vec![Part::Append, Part::Engine, Part::Read, Part::Recovery],
+            parts: vec![
+                Part::Topics,
+                Part::Append,
+                Part::Engine,
+                Part::Read,
+                Part::Recovery,
+            ],
             payloads: vec![100],
             publishers: vec![1, 3],
             run_for: Duration::from_millis(30),
@@ -375,6 +417,7 @@ mod tests {
             fsync_for: Duration::from_millis(20),
             pwrite_for: Duration::from_millis(10),
             log_bytes: 3 << 20,
+            topics: 50,
             repeat: 2,
             drop_caches: false,
         };
@@ -387,9 +430,10 @@ mod tests {
         };
         measure(&mut bench)?;
         let rows = bench.report.rows();
-        // 4 reference rows (raw read warm only), 3 policies x 2 publisher counts, 2 x 2 engine
-        // rows, 1 read and 2 recovery rows.
-        ensure!(rows.len() == 4 + 6 + 4 + 1 + 2, "{} rows", rows.len());
+        // 4 reference rows (raw read warm only), 2 topics rows (create, restart warm), 3
+        // policies x 2 publisher counts, 2 x 2 engine rows and 2 store rows, 3 read rows (log,
+        // store, ferry; warm only) and 2 recovery rows.
+        ensure!(rows.len() == 4 + 2 + 6 + 6 + 3 + 2, "{} rows", rows.len());
         for r in rows {
             ensure!(
                 r.delivered > 0 && r.lost == 0 && r.delivered == r.expected,

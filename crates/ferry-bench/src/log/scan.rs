@@ -12,19 +12,34 @@
 //! - `recovery`, `rebuild`: `Log::open` after deleting every `.index` and `.timeindex` file,
 //!   which makes it scan every segment in full.
 //!
-//! Rows add `seconds`, `gb_per_s` and the log's layout (`log_bytes`, `segments`,
-//! `active_bytes`: the segment scanned in full by a plain open); reads add `vs_raw_read`
-//! (payload MB/s / raw read MB/s, same cache state).
+//! `read` also reads the same records as the engine stores them: published one by one with
+//! `Publisher::publish` to a durable topic of a fresh `Broker::open_with` (default
+//! `BrokerConfig`, `DiskConfig` with durability `never`: the topic is a stream of the shared
+//! store, 64 MiB segments), which is then shut down. Then, each cold (page cache dropped after
+//! opening, if possible) and warm:
+//! - `store`: `Store::open` on the data directory's `store/`, then the topic's stream read from
+//!   its start with `Stream::read(from, 256, 4 MiB)` in a loop, as the engine's
+//!   `DiskTopic::read` does for a subscription taking 256 records at a time;
+//! - `ferry`: the broker opened again (its topics' memory windows start empty, so every
+//!   record comes from the store) and a subscription from `StartPosition::Earliest`
+//!   (automatic acknowledgement, default batch of 256) taking everything with `try_recv`.
+//!
+//! Both check that the offsets follow on. Rows add `seconds`, `gb_per_s` and the log's layout
+//! (`log_bytes`, `segments`, `active_bytes`: the segment scanned in full by a plain open);
+//! reads add `vs_raw_read` (payload MB/s / raw read MB/s, same cache state), and the store and
+//! engine reads `vs_log` (payload MB/s / the `Log::read` row's, same cache state).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use bytes::Bytes;
-use ferry_log::{Durability, Log, LogConfig, RecordIn};
+use ferry::disk::DiskConfig;
+use ferry::{Broker, BrokerConfig, Message, StartPosition, TryRecvError};
+use ferry_log::{Durability, Log, LogConfig, RecordIn, Store, StoreConfig, Stream};
 
 use super::{mb_per_s, ratio, row, Bench};
-use crate::measure::{cpu_time, template, Outcome};
+use crate::measure::{block_on, cpu_time, process_cpu_time, template, Outcome};
 use crate::report::{Counts, Extra, Row};
 
 /// Payload size of the large log's records.
@@ -33,6 +48,14 @@ const RECORD: usize = 1024;
 const READ_RECORDS: usize = 1000;
 /// Bytes per read.
 const READ_BYTES: usize = 4 << 20;
+/// Records per store read: a subscription's default batch, which the engine reads at a time.
+const ENGINE_BATCH: usize = 256;
+/// The durable topic holding the engine's copy of the records.
+const TOPIC: &str = "bench/large";
+/// How long a broker's shutdown may take.
+const SHUTDOWN: Duration = Duration::from_secs(30);
+/// How long a subscription may wait for a record that the store holds.
+const STALL: Duration = Duration::from_secs(30);
 
 /// The segment files of a log directory.
 #[derive(Debug, Clone, Copy)]
@@ -150,6 +173,8 @@ pub fn run(bench: &mut Bench, read: bool, recovery: bool) -> Result<()> {
             )?;
             bench.add(row)?;
         }
+        drop(log);
+        read_stored(bench, records)?;
     }
     if recovery {
         for index in files_with(&dir, &["index", "timeindex"])? {
@@ -264,4 +289,227 @@ fn read_all(
 fn add_seconds(row: &mut Row, wall: Duration, bytes: u64) {
     row.add("seconds", Extra::Value(wall.as_secs_f64()));
     row.add("gb_per_s", Extra::Value(mb_per_s(bytes, wall) / 1e3));
+}
+
+/// The engine's data directory settings: durability `never`, the rest as by default.
+fn disk_never() -> DiskConfig {
+    DiskConfig {
+        durability: Durability::Never,
+        ..DiskConfig::default()
+    }
+}
+
+/// The page cache states to read in, the first one cold if `cold`.
+fn states(cold: bool) -> &'static [bool] {
+    if cold {
+        &[true, false]
+    } else {
+        &[false]
+    }
+}
+
+/// What one read of every record measured.
+struct Pass {
+    read: u64,
+    payload_bytes: u64,
+    wall: Duration,
+    cpu: Option<Duration>,
+}
+
+/// Publishes `records` records of the large log's size to a durable topic, then reads them
+/// back through the store and through the engine (see the module docs).
+fn read_stored(bench: &mut Bench, records: u64) -> Result<()> {
+    let dir = bench.fresh_dir("large-engine")?;
+    let started = Instant::now();
+    eprintln!("publishing the same records to a durable topic ({records} x {RECORD} B, never)");
+    block_on(async {
+        let broker = Broker::open_with(&dir, BrokerConfig::default(), disk_never())
+            .with_context(|| format!("opening a broker on {}", dir.display()))?;
+        let publisher = broker.publisher(TOPIC)?;
+        let payload = template(RECORD);
+        for _ in 0..records {
+            publisher
+                .publish(Message::new(Bytes::from_static(payload)))
+                .await?;
+        }
+        let end = broker.topic_stats(TOPIC).map_or(0, |t| t.next_offset);
+        broker.shutdown(SHUTDOWN).await;
+        if end != records {
+            bail!("the topic ends at {end} after {records} publishes");
+        }
+        Ok(())
+    })?;
+    let store_dir = dir.join("store");
+    let layout = Layout::of(&store_dir)?;
+    eprintln!(
+        "published in {:.1?}: {} bytes in {} segments",
+        started.elapsed(),
+        layout.log_bytes,
+        layout.segments
+    );
+    let counts = Counts {
+        producers: 0,
+        consumers: 1,
+        published: records,
+        expected: records,
+    };
+
+    {
+        let config = StoreConfig {
+            log: LogConfig {
+                segment_bytes: DiskConfig::default().segment_bytes,
+                durability: Durability::Never,
+                ..LogConfig::default()
+            },
+            ..StoreConfig::default()
+        };
+        let store = Store::open(&store_dir, config)
+            .with_context(|| format!("opening {}", store_dir.display()))?;
+        let stream = store.stream(TOPIC)?;
+        let cold = bench.drop_page_cache();
+        for &cold in states(cold) {
+            eprintln!("running read store ({})", cache(cold).0);
+            let pass = read_stream(&stream).context("reading the topic's stream")?;
+            let row = read_row(bench, "store", cold, counts, layout, &pass)?;
+            bench.add(row)?;
+        }
+        store.close()?;
+    }
+
+    block_on(async {
+        let broker = Broker::open_with(&dir, BrokerConfig::default(), disk_never())
+            .with_context(|| format!("opening the broker on {} again", dir.display()))?;
+        let cold = bench.drop_page_cache();
+        for &cold in states(cold) {
+            eprintln!("running read ferry ({})", cache(cold).0);
+            let pass = subscribe_all(&broker, records)
+                .await
+                .context("reading the topic through a subscription")?;
+            let row = read_row(bench, "ferry", cold, counts, layout, &pass)?;
+            bench.add(row)?;
+        }
+        broker.shutdown(SHUTDOWN).await;
+        Ok(())
+    })?;
+    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))
+}
+
+/// Reads `stream` from its start to its end, as the engine reads it for a subscription.
+fn read_stream(stream: &Stream) -> Result<Pass> {
+    let ((read, payload_bytes, wall), cpu) = cpu_time(|| {
+        let start = Instant::now();
+        let (mut next, end) = (stream.start(), stream.next_offset());
+        let (mut read, mut bytes) = (0_u64, 0_u64);
+        while next < end {
+            let records = stream.read(next, ENGINE_BATCH, READ_BYTES)?;
+            if records.is_empty() {
+                bail!("read at {next} returned nothing before the end ({end})");
+            }
+            for r in records {
+                if r.offset != next {
+                    bail!(
+                        "read returned offset {} where {next} was expected",
+                        r.offset
+                    );
+                }
+                next += 1;
+                read += 1;
+                bytes += r.payload.len() as u64;
+            }
+        }
+        Ok((read, bytes, start.elapsed()))
+    })?;
+    Ok(Pass {
+        read,
+        payload_bytes,
+        wall,
+        cpu,
+    })
+}
+
+/// Subscribes to the topic from its earliest record and takes `records` deliveries.
+async fn subscribe_all(broker: &Broker, records: u64) -> Result<Pass> {
+    let cpu_before = process_cpu_time();
+    let start = Instant::now();
+    let mut sub = broker
+        .subscription(TOPIC)
+        .start(StartPosition::Earliest)
+        .build()?;
+    let (mut next, mut bytes) = (0_u64, 0_u64);
+    while next < records {
+        let delivery = match sub.try_recv() {
+            Ok(d) => d,
+            Err(TryRecvError::Empty) => tokio::time::timeout(STALL, sub.recv())
+                .await
+                .with_context(|| format!("nothing delivered at {next} within {STALL:?}"))??,
+            Err(e) => return Err(e.into()),
+        };
+        if delivery.offset() != next {
+            bail!(
+                "delivered offset {} where {next} was expected",
+                delivery.offset()
+            );
+        }
+        bytes += delivery.message().payload().len() as u64;
+        next += 1;
+    }
+    let wall = start.elapsed();
+    let cpu = process_cpu_time()
+        .zip(cpu_before)
+        .map(|(after, before)| after.saturating_sub(before));
+    Ok(Pass {
+        read: next,
+        payload_bytes: bytes,
+        wall,
+        cpu,
+    })
+}
+
+/// The row of a read of the engine's copy through `system`.
+fn read_row(
+    bench: &Bench,
+    system: &str,
+    cold: bool,
+    counts: Counts,
+    layout: Layout,
+    pass: &Pass,
+) -> Result<Row> {
+    let mut outcome = Outcome::without_latency(pass.read, None, pass.wall)?;
+    outcome.cpu = pass.cpu;
+    let (state, note) = cache(cold);
+    let mut row = row(
+        "read",
+        format!("{system} {state}"),
+        RECORD,
+        counts,
+        &outcome,
+        pass.payload_bytes,
+        Some(note),
+    );
+    let mb = mb_per_s(pass.payload_bytes, pass.wall);
+    row.add(
+        "disk_mb_per_s",
+        Extra::Value(mb_per_s(layout.log_bytes, pass.wall)),
+    );
+    ratio(
+        &mut row,
+        "vs_raw_read",
+        mb,
+        bench.reference.read_mb_per_s(cold),
+    );
+    let log_system = format!("ferry-log {state}");
+    let log_mb = bench
+        .report
+        .rows()
+        .into_iter()
+        .find(|r| r.scenario == "read" && r.system == log_system)
+        .and_then(|r| match r.extra("mb_per_s") {
+            Some(Extra::Value(x)) => Some(x),
+            _ => None,
+        });
+    if let Some(log_mb) = log_mb {
+        ratio(&mut row, "vs_log", mb, log_mb);
+    }
+    add_seconds(&mut row, pass.wall, layout.log_bytes);
+    Ok(row)
 }
