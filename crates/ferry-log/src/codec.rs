@@ -38,8 +38,11 @@ fn header_len(stream: bool) -> usize {
         BATCH_HEADER_LEN
     }
 }
-/// Attribute bits holding the compression codec; every other bit is reserved and must be 0.
+/// Attribute bits holding the compression codec; every other bit is reserved and must be 0,
+/// but [`TX_PART`] on a stream batch.
 const CODEC_MASK: u16 = 0x7;
+/// Attribute bit of a stream batch that is part of a transaction (see [`StreamTag::tx_part`]).
+const TX_PART: u16 = 0x8;
 
 /// Compression codec of a batch's records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -125,6 +128,8 @@ pub struct StreamTag {
     pub id: u32,
     /// Stream offset of the batch's first record.
     pub base: u64,
+    /// Part of a transaction: valid only once a commit record names it (attribute bit 3).
+    pub tx_part: bool,
 }
 
 /// The fixed header of a batch, as stored.
@@ -173,6 +178,7 @@ impl BatchHeader {
                 Some(StreamTag {
                     id: le_u32(t, 0),
                     base: le_u64(t, 4),
+                    tx_part: false,
                 })
             }
             v => return Err(DecodeError::BadMagic(format!("batch version {v}"))),
@@ -185,10 +191,20 @@ impl BatchHeader {
             });
         }
         let attributes = le_u16(b, 9);
+        // The transaction-part bit exists only on stream batches.
+        let allowed = if stream.is_some() {
+            CODEC_MASK | TX_PART
+        } else {
+            CODEC_MASK
+        };
         let compression = match Compression::from_bits(attributes & CODEC_MASK) {
-            Some(c) if attributes & !CODEC_MASK == 0 => c,
+            Some(c) if attributes & !allowed == 0 => c,
             _ => return Err(DecodeError::BadAttributes(attributes)),
         };
+        let stream = stream.map(|t| StreamTag {
+            tx_part: attributes & TX_PART != 0,
+            ..t
+        });
         let header = BatchHeader {
             length,
             crc: le_u32(b, 4),
@@ -560,7 +576,12 @@ pub(crate) fn encode_views(
     } else {
         BATCH_VERSION
     };
-    out[9..11].copy_from_slice(&codec.bits().to_le_bytes());
+    let tx = if stream.is_some_and(|t| t.tx_part) {
+        TX_PART
+    } else {
+        0
+    };
+    out[9..11].copy_from_slice(&(codec.bits() | tx).to_le_bytes());
     out[11..19].copy_from_slice(&base_offset.to_le_bytes());
     out[19..23].copy_from_slice(&count.to_le_bytes());
     out[23..31].copy_from_slice(&first.to_le_bytes());

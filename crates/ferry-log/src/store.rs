@@ -43,6 +43,8 @@ const CONTROL: u32 = 0;
 const OP_DEFINE: u8 = 1;
 /// Control record: a stream's new start.
 const OP_TRIM: u8 = 2;
+/// Control record: the transaction parts (by log offset) that are now valid.
+const OP_COMMIT: u8 = 3;
 /// Compaction (deleting segments no stream needs) runs at most this often.
 const COMPACT_EVERY: Duration = Duration::from_secs(1);
 
@@ -187,6 +189,20 @@ struct Streams {
     control_next: u64,
     /// Bytes of batches in log order since the store opened (from the first retained batch).
     clock: u64,
+    /// While the store opens: transaction parts read but not yet named by a commit record, by
+    /// log offset (a crash between a transaction's parts and its commit leaves them here).
+    pending: HashMap<u64, PendingPart>,
+}
+
+/// A transaction part waiting for its commit record while the store opens.
+#[derive(Debug, Clone, Copy)]
+struct PendingPart {
+    tag: StreamTag,
+    count: u64,
+    len: u64,
+    max_ts: u64,
+    /// The byte clock before it.
+    before: u64,
 }
 
 /// A control record.
@@ -201,6 +217,9 @@ enum Op {
     Trim {
         id: u32,
         start: u64,
+    },
+    Commit {
+        parts: Vec<u64>,
     },
 }
 
@@ -225,16 +244,32 @@ impl Op {
                 b.put_u32_le(*id);
                 b.put_u64_le(*start);
             }
+            Op::Commit { parts } => {
+                b.put_u8(OP_COMMIT);
+                for p in parts {
+                    b.put_u64_le(*p);
+                }
+            }
         }
         RecordIn::new(b.freeze())
     }
 
     fn decode(mut b: Bytes) -> Result<Op, String> {
         let short = || "control record too short".to_string();
-        if b.remaining() < 13 {
+        if b.remaining() < 1 {
             return Err(short());
         }
         let op = b.get_u8();
+        if op == OP_COMMIT {
+            if b.remaining() % 8 != 0 {
+                return Err("commit record of a partial offset".into());
+            }
+            let parts = (0..b.remaining() / 8).map(|_| b.get_u64_le()).collect();
+            return Ok(Op::Commit { parts });
+        }
+        if b.remaining() < 12 {
+            return Err(short());
+        }
         let id = b.get_u32_le();
         let start = b.get_u64_le();
         match op {
@@ -260,7 +295,7 @@ impl Op {
 
 impl Streams {
     /// Applies a control record found at log offset `seq`.
-    fn apply(&mut self, op: Op, seq: u64) -> Result<(), String> {
+    fn apply(&mut self, op: Op, seq: u64, config: &StoreConfig) -> Result<(), String> {
         match op {
             Op::Define {
                 id,
@@ -298,6 +333,15 @@ impl Streams {
                 st.next = st.next.max(next);
                 st.trim(start);
             }
+            Op::Commit { parts } => {
+                // While opening: the parts it names become valid, in log order. At run time
+                // the parts were accounted for when written.
+                for seq in parts {
+                    if let Some(p) = self.pending.remove(&seq) {
+                        self.apply_batch(p.tag, p.count, seq, p.len, p.max_ts, p.before, config)?;
+                    }
+                }
+            }
             Op::Trim { id, start } => {
                 // Before its definition only while opening (see `StreamState::defined`).
                 let clock = self.clock;
@@ -327,6 +371,37 @@ impl Streams {
             self.control_next = tag.base + count;
             return Ok(());
         }
+        self.apply_batch(tag, count, seq, len, max_ts, before, config)
+    }
+
+    /// Notes a transaction part read while opening, valid once its commit record is read.
+    fn defer_part(&mut self, tag: StreamTag, count: u64, seq: u64, len: u64, max_ts: u64) {
+        let before = self.clock;
+        self.clock += len;
+        self.pending.insert(
+            seq,
+            PendingPart {
+                tag,
+                count,
+                len,
+                max_ts,
+                before,
+            },
+        );
+    }
+
+    /// Accounts for a data batch written when the byte clock stood at `before`.
+    #[allow(clippy::too_many_arguments)]
+    fn apply_batch(
+        &mut self,
+        tag: StreamTag,
+        count: u64,
+        seq: u64,
+        len: u64,
+        max_ts: u64,
+        before: u64,
+        config: &StoreConfig,
+    ) -> Result<(), String> {
         // A placeholder until its definition is read (see `StreamState::defined`).
         let st = self
             .by_id
@@ -359,7 +434,7 @@ impl Streams {
         st.bytes += len;
         st.max_ts = st.max_ts.max(max_ts);
         st.next = tag.base + count;
-        st.last_end = self.clock;
+        st.last_end = before + len;
         Ok(())
     }
 }
@@ -374,6 +449,9 @@ struct Inner {
     last_compact: Mutex<Option<Instant>>,
     /// What recovery cut or skipped when the store opened.
     notes: Vec<String>,
+    /// Log offsets of transaction parts found uncommitted when the store opened: readers skip
+    /// them (their stream offsets may since have been given to other records).
+    dead: std::collections::HashSet<u64>,
 }
 
 /// Many named streams in one crash-safe segmented log (see the module docs). `Send + Sync`;
@@ -421,6 +499,11 @@ impl Store {
                     return Visit::Take;
                 }
                 let mut s = streams.borrow_mut();
+                if tag.tx_part {
+                    let count = h.record_count.into();
+                    s.defer_part(tag, count, h.base_offset, h.total_len(), h.max_timestamp);
+                    return Visit::Skip;
+                }
                 match s.on_batch(
                     tag,
                     h.record_count.into(),
@@ -438,7 +521,7 @@ impl Store {
                 let mut s = streams.borrow_mut();
                 for r in batch.records {
                     let seq = r.offset;
-                    if let Err(e) = Op::decode(r.payload).and_then(|op| s.apply(op, seq)) {
+                    if let Err(e) = Op::decode(r.payload).and_then(|op| s.apply(op, seq, &config)) {
                         fail(seq, e);
                         return false;
                     }
@@ -465,6 +548,21 @@ impl Store {
         }
         let mut streams = streams.into_inner();
         let mut notes = damage.into_inner();
+        let mut discarded: Vec<(u64, PendingPart)> = streams.pending.drain().collect();
+        discarded.sort_by_key(|(seq, _)| *seq);
+        let dead: std::collections::HashSet<u64> = discarded.iter().map(|(seq, _)| *seq).collect();
+        for (_, p) in discarded {
+            // Written, never committed, so never made visible: as if never written.
+            let name = streams
+                .by_id
+                .get(&p.tag.id)
+                .map_or("?".to_string(), |st| st.name.to_string());
+            notes.push(format!(
+                "uncommitted transaction part discarded: stream {name:?} offsets {}..{}",
+                p.tag.base,
+                p.tag.base + p.count
+            ));
+        }
         let lost: Vec<u32> = streams
             .by_id
             .iter()
@@ -492,6 +590,7 @@ impl Store {
                 control: Mutex::new(()),
                 last_compact: Mutex::new(None),
                 notes,
+                dead,
             }),
         })
     }
@@ -552,6 +651,19 @@ impl Store {
         self.inner.streams.read().by_id.len()
     }
 
+    /// Writes the commit record of a transaction whose parts were appended with
+    /// [`Stream::append_part`] (by their log offsets): once it is synced, the parts survive a
+    /// crash together; before, none of them does. Buffered like an append.
+    pub fn commit_parts(&self, parts: &[u64]) -> Result<(), LogError> {
+        if parts.is_empty() {
+            return Ok(());
+        }
+        let _control = self.inner.control.lock();
+        self.inner.write_control(&[Op::Commit {
+            parts: parts.to_vec(),
+        }])
+    }
+
     /// Makes everything appended so far durable (one fsync shared by concurrent callers).
     pub fn sync(&self) -> Result<(), LogError> {
         self.inner.log.sync()
@@ -589,12 +701,16 @@ impl Inner {
         }
         let records: Vec<RecordIn> = ops.iter().map(Op::encode).collect();
         let base = self.streams.read().control_next;
-        let tag = StreamTag { id: CONTROL, base };
+        let tag = StreamTag {
+            id: CONTROL,
+            base,
+            tx_part: false,
+        };
         let mut failed = None;
         self.log.append_stream_buffered(tag, &records, |seq, len| {
             let mut s = self.streams.write();
             for (i, op) in ops.iter().enumerate() {
-                if let Err(e) = s.apply(op.clone(), seq + i as u64) {
+                if let Err(e) = s.apply(op.clone(), seq + i as u64, &self.config) {
                     failed = Some(e);
                 }
             }
@@ -690,7 +806,7 @@ impl Inner {
             self.log.scan(
                 seq,
                 |h| match h.stream {
-                    Some(t) if t.id == id => {
+                    Some(t) if t.id == id && !(t.tx_part && self.dead.contains(&h.base_offset)) => {
                         gap = 0;
                         if t.base >= end {
                             taken_all.set(true);
@@ -762,6 +878,22 @@ impl Stream {
     /// [`Store::sync`]. `first` must be the stream's next offset, or beyond it (the offsets in
     /// between are skipped for good).
     pub fn append(&self, first: u64, records: &[RecordIn]) -> Result<AppendInfo, LogError> {
+        self.write(first, records, false).map(|(info, _)| info)
+    }
+
+    /// Appends like [`append`](Self::append) a part of a transaction across streams: after a
+    /// crash it counts only if [`Store::commit_parts`] named it (with the log offset returned
+    /// here) and that commit record was synced. Returns the part's log offset.
+    pub fn append_part(&self, first: u64, records: &[RecordIn]) -> Result<u64, LogError> {
+        self.write(first, records, true).map(|(_, seq)| seq)
+    }
+
+    fn write(
+        &self,
+        first: u64,
+        records: &[RecordIn],
+        tx_part: bool,
+    ) -> Result<(AppendInfo, u64), LogError> {
         let next = self.next_offset();
         if first < next {
             return Err(LogError::Inconsistent(format!(
@@ -772,10 +904,13 @@ impl Stream {
         let tag = StreamTag {
             id: self.id,
             base: first,
+            tx_part,
         };
         let mut failed = None;
+        let mut at = 0;
         let inner = &*self.inner;
         inner.log.append_stream_buffered(tag, records, |seq, len| {
+            at = seq;
             let max_ts = records
                 .iter()
                 .map(|r| r.timestamp.unwrap_or(0))
@@ -789,10 +924,11 @@ impl Stream {
         if let Some(reason) = failed {
             return Err(LogError::Inconsistent(reason));
         }
-        Ok(AppendInfo {
+        let info = AppendInfo {
             base_offset: first,
             last_offset: first + records.len() as u64 - 1,
-        })
+        };
+        Ok((info, at))
     }
 
     /// Reads records from `from` on (from the start if below it): at most `max_records`, and

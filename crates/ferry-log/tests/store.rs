@@ -317,3 +317,53 @@ fn a_damaged_batch_in_a_sealed_segment_is_reported_as_a_range_and_the_rest_stays
     assert_eq!(hit.next_offset(), 200);
     hit.append(200, &[RecordIn::new("after")]).unwrap();
 }
+
+#[test]
+fn a_transaction_across_streams_survives_whole_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(1 << 20, 1 << 20);
+    {
+        let store = Store::open(dir.path(), cfg.clone()).unwrap();
+        let (a, b) = (store.stream("a").unwrap(), store.stream("b").unwrap());
+        a.append(0, &[RecordIn::new("a0")]).unwrap();
+        // Committed: both parts count.
+        let p1 = a.append_part(1, &[RecordIn::new("a1")]).unwrap();
+        let p2 = b
+            .append_part(0, &[RecordIn::new("b0"), RecordIn::new("b1")])
+            .unwrap();
+        store.commit_parts(&[p1, p2]).unwrap();
+        // Not committed (a crash before the commit record): neither part counts.
+        a.append_part(2, &[RecordIn::new("a2-lost")]).unwrap();
+        b.append_part(2, &[RecordIn::new("b2-lost")]).unwrap();
+        store.sync().unwrap();
+    }
+    let payloads = |s: &Stream| -> Vec<Bytes> {
+        s.read(0, 100, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.payload)
+            .collect()
+    };
+    {
+        let store = Store::open(dir.path(), cfg.clone()).unwrap();
+        assert_eq!(
+            store.recovery_notes().len(),
+            2,
+            "{:?}",
+            store.recovery_notes()
+        );
+        let (a, b) = (store.stream("a").unwrap(), store.stream("b").unwrap());
+        assert_eq!(payloads(&a), vec![Bytes::from("a0"), Bytes::from("a1")]);
+        assert_eq!(payloads(&b), vec![Bytes::from("b0"), Bytes::from("b1")]);
+        // The offsets of the discarded parts were never visible: they are given again.
+        assert_eq!((a.next_offset(), b.next_offset()), (2, 2));
+        a.append(2, &[RecordIn::new("a2")]).unwrap();
+        store.sync().unwrap();
+    }
+    let store = Store::open(dir.path(), cfg).unwrap();
+    let a = store.stream("a").unwrap();
+    assert_eq!(
+        payloads(&a),
+        vec![Bytes::from("a0"), Bytes::from("a1"), Bytes::from("a2")]
+    );
+}

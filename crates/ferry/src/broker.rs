@@ -691,6 +691,11 @@ impl BrokerInner {
         let _ = self.events.send(e);
     }
 
+    /// The durable storage, if any.
+    pub(crate) fn storage(&self) -> Option<&Arc<dyn Storage>> {
+        self.storage.as_ref()
+    }
+
     pub(crate) fn existing_topic(&self, name: &TopicName) -> Option<Arc<Topic>> {
         self.registry.read().topics.get(name).cloned()
     }

@@ -201,6 +201,10 @@ impl Storage for DiskStorage {
     fn sync(&self) -> Result<(), StorageError> {
         self.store.sync().map_err(store_error)
     }
+
+    fn commit_parts(&self, parts: &[u64]) -> Result<(), StorageError> {
+        self.store.commit_parts(parts).map_err(store_error)
+    }
 }
 
 /// One topic: a stream of the shared store.
@@ -236,6 +240,21 @@ impl TopicStore for DiskTopic {
             .append(first, &records)
             .map_err(|e| self.err(e))?;
         Ok(())
+    }
+
+    fn append_part(&self, first: u64, messages: &[&Message]) -> Result<u64, StorageError> {
+        let end = self.stream.next_offset();
+        if end != first {
+            return Err(StorageError::OffsetMismatch {
+                topic: self.name.clone(),
+                store: end,
+                engine: first,
+            });
+        }
+        let records: Vec<RecordIn> = messages.iter().map(|m| encode_message(m)).collect();
+        self.stream
+            .append_part(first, &records)
+            .map_err(|e| self.err(e))
     }
 
     fn sync(&self, _end: u64) -> Result<(), StorageError> {

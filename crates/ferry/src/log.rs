@@ -385,13 +385,34 @@ impl Topic {
         pending: &mut impl Pending,
         store: bool,
     ) -> Result<Range<u64>, AppendError> {
+        self.commit_part(log, pending, store, None)
+    }
+
+    /// [`commit`](Self::commit), the store's write being a transaction part whose id goes to
+    /// `parts` when given.
+    pub(crate) fn commit_part(
+        &self,
+        log: &mut Log,
+        pending: &mut impl Pending,
+        store: bool,
+        parts: Option<&mut Vec<u64>>,
+    ) -> Result<Range<u64>, AppendError> {
         let n = pending.count();
         let capacity = self.config.capacity;
         let start = log.next;
         if let Some(d) = &self.durable {
-            d.store
-                .append(start, &pending.messages())
-                .map_err(|e| self.storage_failed(e))?;
+            let messages = pending.messages();
+            match parts {
+                Some(parts) => parts.push(
+                    d.store
+                        .append_part(start, &messages)
+                        .map_err(|e| self.storage_failed(e))?,
+                ),
+                None => d
+                    .store
+                    .append(start, &messages)
+                    .map_err(|e| self.storage_failed(e))?,
+            }
         }
         if store {
             pending.take_all(|record| {

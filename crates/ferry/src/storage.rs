@@ -95,6 +95,13 @@ pub trait TopicStore: Send + Sync + std::fmt::Debug {
     /// the topic lock, in offset order: a buffered write, durable only after [`sync`](Self::sync).
     fn append(&self, first: u64, messages: &[&Message]) -> Result<(), StorageError>;
 
+    /// Appends like [`append`](Self::append) one topic's part of a transaction across topics;
+    /// it survives a crash only if [`Storage::commit_parts`] then named it (with the id returned
+    /// here) and that was synced. The default appends plainly (no atomicity across topics).
+    fn append_part(&self, first: u64, messages: &[&Message]) -> Result<u64, StorageError> {
+        self.append(first, messages).map(|()| 0)
+    }
+
     /// Returns once everything appended below `end` meets the store's durability policy
     /// (an fsync shared with concurrent callers, or nothing to wait for).
     fn sync(&self, end: u64) -> Result<(), StorageError>;
@@ -146,6 +153,14 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 
     /// Saves positions atomically (all of them or, after a crash, the previous set).
     fn save_positions(&self, positions: &Positions) -> Result<(), StorageError>;
+
+    /// Records that the transaction parts `parts` (ids from [`TopicStore::append_part`]) are
+    /// committed: after a crash they survive together, durable with the next sync. The default
+    /// does nothing.
+    fn commit_parts(&self, parts: &[u64]) -> Result<(), StorageError> {
+        let _ = parts;
+        Ok(())
+    }
 
     /// Makes everything appended to any topic so far durable (the default syncs nothing: for
     /// stores whose topics sync on their own, see [`TopicStore::sync`]).

@@ -195,6 +195,11 @@ impl Transaction {
             match failure {
                 Some(e) => Err(e),
                 None => {
+                    // Across several durable topics the store writes each topic's records as a
+                    // part and then one commit record naming them all: after a crash, all of
+                    // the transaction or none of it is there.
+                    let storage = self.broker.inner.storage().filter(|_| topics.len() > 1);
+                    let mut parts = storage.map(|_| Vec::with_capacity(topics.len()));
                     let mut ranges = Vec::with_capacity(topics.len());
                     for (((topic, records), log), store) in topics
                         .iter()
@@ -202,10 +207,15 @@ impl Transaction {
                         .zip(logs.iter_mut())
                         .zip(stores)
                     {
-                        match topic.commit(log, records, store) {
+                        match topic.commit_part(log, records, store, parts.as_mut()) {
                             Ok(range) => ranges.push((topic.name.clone(), range)),
                             Err(e) => return Err(BrokerInner::append_error(topic, e).into()),
                         }
+                    }
+                    if let (Some(storage), Some(parts)) = (storage, parts) {
+                        storage
+                            .commit_parts(&parts)
+                            .map_err(|e| PublishError::Storage(e.to_string()))?;
                     }
                     Ok(ranges)
                 }
