@@ -514,8 +514,7 @@ enum PipelinedState {
     Ready(Option<Result<u64, PublishError>>),
     Syncing {
         offset: u64,
-        reply: crate::commit::Reply,
-        topic: Arc<Topic>,
+        durable: crate::commit::Durable,
     },
     Blocked(std::pin::Pin<Box<dyn Future<Output = Result<u64, PublishError>> + Send>>),
 }
@@ -549,16 +548,15 @@ impl Future for Pipelined {
         use std::task::Poll;
         match &mut self.0 {
             PipelinedState::Ready(r) => Poll::Ready(r.take().unwrap_or(Err(PublishError::Closed))),
-            PipelinedState::Syncing {
-                offset,
-                reply,
-                topic,
-            } => match std::pin::Pin::new(reply).poll(cx) {
-                Poll::Pending => Poll::Pending,
-                Poll::Ready(Ok(Ok(()))) => Poll::Ready(Ok(*offset)),
-                Poll::Ready(Ok(Err(e))) => Poll::Ready(Err(BrokerInner::append_error(topic, e))),
-                Poll::Ready(Err(_)) => Poll::Ready(Err(PublishError::Closed)),
-            },
+            PipelinedState::Syncing { offset, durable } => {
+                match std::pin::Pin::new(&mut *durable).poll(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Ok(())) => Poll::Ready(Ok(*offset)),
+                    Poll::Ready(Err(e)) => {
+                        Poll::Ready(Err(BrokerInner::append_error(durable.topic(), e)))
+                    }
+                }
+            }
             PipelinedState::Blocked(f) => f.as_mut().poll(cx),
         }
     }
@@ -618,8 +616,7 @@ impl Publisher {
             Ok(range) if self.topic.waits_for_sync() => match &inner.committer {
                 Some(c) => Pipelined(PipelinedState::Syncing {
                     offset: range.start,
-                    reply: c.submit(self.topic.clone(), range.end),
-                    topic: self.topic.clone(),
+                    durable: c.submit(self.topic.clone(), range.end),
                 }),
                 None => {
                     let publisher = self.clone();
@@ -853,11 +850,9 @@ impl BrokerInner {
             return Ok(range);
         }
         if let Some(committer) = &self.committer {
-            let reply = committer.submit(topic.clone(), range.end);
-            return match reply.await {
-                Ok(Ok(())) => Ok(range),
-                Ok(Err(e)) => Err(BrokerInner::append_error(topic, e)),
-                Err(_) => Err(PublishError::Closed),
+            return match committer.submit(topic.clone(), range.end).await {
+                Ok(()) => Ok(range),
+                Err(e) => Err(BrokerInner::append_error(topic, e)),
             };
         }
         let t = topic.clone();

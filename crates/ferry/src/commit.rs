@@ -2,43 +2,47 @@
 //! sync (fsync-always) wait for durability.
 //!
 //! A publisher appends under the topic lock (a buffered write), then hands the topic and the
-//! end of its records to the commit thread and awaits a oneshot reply. The thread takes every
-//! waiting request at once, syncs (the first topic's sync fsyncs the shared commit log, which
-//! covers every topic's appends written so far; the others find their records synced), makes
-//! the records visible and answers. So concurrent publishers on any topics share one fsync
-//! without a blocking-pool thread each, and a caller can keep appending while earlier
-//! publishes wait (pipelining: see [`crate::Publisher::publish_pipelined`]).
+//! end of its records to the commit thread ([`Committer::submit`]) and waits until the topic's
+//! visible end (its tail) reaches its records ([`Durable`]). The thread takes every waiting
+//! request at once, syncs (the first topic's sync fsyncs the shared commit log, which covers
+//! every topic's appends written so far; the others find their records synced), moves each
+//! topic's tail, then wakes every task that waits. So concurrent publishers on any topics share
+//! one fsync without a blocking-pool thread each, a task with many publishes waiting (a
+//! pipelining MQTT connection) is woken once per fsync, not once per message, and no
+//! allocation is made per publish.
+//!
+//! No lost wake-up: the thread moves the tails and then takes the wakers under the lock; a
+//! waiter registers its waker under that lock and then checks the tail again. A failed sync
+//! fails every waiter that is not durable yet (the commit log closes itself after a failed
+//! fsync: nothing written after it can be made durable).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::thread::JoinHandle;
 
 use parking_lot::{Condvar, Mutex};
-use tokio::sync::oneshot;
 
 use crate::log::{AppendError, Topic};
 
-/// The answer to a request: the records are durable and visible, or why not.
-pub(crate) type Reply = oneshot::Receiver<Result<(), AppendError>>;
-
-struct Request {
-    topic: Arc<Topic>,
-    end: u64,
-    reply: oneshot::Sender<Result<(), AppendError>>,
-}
-
 #[derive(Default)]
 struct Queue {
-    requests: Vec<Request>,
+    requests: Vec<(Arc<Topic>, u64)>,
     stop: bool,
 }
 
 #[derive(Default)]
-struct Shared {
+pub(crate) struct Shared {
     queue: Mutex<Queue>,
-    wake: Condvar,
+    work: Condvar,
+    /// Tasks waiting for the next round to end.
+    waiters: Mutex<Vec<Waker>>,
+    /// The first sync failure (sticky).
+    failed: Mutex<Option<AppendError>>,
 }
 
-/// The commit thread and its queue. Dropping it answers what is queued and joins the thread.
+/// The commit thread and its queue. Dropping it lets the thread end once the queue is empty.
 pub(crate) struct Committer {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
@@ -64,30 +68,78 @@ impl Committer {
         })
     }
 
-    /// Asks for everything of `topic` below `end` to be made durable and visible.
-    pub(crate) fn submit(&self, topic: Arc<Topic>, end: u64) -> Reply {
-        let (reply, rx) = oneshot::channel();
+    /// Asks for everything of `topic` below `end` to be made durable and visible; the returned
+    /// future resolves when it is.
+    pub(crate) fn submit(&self, topic: Arc<Topic>, end: u64) -> Durable {
         let mut q = self.shared.queue.lock();
         if q.stop {
-            let _ = reply.send(Err(AppendError::Closed));
-            return rx;
+            drop(q);
+            *self.shared.failed.lock() = Some(AppendError::Closed);
+        } else {
+            let was_empty = q.requests.is_empty();
+            q.requests.push((topic.clone(), end));
+            drop(q);
+            if was_empty {
+                self.shared.work.notify_one();
+            }
         }
-        let was_empty = q.requests.is_empty();
-        q.requests.push(Request { topic, end, reply });
-        drop(q);
-        if was_empty {
-            self.shared.wake.notify_one();
+        Durable {
+            topic,
+            end,
+            shared: self.shared.clone(),
         }
-        rx
     }
 }
 
 impl Drop for Committer {
     fn drop(&mut self) {
         self.shared.queue.lock().stop = true;
-        self.shared.wake.notify_one();
+        self.shared.work.notify_one();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+/// Resolves once a topic's records below `end` are durable and visible (see
+/// [`Committer::submit`]), or to the sync failure that prevented it.
+pub(crate) struct Durable {
+    topic: Arc<Topic>,
+    end: u64,
+    shared: Arc<Shared>,
+}
+
+impl Durable {
+    fn check(&self) -> Option<Result<(), AppendError>> {
+        if self.topic.tail() >= self.end {
+            return Some(Ok(()));
+        }
+        self.shared.failed.lock().clone().map(Err)
+    }
+
+    /// The topic it waits on.
+    pub(crate) fn topic(&self) -> &Arc<Topic> {
+        &self.topic
+    }
+}
+
+impl Future for Durable {
+    type Output = Result<(), AppendError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Some(r) = self.check() {
+            return Poll::Ready(r);
+        }
+        {
+            let mut waiters = self.shared.waiters.lock();
+            if !waiters.last().is_some_and(|w| w.will_wake(cx.waker())) {
+                waiters.push(cx.waker().clone());
+            }
+        }
+        // Checked again after registering: a round that ended in between is seen here.
+        match self.check() {
+            Some(r) => Poll::Ready(r),
+            None => Poll::Pending,
         }
     }
 }
@@ -98,42 +150,33 @@ fn run(shared: &Shared) {
         {
             let mut q = shared.queue.lock();
             while q.requests.is_empty() && !q.stop {
-                shared.wake.wait(&mut q);
+                shared.work.wait(&mut q);
             }
             if q.requests.is_empty() {
                 return;
             }
             std::mem::swap(&mut batch, &mut q.requests);
         }
-        commit(&mut batch);
-    }
-}
-
-/// Syncs and reveals each topic of `batch` once, up to its highest end, then answers.
-fn commit(batch: &mut Vec<Request>) {
-    // Requests of one topic are adjacent after sorting by topic; each topic syncs once.
-    batch.sort_by_key(|r| Arc::as_ptr(&r.topic) as usize);
-    let mut group: Vec<Request> = Vec::new();
-    for r in batch.drain(..) {
-        if group
-            .first()
-            .is_some_and(|g| !Arc::ptr_eq(&g.topic, &r.topic))
-        {
-            answer(&mut group);
+        if let Err(e) = commit(&mut batch) {
+            shared.failed.lock().get_or_insert(e);
         }
-        group.push(r);
+        let waiters = std::mem::take(&mut *shared.waiters.lock());
+        for w in waiters {
+            w.wake();
+        }
     }
-    answer(&mut group);
 }
 
-/// Syncs and reveals one topic's requests and answers them.
-fn answer(group: &mut Vec<Request>) {
-    let Some(first) = group.first() else {
-        return;
-    };
-    let end = group.iter().map(|r| r.end).max().unwrap_or(0);
-    let result = first.topic.sync_and_reveal(end);
-    for r in group.drain(..) {
-        let _ = r.reply.send(result.clone());
+/// Syncs and reveals each topic of `batch` once, up to its highest end.
+fn commit(batch: &mut Vec<(Arc<Topic>, u64)>) -> Result<(), AppendError> {
+    // Requests of one topic are adjacent after sorting by topic; each topic syncs once.
+    batch.sort_by_key(|(t, end)| (Arc::as_ptr(t) as usize, std::cmp::Reverse(*end)));
+    batch.dedup_by(|later, first| Arc::ptr_eq(&later.0, &first.0));
+    let mut result = Ok(());
+    for (topic, end) in batch.drain(..) {
+        if let Err(e) = topic.sync_and_reveal(end) {
+            result = Err(e);
+        }
     }
+    result
 }
