@@ -185,7 +185,8 @@ struct Shared {
     config: LogConfig,
     /// Serialises appends, rolls, truncation and retention (I/O happens under it, not under
     /// `state`).
-    writer: Mutex<()>,
+    /// Also the preallocated end of the active segment's file: `(segment base, file length)`.
+    writer: Mutex<(u64, u64)>,
     state: RwLock<State>,
     /// Held shared by readers and exclusively by truncation, which shrinks files under them.
     readers: RwLock<()>,
@@ -217,7 +218,7 @@ impl Log {
             dir: dir.to_path_buf(),
             cache: Mutex::new(BatchCache::new(config.cache_bytes)),
             config,
-            writer: Mutex::new(()),
+            writer: Mutex::new((u64::MAX, 0)),
             state: RwLock::new(state),
             readers: RwLock::new(()),
             commit: GroupCommit::default(),
@@ -319,7 +320,7 @@ impl Log {
         let count = records.len() as u64;
         let max_ts = views.iter().map(|v| v.timestamp).max().unwrap_or(now);
         let (info, seq) = {
-            let _writer = s.writer.lock();
+            let mut alloc = s.writer.lock();
             s.check_open()?;
             let mut active = s.state.read().active().clone();
             let base = active.meta.next_offset;
@@ -327,6 +328,7 @@ impl Log {
             if s.should_roll(&active, frame.len() as u64, now) {
                 active = s.roll(active, now)?;
             }
+            s.preallocate(&mut alloc, &active, frame.len() as u64)?;
             let span = BatchSpan {
                 base_offset: base,
                 next_offset: base + count,
@@ -476,7 +478,7 @@ impl Log {
     pub fn truncate_to(&self, new_end: u64) -> Result<(), LogError> {
         let s = &*self.shared;
         s.check_open()?;
-        let _writer = s.writer.lock();
+        let mut _writer = s.writer.lock();
         let _readers = s.readers.write();
         let (start, end) = {
             let st = s.state.read();
@@ -508,6 +510,8 @@ impl Log {
             // The active segment's metadata no longer matches its file: reopen to recover.
             s.closed.store(true, Ordering::SeqCst);
         })?;
+        // The cut file ends with its data again.
+        *_writer = (target.seg.base, meta.len);
         s.state.write().active_mut().meta = meta;
         if s.durable_meta() {
             sync_dir(&s.dir)?;
@@ -622,6 +626,16 @@ impl Log {
     }
 
     fn shutdown(&self) {
+        {
+            // A closed log's active segment ends with its data (no preallocated zeros).
+            let _writer = self.shared.writer.lock();
+            if !self.shared.closed.load(Ordering::SeqCst) {
+                let active = self.shared.state.read().active().clone();
+                if active.seg.file_len().is_ok_and(|l| l > active.meta.len) {
+                    let _ = active.seg.set_len(active.meta.len);
+                }
+            }
+        }
         self.shared.closed.store(true, Ordering::SeqCst);
         if let Some(mut flusher) = self.flusher.lock().take() {
             flusher.stop();
@@ -739,6 +753,10 @@ impl Shared {
     /// always whole on disk (a torn write can only be in the last segment); with `Never` the
     /// next `sync` does it.
     fn roll(&self, mut old: SegmentState, now: u64) -> Result<SegmentState, LogError> {
+        // A sealed segment ends with its data: drop what was preallocated after it.
+        if old.seg.file_len()? > old.meta.len {
+            old.seg.set_len(old.meta.len)?;
+        }
         if let Some(seal) = old.meta.seal_entry() {
             old.seg.time.put(old.meta.time_count, seal)?;
             old.meta.time_count += 1;
@@ -764,6 +782,39 @@ impl Shared {
         }
         bump(&self.counters.rolled, 1);
         Ok(new)
+    }
+
+    /// Makes room for `len` more bytes at the end of the active segment's data by extending its
+    /// file with zeros ahead of the writes ([`PREALLOCATE`] at a time): writes then overwrite
+    /// initialised blocks of a file whose size does not change, so an fdatasync has no
+    /// metadata to write (the inode's size, new extents), only the data. Recovery cuts a tail
+    /// of zeros silently.
+    fn preallocate(
+        &self,
+        alloc: &mut (u64, u64),
+        active: &SegmentState,
+        len: u64,
+    ) -> Result<(), LogError> {
+        if alloc.0 != active.seg.base {
+            // A segment new to this writer ends with its data (created, rolled or recovered).
+            *alloc = (active.seg.base, active.meta.len);
+        }
+        let need = active.meta.len + len;
+        if need <= alloc.1 {
+            return Ok(());
+        }
+        let target = need
+            .saturating_add(PREALLOCATE)
+            .min(self.config.segment_bytes.max(need));
+        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        let mut at = alloc.1;
+        while at < target {
+            let n = (target - at).min(ZEROS.len() as u64);
+            active.seg.write_at(&ZEROS[..n as usize], at)?;
+            at += n;
+        }
+        alloc.1 = target;
+        Ok(())
     }
 
     /// Fsyncs everything written so far; returns the write sequence number covered. A failure
@@ -849,6 +900,9 @@ pub enum Visit {
     /// Ends the scan.
     Stop,
 }
+
+/// Bytes of zeros the active segment's file is extended by ahead of its writes.
+const PREALLOCATE: u64 = 4 << 20;
 
 /// Bytes a scan reads at a time.
 const SCAN_CHUNK: u64 = 256 << 10;

@@ -241,12 +241,15 @@ pub(crate) fn open_active(
                 format!("{reason} (valid batches follow: not a torn tail)"),
             ));
         }
-        notes.push(format!(
-            "torn tail of {} cut at position {pos} ({} bytes after offset {}): {reason}",
-            seg.path.display(),
-            file_len - pos,
-            scan.meta.next_offset
-        ));
+        // Zeros after the data are preallocated space (see `Shared::preallocate`), not a tear.
+        if !seg.zeros(pos, file_len)? {
+            notes.push(format!(
+                "torn tail of {} cut at position {pos} ({} bytes after offset {}): {reason}",
+                seg.path.display(),
+                file_len - pos,
+                scan.meta.next_offset
+            ));
+        }
         seg.set_len(pos)?;
         if durable(config) {
             seg.sync_data()?;

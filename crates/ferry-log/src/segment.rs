@@ -439,6 +439,21 @@ impl Segment {
         decode_frame(header, frame).map_err(|e| LogError::corrupt(&self.path, pos, e.to_string()))
     }
 
+    /// Whether every byte of `[from, to)` is zero.
+    pub fn zeros(&self, from: u64, to: u64) -> Result<bool, LogError> {
+        let mut buf = vec![0u8; PROBE_WINDOW];
+        let mut at = from;
+        while at < to {
+            let n = (to - at).min(PROBE_WINDOW as u64) as usize;
+            read_exact_at(&self.log, &self.path, &mut buf[..n], at)?;
+            if buf[..n].iter().any(|&b| b != 0) {
+                return Ok(false);
+            }
+            at += n as u64;
+        }
+        Ok(true)
+    }
+
     /// Whether the batch at `pos` is whole and its CRC matches.
     fn crc_ok(&self, pos: u64, header: &BatchHeader) -> Result<bool, LogError> {
         let frame = self.read_frame(pos, header)?;

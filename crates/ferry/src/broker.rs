@@ -790,10 +790,13 @@ impl BrokerInner {
         let Some(storage) = &self.storage else {
             return Ok(());
         };
-        // Merged in place, so that a consumer unregistering meanwhile is not overwritten.
+        // Merged in place, so that a consumer unregistering meanwhile is not overwritten. The
+        // consumers are listed before `positions` is locked: the lock order is registry ->
+        // positions (a topic created under the registry lock reads saved positions).
+        let consumers = self.consumers();
         let positions = {
             let mut positions = self.positions.lock();
-            for c in self.consumers() {
+            for c in consumers {
                 record_positions(&mut positions, &c);
             }
             positions.clone()
