@@ -555,10 +555,8 @@ impl Log {
                 }
                 st.segments.remove(0)
             };
-            s.cache.lock().remove_below(victim.meta.next_offset);
-            victim.seg.delete()?;
+            s.delete_segment(&victim)?;
             deleted += 1;
-            bump(&s.counters.deleted, 1);
         }
         if deleted > 0 && s.durable_meta() {
             sync_dir(&s.dir)?;
@@ -581,10 +579,8 @@ impl Log {
                 }
                 st.segments.remove(0)
             };
-            s.cache.lock().remove_below(victim.meta.next_offset);
-            victim.seg.delete()?;
+            s.delete_segment(&victim)?;
             deleted += 1;
-            bump(&s.counters.deleted, 1);
         }
         if deleted > 0 && s.durable_meta() {
             sync_dir(&s.dir)?;
@@ -696,6 +692,14 @@ impl Shared {
         if self.closed.load(Ordering::SeqCst) {
             return Err(LogError::Closed);
         }
+        Ok(())
+    }
+
+    /// Deletes a segment already taken out of the state (the directory is synced by the caller).
+    fn delete_segment(&self, victim: &SegmentState) -> Result<(), LogError> {
+        self.cache.lock().remove_below(victim.meta.next_offset);
+        victim.seg.delete()?;
+        bump(&self.counters.deleted, 1);
         Ok(())
     }
 

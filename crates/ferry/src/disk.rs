@@ -220,10 +220,9 @@ impl DiskTopic {
     fn err(&self, e: ferry_log::LogError) -> StorageError {
         log_error(&self.name, e)
     }
-}
 
-impl TopicStore for DiskTopic {
-    fn append(&self, first: u64, messages: &[&Message]) -> Result<(), StorageError> {
+    /// The records of `messages`, checked to go at the stream's end.
+    fn records_at(&self, first: u64, messages: &[&Message]) -> Result<Vec<RecordIn>, StorageError> {
         let end = self.stream.next_offset();
         if end != first {
             return Err(StorageError::OffsetMismatch {
@@ -232,10 +231,16 @@ impl TopicStore for DiskTopic {
                 engine: first,
             });
         }
-        if messages.is_empty() {
+        Ok(messages.iter().map(|m| encode_message(m)).collect())
+    }
+}
+
+impl TopicStore for DiskTopic {
+    fn append(&self, first: u64, messages: &[&Message]) -> Result<(), StorageError> {
+        let records = self.records_at(first, messages)?;
+        if records.is_empty() {
             return Ok(());
         }
-        let records: Vec<RecordIn> = messages.iter().map(|m| encode_message(m)).collect();
         self.stream
             .append(first, &records)
             .map_err(|e| self.err(e))?;
@@ -243,15 +248,7 @@ impl TopicStore for DiskTopic {
     }
 
     fn append_part(&self, first: u64, messages: &[&Message]) -> Result<u64, StorageError> {
-        let end = self.stream.next_offset();
-        if end != first {
-            return Err(StorageError::OffsetMismatch {
-                topic: self.name.clone(),
-                store: end,
-                engine: first,
-            });
-        }
-        let records: Vec<RecordIn> = messages.iter().map(|m| encode_message(m)).collect();
+        let records = self.records_at(first, messages)?;
         self.stream
             .append_part(first, &records)
             .map_err(|e| self.err(e))

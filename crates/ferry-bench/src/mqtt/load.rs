@@ -1047,9 +1047,8 @@ mod tests {
         tiny_runs_count_every_delivery(Kind::Mosquitto, &bins);
     }
 
-    /// Against `ferry serve`.
-    #[test]
-    fn tiny_runs_against_ferry_count_every_delivery() {
+    /// Tiny runs against `ferry serve` of `kind`, if the binary is built.
+    fn tiny_runs_against_ferry(kind: Kind) {
         let ferry = ferry_binary();
         if !available(
             "the ferry binary (FERRY_BIN, or `cargo build -p ferry-server`)",
@@ -1057,31 +1056,20 @@ mod tests {
         ) {
             return;
         }
-        let bins = Binaries::find(
-            ferry.as_deref(),
-            Path::new("/usr/sbin/mosquitto"),
-            &[Kind::Ferry],
-        )
-        .unwrap();
-        tiny_runs_count_every_delivery(Kind::Ferry, &bins);
+        let bins =
+            Binaries::find(ferry.as_deref(), Path::new("/usr/sbin/mosquitto"), &[kind]).unwrap();
+        tiny_runs_count_every_delivery(kind, &bins);
+    }
+
+    /// Against `ferry serve`.
+    #[test]
+    fn tiny_runs_against_ferry_count_every_delivery() {
+        tiny_runs_against_ferry(Kind::Ferry);
     }
 
     /// Against `ferry serve` on a data directory (pipelined publishes waiting for their fsync).
     #[test]
     fn tiny_runs_against_durable_ferry_count_every_delivery() {
-        let ferry = ferry_binary();
-        if !available(
-            "the ferry binary (FERRY_BIN, or `cargo build -p ferry-server`)",
-            ferry.as_deref(),
-        ) {
-            return;
-        }
-        let bins = Binaries::find(
-            ferry.as_deref(),
-            Path::new("/usr/sbin/mosquitto"),
-            &[Kind::FerryDurable],
-        )
-        .unwrap();
-        tiny_runs_count_every_delivery(Kind::FerryDurable, &bins);
+        tiny_runs_against_ferry(Kind::FerryDurable);
     }
 }
