@@ -1322,7 +1322,12 @@ async fn maintenance(inner: Weak<BrokerInner>) {
         if b.state.load(Ordering::Acquire) == CLOSED {
             return;
         }
-        b.maintain();
+        if b.storage.is_some() {
+            // Saving positions and retention fsync and delete files: not on an async worker.
+            let _ = tokio::task::spawn_blocking(move || b.maintain()).await;
+        } else {
+            b.maintain();
+        }
     }
 }
 
