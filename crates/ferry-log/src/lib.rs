@@ -56,6 +56,12 @@
 //! | 39 | records length `u32` | records section size, uncompressed |
 //! | 43 | records | as is, or one LZ4 block (only when smaller) |
 //!
+//! A **stream batch** (written by a [`Store`]) has version 2 and [`STREAM_BATCH_HEADER_LEN`] =
+//! 55 header bytes: the fields above, then stream id `u32` at 43 and the stream offset of its
+//! first record `u64` at 47, the records section following at 55. Its attribute bit 3 marks a
+//! transaction part, which counts only once a commit record of the store's control stream
+//! names it (see [`StreamTag`]).
+//!
 //! **Record** (lengths are unsigned LEB128 varints, at most 10 bytes):
 //! `length` (bytes of the record after this field), `offset delta` (= index in the batch),
 //! `timestamp delta` (zigzag varint of `timestamp - first timestamp`, wrapping), `flags` (`u16`),
@@ -78,7 +84,13 @@
 //! - **mid-segment corruption** if a whole, CRC-valid batch with a higher base offset starts
 //!   anywhere after it in the file: [`LogError::Corrupt`] with the segment and the position of
 //!   the bad batch, and the log does not open (nothing is silently skipped);
-//! - otherwise a **torn tail**: the file is cut at the last valid batch.
+//! - otherwise a **torn tail**: the file is cut at the last valid batch, and
+//!   [`Log::recovery_notes`] says where and how much, unless all that is cut is zeros (the
+//!   active segment's file is extended with zeros ahead of its writes, so that an fdatasync has
+//!   no size or extent metadata to write; a closed log ends its file with its data again).
+//!
+//! With [`LogConfig::tolerate_damage`] a damaged sealed segment does not fail the open: the
+//! damage goes to the recovery notes and scans skip the rest of that segment.
 //!
 //! A CRC-valid batch whose offset does not follow on is corruption wherever it is. The active
 //! segment's indexes are always rebuilt. A file header torn while the segment was created (file

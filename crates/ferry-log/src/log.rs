@@ -478,7 +478,7 @@ impl Log {
     pub fn truncate_to(&self, new_end: u64) -> Result<(), LogError> {
         let s = &*self.shared;
         s.check_open()?;
-        let mut _writer = s.writer.lock();
+        let mut writer = s.writer.lock();
         let _readers = s.readers.write();
         let (start, end) = {
             let st = s.state.read();
@@ -511,7 +511,7 @@ impl Log {
             s.closed.store(true, Ordering::SeqCst);
         })?;
         // The cut file ends with its data again.
-        *_writer = (target.seg.base, meta.len);
+        *writer = (target.seg.base, meta.len);
         s.state.write().active_mut().meta = meta;
         if s.durable_meta() {
             sync_dir(&s.dir)?;
@@ -523,69 +523,32 @@ impl Log {
     /// (total size, record count, or newest timestamp older than the maximum age). Returns how
     /// many segments were deleted. The active segment is never deleted.
     pub fn apply_retention(&self) -> Result<u64, LogError> {
-        let s = &*self.shared;
-        s.check_open()?;
-        let _writer = s.writer.lock();
-        let policy = s.config.retention;
+        let policy = self.shared.config.retention;
         let now = now_ms();
-        let mut deleted = 0;
-        loop {
-            let victim = {
-                let mut st = s.state.write();
-                if st.segments.len() < 2 {
-                    break;
-                }
-                // Size and count bounds are floors, as in Kafka: a segment goes only if what
-                // stays still meets the bound, so the log never keeps less than asked.
-                let first = &st.segments[0].meta;
-                let first_records = first.next_offset - st.start_offset();
-                let expired = policy
-                    .max_bytes
-                    .is_some_and(|m| st.size_bytes().saturating_sub(first.len) >= m)
-                    || policy.max_records.is_some_and(|m| {
-                        (st.next_offset() - st.start_offset()).saturating_sub(first_records) >= m
-                    })
-                    || policy.max_age.is_some_and(|age| {
-                        first
-                            .max_ts
-                            .is_some_and(|ts| now.saturating_sub(ts) > millis(age))
-                    });
-                if !expired {
-                    break;
-                }
-                st.segments.remove(0)
-            };
-            s.delete_segment(&victim)?;
-            deleted += 1;
-        }
-        if deleted > 0 && s.durable_meta() {
-            sync_dir(&s.dir)?;
-        }
-        Ok(deleted)
+        self.shared.delete_oldest(|st| {
+            // Size and count bounds are floors, as in Kafka: a segment goes only if what
+            // stays still meets the bound, so the log never keeps less than asked.
+            let first = &st.segments[0].meta;
+            let first_records = first.next_offset - st.start_offset();
+            policy
+                .max_bytes
+                .is_some_and(|m| st.size_bytes().saturating_sub(first.len) >= m)
+                || policy.max_records.is_some_and(|m| {
+                    (st.next_offset() - st.start_offset()).saturating_sub(first_records) >= m
+                })
+                || policy.max_age.is_some_and(|age| {
+                    first
+                        .max_ts
+                        .is_some_and(|ts| now.saturating_sub(ts) > millis(age))
+                })
+        })
     }
 
     /// Deletes the oldest sealed segments that hold nothing at or after `offset` (every record
     /// of theirs is below it). The active segment is never deleted. Returns how many were.
     pub fn delete_segments_before(&self, offset: u64) -> Result<u64, LogError> {
-        let s = &*self.shared;
-        s.check_open()?;
-        let _writer = s.writer.lock();
-        let mut deleted = 0;
-        loop {
-            let victim = {
-                let mut st = s.state.write();
-                if st.segments.len() < 2 || st.segments[0].meta.next_offset > offset {
-                    break;
-                }
-                st.segments.remove(0)
-            };
-            s.delete_segment(&victim)?;
-            deleted += 1;
-        }
-        if deleted > 0 && s.durable_meta() {
-            sync_dir(&s.dir)?;
-        }
-        Ok(deleted)
+        self.shared
+            .delete_oldest(|st| st.segments[0].meta.next_offset <= offset)
     }
 
     /// The log offsets where each segment starts, oldest first (the last one is active).
@@ -695,12 +658,29 @@ impl Shared {
         Ok(())
     }
 
-    /// Deletes a segment already taken out of the state (the directory is synced by the caller).
-    fn delete_segment(&self, victim: &SegmentState) -> Result<(), LogError> {
-        self.cache.lock().remove_below(victim.meta.next_offset);
-        victim.seg.delete()?;
-        bump(&self.counters.deleted, 1);
-        Ok(())
+    /// Deletes the oldest sealed segment while `expired` says so of the state (never the
+    /// active one), then syncs the directory. Returns how many were deleted.
+    fn delete_oldest(&self, mut expired: impl FnMut(&State) -> bool) -> Result<u64, LogError> {
+        self.check_open()?;
+        let _writer = self.writer.lock();
+        let mut deleted = 0;
+        loop {
+            let victim = {
+                let mut st = self.state.write();
+                if st.segments.len() < 2 || !expired(&st) {
+                    break;
+                }
+                st.segments.remove(0)
+            };
+            self.cache.lock().remove_below(victim.meta.next_offset);
+            victim.seg.delete()?;
+            bump(&self.counters.deleted, 1);
+            deleted += 1;
+        }
+        if deleted > 0 && self.durable_meta() {
+            sync_dir(&self.dir)?;
+        }
+        Ok(deleted)
     }
 
     /// Whether segment creation, deletion and truncation are fsynced (with their directory).
@@ -932,7 +912,7 @@ impl Window {
                 ));
             }
             self.buf.resize(want as usize, 0);
-            crate::segment::read_exact_at(&seg.seg.log, &seg.seg.path, &mut self.buf, pos)?;
+            seg.seg.read_at(&mut self.buf, pos)?;
             self.at = pos;
         }
         let from = (pos - self.at) as usize;

@@ -234,15 +234,16 @@ pub(crate) fn open_active(
         config.index_interval_bytes,
     )?;
     if let Some((pos, reason)) = scan.stopped {
-        if seg.valid_batch_follows(pos, scan.meta.next_offset, file_len)? {
-            return Err(LogError::corrupt(
-                &seg.path,
-                pos,
-                format!("{reason} (valid batches follow: not a torn tail)"),
-            ));
-        }
-        // Zeros after the data are preallocated space (see `Shared::preallocate`), not a tear.
+        // Zeros after the data are preallocated space (see `Shared::preallocate`), not a tear,
+        // and no batch can follow them.
         if !seg.zeros(pos, file_len)? {
+            if seg.valid_batch_follows(pos, scan.meta.next_offset, file_len)? {
+                return Err(LogError::corrupt(
+                    &seg.path,
+                    pos,
+                    format!("{reason} (valid batches follow: not a torn tail)"),
+                ));
+            }
             notes.push(format!(
                 "torn tail of {} cut at position {pos} ({} bytes after offset {}): {reason}",
                 seg.path.display(),

@@ -276,7 +276,7 @@ pub(crate) struct Scan {
 pub(crate) struct Segment {
     pub base: u64,
     pub path: PathBuf,
-    pub log: File,
+    log: File,
     pub index: IndexFile,
     pub time: IndexFile,
 }
@@ -426,7 +426,7 @@ impl Segment {
     }
 
     /// Reads the whole batch described by `header` at `pos`.
-    pub(crate) fn read_frame(&self, pos: u64, header: &BatchHeader) -> Result<Bytes, LogError> {
+    fn read_frame(&self, pos: u64, header: &BatchHeader) -> Result<Bytes, LogError> {
         // `parse` bounds the length by MAX_BATCH_BYTES.
         let mut frame = vec![0u8; header.total_len() as usize];
         read_exact_at(&self.log, &self.path, &mut frame, pos)?;
@@ -439,13 +439,18 @@ impl Segment {
         decode_frame(header, frame).map_err(|e| LogError::corrupt(&self.path, pos, e.to_string()))
     }
 
+    /// Reads exactly `buf.len()` bytes of the log file at `pos`.
+    pub fn read_at(&self, buf: &mut [u8], pos: u64) -> Result<(), LogError> {
+        read_exact_at(&self.log, &self.path, buf, pos)
+    }
+
     /// Whether every byte of `[from, to)` is zero.
     pub fn zeros(&self, from: u64, to: u64) -> Result<bool, LogError> {
         let mut buf = vec![0u8; PROBE_WINDOW];
         let mut at = from;
         while at < to {
             let n = (to - at).min(PROBE_WINDOW as u64) as usize;
-            read_exact_at(&self.log, &self.path, &mut buf[..n], at)?;
+            self.read_at(&mut buf[..n], at)?;
             if buf[..n].iter().any(|&b| b != 0) {
                 return Ok(false);
             }

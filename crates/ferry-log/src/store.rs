@@ -313,25 +313,22 @@ impl Streams {
                     }
                 }
                 self.next_id = self.next_id.max(id + 1);
-                let clock = self.clock;
-                let st = self
-                    .by_id
-                    .entry(id)
-                    .or_insert_with(|| StreamState::new(name.clone(), start, clock));
+                let st = self.state_mut(id, start);
                 if st.defined && st.name != name {
                     return Err(format!("stream {id} renamed"));
                 }
-                if !st.defined {
-                    st.name = name.clone();
-                    st.defined = true;
-                    self.by_name.insert(name, id);
-                }
+                let first = !st.defined;
+                st.name = name.clone();
+                st.defined = true;
                 st.define_seq = seq;
                 if st.entries.is_empty() && next > st.next {
                     st.start = st.start.max(next);
                 }
                 st.next = st.next.max(next);
                 st.trim(start);
+                if first {
+                    self.by_name.insert(name, id);
+                }
             }
             Op::Commit { parts } => {
                 // While opening: the parts it names become valid, in log order. At run time
@@ -343,16 +340,41 @@ impl Streams {
                 }
             }
             Op::Trim { id, start } => {
-                // Before its definition only while opening (see `StreamState::defined`).
-                let clock = self.clock;
-                let st = self
-                    .by_id
-                    .entry(id)
-                    .or_insert_with(|| StreamState::new(Arc::from(""), start, clock));
-                st.trim(start);
+                self.state_mut(id, start).trim(start);
             }
         }
         Ok(())
+    }
+
+    /// The state of stream `id`, a placeholder starting at `start` if it has none yet: while a
+    /// store opens, a stream's trims and batches can come before its definition (see
+    /// `StreamState::defined`).
+    fn state_mut(&mut self, id: u32, start: u64) -> &mut StreamState {
+        let clock = self.clock;
+        self.by_id
+            .entry(id)
+            .or_insert_with(|| StreamState::new(Arc::from(""), start, clock))
+    }
+
+    /// Accounts for the batch `h` read while the store opens: a transaction part waits for its
+    /// commit record, any other batch counts at once.
+    fn on_header(&mut self, h: &BatchHeader, config: &StoreConfig) -> Result<(), String> {
+        let tag = h
+            .stream
+            .ok_or_else(|| "a batch that belongs to no stream".to_string())?;
+        let count = h.record_count.into();
+        if tag.tx_part {
+            self.defer_part(tag, count, h.base_offset, h.total_len(), h.max_timestamp);
+            return Ok(());
+        }
+        self.on_batch(
+            tag,
+            count,
+            h.base_offset,
+            h.total_len(),
+            h.max_timestamp,
+            config,
+        )
     }
 
     /// Accounts for a batch of stream `tag.id` written at log offset `seq`.
@@ -402,11 +424,7 @@ impl Streams {
         before: u64,
         config: &StoreConfig,
     ) -> Result<(), String> {
-        // A placeholder until its definition is read (see `StreamState::defined`).
-        let st = self
-            .by_id
-            .entry(tag.id)
-            .or_insert_with(|| StreamState::new(Arc::from(""), tag.base, before));
+        let st = self.state_mut(tag.id, tag.base);
         if tag.base < st.next {
             return Err(format!(
                 "batch of stream {:?} at offset {}, below its end {}",
@@ -492,32 +510,16 @@ impl Store {
         log.scan_around_damage(
             0,
             |h| {
-                let Some(tag) = h.stream else {
-                    return fail(h.base_offset, "a batch that belongs to no stream".into());
-                };
-                if tag.id == CONTROL {
+                if h.stream.is_some_and(|t| t.id == CONTROL) {
+                    // Applied, then counted, once decoded.
                     return Visit::Take;
                 }
-                let mut s = streams.borrow_mut();
-                if tag.tx_part {
-                    let count = h.record_count.into();
-                    s.defer_part(tag, count, h.base_offset, h.total_len(), h.max_timestamp);
-                    return Visit::Skip;
-                }
-                match s.on_batch(
-                    tag,
-                    h.record_count.into(),
-                    h.base_offset,
-                    h.total_len(),
-                    h.max_timestamp,
-                    &config,
-                ) {
+                match streams.borrow_mut().on_header(h, &config) {
                     Ok(()) => Visit::Skip,
                     Err(e) => fail(h.base_offset, e),
                 }
             },
             |batch| {
-                let h = batch.header;
                 let mut s = streams.borrow_mut();
                 for r in batch.records {
                     let seq = r.offset;
@@ -526,16 +528,7 @@ impl Store {
                         return false;
                     }
                 }
-                let Some(tag) = h.stream else { return false };
-                s.on_batch(
-                    tag,
-                    h.record_count.into(),
-                    h.base_offset,
-                    h.total_len(),
-                    h.max_timestamp,
-                    &config,
-                )
-                .is_ok()
+                s.on_header(&batch.header, &config).is_ok()
             },
             |e| {
                 damage
@@ -644,11 +637,6 @@ impl Store {
         let mut names: Vec<String> = streams.by_name.keys().map(|n| n.to_string()).collect();
         names.sort();
         names
-    }
-
-    /// Number of streams.
-    pub fn stream_count(&self) -> usize {
-        self.inner.streams.read().by_id.len()
     }
 
     /// Writes the commit record of a transaction whose parts were appended with

@@ -153,7 +153,11 @@ impl Broker {
     ) -> Result<Broker, StorageError> {
         let positions = storage.load_positions()?;
         let names = storage.topics()?;
-        let broker = Broker::build(config, Some(storage), positions);
+        let committer = Committer::start().map_err(|e| StorageError::Log {
+            topic: "(commit thread)".into(),
+            reason: format!("cannot start: {e}"),
+        })?;
+        let broker = Broker::build(config, Some((storage, committer)), positions);
         {
             let mut reg = broker.inner.registry.write();
             for name in names {
@@ -167,18 +171,12 @@ impl Broker {
 
     fn build(
         config: BrokerConfig,
-        storage: Option<Arc<dyn Storage>>,
+        storage: Option<(Arc<dyn Storage>, Committer)>,
         positions: Positions,
     ) -> Self {
         let (events, _) = broadcast::channel(config.event_capacity.max(1));
         let memory = config.memory_limit.map(|l| Arc::new(MemoryGauge::new(l)));
-        let committer = storage.as_ref().and_then(|_| {
-            Committer::start()
-                .inspect_err(|e| {
-                    tracing::warn!(error = %e, "no commit thread: publishes wait on the blocking pool")
-                })
-                .ok()
-        });
+        let (storage, committer) = storage.unzip();
         let inner = Arc::new_cyclic(|weak| BrokerInner {
             config,
             registry: RwLock::new(Registry::default()),
@@ -613,19 +611,15 @@ impl Publisher {
                 })))
             }
             Err(e) => Pipelined(PipelinedState::Ready(Some(Err(e)))),
-            Ok(range) if self.topic.waits_for_sync() => match &inner.committer {
-                Some(c) => Pipelined(PipelinedState::Syncing {
-                    offset: range.start,
-                    durable: c.submit(self.topic.clone(), range.end),
-                }),
-                None => {
-                    let publisher = self.clone();
-                    Pipelined(PipelinedState::Blocked(Box::pin(async move {
-                        let inner = &publisher.broker.inner;
-                        inner.synced(&publisher.topic, range).await.map(|r| r.start)
-                    })))
+            Ok(range) if self.topic.waits_for_sync() => {
+                match inner.submit(&self.topic, range.end) {
+                    Ok(durable) => Pipelined(PipelinedState::Syncing {
+                        offset: range.start,
+                        durable,
+                    }),
+                    Err(e) => Pipelined(PipelinedState::Ready(Some(Err(e)))),
                 }
-            },
+            }
             Ok(range) => Pipelined(PipelinedState::Ready(Some(Ok(range.start)))),
         }
     }
@@ -784,7 +778,7 @@ impl BrokerInner {
         }
     }
 
-    /// Syncs every topic log, then saves the consumer positions if they changed: a saved
+    /// Syncs the storage, then saves the consumer positions if they changed: a saved
     /// position never points past what is durable.
     fn save_positions(&self) -> Result<(), StorageError> {
         let Some(storage) = &self.storage else {
@@ -802,11 +796,6 @@ impl BrokerInner {
             positions.clone()
         };
         storage.sync()?;
-        for t in self.all_topics() {
-            if let Some(store) = t.store() {
-                store.sync(store.end())?;
-            }
-        }
         let mut saved = self.saved_positions.lock();
         if *saved != positions {
             storage.save_positions(&positions)?;
@@ -852,19 +841,20 @@ impl BrokerInner {
         if !topic.waits_for_sync() {
             return Ok(range);
         }
-        if let Some(committer) = &self.committer {
-            return match committer.submit(topic.clone(), range.end).await {
-                Ok(()) => Ok(range),
-                Err(e) => Err(BrokerInner::append_error(topic, e)),
-            };
+        match self.submit(topic, range.end)?.await {
+            Ok(()) => Ok(range),
+            Err(e) => Err(BrokerInner::append_error(topic, e)),
         }
-        let t = topic.clone();
-        let end = range.end;
-        match tokio::task::spawn_blocking(move || t.sync_and_reveal(end)).await {
-            Ok(Ok(())) => Ok(range),
-            Ok(Err(e)) => Err(BrokerInner::append_error(topic, e)),
-            Err(e) => Err(PublishError::Storage(format!("sync task failed: {e}"))),
-        }
+    }
+
+    /// Hands `topic`'s records below `end` to the commit thread (see [`Committer::submit`]).
+    fn submit(&self, topic: &Arc<Topic>, end: u64) -> Result<crate::commit::Durable, PublishError> {
+        // Only a durable broker has topics that wait for their sync, and it has a commit thread.
+        let committer = self
+            .committer
+            .as_ref()
+            .ok_or_else(|| PublishError::Storage("no commit thread".into()))?;
+        Ok(committer.submit(topic.clone(), end))
     }
 
     /// The publish error for a failed append to `topic`.

@@ -52,9 +52,6 @@ pub struct DiskConfig {
     pub segment_bytes: u64,
     /// Segment files roll at this age, if set.
     pub segment_max_age: Option<Duration>,
-    /// Unused since the shared commit log (recent records are the engine's hot window); kept
-    /// so that existing configurations still build.
-    pub cache_bytes: usize,
     /// Compress batches with lz4.
     pub compress: bool,
     /// Retention of topics whose configuration sets none (every bound `None`). Default: 7 days.
@@ -67,7 +64,6 @@ impl Default for DiskConfig {
             durability: Durability::Always,
             segment_bytes: 64 << 20,
             segment_max_age: None,
-            cache_bytes: 1 << 20,
             compress: false,
             default_retention: Retention {
                 max_age: Some(Duration::from_secs(7 * 24 * 3600)),

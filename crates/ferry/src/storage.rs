@@ -162,9 +162,7 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         Ok(())
     }
 
-    /// Makes everything appended to any topic so far durable (the default syncs nothing: for
-    /// stores whose topics sync on their own, see [`TopicStore::sync`]).
-    fn sync(&self) -> Result<(), StorageError> {
-        Ok(())
-    }
+    /// Makes everything appended to any topic so far durable (before consumer positions that
+    /// point into it are saved).
+    fn sync(&self) -> Result<(), StorageError>;
 }

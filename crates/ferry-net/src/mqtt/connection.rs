@@ -701,10 +701,8 @@ where
         if let Poll::Ready(k) = self.control.poll_kicked(cx) {
             return Poll::Ready(Wake::Kicked(k));
         }
-        if let Some(head) = self.active.as_mut().and_then(|a| a.acks.front_mut()) {
-            if let Poll::Ready(r) = head.poll_outcome(cx) {
-                return Poll::Ready(Wake::Acked(r));
-            }
+        if let Poll::Ready(r) = self.poll_oldest_ack(cx) {
+            return Poll::Ready(Wake::Acked(r));
         }
         if let Poll::Ready(r) = poll_read_some(&mut self.stream, &mut self.rbuf, cx) {
             return Poll::Ready(Wake::Input(r));
@@ -937,19 +935,20 @@ where
         // Bounded: past the limit, wait for the oldest before reading more.
         let limit = usize::from(self.shared.config.max_inflight).max(PIPELINED_PUBLISHES);
         while self.active.as_ref().is_some_and(|a| a.acks.len() >= limit) {
-            let result = std::future::poll_fn(|cx| match self.active.as_mut() {
-                Some(a) => match a.acks.front_mut() {
-                    Some(head) => head.poll_outcome(cx),
-                    None => Poll::Ready(Ok(ReasonCode::Success)),
-                },
-                None => Poll::Ready(Ok(ReasonCode::Success)),
-            })
-            .await;
+            let result = std::future::poll_fn(|cx| self.poll_oldest_ack(cx)).await;
             if let Some(end) = self.acks_ready(result) {
                 return Some(end);
             }
         }
         None
+    }
+
+    /// The outcome of the oldest publish waiting for its acknowledgement (pending if none).
+    fn poll_oldest_ack(&mut self, cx: &mut Context<'_>) -> Poll<Settled> {
+        match self.active.as_mut().and_then(|a| a.acks.front_mut()) {
+            Some(head) => head.poll_outcome(cx),
+            None => Poll::Pending,
+        }
     }
 
     /// Acknowledges the oldest waiting publish with `result`, then every following one whose
