@@ -613,6 +613,17 @@ impl Store {
         })
     }
 
+    /// The stream named `name`, if it is defined (nothing is written).
+    pub fn find(&self, name: &str) -> Option<Stream> {
+        self.existing(name)
+    }
+
+    /// How many streams have a name for which `keep` is true.
+    pub fn count_streams(&self, keep: impl Fn(&str) -> bool) -> usize {
+        let streams = self.inner.streams.read();
+        streams.by_name.keys().filter(|n| keep(n)).count()
+    }
+
     fn existing(&self, name: &str) -> Option<Stream> {
         let streams = self.inner.streams.read();
         let id = *streams.by_name.get(name)?;

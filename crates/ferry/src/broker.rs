@@ -13,7 +13,7 @@
 //! - with storage, consumer positions are saved only after the topic logs they point into
 //!   were synced, and a position is never ahead of what its consumer settled.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -48,6 +48,9 @@ const FORGET_FINISHED_TX: Duration = Duration::from_secs(600);
 /// How many transactions are tracked before finished ones are forgotten early.
 const TRACKED_TX: usize = 65_536;
 
+/// Retention of stored topics that are not loaded runs every this many maintenance passes.
+const STORED_RETENTION_EVERY: u64 = 10;
+
 const RUNNING: u8 = 0;
 const DRAINING: u8 = 1;
 const CLOSED: u8 = 2;
@@ -59,6 +62,8 @@ struct Registry {
     consumers: HashMap<u64, Arc<Consumer>>,
     groups: HashMap<String, u64>,
     index: FilterIndex<()>,
+    /// The counters of topics unloaded since the broker started (their totals stay counted).
+    retired: CounterSnapshot,
 }
 
 pub(crate) struct BrokerInner {
@@ -82,6 +87,8 @@ pub(crate) struct BrokerInner {
     saved_positions: Mutex<Positions>,
     /// Where publishes on topics that wait for their sync wait for it (durable brokers).
     committer: Option<Committer>,
+    /// Maintenance passes run so far.
+    passes: AtomicU64,
 }
 
 /// What shutdown found.
@@ -145,28 +152,20 @@ impl Broker {
         Broker::with_storage(config, Arc::new(storage))
     }
 
-    /// A durable broker over any [`Storage`]: reopens every stored topic and loads the saved
-    /// consumer positions (a consumer group or named subscription made again resumes there).
+    /// A durable broker over any [`Storage`]: loads the saved consumer positions (a consumer
+    /// group or named subscription made again resumes there). Stored topics are loaded on
+    /// their first use (a publish, a subscription matching them, their stats), so opening
+    /// costs nothing per topic.
     pub fn with_storage(
         config: BrokerConfig,
         storage: Arc<dyn Storage>,
     ) -> Result<Broker, StorageError> {
         let positions = storage.load_positions()?;
-        let names = storage.topics()?;
         let committer = Committer::start().map_err(|e| StorageError::Log {
             topic: "(commit thread)".into(),
             reason: format!("cannot start: {e}"),
         })?;
-        let broker = Broker::build(config, Some((storage, committer)), positions);
-        {
-            let mut reg = broker.inner.registry.write();
-            for name in names {
-                if !reg.topics.contains_key(&name) {
-                    broker.inner.create_topic_locked(&mut reg, name)?;
-                }
-            }
-        }
-        Ok(broker)
+        Ok(Broker::build(config, Some((storage, committer)), positions))
     }
 
     fn build(
@@ -195,6 +194,7 @@ impl Broker {
             saved_positions: Mutex::new(positions.clone()),
             positions: Mutex::new(positions),
             committer,
+            passes: AtomicU64::new(0),
         });
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(maintenance(Arc::downgrade(&inner)));
@@ -211,8 +211,13 @@ impl Broker {
     /// `false` if the topic already exists (its settings are then unchanged).
     pub fn create_topic(&self, topic: &str, config: TopicConfig) -> Result<bool, PublishError> {
         let name = TopicName::new(topic)?;
+        let stored = self
+            .inner
+            .storage
+            .as_ref()
+            .is_some_and(|s| s.has_topic(&name));
         let mut reg = self.inner.registry.write();
-        if reg.topics.contains_key(&name) {
+        if stored || reg.topics.contains_key(&name) {
             return Ok(false);
         }
         reg.configs.insert(name.clone(), config);
@@ -223,14 +228,13 @@ impl Broker {
         Ok(true)
     }
 
-    /// Names of the user topics.
+    /// Names of the user topics (loaded or stored).
     pub fn topics(&self) -> Vec<TopicName> {
-        let reg = self.inner.registry.read();
-        let mut v: Vec<TopicName> = reg
-            .topics
-            .keys()
+        let mut v: Vec<TopicName> = self
+            .inner
+            .topic_names()
+            .into_iter()
             .filter(|t| !t.is_system())
-            .cloned()
             .collect();
         v.sort();
         v
@@ -435,7 +439,7 @@ impl Broker {
                 _ => "closed",
             },
             uptime: self.inner.epoch.elapsed(),
-            topics: reg.topics.keys().filter(|t| !t.is_system()).count(),
+            topics: self.inner.user_topic_count(&reg),
             subscriptions: reg.consumers.len(),
         }
     }
@@ -687,8 +691,66 @@ impl BrokerInner {
         self.storage.as_ref()
     }
 
+    /// The topic `name` if it exists: loaded, or stored (then it is loaded).
     pub(crate) fn existing_topic(&self, name: &TopicName) -> Option<Arc<Topic>> {
-        self.registry.read().topics.get(name).cloned()
+        if let Some(t) = self.registry.read().topics.get(name) {
+            return Some(t.clone());
+        }
+        if !self.storage.as_ref()?.has_topic(name) {
+            return None;
+        }
+        let mut reg = self.registry.write();
+        if let Some(t) = reg.topics.get(name) {
+            return Some(t.clone());
+        }
+        match self.create_topic_locked(&mut reg, name.clone()) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::error!(topic = %name, error = %e, "loading a stored topic failed");
+                None
+            }
+        }
+    }
+
+    /// Every topic's name: those loaded and those only stored.
+    fn topic_names(&self) -> Vec<TopicName> {
+        let reg = self.registry.read();
+        let mut names: Vec<TopicName> = reg.topics.keys().cloned().collect();
+        drop(reg);
+        if let Some(storage) = &self.storage {
+            match storage.topics() {
+                Ok(stored) => names.extend(stored),
+                Err(e) => tracing::error!(error = %e, "listing the stored topics failed"),
+            }
+            names.sort_unstable();
+            names.dedup();
+        }
+        names
+    }
+
+    /// How many user topics exist (every topic of a durable broker has a log).
+    fn user_topic_count(&self, reg: &Registry) -> usize {
+        match &self.storage {
+            Some(storage) => storage.user_topic_count(),
+            None => reg.topics.keys().filter(|t| !t.is_system()).count(),
+        }
+    }
+
+    /// The settings of topic `name`.
+    fn config_for(&self, reg: &Registry, name: &TopicName) -> TopicConfig {
+        if name.is_system() {
+            TopicConfig {
+                capacity: usize::MAX / 2,
+                keep_consumed: true,
+                retention: self.config.dead_letter_retention.clone(),
+                ..TopicConfig::default()
+            }
+        } else {
+            reg.configs
+                .get(name)
+                .cloned()
+                .unwrap_or_else(|| self.config.topic_defaults.clone())
+        }
     }
 
     /// The topic `name`, created (and attached to matching consumers) if needed.
@@ -717,19 +779,7 @@ impl BrokerInner {
         reg: &mut Registry,
         name: TopicName,
     ) -> Result<Arc<Topic>, StorageError> {
-        let config = if name.is_system() {
-            TopicConfig {
-                capacity: usize::MAX / 2,
-                keep_consumed: true,
-                retention: self.config.dead_letter_retention.clone(),
-                ..TopicConfig::default()
-            }
-        } else {
-            reg.configs
-                .get(&name)
-                .cloned()
-                .unwrap_or_else(|| self.config.topic_defaults.clone())
-        };
+        let config = self.config_for(reg, &name);
         // Dead-letter topics are bounded by their retention, not by the memory limit: a dead
         // letter is never refused.
         let gauge = if name.is_system() {
@@ -1025,6 +1075,19 @@ impl BrokerInner {
             };
             consumer.attach(&topic, self.seek_for(key, name, seek));
         } else {
+            // Stored topics the filter matches are loaded first, so that the subscription
+            // holds them like every other.
+            if let Some(storage) = &self.storage {
+                let stored = storage
+                    .topics()
+                    .map_err(|e| SubscribeError::Storage(e.to_string()))?;
+                for name in stored {
+                    if filter.matches(name.as_str()) && !reg.topics.contains_key(&name) {
+                        self.create_topic_locked(&mut reg, name)
+                            .map_err(|e| SubscribeError::Storage(e.to_string()))?;
+                    }
+                }
+            }
             for (name, topic) in &reg.topics {
                 if filter.matches(name.as_str()) {
                     consumer.attach(topic, self.seek_for(key, name, seek));
@@ -1148,20 +1211,40 @@ impl BrokerInner {
     }
 
     fn stats(&self) -> BrokerStats {
-        let topics = self.all_topics();
+        let (topics, mut counters, n) = {
+            let reg = self.registry.read();
+            let topics: Vec<Arc<Topic>> = reg.topics.values().cloned().collect();
+            (topics, reg.retired, self.user_topic_count(&reg))
+        };
         let consumers = self.consumers();
-        let mut counters = CounterSnapshot::default();
-        let (mut depth, mut bytes, mut dead, mut n) = (0, 0, 0, 0);
+        let (mut depth, mut bytes, mut dead) = (0, 0, 0);
         for t in &topics {
             let (d, b) = t.depth();
             if t.name.is_system() {
                 dead += d;
                 continue;
             }
-            n += 1;
             counters += t.counters();
             depth += d;
             bytes += b;
+        }
+        // Stored topics that are not loaded: what their logs hold.
+        if let Some(storage) = &self.storage {
+            let loaded: HashSet<&TopicName> = topics.iter().map(|t| &t.name).collect();
+            for name in storage.topics().unwrap_or_default() {
+                if loaded.contains(&name) {
+                    continue;
+                }
+                let Some((d, b)) = storage.stored_depth(&name) else {
+                    continue;
+                };
+                if name.is_system() {
+                    dead += d as usize;
+                } else {
+                    depth += d as usize;
+                    bytes += b as usize;
+                }
+            }
         }
         let mut by_reason = BTreeMap::new();
         for reasons in self.dead_reasons.lock().values() {
@@ -1173,6 +1256,7 @@ impl BrokerInner {
             uptime: self.epoch.elapsed(),
             counters,
             topics: n,
+            loaded_topics: topics.len(),
             subscriptions: consumers.len(),
             depth,
             bytes,
@@ -1184,6 +1268,7 @@ impl BrokerInner {
 
     /// One maintenance pass.
     fn maintain(&self) {
+        let pass = self.passes.fetch_add(1, Ordering::Relaxed);
         // Roll back expired transactions; forget finished ones after a while.
         let now = Instant::now();
         self.transactions
@@ -1193,6 +1278,12 @@ impl BrokerInner {
         for t in self.all_topics() {
             t.collect();
             total += t.memory_bytes();
+        }
+        if let Some(after) = self.config.unload_idle_topics_after {
+            self.unload_idle_topics(after);
+        }
+        if pass % STORED_RETENTION_EVERY == 0 {
+            self.apply_stored_retention();
         }
         if let Err(e) = self.save_positions() {
             tracing::error!(error = %e, "saving consumer positions failed");
@@ -1232,6 +1323,69 @@ impl BrokerInner {
                 if self.config.evict_stale {
                     self.evict(c.id);
                 }
+            }
+        }
+    }
+
+    /// Unloads the topics nothing holds and nothing was published to for `after` (see
+    /// [`BrokerConfig::unload_idle_topics_after`]).
+    fn unload_idle_topics(&self, after: Duration) {
+        let now = std::time::Instant::now();
+        // Candidates first, under the read lock; each is checked again under the write lock.
+        // Every new handle on a topic is taken under the registry lock, so a topic that only
+        // the registry holds while the write lock is held stays unheld until it is removed.
+        let idle: Vec<TopicName> = self
+            .registry
+            .read()
+            .topics
+            .iter()
+            .filter(|(_, t)| Arc::strong_count(t) == 1 && t.unused_for(now) >= after)
+            .map(|(name, _)| name.clone())
+            .collect();
+        if idle.is_empty() {
+            return;
+        }
+        let mut reg = self.registry.write();
+        for name in idle {
+            let unused = reg
+                .topics
+                .get(&name)
+                .is_some_and(|t| Arc::strong_count(t) == 1 && t.can_unload());
+            if unused {
+                if let Some(t) = reg.topics.remove(&name) {
+                    let counters = t.counters();
+                    reg.retired += counters;
+                }
+            }
+        }
+    }
+
+    /// Applies retention to the stored topics that are not loaded (loaded ones apply theirs
+    /// in [`Topic::collect`]).
+    fn apply_stored_retention(&self) {
+        let Some(storage) = &self.storage else {
+            return;
+        };
+        let names = match storage.topics() {
+            Ok(names) => names,
+            Err(e) => {
+                tracing::error!(error = %e, "listing the stored topics failed");
+                return;
+            }
+        };
+        for name in names {
+            let config = {
+                let reg = self.registry.read();
+                if reg.topics.contains_key(&name) {
+                    continue;
+                }
+                self.config_for(&reg, &name)
+            };
+            let applied = storage
+                .open_topic(&name, &config)
+                .and_then(|store| store.apply_retention());
+            if let Err(e) = applied {
+                tracing::warn!(topic = %name, error = %e, "retention of the topic log failed");
             }
         }
     }

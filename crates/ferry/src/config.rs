@@ -107,6 +107,12 @@ pub struct BrokerConfig {
     /// With durable storage: how many recent records each topic keeps in memory. Older
     /// records are read back from disk, so memory does not grow with the data retained.
     pub hot_window: HotWindow,
+    /// Topics unused for this long (nothing published, no subscription, publisher handle or
+    /// transaction holding them) are unloaded by the maintenance pass, so that idle topics cost
+    /// no engine memory: a durable topic keeps only its entry in the store and is loaded again
+    /// on its next use (its counters start again from zero); an in-memory topic is forgotten
+    /// once it holds no record. `None` keeps every topic loaded.
+    pub unload_idle_topics_after: Option<Duration>,
 }
 
 /// The in-memory window of a durable topic: at most this many records and bytes.
@@ -147,6 +153,7 @@ impl Default for BrokerConfig {
             maintenance_interval: Duration::from_secs(1),
             event_capacity: 1024,
             hot_window: HotWindow::default(),
+            unload_idle_topics_after: Some(Duration::from_secs(60)),
         }
     }
 }

@@ -186,6 +186,20 @@ impl Storage for DiskStorage {
         Ok(names)
     }
 
+    fn has_topic(&self, name: &TopicName) -> bool {
+        self.store.find(name.as_str()).is_some()
+    }
+
+    fn stored_depth(&self, name: &TopicName) -> Option<(u64, u64)> {
+        let stream = self.store.find(name.as_str())?;
+        let records = stream.next_offset().saturating_sub(stream.start());
+        Some((records, stream.size_bytes()))
+    }
+
+    fn user_topic_count(&self) -> usize {
+        self.store.count_streams(|n| !n.starts_with('$'))
+    }
+
     fn load_positions(&self) -> Result<Positions, StorageError> {
         Ok(read_json(&self.dir.join("positions.json"))?.unwrap_or_default())
     }

@@ -23,7 +23,7 @@ use std::collections::VecDeque;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
 
@@ -166,6 +166,9 @@ pub(crate) struct Topic {
     durable: Option<Durable>,
     /// The tail when the topic was opened (0 unless it was reopened from its store).
     opened_at: u64,
+    /// The tail the maintenance pass saw last and when it saw it change (see
+    /// [`Topic::unused_for`]).
+    idle: Mutex<(u64, Instant)>,
 }
 
 /// A durable topic's store and the bounds of its in-memory window.
@@ -224,7 +227,30 @@ impl Topic {
             prioritized: AtomicBool::new(stored),
             durable,
             opened_at: next,
+            idle: Mutex::new((next, Instant::now())),
         }
+    }
+
+    /// How long nothing was published to the topic, as seen by the maintenance passes that
+    /// call this (each call notes the tail, at `now`, if it moved since the last).
+    pub(crate) fn unused_for(&self, now: Instant) -> Duration {
+        let tail = self.tail();
+        let mut idle = self.idle.lock();
+        if idle.0 != tail {
+            *idle = (tail, now);
+        }
+        now.saturating_duration_since(idle.1)
+    }
+
+    /// Whether unloading the topic loses nothing: a durable topic's records are in its store;
+    /// an in-memory topic must hold none (and no cursor or waiting publisher may use it: the
+    /// caller checks that nothing else holds the topic).
+    pub(crate) fn can_unload(&self) -> bool {
+        if self.durable.is_some() {
+            return true;
+        }
+        let log = self.log.lock();
+        log.records.is_empty() && log.holds.is_empty() && log.watchers.is_empty()
     }
 
     /// The durable store, if the topic has one.
@@ -785,6 +811,15 @@ impl Topic {
 
     pub(crate) fn subscriber_count(&self) -> usize {
         self.log.lock().holds.len()
+    }
+}
+
+impl Drop for Log {
+    /// An unloaded topic's window no longer counts against the broker's memory limit.
+    fn drop(&mut self) {
+        if let Some(g) = &self.gauge {
+            g.used.fetch_sub(self.bytes, Ordering::Relaxed);
+        }
     }
 }
 

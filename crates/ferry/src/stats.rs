@@ -190,6 +190,9 @@ pub struct BrokerStats {
     pub counters: CounterSnapshot,
     /// User topics.
     pub topics: usize,
+    /// Topics (dead-letter topics included) loaded in memory: in use, or used recently (see
+    /// [`BrokerConfig::unload_idle_topics_after`](crate::BrokerConfig::unload_idle_topics_after)).
+    pub loaded_topics: usize,
     /// Subscriptions and groups.
     pub subscriptions: usize,
     /// Records stored in user topics.

@@ -148,6 +148,23 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// The topics that have a log.
     fn topics(&self) -> Result<Vec<TopicName>, StorageError>;
 
+    /// Whether topic `name` has a log (nothing is created).
+    fn has_topic(&self, name: &TopicName) -> bool {
+        self.topics().is_ok_and(|t| t.contains(name))
+    }
+
+    /// The records and bytes in topic `name`'s log, if it has one (nothing is opened).
+    fn stored_depth(&self, name: &TopicName) -> Option<(u64, u64)> {
+        let _ = name;
+        None
+    }
+
+    /// How many user topics (not `$`-prefixed system topics) have a log.
+    fn user_topic_count(&self) -> usize {
+        self.topics()
+            .map_or(0, |t| t.iter().filter(|t| !t.is_system()).count())
+    }
+
     /// The positions saved last.
     fn load_positions(&self) -> Result<Positions, StorageError>;
 
