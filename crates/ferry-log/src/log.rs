@@ -110,6 +110,9 @@ pub struct LogStats {
     pub bytes_appended: u64,
     /// Data fsyncs issued by group commit, the flusher, `sync` and `close`.
     pub fsyncs: u64,
+    /// Writes of appended batches to segment files: one per append, but with durability
+    /// `Always`, where the batches appended between two syncs are written together.
+    pub batch_writes: u64,
     /// Batches served from the cache by `read`.
     pub cache_hits: u64,
     /// Batches read from disk by `read`.
@@ -130,6 +133,7 @@ struct Counters {
     records: AtomicU64,
     bytes: AtomicU64,
     fsyncs: AtomicU64,
+    writes: AtomicU64,
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
     rolled: AtomicU64,
@@ -184,9 +188,10 @@ struct Shared {
     dir: PathBuf,
     config: LogConfig,
     /// Serialises appends, rolls, truncation and retention (I/O happens under it, not under
-    /// `state`).
-    /// Also the preallocated end of the active segment's file: `(segment base, file length)`.
-    writer: Mutex<(u64, u64)>,
+    /// `state`), and holds the batches gathered for one write.
+    writer: Mutex<Writer>,
+    /// Whether the writer holds gathered batches (see [`Writer::buf`]).
+    gathered: AtomicBool,
     state: RwLock<State>,
     /// Held shared by readers and exclusively by truncation, which shrinks files under them.
     readers: RwLock<()>,
@@ -196,6 +201,26 @@ struct Shared {
     closed: AtomicBool,
     _claim: DirClaim,
 }
+
+/// The writer's state, under [`Shared::writer`].
+#[derive(Debug)]
+struct Writer {
+    /// The preallocated end of the active segment's file: `(segment base, file length)`.
+    alloc: (u64, u64),
+    /// With durability `Always`, batches are gathered here and written to the file with one
+    /// write when a sync begins (the one that acknowledges them), when anything reads the log
+    /// (so readers see every appended batch), before a roll, truncation or close, or once
+    /// [`GATHER_BYTES`] are held. Nothing is acknowledged before its sync, so a crash loses
+    /// nothing it promised; each append costs a copy instead of a system call.
+    buf: Vec<u8>,
+    /// The active segment as it is once `buf` is written (`Some` while `buf` holds batches).
+    pending: Option<SegmentState>,
+    /// Batches in `buf`.
+    batches: u64,
+}
+
+/// The most bytes of batches gathered before they are written.
+const GATHER_BYTES: usize = 256 << 10;
 
 /// A segmented, crash-safe append-only log in one directory. `Send + Sync`: share it with an
 /// `Arc`; appends are serialised, reads run concurrently with them.
@@ -218,7 +243,13 @@ impl Log {
             dir: dir.to_path_buf(),
             cache: Mutex::new(BatchCache::new(config.cache_bytes)),
             config,
-            writer: Mutex::new((u64::MAX, 0)),
+            writer: Mutex::new(Writer {
+                alloc: (u64::MAX, 0),
+                buf: Vec::new(),
+                pending: None,
+                batches: 0,
+            }),
+            gathered: AtomicBool::new(false),
             state: RwLock::new(state),
             readers: RwLock::new(()),
             commit: GroupCommit::default(),
@@ -320,15 +351,21 @@ impl Log {
         let count = records.len() as u64;
         let max_ts = views.iter().map(|v| v.timestamp).max().unwrap_or(now);
         let (info, seq) = {
-            let mut alloc = s.writer.lock();
+            let mut w = s.writer.lock();
             s.check_open()?;
-            let mut active = s.state.read().active().clone();
+            let mut active = match w.pending.take() {
+                Some(pending) => pending,
+                None => s.state.read().active().clone(),
+            };
             let base = active.meta.next_offset;
             set_base_offset(&mut frame, base);
             if s.should_roll(&active, frame.len() as u64, now) {
+                w.pending = Some(active);
+                s.write_gathered(&mut w)?;
+                active = s.state.read().active().clone();
                 active = s.roll(active, now)?;
             }
-            s.preallocate(&mut alloc, &active, frame.len() as u64)?;
+            s.preallocate(&mut w.alloc, &active, frame.len() as u64)?;
             let span = BatchSpan {
                 base_offset: base,
                 next_offset: base + count,
@@ -336,22 +373,42 @@ impl Log {
                 max_ts,
             };
             let pos = active.meta.len;
-            let written = active.seg.write_at(&frame, pos).and_then(|()| {
+            let seq = if s.config.durability == Durability::Always {
+                // Gathered: written with the batches around it (see `Writer::buf`).
+                w.buf.extend_from_slice(&frame);
                 let due = active.meta.push_batch(span, s.config.index_interval_bytes);
-                write_entries(&active, due)
-            });
-            if let Err(e) = written {
-                // Leave no partial batch behind the published end (best effort).
-                let _ = active.seg.set_len(pos);
-                return Err(e);
-            }
-            let seq = {
+                let entries = write_entries(&active, due);
+                w.batches += 1;
+                let seq = s.state.read().written_seq + w.batches;
+                w.pending = Some(active);
+                s.gathered.store(true, Ordering::Release);
+                if let Err(e) = entries {
+                    // The index no longer matches the data: like a failed write, this closes
+                    // the log (nothing gathered was acknowledged; reopening recovers).
+                    s.closed.store(true, Ordering::SeqCst);
+                    return Err(e);
+                }
+                seq
+            } else {
+                bump(&s.counters.writes, 1);
+                let written = active.seg.write_at(&frame, pos).and_then(|()| {
+                    let due = active.meta.push_batch(span, s.config.index_interval_bytes);
+                    write_entries(&active, due)
+                });
+                if let Err(e) = written {
+                    // Leave no partial batch behind the published end (best effort).
+                    let _ = active.seg.set_len(pos);
+                    return Err(e);
+                }
                 let mut st = s.state.write();
                 st.written_seq += 1;
                 st.active_mut().meta = active.meta;
                 st.written_seq
             };
             on_written(base, frame.len() as u64);
+            if w.buf.len() >= GATHER_BYTES {
+                s.write_gathered(&mut w)?;
+            }
             if s.config.cache_bytes > 0 {
                 let stored = records
                     .iter()
@@ -391,6 +448,7 @@ impl Log {
     ) -> Result<Vec<StoredRecord>, LogError> {
         let s = &*self.shared;
         s.check_open()?;
+        s.settle()?;
         let _readers = s.readers.read();
         let end = s.check_range(from_offset)?;
         let mut out = Collector {
@@ -435,6 +493,7 @@ impl Log {
     pub fn offset_for_timestamp(&self, timestamp_ms: u64) -> Result<Option<u64>, LogError> {
         let s = &*self.shared;
         s.check_open()?;
+        s.settle()?;
         let _readers = s.readers.read();
         let segments = s.state.read().segments.clone();
         for sg in segments
@@ -455,6 +514,8 @@ impl Log {
 
     /// The offset the next appended record will get (the end of the log).
     pub fn next_offset(&self) -> u64 {
+        // A failure closes the log, which every later call reports.
+        let _ = self.shared.settle();
         self.shared.state.read().next_offset()
     }
 
@@ -479,6 +540,7 @@ impl Log {
         let s = &*self.shared;
         s.check_open()?;
         let mut writer = s.writer.lock();
+        s.write_gathered(&mut writer)?;
         let _readers = s.readers.write();
         let (start, end) = {
             let st = s.state.read();
@@ -511,7 +573,7 @@ impl Log {
             s.closed.store(true, Ordering::SeqCst);
         })?;
         // The cut file ends with its data again.
-        *writer = (target.seg.base, meta.len);
+        writer.alloc = (target.seg.base, meta.len);
         s.state.write().active_mut().meta = meta;
         if s.durable_meta() {
             sync_dir(&s.dir)?;
@@ -553,6 +615,7 @@ impl Log {
 
     /// The log offsets where each segment starts, oldest first (the last one is active).
     pub fn segment_bases(&self) -> Vec<u64> {
+        let _ = self.shared.settle();
         let st = self.shared.state.read();
         st.segments.iter().map(|sg| sg.seg.base).collect()
     }
@@ -562,12 +625,14 @@ impl Log {
         let s = &*self.shared;
         let c = &s.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let _ = s.settle();
         let st = s.state.read();
         LogStats {
             appends: get(&c.appends),
             records_appended: get(&c.records),
             bytes_appended: get(&c.bytes),
             fsyncs: get(&c.fsyncs),
+            batch_writes: get(&c.writes),
             cache_hits: get(&c.cache_hits),
             cache_misses: get(&c.cache_misses),
             segments_rolled: get(&c.rolled),
@@ -587,8 +652,10 @@ impl Log {
     fn shutdown(&self) {
         {
             // A closed log's active segment ends with its data (no preallocated zeros).
-            let _writer = self.shared.writer.lock();
-            if !self.shared.closed.load(Ordering::SeqCst) {
+            let mut writer = self.shared.writer.lock();
+            if self.shared.write_gathered(&mut writer).is_ok()
+                && !self.shared.closed.load(Ordering::SeqCst)
+            {
                 let active = self.shared.state.read().active().clone();
                 if active.seg.file_len().is_ok_and(|l| l > active.meta.len) {
                     let _ = active.seg.set_len(active.meta.len);
@@ -651,6 +718,41 @@ fn first_at_or_after(sg: &SegmentState, ts: u64) -> Result<Option<u64>, LogError
 }
 
 impl Shared {
+    /// Writes the gathered batches, if any (see [`Writer::buf`]): after it, the published
+    /// state holds every batch appended before it began.
+    fn settle(&self) -> Result<(), LogError> {
+        if !self.gathered.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.write_gathered(&mut self.writer.lock())
+    }
+
+    /// Writes the gathered batches with one write and publishes the active segment's new
+    /// state. A failed write closes the log: those batches were given offsets (reopen to
+    /// recover; none of them was acknowledged).
+    fn write_gathered(&self, w: &mut Writer) -> Result<(), LogError> {
+        let Some(active) = w.pending.take() else {
+            return Ok(());
+        };
+        let buf = std::mem::take(&mut w.buf);
+        let pos = active.meta.len - buf.len() as u64;
+        let written = active.seg.write_at(&buf, pos);
+        bump(&self.counters.writes, 1);
+        // The buffer's allocation is kept for the next batches.
+        w.buf = buf;
+        w.buf.clear();
+        let batches = std::mem::take(&mut w.batches);
+        self.gathered.store(false, Ordering::Release);
+        if let Err(e) = written {
+            self.closed.store(true, Ordering::SeqCst);
+            return Err(e);
+        }
+        let mut st = self.state.write();
+        st.written_seq += batches;
+        st.active_mut().meta = active.meta;
+        Ok(())
+    }
+
     fn check_open(&self) -> Result<(), LogError> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(LogError::Closed);
@@ -662,7 +764,8 @@ impl Shared {
     /// active one), then syncs the directory. Returns how many were deleted.
     fn delete_oldest(&self, mut expired: impl FnMut(&State) -> bool) -> Result<u64, LogError> {
         self.check_open()?;
-        let _writer = self.writer.lock();
+        let mut writer = self.writer.lock();
+        self.write_gathered(&mut writer)?;
         let mut deleted = 0;
         loop {
             let victim = {
@@ -804,6 +907,7 @@ impl Shared {
     /// Fsyncs everything written so far; returns the write sequence number covered. A failure
     /// closes the log.
     fn sync_all_written(&self) -> Result<u64, LogError> {
+        self.settle()?;
         let (sealed, active, seq) = {
             let mut st = self.state.write();
             let sealed = std::mem::take(&mut st.unsynced);
@@ -822,6 +926,7 @@ impl Shared {
 
     /// Group-commit sync of everything written so far.
     fn sync_written(&self) -> Result<(), LogError> {
+        self.settle()?;
         let seq = self.state.read().written_seq;
         self.commit.wait_synced(seq, || self.sync_all_written())
     }
@@ -958,6 +1063,7 @@ impl Log {
     ) -> Result<(), LogError> {
         let s = &*self.shared;
         s.check_open()?;
+        s.settle()?;
         let _readers = s.readers.read();
         let segments = s.state.read().segments.clone();
         let first = segments

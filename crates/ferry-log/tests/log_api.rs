@@ -529,3 +529,100 @@ fn invalid_configs_are_rejected() {
         ));
     }
 }
+
+/// Durability `Always`: batches appended between two syncs are written to the file together,
+/// at the sync (or at a read, which sees them all); `Never` writes each append at once.
+#[test]
+fn always_gathers_the_batches_between_syncs_into_one_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        durability: Durability::Always,
+        segment_bytes: 1 << 20,
+        ..small_config()
+    };
+    let log = Log::open(dir.path(), config.clone()).unwrap();
+    for n in 0..100 {
+        log.append_buffered(&[record(n)]).unwrap();
+    }
+    log.sync().unwrap();
+    let stats = log.stats();
+    assert_eq!((stats.appends, stats.batch_writes), (100, 1), "{stats:?}");
+    // A read sees batches appended since, writing them first.
+    log.append_buffered(&[record(100)]).unwrap();
+    assert_record(&log.read(100, 1, usize::MAX).unwrap()[0], 100);
+    assert_eq!(log.stats().batch_writes, 2);
+    // So does every other look at the log.
+    log.append_buffered(&[record(101)]).unwrap();
+    assert_eq!(log.next_offset(), 102);
+    // Rolling writes what was gathered into the segment it belongs to.
+    let big = vec![b'x'; 600 << 10];
+    for n in 102..104 {
+        log.append_buffered(&[RecordIn::new(big.clone()).with_timestamp(1000 + n)])
+            .unwrap();
+    }
+    log.sync().unwrap();
+    assert!(log.stats().segments >= 2);
+    // Dropping the log syncs what was gathered.
+    log.append_buffered(&[record(104)]).unwrap();
+    drop(log);
+    let log = Log::open(dir.path(), config).unwrap();
+    assert_eq!(log.next_offset(), 105);
+    let all = read_all(&log);
+    for r in all.iter().filter(|r| r.offset < 102 || r.offset == 104) {
+        assert_record(r, r.offset);
+    }
+    assert_eq!(all[102].payload.len(), 600 << 10);
+
+    let dir = tempfile::tempdir().unwrap();
+    let log = Log::open(dir.path(), small_config()).unwrap();
+    for n in 0..10 {
+        log.append_buffered(&[record(n)]).unwrap();
+    }
+    assert_eq!(
+        log.stats().batch_writes,
+        10,
+        "durability never writes at once"
+    );
+}
+
+/// Concurrent `append`s with durability `Always` share writes as they share fsyncs, and every
+/// acknowledged record is read back in order.
+#[test]
+fn concurrent_always_appends_share_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        durability: Durability::Always,
+        ..small_config()
+    };
+    let log = Arc::new(Log::open(dir.path(), config).unwrap());
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for i in 0..200 {
+                    log.append(&[RecordIn::new(format!("{t}:{i}"))]).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let stats = log.stats();
+    assert_eq!(stats.appends, 800);
+    assert!(
+        stats.batch_writes <= stats.fsyncs + stats.segments_rolled,
+        "{stats:?}"
+    );
+    let all = read_all(&log);
+    assert_eq!(all.len(), 800);
+    let mut next = [0u32; 4];
+    for (i, r) in all.iter().enumerate() {
+        assert_eq!(r.offset, i as u64);
+        let text = std::str::from_utf8(&r.payload).unwrap();
+        let (t, n) = text.split_once(':').unwrap();
+        let t: usize = t.parse().unwrap();
+        assert_eq!(n.parse::<u32>().unwrap(), next[t], "per-thread order");
+        next[t] += 1;
+    }
+}

@@ -75,16 +75,20 @@ async fn a_waiting_subscriber_wakes_exactly_when_due() {
     );
 }
 
-#[tokio::test(start_paused = true)]
+/// Real time: the due times are wall-clock times, which paused Tokio time does not follow.
+#[tokio::test]
 async fn messages_come_out_in_due_order() {
     let broker = Broker::default();
     let mut sub = broker.subscribe("t").unwrap();
     // Publish with delays in a scrambled order; they must arrive sorted by due time.
+    // Due times from one base: a delay counts from the moment its message is built, so on a
+    // loaded machine delays alone would not fix the order.
     let delays: Vec<u64> = (0..2000u64).map(|i| (i * 7919) % 2000 + 1).collect();
+    let base = SystemTime::now() + Duration::from_millis(300);
     for d in &delays {
         let m = Message::builder()
             .payload(d.to_string())
-            .delay(Duration::from_millis(*d))
+            .deliver_at(base + Duration::from_millis(*d))
             .build();
         broker.publish("t", m).await.unwrap();
     }
