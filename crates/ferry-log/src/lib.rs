@@ -134,7 +134,7 @@ pub use config::{Durability, LogConfig, RetentionPolicy};
 pub use error::{DecodeError, LogError};
 pub use log::{Log, LogStats, Visit};
 pub use record::{AppendInfo, RecordIn, StoredRecord};
-pub use store::{Store, StoreConfig, Stream};
+pub use store::{OpenScan, Store, StoreConfig, Stream};
 
 pub(crate) use log::State;
 
