@@ -522,9 +522,15 @@ impl Segment {
         Ok(scan)
     }
 
-    /// Whether a whole, CRC-valid batch with an offset above `after` starts anywhere in
-    /// `(from, end)`: if so the damage at `from` is in the middle of the data, not a torn tail.
-    pub fn valid_batch_follows(&self, from: u64, after: u64, end: u64) -> Result<bool, LogError> {
+    /// The first whole, CRC-valid batch with an offset above `after` that starts in
+    /// `(from, end)`, as its position and base offset: if there is one, the damage at `from`
+    /// is in the middle of the data (not a torn tail), and reading can resume there.
+    pub fn next_valid_batch(
+        &self,
+        from: u64,
+        after: u64,
+        end: u64,
+    ) -> Result<Option<(u64, u64)>, LogError> {
         let hdr = BATCH_HEADER_LEN as u64;
         let mut window_start = from + 1;
         let mut buf = Vec::new();
@@ -542,12 +548,12 @@ impl Segment {
                 };
                 let pos = window_start + i as u64;
                 if h.base_offset > after && h.total_len() <= end - pos && self.crc_ok(pos, &h)? {
-                    return Ok(true);
+                    return Ok(Some((pos, h.base_offset)));
                 }
             }
             window_start += PROBE_WINDOW as u64;
         }
-        Ok(false)
+        Ok(None)
     }
 
     /// Loads both index files if they are well-formed for a sealed segment ending at `file_len`

@@ -27,6 +27,13 @@
 //! Retention is per stream and logical (its start moves); a segment is deleted once no stream
 //! needs anything in it, after the definitions of the streams it holds were written again at
 //! the end of the log.
+//!
+//! Damaged data (in a sealed segment, or in the middle of the active one, see the crate docs,
+//! RECOVERY) does not stop the store from opening: the log quarantines it, and a read that
+//! meets damaged or lost records of its stream gets [`LogError::Damaged`] with the range to
+//! skip. Opened from a checkpoint written before the damage, every stream keeps the end the
+//! checkpoint knows, so a stream whose last records were lost does not give their offsets
+//! again (a scan of the whole log cannot know them).
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -720,13 +727,20 @@ fn rebuild_from(
             "it stands at log offset {p}, before the log's first segment ({start})"
         ));
     }
-    // The segments it was written with that are still there must be the same files (their
-    // creation time is in their header); segments are deleted only from the front, and new
-    // ones start at the end of the log, so there is none below `p` it does not know.
+    // It was written for these files: the segments it lists that are still there (compaction
+    // deletes the oldest) must be the same files, as their creation time (in their header)
+    // says. A segment it does not know below `p` was split from a damaged one when the log
+    // opened, keeping every batch at its log offset.
+    let mut known = 0;
     for (base, created) in log.segment_info() {
-        if base < p && !ck.segments.contains(&(base, created)) {
-            return Err(format!("segment {base} is not one it was written with"));
+        match ck.segments.iter().find(|&&(b, _)| b == base) {
+            Some(&(_, c)) if c == created => known += 1,
+            Some(_) => return Err(format!("segment {base} is not one it was written with")),
+            None => {}
         }
+    }
+    if known == 0 {
+        return Err("none of the segments it was written with is left".into());
     }
     rebuild(log, config, Some(ck), damaged).map_err(|e| match e {
         LogError::Inconsistent(reason) => reason,
@@ -1268,6 +1282,8 @@ impl Stream {
         max_bytes: usize,
     ) -> Result<Vec<StoredRecord>, LogError> {
         let want = std::cell::Cell::new(from.max(self.start()));
+        // Every batch below it is in the log before the scan starts.
+        let end = self.next_offset();
         let mut out = Vec::new();
         let mut bytes = 0usize;
         if max_records == 0 {
@@ -1309,6 +1325,16 @@ impl Stream {
                 stream: self.name.to_string(),
                 from: want.get(),
                 to,
+                reason: "records lost to damage".into(),
+            });
+        }
+        if out.is_empty() && scanned.is_ok() && want.get() < end {
+            // The stream's last records (counted by the checkpoint the store opened from) were
+            // in data lost to damage since.
+            return Err(LogError::Damaged {
+                stream: self.name.to_string(),
+                from: want.get(),
+                to: end,
                 reason: "records lost to damage".into(),
             });
         }

@@ -529,3 +529,188 @@ fn a_transaction_across_streams_survives_whole_or_not_at_all() {
     );
     assert_eq!(payloads(&b), vec![Bytes::from("b0"), Bytes::from("b1")]);
 }
+
+/// The `.log` files of `dir`, sorted.
+fn segment_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut logs: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    logs.sort();
+    logs
+}
+
+/// Flips a byte in the payload of the record that contains `needle` (in the only segment).
+fn damage_record(dir: &std::path::Path, needle: &[u8]) -> (std::path::PathBuf, usize) {
+    let logs = segment_files(dir);
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    let mut bytes = std::fs::read(&logs[0]).unwrap();
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .unwrap();
+    bytes[at + needle.len()] ^= 0xff;
+    std::fs::write(&logs[0], &bytes).unwrap();
+    (logs[0].clone(), at)
+}
+
+const DAMAGE_STREAMS: [&str; 4] = ["hit", "a", "b", "c"];
+
+fn damage_payload(name: &str, i: u64) -> Bytes {
+    Bytes::from(format!("{name}-{i:04}-payload"))
+}
+
+/// Records read (offset, payload) and damaged ranges met.
+type ReadAround = (Vec<(u64, Bytes)>, Vec<(u64, u64)>);
+
+/// The records of `stream` from `from` on, reading past damage; the damaged ranges met.
+fn read_around(stream: &Stream, mut from: u64) -> ReadAround {
+    let (mut got, mut damaged) = (Vec::new(), Vec::new());
+    while from < stream.next_offset() {
+        match stream.read(from, 1000, usize::MAX) {
+            Ok(records) => {
+                assert!(!records.is_empty(), "empty read at {from}");
+                from = records.last().unwrap().offset + 1;
+                got.extend(records.into_iter().map(|r| (r.offset, r.payload)));
+            }
+            Err(LogError::Damaged { from: f, to, .. }) => {
+                assert_eq!(f, from);
+                damaged.push((f, to));
+                from = to;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    (got, damaged)
+}
+
+#[test]
+fn a_damaged_batch_in_the_middle_of_the_active_segment_is_contained() {
+    for checkpoint in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        // One large segment: the damage is in the active one. Small skips: index jumps.
+        let cfg = StoreConfig {
+            checkpoint_on_close: checkpoint,
+            ..config(1 << 20, 2048)
+        };
+        {
+            let store = Store::open(dir.path(), cfg.clone()).unwrap();
+            for i in 0..100u64 {
+                for name in DAMAGE_STREAMS {
+                    let s = store.stream(name).unwrap();
+                    s.append(i, &[RecordIn::new(damage_payload(name, i))])
+                        .unwrap();
+                }
+            }
+        }
+        let (damaged, at) = damage_record(dir.path(), b"hit-0050");
+        let check = |store: &Store, end: u64| {
+            for name in &DAMAGE_STREAMS[1..] {
+                // Other streams: whole.
+                let (got, lost) = read_around(&store.stream(name).unwrap(), 0);
+                let want: Vec<(u64, Bytes)> =
+                    (0..end).map(|i| (i, damage_payload(name, i))).collect();
+                assert_eq!((got, lost), (want, vec![]), "{name}");
+            }
+            // The damaged stream: readable around the one record lost.
+            let hit = store.stream("hit").unwrap();
+            let (got, lost) = read_around(&hit, 0);
+            assert_eq!(lost, vec![(50, 51)]);
+            let want: Vec<(u64, Bytes)> = (0..end)
+                .filter(|&i| i != 50)
+                .map(|i| (i, damage_payload("hit", i)))
+                .collect();
+            assert_eq!(got, want);
+            // A read from the middle of the damaged range is told it too.
+            assert!(matches!(
+                hit.read(50, 10, usize::MAX),
+                Err(LogError::Damaged {
+                    from: 50,
+                    to: 51,
+                    ..
+                })
+            ));
+        };
+        let store = Store::open(dir.path(), cfg.clone()).unwrap();
+        // Reported once, with its segment and position.
+        let notes: Vec<&String> = store
+            .recovery_notes()
+            .iter()
+            .filter(|n| !n.contains("no index checkpoint"))
+            .collect();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].contains(&damaged.display().to_string()),
+            "{notes:?}"
+        );
+        assert!(notes[0].contains("at position"), "{notes:?}");
+        assert_eq!(store.open_scan().checkpoint.is_some(), checkpoint);
+        check(&store, 100);
+        // Appends go on at every stream's end, into a new segment after the damaged one,
+        // which stays as it is (with the damage, quarantined).
+        let logs = segment_files(dir.path());
+        assert_eq!(logs.len(), 2);
+        let damaged_len = std::fs::metadata(&damaged).unwrap().len();
+        assert!(damaged_len > at as u64);
+        for name in DAMAGE_STREAMS {
+            let s = store.stream(name).unwrap();
+            assert_eq!(s.next_offset(), 100);
+            s.append(100, &[RecordIn::new(damage_payload(name, 100))])
+                .unwrap();
+        }
+        check(&store, 101);
+        drop(store);
+        assert_eq!(segment_files(dir.path()), logs);
+        assert_eq!(std::fs::metadata(&damaged).unwrap().len(), damaged_len);
+        // Stable: opening again gives the same.
+        for _ in 0..2 {
+            let store = Store::open(dir.path(), cfg.clone()).unwrap();
+            let notes: Vec<&String> = store
+                .recovery_notes()
+                .iter()
+                .filter(|n| !n.contains("no index checkpoint"))
+                .collect();
+            assert_eq!(notes.len(), 1, "{notes:?}");
+            check(&store, 101);
+        }
+    }
+}
+
+#[test]
+fn a_stream_whose_last_records_were_lost_keeps_its_end_with_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(1 << 20, 2048);
+    {
+        let store = Store::open(dir.path(), cfg.clone()).unwrap();
+        let (hit, other) = (store.stream("hit").unwrap(), store.stream("other").unwrap());
+        for i in 0..10u64 {
+            hit.append(i, &[RecordIn::new(damage_payload("hit", i))])
+                .unwrap();
+        }
+        for i in 0..10u64 {
+            other
+                .append(i, &[RecordIn::new(damage_payload("other", i))])
+                .unwrap();
+        }
+        store.close().unwrap();
+    }
+    damage_record(dir.path(), b"hit-0009");
+    let store = Store::open(dir.path(), cfg).unwrap();
+    assert!(store.open_scan().checkpoint.is_some());
+    let hit = store.stream("hit").unwrap();
+    // The checkpoint remembers where the stream ends: its offsets are never given again.
+    assert_eq!(hit.next_offset(), 10);
+    let (got, lost) = read_around(&hit, 0);
+    assert_eq!(got.len(), 9);
+    assert_eq!(lost, vec![(9, 10)]);
+    assert!(hit.append(9, &[RecordIn::new("again")]).is_err());
+    hit.append(10, &[RecordIn::new(damage_payload("hit", 10))])
+        .unwrap();
+    assert_eq!(
+        read_around(&hit, 9),
+        (vec![(10, damage_payload("hit", 10))], vec![(9, 10)])
+    );
+    let (got, lost) = read_around(&store.stream("other").unwrap(), 0);
+    assert_eq!((got.len(), lost.len()), (10, 0));
+}
