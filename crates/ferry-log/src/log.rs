@@ -557,6 +557,11 @@ impl Log {
         st.segments.iter().map(|sg| sg.seg.base).collect()
     }
 
+    /// [`LogError::Closed`] once the log is closed (by `close`, or by an fsync failure).
+    pub(crate) fn check_open(&self) -> Result<(), LogError> {
+        self.shared.check_open()
+    }
+
     /// `(base offset, creation time)` of each segment, oldest first: the creation time is the
     /// one in the segment's file header, which tells a segment file from another one with the
     /// same base offset.

@@ -1007,6 +1007,8 @@ impl Inner {
         mark: &mut Mark,
         with_open_parts: bool,
     ) -> Result<Option<u64>, LogError> {
+        // After an fsync failure what the files hold is unknown: nothing to vouch for.
+        self.log.check_open()?;
         let (position, clock, state) = {
             let s = self.streams.read();
             if !with_open_parts && !s.open_parts.is_empty() {
