@@ -57,11 +57,12 @@ pub struct LogConfig {
     pub cache_bytes: usize,
     /// Retention limits applied by `apply_retention`. Default none.
     pub retention: RetentionPolicy,
-    /// Open even when a sealed segment is damaged: the damage is reported by
+    /// Open even when a segment is damaged: the damage is reported by
     /// [`crate::Log::recovery_notes`], the rest of that segment from the damage on is skipped by
-    /// [`crate::Log::scan`], and reads that meet it are [`crate::LogError::Corrupt`]. Without it
-    /// (the default) such damage fails the open. Damage in the middle of the active segment
-    /// fails the open either way.
+    /// [`crate::Log::scan`], and reads that meet it are [`crate::LogError::Corrupt`]. Damage in
+    /// the middle of the active segment is contained the same way: the valid batches after it
+    /// move to a new segment starting at their offset, where appends go on (see the crate
+    /// docs, RECOVERY). Without it (the default) such damage fails the open.
     pub tolerate_damage: bool,
 }
 

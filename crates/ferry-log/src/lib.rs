@@ -36,7 +36,9 @@
 //!   largest record timestamp in the segment *before* `offset` (a batch start), at the same
 //!   cadence. A sealed segment's time index ends with `(max timestamp, next offset)`.
 //!
-//! Both indexes are hints, rebuilt from the `.log` whenever missing or damaged.
+//! Both indexes are hints, rebuilt from the `.log` whenever missing or damaged. A [`Store`]'s
+//! directory also holds `streams.checkpoint`, the checkpoint of its streams' in-memory index
+//! (see [`Store::checkpoint`]; a hint too: opening without it scans the whole log).
 //!
 //! **File header** (32 bytes): magic `FERRYLOG` (8), format version `u16` = 1, flags `u16` = 0,
 //! base offset `u64`, creation time `u64` (ms), CRC32C of the preceding 28 bytes `u32`.
@@ -83,7 +85,13 @@
 //! At the first batch that is not whole and valid (short, zero-filled, bad length or CRC):
 //! - **mid-segment corruption** if a whole, CRC-valid batch with a higher base offset starts
 //!   anywhere after it in the file: [`LogError::Corrupt`] with the segment and the position of
-//!   the bad batch, and the log does not open (nothing is silently skipped);
+//!   the bad batch, and the log does not open (nothing is silently skipped). With
+//!   [`LogConfig::tolerate_damage`] it opens: the batches from that valid one to the end of the
+//!   file are copied to a new segment named by its base offset (written under a temporary
+//!   `.split` name, synced, renamed), the damaged segment is cut there and quarantined from the
+//!   damage on like a damaged sealed segment, and the recovery notes say which log offsets
+//!   were lost. The new segment is recovered as the active one (damage further on splits it
+//!   again), so appends go on after every offset seen, and the next open finds the same;
 //! - otherwise a **torn tail**: the file is cut at the last valid batch, and
 //!   [`Log::recovery_notes`] says where and how much, unless all that is cut is zeros (the
 //!   active segment's file is extended with zeros ahead of its writes, so that an fdatasync has
@@ -95,7 +103,7 @@
 //! A CRC-valid batch whose offset does not follow on is corruption wherever it is. The active
 //! segment's indexes are always rebuilt. A file header torn while the segment was created (file
 //! no longer than the header) is rewritten. Index files without a `.log` (interrupted deletion)
-//! are removed. Reads that meet damaged data return [`LogError::Corrupt`] too.
+//! are removed, and so are `.split` copies (an interrupted split, which starts again). Reads that meet damaged data return [`LogError::Corrupt`] too.
 //!
 //! # Durability
 //! - [`Durability::Always`]: `append` returns after `File::sync_data` covered its batch. The
@@ -134,7 +142,7 @@ pub use config::{Durability, LogConfig, RetentionPolicy};
 pub use error::{DecodeError, LogError};
 pub use log::{Log, LogStats, Visit};
 pub use record::{AppendInfo, RecordIn, StoredRecord};
-pub use store::{Store, StoreConfig, Stream};
+pub use store::{OpenScan, Store, StoreConfig, Stream};
 
 pub(crate) use log::State;
 

@@ -620,6 +620,22 @@ impl Log {
         st.segments.iter().map(|sg| sg.seg.base).collect()
     }
 
+    /// [`LogError::Closed`] once the log is closed (by `close`, or by an fsync failure).
+    pub(crate) fn check_open(&self) -> Result<(), LogError> {
+        self.shared.check_open()
+    }
+
+    /// `(base offset, creation time)` of each segment, oldest first: the creation time is the
+    /// one in the segment's file header, which tells a segment file from another one with the
+    /// same base offset.
+    pub(crate) fn segment_info(&self) -> Vec<(u64, u64)> {
+        let st = self.shared.state.read();
+        st.segments
+            .iter()
+            .map(|sg| (sg.seg.base, sg.meta.created_ms))
+            .collect()
+    }
+
     /// Counters and sizes.
     pub fn stats(&self) -> LogStats {
         let s = &*self.shared;

@@ -7,17 +7,20 @@
 //!   damage in the data of a sealed segment is [`LogError::Corrupt`];
 //! - the active (last) segment is scanned fully, checking every CRC. At the first batch that is
 //!   not whole and valid, the rest of the file is searched for a whole, CRC-valid batch with a
-//!   higher offset: if there is one, the damage is in the middle ([`LogError::Corrupt`]);
-//!   otherwise it is a torn tail and the file is cut there. Its indexes are always rebuilt.
+//!   higher offset: if there is one, the damage is in the middle ([`LogError::Corrupt`], or
+//!   with `tolerate_damage`, the batches from that one on move to a new segment and the
+//!   damaged one is quarantined from the damage on, see [`split_at_damage`]); otherwise it is
+//!   a torn tail and the file is cut there. Its indexes are always rebuilt.
 
-use std::fs;
+use std::fs::{self, File};
+use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::codec::SEGMENT_HEADER_LEN;
+use crate::codec::{SegmentHeader, SEGMENT_HEADER_LEN};
 use crate::config::{Durability, LogConfig};
 use crate::error::LogError;
-use crate::segment::{Segment, SegmentMeta};
+use crate::segment::{segment_path, sync_dir, Segment, SegmentMeta};
 use crate::State;
 
 /// A segment with its metadata, as the log holds it.
@@ -55,7 +58,10 @@ pub(crate) fn recover(dir: &Path, config: &LogConfig, now_ms: u64) -> Result<Sta
                 }
                 other => other?,
             },
-            None => open_active(&seg, config, now_ms, &mut notes)?,
+            None => {
+                recover_active(dir, seg, config, now_ms, &mut notes, &mut segments)?;
+                break;
+            }
         };
         segments.push(SegmentState {
             seg: Arc::new(seg),
@@ -84,10 +90,12 @@ fn durable(config: &LogConfig) -> bool {
 }
 
 /// Base offsets of the segment files in `dir`, sorted; removes index files left without their
-/// log file (by an interrupted deletion).
+/// log file (by an interrupted deletion) and segments left half copied by an interrupted
+/// [`split_at_damage`] (which starts again).
 fn list_segments(dir: &Path) -> Result<Vec<u64>, LogError> {
     let mut logs = Vec::new();
     let mut indexes = Vec::new();
+    let mut splits = Vec::new();
     let entries = fs::read_dir(dir).map_err(|e| LogError::io("list", dir, e))?;
     for entry in entries {
         let entry = entry.map_err(|e| LogError::io("list", dir, e))?;
@@ -104,8 +112,12 @@ fn list_segments(dir: &Path) -> Result<Vec<u64>, LogError> {
         match ext {
             "log" => logs.push(base),
             "index" | "timeindex" => indexes.push((base, entry.path())),
+            SPLIT => splits.push(entry.path()),
             _ => {}
         }
+    }
+    for path in splits {
+        fs::remove_file(&path).map_err(|e| LogError::io("delete", path, e))?;
     }
     logs.sort_unstable();
     for (base, path) in indexes {
@@ -209,13 +221,148 @@ fn check_sealed(
     }))
 }
 
-/// Recovers the active segment: full scan, torn tail cut, indexes rebuilt.
+/// Extension of a segment being copied by [`split_at_damage`].
+const SPLIT: &str = "split";
+
+/// Recovers the active segment `seg` into `segments`: one segment, or with `tolerate_damage`
+/// and damage in the middle of it, the damaged one and the segments its valid batches after
+/// the damage moved to (the last of them active).
+fn recover_active(
+    dir: &Path,
+    mut seg: Segment,
+    config: &LogConfig,
+    now_ms: u64,
+    notes: &mut Vec<String>,
+    segments: &mut Vec<SegmentState>,
+) -> Result<(), LogError> {
+    loop {
+        match scan_active(&seg, config, now_ms, notes, config.tolerate_damage)? {
+            Active::Whole(meta) => {
+                segments.push(SegmentState {
+                    seg: Arc::new(seg),
+                    meta,
+                    damaged_at: None,
+                });
+                return Ok(());
+            }
+            Active::Damaged(damage) => {
+                let tail = split_at_damage(dir, &seg, &damage, now_ms, durable(config))?;
+                let meta = damaged_meta(&seg, damage.resume_offset, damage.at)?;
+                notes.push(format!(
+                    "damaged segment {} at position {}: {}; log offsets {}..{} are lost, the \
+                     valid batches after them (from position {}) now start segment {}",
+                    seg.path.display(),
+                    damage.at,
+                    damage.reason,
+                    damage.lost_from,
+                    damage.resume_offset,
+                    damage.resume,
+                    tail.path.display()
+                ));
+                segments.push(SegmentState {
+                    seg: Arc::new(seg),
+                    meta,
+                    damaged_at: Some(damage.at),
+                });
+                seg = tail;
+            }
+        }
+    }
+}
+
+/// Damage in the middle of the active segment, with valid batches after it.
+struct Damage {
+    /// Where the first bad batch starts.
+    at: u64,
+    reason: String,
+    /// The offset the bad batch should have had: the first one lost.
+    lost_from: u64,
+    /// Where the first valid batch after the damage starts, and its base offset.
+    resume: u64,
+    resume_offset: u64,
+}
+
+/// What [`scan_active`] found.
+enum Active {
+    /// Whole, once a torn tail was cut.
+    Whole(SegmentMeta),
+    /// Damaged in the middle (only with `tolerate`: otherwise that is an error); nothing was
+    /// changed.
+    Damaged(Damage),
+}
+
+/// Moves the batches of the damaged `seg` from `damage.resume` to the end of its file into a
+/// new segment starting at `damage.resume_offset` (above every offset before it, so no offset
+/// is ever given twice), then cuts `seg` there: what is left of it is its valid batches, then
+/// the damage, which the caller quarantines. The copy is written under a temporary name and
+/// renamed once whole (and synced, with `durable`), before `seg` is cut: a crash at any point
+/// leaves either the damaged segment as it was (the split starts again) or both whole. Returns
+/// the new segment, to recover as the active one.
+fn split_at_damage(
+    dir: &Path,
+    seg: &Segment,
+    damage: &Damage,
+    now_ms: u64,
+    durable: bool,
+) -> Result<Segment, LogError> {
+    let base = damage.resume_offset;
+    let tmp = segment_path(dir, base, SPLIT);
+    let file_len = seg.file_len()?;
+    let mut out = File::create(&tmp).map_err(|e| LogError::io("create", &tmp, e))?;
+    let header = SegmentHeader {
+        base_offset: base,
+        created_ms: now_ms,
+    };
+    out.write_all(&header.encode())
+        .map_err(|e| LogError::io("write", &tmp, e))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = damage.resume;
+    while pos < file_len {
+        let n = (file_len - pos).min(buf.len() as u64) as usize;
+        seg.read_at(&mut buf[..n], pos)?;
+        out.write_all(&buf[..n])
+            .map_err(|e| LogError::io("write", &tmp, e))?;
+        pos += n as u64;
+    }
+    if durable {
+        out.sync_all().map_err(|e| LogError::io("fsync", &tmp, e))?;
+    }
+    drop(out);
+    let target = segment_path(dir, base, "log");
+    fs::rename(&tmp, &target).map_err(|e| LogError::io("rename", &tmp, e))?;
+    if durable {
+        sync_dir(dir)?;
+    }
+    seg.set_len(damage.resume)?;
+    if durable {
+        seg.sync_data()?;
+    }
+    Segment::open(dir, base)
+}
+
+/// Recovers the active segment: full scan, torn tail cut, indexes rebuilt. Damage in the
+/// middle is [`LogError::Corrupt`].
 pub(crate) fn open_active(
     seg: &Segment,
     config: &LogConfig,
     now_ms: u64,
     notes: &mut Vec<String>,
 ) -> Result<SegmentMeta, LogError> {
+    match scan_active(seg, config, now_ms, notes, false)? {
+        Active::Whole(meta) => Ok(meta),
+        Active::Damaged(d) => Err(LogError::corrupt(&seg.path, d.at, d.reason)),
+    }
+}
+
+/// Scans the active segment: full scan, torn tail cut, indexes rebuilt; damage in the middle is
+/// [`LogError::Corrupt`], or with `tolerate`, [`Active::Damaged`].
+fn scan_active(
+    seg: &Segment,
+    config: &LogConfig,
+    now_ms: u64,
+    notes: &mut Vec<String>,
+    tolerate: bool,
+) -> Result<Active, LogError> {
     let file_len = seg.file_len()?;
     let header = match seg.read_header()? {
         Ok(h) => h,
@@ -224,7 +371,7 @@ pub(crate) fn open_active(
             seg.write_header(now_ms, durable(config))?;
             seg.index.rewrite(&[])?;
             seg.time.rewrite(&[])?;
-            return Ok(SegmentMeta::empty(seg.base, now_ms));
+            return Ok(Active::Whole(SegmentMeta::empty(seg.base, now_ms)));
         }
         Err(reason) => return Err(LogError::corrupt(&seg.path, 0, reason)),
     };
@@ -237,12 +384,19 @@ pub(crate) fn open_active(
         // Zeros after the data are preallocated space (see `Shared::preallocate`), not a tear,
         // and no batch can follow them.
         if !seg.zeros(pos, file_len)? {
-            if seg.valid_batch_follows(pos, scan.meta.next_offset, file_len)? {
-                return Err(LogError::corrupt(
-                    &seg.path,
-                    pos,
-                    format!("{reason} (valid batches follow: not a torn tail)"),
-                ));
+            let after = scan.meta.next_offset;
+            if let Some((resume, resume_offset)) = seg.next_valid_batch(pos, after, file_len)? {
+                let reason = format!("{reason} (valid batches follow: not a torn tail)");
+                if !tolerate {
+                    return Err(LogError::corrupt(&seg.path, pos, reason));
+                }
+                return Ok(Active::Damaged(Damage {
+                    at: pos,
+                    reason,
+                    lost_from: after,
+                    resume,
+                    resume_offset,
+                }));
             }
             notes.push(format!(
                 "torn tail of {} cut at position {pos} ({} bytes after offset {}): {reason}",
@@ -258,5 +412,5 @@ pub(crate) fn open_active(
     }
     seg.index.rewrite(&scan.index)?;
     seg.time.rewrite(&scan.time)?;
-    Ok(scan.meta)
+    Ok(Active::Whole(scan.meta))
 }

@@ -253,6 +253,50 @@ impl SegmentMeta {
     }
 }
 
+/// Bytes [`Segment::scan`] reads at a time.
+const SCAN_CHUNK: u64 = 1 << 20;
+
+/// A window of a segment file held in memory by [`Segment::scan`].
+#[derive(Default)]
+struct Chunk {
+    buf: Vec<u8>,
+    at: u64,
+}
+
+impl Chunk {
+    /// The bytes `[pos, pos + len)` of `seg` (which must lie before `end`), reading from `pos`
+    /// up to [`SCAN_CHUNK`] bytes (or `len`, if more) when they are not held.
+    fn get(&mut self, seg: &Segment, pos: u64, len: u64, end: u64) -> Result<&[u8], LogError> {
+        let held = pos >= self.at && pos + len <= self.at + self.buf.len() as u64;
+        if !held {
+            let want = len.max(SCAN_CHUNK.min(end - pos));
+            self.buf.resize(want as usize, 0);
+            seg.read_at(&mut self.buf, pos)?;
+            self.at = pos;
+        }
+        let from = (pos - self.at) as usize;
+        Ok(&self.buf[from..from + len as usize])
+    }
+}
+
+/// A probe with `avail` bytes left, fewer than a batch header.
+fn short(avail: u64) -> Probe {
+    Probe::Invalid(format!("{avail} bytes left, less than a batch header"))
+}
+
+/// What the bytes `b` (a header's worth, or all that is left) say, `avail` bytes being left
+/// before the end of the data.
+fn parse_probe(b: &[u8], avail: u64) -> Probe {
+    match BatchHeader::parse(b) {
+        Ok(h) if h.total_len() > avail => Probe::Invalid(format!(
+            "batch of {} bytes runs past the end ({avail} bytes left)",
+            h.total_len()
+        )),
+        Ok(h) => Probe::Batch(h),
+        Err(e) => Probe::Invalid(e.to_string()),
+    }
+}
+
 /// What is at a position of a segment.
 pub(crate) enum Probe {
     /// A plausible batch header whose batch fits before the end of the data.
@@ -394,21 +438,12 @@ impl Segment {
     pub fn probe(&self, pos: u64, end: u64) -> Result<Probe, LogError> {
         let avail = end.saturating_sub(pos);
         if avail < BATCH_HEADER_LEN as u64 {
-            return Ok(Probe::Invalid(format!(
-                "{avail} bytes left, less than a batch header"
-            )));
+            return Ok(short(avail));
         }
         let mut buf = [0u8; STREAM_BATCH_HEADER_LEN];
         let b = &mut buf[..avail.min(STREAM_BATCH_HEADER_LEN as u64) as usize];
         read_exact_at(&self.log, &self.path, b, pos)?;
-        Ok(match BatchHeader::parse(b) {
-            Ok(h) if h.total_len() > avail => Probe::Invalid(format!(
-                "batch of {} bytes runs past the end ({avail} bytes left)",
-                h.total_len()
-            )),
-            Ok(h) => Probe::Batch(h),
-            Err(e) => Probe::Invalid(e.to_string()),
-        })
+        Ok(parse_probe(b, avail))
     }
 
     /// The batch header at `pos`, which must be valid and start at offset `expected`:
@@ -484,6 +519,7 @@ impl Segment {
     /// Scans batches from `start.len` to `end`, checking each CRC and that offsets follow on.
     /// Stops at the first batch that is not whole and valid (`Scan::stopped`); a valid batch with
     /// the wrong offset is [`LogError::Corrupt`] at once (that is not a torn write).
+    /// Reads the file sequentially in large chunks.
     pub fn scan(&self, start: SegmentMeta, end: u64, interval: u64) -> Result<Scan, LogError> {
         let mut scan = Scan {
             meta: start,
@@ -491,17 +527,25 @@ impl Segment {
             time: Vec::new(),
             stopped: None,
         };
+        let mut chunk = Chunk::default();
         while scan.meta.len < end {
             let pos = scan.meta.len;
-            let header = match self.probe(pos, end)? {
+            let avail = end - pos;
+            let probe = if avail < BATCH_HEADER_LEN as u64 {
+                short(avail)
+            } else {
+                let len = avail.min(STREAM_BATCH_HEADER_LEN as u64);
+                parse_probe(chunk.get(self, pos, len, end)?, avail)
+            };
+            let header = match probe {
                 Probe::Batch(h) => h,
                 Probe::Invalid(reason) => {
                     scan.stopped = Some((pos, reason));
                     break;
                 }
             };
-            let frame = self.read_frame(pos, &header)?;
-            if let Err(e) = header.verify_crc(&frame) {
+            let frame = chunk.get(self, pos, header.total_len(), end)?;
+            if let Err(e) = header.verify_crc(frame) {
                 scan.stopped = Some((pos, e.to_string()));
                 break;
             }
@@ -522,9 +566,15 @@ impl Segment {
         Ok(scan)
     }
 
-    /// Whether a whole, CRC-valid batch with an offset above `after` starts anywhere in
-    /// `(from, end)`: if so the damage at `from` is in the middle of the data, not a torn tail.
-    pub fn valid_batch_follows(&self, from: u64, after: u64, end: u64) -> Result<bool, LogError> {
+    /// The first whole, CRC-valid batch with an offset above `after` that starts in
+    /// `(from, end)`, as its position and base offset: if there is one, the damage at `from`
+    /// is in the middle of the data (not a torn tail), and reading can resume there.
+    pub fn next_valid_batch(
+        &self,
+        from: u64,
+        after: u64,
+        end: u64,
+    ) -> Result<Option<(u64, u64)>, LogError> {
         let hdr = BATCH_HEADER_LEN as u64;
         let mut window_start = from + 1;
         let mut buf = Vec::new();
@@ -542,12 +592,12 @@ impl Segment {
                 };
                 let pos = window_start + i as u64;
                 if h.base_offset > after && h.total_len() <= end - pos && self.crc_ok(pos, &h)? {
-                    return Ok(true);
+                    return Ok(Some((pos, h.base_offset)));
                 }
             }
             window_start += PROBE_WINDOW as u64;
         }
-        Ok(false)
+        Ok(None)
     }
 
     /// Loads both index files if they are well-formed for a sealed segment ending at `file_len`

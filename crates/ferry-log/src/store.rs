@@ -15,16 +15,30 @@
 //! starts at the entry at or before the wanted offset and scans forward, skipping other
 //! streams' batches by their headers; after `skip_bytes` of them it jumps to the next entry
 //! (the next batch of the stream is known to have one), so a read never scans more than that
-//! between two of its batches. The index is rebuilt by one sequential scan when the store
-//! opens.
+//! between two of its batches.
+//!
+//! The index lives in memory only. A checkpoint of it (every stream's state at a log
+//! position `P`, see [`Store::checkpoint`]) is written at [`Store::close`] (and when the last
+//! handle is dropped), and by [`Store::maybe_checkpoint`] once enough was written since the
+//! last one; opening the store loads it and scans only the log from `P` on. Without a usable
+//! checkpoint (none, damaged, of another format version, or not matching the segments on
+//! disk) opening scans the whole log, and [`Store::recovery_notes`] says why.
 //!
 //! Retention is per stream and logical (its start moves); a segment is deleted once no stream
 //! needs anything in it, after the definitions of the streams it holds were written again at
 //! the end of the log.
+//!
+//! Damaged data (in a sealed segment, or in the middle of the active one, see the crate docs,
+//! RECOVERY) does not stop the store from opening: the log quarantines it, and a read that
+//! meets damaged or lost records of its stream gets [`LogError::Damaged`] with the range to
+//! skip. Opened from a checkpoint written before the damage, every stream keeps the end the
+//! checkpoint knows, so a stream whose last records were lost does not give their offsets
+//! again (a scan of the whole log cannot know them).
 
-use std::cell::RefCell;
-use std::collections::HashMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,10 +46,14 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use parking_lot::{Mutex, RwLock};
 
 use crate::codec::{BatchHeader, DecodedBatch, StreamTag};
-use crate::config::{LogConfig, RetentionPolicy};
+use crate::config::{Durability, LogConfig, RetentionPolicy};
 use crate::error::LogError;
 use crate::log::{now_ms, Log, LogStats, Visit};
 use crate::record::{AppendInfo, RecordIn, StoredRecord};
+
+mod checkpoint;
+
+use checkpoint::Checkpoint;
 
 /// The control stream's id.
 const CONTROL: u32 = 0;
@@ -61,6 +79,18 @@ pub struct StoreConfig {
     /// were written since its previous batch; a read skips at most this much before jumping.
     /// Default 256 KiB.
     pub skip_bytes: u64,
+    /// [`Store::maybe_checkpoint`] writes a checkpoint once this many bytes of batches were
+    /// appended since the last one, and at least as many as the last checkpoint's size (so
+    /// that checkpoints never write more than the log does). `None`: never by size. Default
+    /// 64 MiB: opening the store then scans at most about that much of the log.
+    pub checkpoint_bytes: Option<u64>,
+    /// [`Store::maybe_checkpoint`] also writes a checkpoint when anything was appended and
+    /// this long passed since the last one (or since the store opened). `None`: never by
+    /// time. Default 10 minutes.
+    pub checkpoint_interval: Option<Duration>,
+    /// Write a checkpoint at [`Store::close`] and when the last handle to the store is dropped,
+    /// unless nothing was appended since the last one. Default true.
+    pub checkpoint_on_close: bool,
 }
 
 impl Default for StoreConfig {
@@ -69,6 +99,9 @@ impl Default for StoreConfig {
             log: LogConfig::default(),
             index_interval_bytes: 4 << 10,
             skip_bytes: 256 << 10,
+            checkpoint_bytes: Some(64 << 20),
+            checkpoint_interval: Some(Duration::from_secs(600)),
+            checkpoint_on_close: true,
         }
     }
 }
@@ -192,6 +225,12 @@ struct Streams {
     /// While the store opens: transaction parts read but not yet named by a commit record, by
     /// log offset (a crash between a transaction's parts and its commit leaves them here).
     pending: HashMap<u64, PendingPart>,
+    /// The log offset after the last batch accounted for: where a checkpoint of this state
+    /// stands.
+    end: u64,
+    /// Transaction parts counted already (written while the store is open, or counted by the
+    /// checkpoint it opened from) that no commit record named yet, by log offset.
+    open_parts: BTreeSet<u64>,
 }
 
 /// A transaction part waiting for its commit record while the store opens.
@@ -332,8 +371,9 @@ impl Streams {
             }
             Op::Commit { parts } => {
                 // While opening: the parts it names become valid, in log order. At run time
-                // the parts were accounted for when written.
+                // (and for a checkpoint's open parts) they were accounted for when written.
                 for seq in parts {
+                    self.open_parts.remove(&seq);
                     if let Some(p) = self.pending.remove(&seq) {
                         self.apply_batch(p.tag, p.count, seq, p.len, p.max_ts, p.before, config)?;
                     }
@@ -389,9 +429,14 @@ impl Streams {
     ) -> Result<(), String> {
         let before = self.clock;
         self.clock += len;
+        self.end = self.end.max(seq + count);
         if tag.id == CONTROL {
             self.control_next = tag.base + count;
             return Ok(());
+        }
+        if tag.tx_part {
+            // Written while the store is open (parts read while it opens are deferred).
+            self.open_parts.insert(seq);
         }
         self.apply_batch(tag, count, seq, len, max_ts, before, config)
     }
@@ -400,6 +445,7 @@ impl Streams {
     fn defer_part(&mut self, tag: StreamTag, count: u64, seq: u64, len: u64, max_ts: u64) {
         let before = self.clock;
         self.clock += len;
+        self.end = self.end.max(seq + count);
         self.pending.insert(
             seq,
             PendingPart {
@@ -469,7 +515,33 @@ struct Inner {
     notes: Vec<String>,
     /// Log offsets of transaction parts found uncommitted when the store opened: readers skip
     /// them (their stream offsets may since have been given to other records).
-    dead: std::collections::HashSet<u64>,
+    dead: HashSet<u64>,
+    /// The last checkpoint; held while one is written.
+    mark: Mutex<Mark>,
+    /// Set by [`Store::close`]: no checkpoint when the last handle is dropped.
+    closed: AtomicBool,
+    opened: OpenScan,
+}
+
+/// When the last checkpoint was written (or the store opened), and what it covered.
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    /// The byte clock it covered up to (0: none covers anything).
+    clock: u64,
+    at: Instant,
+    /// Its size.
+    bytes: u64,
+}
+
+/// How the store rebuilt its streams when it opened (for tests and diagnostics).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpenScan {
+    /// The log offset of the checkpoint the streams were loaded from, if one was used.
+    pub checkpoint: Option<u64>,
+    /// Bytes of batches the open visited in the log (from the checkpoint's position on, or
+    /// the whole log).
+    pub scanned_bytes: u64,
 }
 
 /// Many named streams in one crash-safe segmented log (see the module docs). `Send + Sync`;
@@ -487,9 +559,199 @@ pub struct Stream {
     name: Arc<str>,
 }
 
+/// The streams as opening the store rebuilt them.
+struct Rebuilt {
+    streams: Streams,
+    dead: HashSet<u64>,
+    notes: Vec<String>,
+    scanned: u64,
+}
+
+/// Rebuilds the streams by scanning `log` from the start, or from the position of the
+/// checkpoint `ck` with its state. `damaged`: the log reported damage when it opened.
+fn rebuild(
+    log: &Log,
+    config: &StoreConfig,
+    ck: Option<Checkpoint>,
+    damaged: bool,
+) -> Result<Rebuilt, LogError> {
+    let checkpointed = ck.is_some();
+    let (from, streams, mut dead) = match ck {
+        Some(ck) => (ck.position, ck.streams, ck.dead),
+        None => (0, Streams::default(), HashSet::new()),
+    };
+    let streams = RefCell::new(streams);
+    let failure = RefCell::new(None::<String>);
+    let fail = |seq: u64, reason: String| {
+        failure
+            .borrow_mut()
+            .get_or_insert(format!("log offset {seq}: {reason}"));
+        Visit::Stop
+    };
+    let scanned = Cell::new(0u64);
+    let damage = RefCell::new(Vec::new());
+    log.scan_around_damage(
+        from,
+        |h| {
+            let first = scanned.get() == 0;
+            scanned.set(scanned.get() + h.total_len());
+            if first && checkpointed && h.base_offset != from {
+                // A checkpoint stands at a batch boundary of the log it was written for.
+                return fail(
+                    h.base_offset,
+                    format!("no batch starts at log offset {from}, where the checkpoint stands"),
+                );
+            }
+            if h.stream.is_some_and(|t| t.id == CONTROL) {
+                // Applied, then counted, once decoded.
+                return Visit::Take;
+            }
+            match streams.borrow_mut().on_header(h, config) {
+                Ok(()) => Visit::Skip,
+                Err(e) => fail(h.base_offset, e),
+            }
+        },
+        |batch| {
+            let mut s = streams.borrow_mut();
+            for r in batch.records {
+                let seq = r.offset;
+                if let Err(e) = Op::decode(r.payload).and_then(|op| s.apply(op, seq, config)) {
+                    fail(seq, e);
+                    return false;
+                }
+            }
+            s.on_header(&batch.header, config).is_ok()
+        },
+        |e| {
+            damage
+                .borrow_mut()
+                .push(format!("{e}; the rest of that segment is skipped"))
+        },
+    )?;
+    if let Some(reason) = failure.into_inner() {
+        return Err(LogError::Inconsistent(reason));
+    }
+    let mut streams = streams.into_inner();
+    let mut notes = damage.into_inner();
+    if !streams.open_parts.is_empty() {
+        // Counted by the checkpoint, never committed: the checkpoint cannot take them back.
+        return Err(LogError::Inconsistent(format!(
+            "it counts transaction parts that no commit record names (log offsets {:?})",
+            streams.open_parts
+        )));
+    }
+    let mut discarded: Vec<(u64, PendingPart)> = streams.pending.drain().collect();
+    discarded.sort_by_key(|(seq, _)| *seq);
+    for (seq, p) in discarded {
+        // Written, never committed, so never made visible: as if never written.
+        dead.insert(seq);
+        let name = streams
+            .by_id
+            .get(&p.tag.id)
+            .map_or("?".to_string(), |st| st.name.to_string());
+        notes.push(format!(
+            "uncommitted transaction part discarded: stream {name:?} offsets {}..{}",
+            p.tag.base,
+            p.tag.base + p.count
+        ));
+    }
+    if checkpointed {
+        // Segments deleted since the checkpoint (by compaction) held nothing a stream needs:
+        // the entries pointing into them are forgotten.
+        let log_start = log.start_offset();
+        dead.retain(|&seq| seq >= log_start);
+        for st in streams.by_id.values_mut() {
+            let Some(first) = st.entries.first().map(|e| e.seq) else {
+                continue;
+            };
+            if first >= log_start {
+                continue;
+            }
+            if st.defined && st.start < st.next {
+                return Err(LogError::Inconsistent(format!(
+                    "stream {:?} needs log offset {first}, below the log's start {log_start}",
+                    st.name
+                )));
+            }
+            st.entries.retain(|e| e.seq >= log_start);
+            if st.entries.is_empty() {
+                st.start = st.next;
+            }
+        }
+    }
+    let lost: Vec<u32> = streams
+        .by_id
+        .iter()
+        .filter(|(_, st)| !st.defined)
+        .map(|(id, _)| *id)
+        .collect();
+    if !lost.is_empty() && !damaged && notes.is_empty() {
+        return Err(LogError::Inconsistent(format!(
+            "streams {lost:?} have batches but no definition"
+        )));
+    }
+    for id in lost {
+        // Its definition was in the damaged data: its name is unknown, so its records
+        // cannot be reached; the id stays taken, so it is never reused.
+        notes.push(format!(
+            "stream {id} lost its definition to the damage: its records are unreachable"
+        ));
+    }
+    streams.next_id = streams.next_id.max(1);
+    streams.end = log.next_offset();
+    Ok(Rebuilt {
+        streams,
+        dead,
+        notes,
+        scanned: scanned.get(),
+    })
+}
+
+/// Rebuilds the streams from checkpoint `ck` and the log after it, if it matches the log;
+/// otherwise says why not.
+fn rebuild_from(
+    log: &Log,
+    config: &StoreConfig,
+    ck: Checkpoint,
+    damaged: bool,
+) -> Result<Rebuilt, String> {
+    let (start, end) = (log.start_offset(), log.next_offset());
+    let p = ck.position;
+    if p > end {
+        return Err(format!(
+            "it stands at log offset {p}, but the log ends at {end}"
+        ));
+    }
+    if p < start {
+        return Err(format!(
+            "it stands at log offset {p}, before the log's first segment ({start})"
+        ));
+    }
+    // It was written for these files: the segments it lists that are still there (compaction
+    // deletes the oldest) must be the same files, as their creation time (in their header)
+    // says. A segment it does not know below `p` was split from a damaged one when the log
+    // opened, keeping every batch at its log offset.
+    let mut known = 0;
+    for (base, created) in log.segment_info() {
+        match ck.segments.iter().find(|&&(b, _)| b == base) {
+            Some(&(_, c)) if c == created => known += 1,
+            Some(_) => return Err(format!("segment {base} is not one it was written with")),
+            None => {}
+        }
+    }
+    if known == 0 {
+        return Err("none of the segments it was written with is left".into());
+    }
+    rebuild(log, config, Some(ck), damaged).map_err(|e| match e {
+        LogError::Inconsistent(reason) => reason,
+        e => e.to_string(),
+    })
+}
+
 impl Store {
     /// Opens the store in `dir` (created if missing), recovering the log (see the crate docs,
-    /// RECOVERY) and rebuilding every stream's index with one sequential scan.
+    /// RECOVERY) and rebuilding every stream's index: from the checkpoint and the log after
+    /// it, or with one sequential scan of the whole log when there is no usable checkpoint.
     pub fn open(dir: impl AsRef<Path>, config: StoreConfig) -> Result<Store, LogError> {
         let log_config = LogConfig {
             cache_bytes: 0,
@@ -498,92 +760,68 @@ impl Store {
             ..config.log.clone()
         };
         let log = Log::open(dir.as_ref(), log_config)?;
-        let streams = RefCell::new(Streams::default());
-        let failure = RefCell::new(None::<String>);
-        let fail = |seq: u64, reason: String| {
-            failure
-                .borrow_mut()
-                .get_or_insert(format!("log offset {seq}: {reason}"));
-            Visit::Stop
+        let dir = log.dir().to_path_buf();
+        let log_notes = log.recovery_notes();
+        let damaged = !log_notes.is_empty();
+        let mut notes = log_notes;
+        let mut mark = Mark {
+            clock: 0,
+            at: Instant::now(),
+            bytes: 0,
         };
-        let damage = RefCell::new(log.recovery_notes());
-        log.scan_around_damage(
-            0,
-            |h| {
-                if h.stream.is_some_and(|t| t.id == CONTROL) {
-                    // Applied, then counted, once decoded.
-                    return Visit::Take;
+        let mut opened = OpenScan::default();
+        let loaded = match checkpoint::read(&dir)? {
+            None => {
+                if log.start_offset() < log.next_offset() {
+                    notes.push(
+                        "no index checkpoint: the whole log was scanned to rebuild the streams"
+                            .into(),
+                    );
                 }
-                match streams.borrow_mut().on_header(h, &config) {
-                    Ok(()) => Visit::Skip,
-                    Err(e) => fail(h.base_offset, e),
-                }
-            },
-            |batch| {
-                let mut s = streams.borrow_mut();
-                for r in batch.records {
-                    let seq = r.offset;
-                    if let Err(e) = Op::decode(r.payload).and_then(|op| s.apply(op, seq, &config)) {
-                        fail(seq, e);
-                        return false;
+                None
+            }
+            Some(bytes) => {
+                let tried = checkpoint::decode(&bytes).and_then(|ck| {
+                    let (position, clock) = (ck.position, ck.streams.clock);
+                    rebuild_from(&log, &config, ck, damaged).map(|r| (r, position, clock))
+                });
+                match tried {
+                    Ok((r, position, clock)) => {
+                        mark.clock = clock;
+                        mark.bytes = bytes.len() as u64;
+                        opened.checkpoint = Some(position);
+                        Some(r)
+                    }
+                    Err(reason) => {
+                        notes.push(format!(
+                            "index checkpoint not used ({reason}): the whole log was scanned \
+                             to rebuild the streams"
+                        ));
+                        // Never to be used later, when the log may have grown past it.
+                        checkpoint::remove(&dir)?;
+                        None
                     }
                 }
-                s.on_header(&batch.header, &config).is_ok()
-            },
-            |e| {
-                damage
-                    .borrow_mut()
-                    .push(format!("{e}; the rest of that segment is skipped"))
-            },
-        )?;
-        if let Some(reason) = failure.into_inner() {
-            return Err(LogError::Inconsistent(reason));
-        }
-        let mut streams = streams.into_inner();
-        let mut notes = damage.into_inner();
-        let mut discarded: Vec<(u64, PendingPart)> = streams.pending.drain().collect();
-        discarded.sort_by_key(|(seq, _)| *seq);
-        let dead: std::collections::HashSet<u64> = discarded.iter().map(|(seq, _)| *seq).collect();
-        for (_, p) in discarded {
-            // Written, never committed, so never made visible: as if never written.
-            let name = streams
-                .by_id
-                .get(&p.tag.id)
-                .map_or("?".to_string(), |st| st.name.to_string());
-            notes.push(format!(
-                "uncommitted transaction part discarded: stream {name:?} offsets {}..{}",
-                p.tag.base,
-                p.tag.base + p.count
-            ));
-        }
-        let lost: Vec<u32> = streams
-            .by_id
-            .iter()
-            .filter(|(_, st)| !st.defined)
-            .map(|(id, _)| *id)
-            .collect();
-        if !lost.is_empty() && notes.is_empty() {
-            return Err(LogError::Inconsistent(format!(
-                "streams {lost:?} have batches but no definition"
-            )));
-        }
-        for id in lost {
-            // Its definition was in the damaged data: its name is unknown, so its records
-            // cannot be reached; the id stays taken, so it is never reused.
-            notes.push(format!(
-                "stream {id} lost its definition to the damage: its records are unreachable"
-            ));
-        }
-        streams.next_id = streams.next_id.max(1);
+            }
+        };
+        let rebuilt = match loaded {
+            Some(r) => r,
+            None => rebuild(&log, &config, None, damaged)?,
+        };
+        opened.scanned_bytes = rebuilt.scanned;
+        notes.extend(rebuilt.notes);
         Ok(Store {
             inner: Arc::new(Inner {
                 log,
                 config,
-                streams: RwLock::new(streams),
+                streams: RwLock::new(rebuilt.streams),
                 control: Mutex::new(()),
                 last_compact: Mutex::new(None),
                 notes,
-                dead,
+                dead: rebuilt.dead,
+                mark: Mutex::new(mark),
+                closed: AtomicBool::new(false),
+                opened,
             }),
         })
     }
@@ -685,13 +923,130 @@ impl Store {
         self.inner.log.dir()
     }
 
-    /// Syncs and closes the store: later calls return [`LogError::Closed`].
+    /// Writes the index checkpoint now (see [`StoreConfig::checkpoint_bytes`] for when
+    /// [`maybe_checkpoint`](Self::maybe_checkpoint) does it): every stream's state at the end
+    /// of the log as it stands, so that the next open scans only what is appended after it.
+    /// Blocking: syncs the log (the checkpoint never covers what a crash could take back), then
+    /// writes the checkpoint file atomically. Appends wait while the streams' state is copied
+    /// (a few bytes per stream and index entry); reads do not. Returns the log offset it
+    /// stands at.
+    ///
+    /// A transaction part written and not yet committed is counted by the checkpoint and
+    /// listed in it: the checkpoint is used at the next open only if a commit record after
+    /// it names the part (otherwise the store is rebuilt from the whole log, which discards
+    /// the part).
+    pub fn checkpoint(&self) -> Result<u64, LogError> {
+        let mut mark = self.inner.mark.lock();
+        self.inner
+            .write_checkpoint(&mut mark, true)
+            .map(|p| p.unwrap_or_default())
+    }
+
+    /// Writes a checkpoint if one is due: at least [`StoreConfig::checkpoint_bytes`] (and
+    /// at least the last checkpoint's size) appended since the last one, or anything appended
+    /// and [`StoreConfig::checkpoint_interval`] passed. Not while a transaction part waits for
+    /// its commit record, nor while another checkpoint is being written: a later call does
+    /// it. For a maintenance thread (blocking, like [`checkpoint`](Self::checkpoint)); cheap
+    /// when nothing is due. Returns whether it wrote one.
+    pub fn maybe_checkpoint(&self) -> Result<bool, LogError> {
+        let inner = &*self.inner;
+        let Some(mut mark) = inner.mark.try_lock() else {
+            return Ok(false);
+        };
+        let since = inner.streams.read().clock.saturating_sub(mark.clock);
+        let config = &inner.config;
+        let due = since > 0
+            && (config
+                .checkpoint_bytes
+                .is_some_and(|b| since >= b.max(mark.bytes))
+                || config
+                    .checkpoint_interval
+                    .is_some_and(|i| mark.at.elapsed() >= i));
+        if !due {
+            return Ok(false);
+        }
+        inner
+            .write_checkpoint(&mut mark, false)
+            .map(|p| p.is_some())
+    }
+
+    /// How the store rebuilt its streams when it opened: from which checkpoint, scanning how
+    /// many bytes of the log.
+    #[doc(hidden)]
+    pub fn open_scan(&self) -> OpenScan {
+        self.inner.opened
+    }
+
+    /// Writes a checkpoint (with [`StoreConfig::checkpoint_on_close`], if anything was
+    /// appended since the last one and no transaction part waits for its commit record), then
+    /// syncs and closes the store: later calls return [`LogError::Closed`].
     pub fn close(&self) -> Result<(), LogError> {
-        self.inner.log.close()
+        let checkpointed = self.inner.checkpoint_on_close();
+        self.inner.closed.store(true, Ordering::SeqCst);
+        let closed = self.inner.log.close();
+        checkpointed.and(closed)
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if !self.closed.load(Ordering::SeqCst) {
+            // Best effort: without it the next open scans more of the log.
+            let _ = self.checkpoint_on_close();
+        }
     }
 }
 
 impl Inner {
+    /// The checkpoint written when the store closes, if configured and anything changed.
+    fn checkpoint_on_close(&self) -> Result<(), LogError> {
+        if !self.config.checkpoint_on_close {
+            return Ok(());
+        }
+        let mut mark = self.mark.lock();
+        if self.streams.read().clock == mark.clock {
+            return Ok(());
+        }
+        self.write_checkpoint(&mut mark, false).map(|_| ())
+    }
+
+    /// Writes a checkpoint of the streams as they are (see [`Store::checkpoint`]), unless
+    /// transaction parts wait for their commit record and `with_open_parts` is false
+    /// (`Ok(None)`). The caller holds `mark`.
+    fn write_checkpoint(
+        &self,
+        mark: &mut Mark,
+        with_open_parts: bool,
+    ) -> Result<Option<u64>, LogError> {
+        // After an fsync failure what the files hold is unknown: nothing to vouch for.
+        self.log.check_open()?;
+        let (position, clock, state) = {
+            let s = self.streams.read();
+            if !with_open_parts && !s.open_parts.is_empty() {
+                return Ok(None);
+            }
+            (s.end, s.clock, checkpoint::encode_state(&s))
+        };
+        // Taken after the state: a segment created since starts at or after `position`.
+        let segments = self.log.segment_info();
+        let start = segments.first().map_or(0, |&(base, _)| base);
+        let mut dead: Vec<u64> = self.dead.iter().copied().filter(|&s| s >= start).collect();
+        dead.sort_unstable();
+        let bytes = checkpoint::assemble(&segments, &dead, &state);
+        // What it covers is on disk before it is (as far as the durability asks for disks).
+        let durable = self.config.log.durability != Durability::Never;
+        if durable {
+            self.log.sync()?;
+        }
+        checkpoint::write(self.log.dir(), &bytes, durable)?;
+        *mark = Mark {
+            clock,
+            at: Instant::now(),
+            bytes: bytes.len() as u64,
+        };
+        Ok(Some(position))
+    }
+
     /// Appends control records and applies them (under the log's write lock, in log order).
     /// The caller holds `control`.
     fn write_control(&self, ops: &[Op]) -> Result<(), LogError> {
@@ -940,6 +1295,8 @@ impl Stream {
         max_bytes: usize,
     ) -> Result<Vec<StoredRecord>, LogError> {
         let want = std::cell::Cell::new(from.max(self.start()));
+        // Every batch below it is in the log before the scan starts.
+        let end = self.next_offset();
         let mut out = Vec::new();
         let mut bytes = 0usize;
         if max_records == 0 {
@@ -981,6 +1338,16 @@ impl Stream {
                 stream: self.name.to_string(),
                 from: want.get(),
                 to,
+                reason: "records lost to damage".into(),
+            });
+        }
+        if out.is_empty() && scanned.is_ok() && want.get() < end {
+            // The stream's last records (counted by the checkpoint the store opened from) were
+            // in data lost to damage since.
+            return Err(LogError::Damaged {
+                stream: self.name.to_string(),
+                from: want.get(),
+                to: end,
                 reason: "records lost to damage".into(),
             });
         }

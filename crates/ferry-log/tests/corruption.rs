@@ -308,3 +308,117 @@ fn damage_is_told_from_a_torn_tail_across_a_big_batch() {
     let log = Log::open(dir.path(), config).unwrap();
     assert_records(&log, 3);
 }
+
+/// `tolerate_damage`, as a store opens its log.
+fn tolerant() -> LogConfig {
+    LogConfig {
+        tolerate_damage: true,
+        ..one_segment()
+    }
+}
+
+#[test]
+fn damage_in_the_middle_of_the_active_segment_is_quarantined_with_tolerate_damage() {
+    let src = tempfile::tempdir().unwrap();
+    let path = sixty_records(src.path());
+    let pristine = fs::read(&path).unwrap();
+    let (pos, len, base) = batches(&path)[10];
+    assert_eq!(base, 30);
+    // In the length field, the CRC, the header fields and the records.
+    for delta in [0, 1, 4, 9, 12, 20, 30, 42, 43, len / 2, len - 1] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(path.file_name().unwrap());
+        fs::write(&path, &pristine).unwrap();
+        flip_byte(&path, pos + delta);
+        let log = Log::open(dir.path(), tolerant()).unwrap();
+        // Reported once, with the segment and the position of the damage.
+        let notes = log.recovery_notes();
+        assert_eq!(notes.len(), 1, "{delta}: {notes:?}");
+        let at = format!("{} at position {pos}", path.display());
+        assert!(notes[0].contains(&at), "{delta}: {notes:?}");
+        assert!(
+            notes[0].contains("log offsets 30..33 are lost"),
+            "{notes:?}"
+        );
+        // Everything before and after the damaged batch is there; the batches after it were
+        // moved to a new segment starting at their offset, where appends go on.
+        let tail = dir.path().join(format!("{:020}.log", 33));
+        assert_eq!(files(dir.path(), "log"), vec![path.clone(), tail.clone()]);
+        assert_eq!(fs::metadata(&path).unwrap().len(), pos + len);
+        let before = log.read(0, 30, usize::MAX).unwrap();
+        (0..30).for_each(|n| assert_record(&before[n as usize], n));
+        assert!(matches!(
+            log.read(30, 1, 0),
+            Err(LogError::Corrupt { position, .. }) if position == pos
+        ));
+        let after = log.read(33, usize::MAX, usize::MAX).unwrap();
+        assert_eq!(after.len(), 27);
+        after.iter().for_each(|r| assert_record(r, r.offset));
+        assert_eq!(log.next_offset(), 60);
+        append_range(&log, 60, 66, 3);
+        drop(log);
+        // Opening again finds the same: the damaged segment (now sealed) quarantined from the
+        // damage on, the rest intact.
+        for _ in 0..2 {
+            let log = Log::open(dir.path(), tolerant()).unwrap();
+            let notes = log.recovery_notes();
+            assert!(
+                notes.len() == 1 && notes[0].contains(&at) && notes[0].contains("skipped"),
+                "{notes:?}"
+            );
+            assert_eq!(files(dir.path(), "log"), vec![path.clone(), tail.clone()]);
+            assert_eq!(log.read(0, 30, usize::MAX).unwrap().len(), 30);
+            let after = log.read(33, usize::MAX, usize::MAX).unwrap();
+            assert_eq!(after.len(), 33);
+            after.iter().for_each(|r| assert_record(r, r.offset));
+        }
+    }
+}
+
+#[test]
+fn damage_in_several_places_of_the_active_segment_splits_it_each_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = sixty_records(dir.path());
+    let spans = batches(&path);
+    flip_byte(&path, spans[4].0 + 30);
+    flip_byte(&path, spans[12].0 + 30);
+    // And a torn tail: the last batch half written.
+    let (last, last_len, _) = spans[19];
+    let bytes = fs::read(&path).unwrap();
+    fs::write(&path, &bytes[..(last + last_len / 2) as usize]).unwrap();
+    let log = Log::open(dir.path(), tolerant()).unwrap();
+    let notes = log.recovery_notes();
+    assert_eq!(notes.len(), 3, "{notes:?}");
+    assert!(
+        notes[0].contains("log offsets 12..15 are lost"),
+        "{notes:?}"
+    );
+    assert!(
+        notes[1].contains("log offsets 36..39 are lost"),
+        "{notes:?}"
+    );
+    assert!(notes[2].contains("torn tail"), "{notes:?}");
+    assert_eq!(files(dir.path(), "log").len(), 3);
+    assert_eq!(log.next_offset(), 57);
+    for (from, to) in [(0, 12), (15, 36), (39, 57)] {
+        let got = log.read(from, (to - from) as usize, usize::MAX).unwrap();
+        assert_eq!(got.len() as u64, to - from);
+        got.iter().for_each(|r| assert_record(r, r.offset));
+    }
+    append_range(&log, 57, 60, 3);
+}
+
+#[test]
+fn an_interrupted_split_starts_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = sixty_records(dir.path());
+    let (pos, _, _) = batches(&path)[10];
+    flip_byte(&path, pos + 30);
+    // A copy of the tail that was never renamed into place.
+    let leftover = dir.path().join(format!("{:020}.split", 33));
+    fs::write(&leftover, b"half a copy").unwrap();
+    let log = Log::open(dir.path(), tolerant()).unwrap();
+    assert!(!leftover.exists());
+    assert_eq!(log.recovery_notes().len(), 1);
+    assert_eq!(log.read(33, usize::MAX, usize::MAX).unwrap().len(), 27);
+}

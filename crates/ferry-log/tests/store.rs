@@ -10,6 +10,7 @@ use ferry_log::{
     Durability, LogConfig, LogError, RecordIn, RetentionPolicy, Store, StoreConfig, Stream,
 };
 use proptest::prelude::*;
+use proptest::test_runner::TestCaseError;
 
 fn config(segment_bytes: u64, skip_bytes: u64) -> StoreConfig {
     StoreConfig {
@@ -20,6 +21,7 @@ fn config(segment_bytes: u64, skip_bytes: u64) -> StoreConfig {
         },
         index_interval_bytes: 256,
         skip_bytes,
+        ..StoreConfig::default()
     }
 }
 
@@ -34,6 +36,20 @@ fn payload(stream: usize, offset: u64, len: usize) -> Bytes {
 struct Model {
     start: u64,
     payloads: Vec<Bytes>,
+}
+
+/// What happens to the index checkpoint before a reopen.
+#[derive(Debug, Clone)]
+enum Reopen {
+    /// Nothing: the checkpoint written at close (if configured) or the last explicit one.
+    Plain,
+    /// Deleted: the whole log is scanned.
+    Deleted,
+    /// One byte flipped (at this index modulo its size): not used, with a note.
+    Damaged(usize),
+    /// Replaced by an older one of the same store (this index modulo how many were kept):
+    /// used from its position, or not used if it is older than the log's first segment.
+    Stale(usize),
 }
 
 #[derive(Debug, Clone)]
@@ -60,17 +76,38 @@ enum Op {
         s: usize,
         keep: u64,
     },
-    Reopen,
+    /// Write an index checkpoint now.
+    Checkpoint,
+    /// A transaction of `n` records in streams `a` and `b` (one part each), with a checkpoint
+    /// between its parts and its commit record if `checkpoint`; without `commit` the process
+    /// dies before the commit record (the store is reopened), so the parts never count.
+    Tx {
+        a: usize,
+        b: usize,
+        n: usize,
+        checkpoint: bool,
+        commit: bool,
+    },
+    Reopen(Reopen),
 }
 
 fn op_strategy(streams: usize) -> impl Strategy<Value = Op> {
+    let reopen = prop_oneof![
+        3 => Just(Reopen::Plain),
+        1 => Just(Reopen::Deleted),
+        1 => any::<usize>().prop_map(Reopen::Damaged),
+        1 => any::<usize>().prop_map(Reopen::Stale),
+    ];
     prop_oneof![
         10 => (0..streams, 1usize..5, prop_oneof![0usize..40, 200usize..700])
             .prop_map(|(s, n, len)| Op::Append { s, n, len }),
         5 => (0..streams, 0u8..=100, 1usize..50).prop_map(|(s, from, max)| Op::Read { s, from, max }),
         1 => (0..streams, 0u8..=100).prop_map(|(s, to)| Op::Trim { s, to }),
         1 => (0..streams, 0u64..10).prop_map(|(s, keep)| Op::Retain { s, keep }),
-        1 => Just(Op::Reopen),
+        1 => Just(Op::Checkpoint),
+        1 => (0..streams, 0..streams, 1usize..4, any::<bool>(), prop::bool::weighted(0.7))
+            .prop_map(|(a, b, n, checkpoint, commit)| Op::Tx { a, b, n, checkpoint, commit }),
+        2 => reopen.prop_map(Op::Reopen),
     ]
 }
 
@@ -88,15 +125,37 @@ fn check_read(stream: &Stream, model: &Model, from: u64, max: usize) {
     assert_eq!(got, expected, "stream {:?} from {from}", stream.name());
 }
 
+/// Bounds and every record of every stream against the models.
+fn check_all(store: &Store, models: &[Model]) -> Result<(), TestCaseError> {
+    for (s, m) in models.iter().enumerate() {
+        if m.payloads.is_empty() {
+            continue;
+        }
+        let stream = store.stream(NAMES[s]).unwrap();
+        prop_assert_eq!(stream.start(), m.start, "start of {:?}", NAMES[s]);
+        prop_assert_eq!(stream.next_offset(), m.payloads.len() as u64);
+        check_read(&stream, m, 0, usize::MAX);
+    }
+    Ok(())
+}
+
+/// The index checkpoint of the store in `dir`.
+fn checkpoint_file(dir: &std::path::Path) -> std::path::PathBuf {
+    dir.join("streams.checkpoint")
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
     #[test]
     fn store_matches_model(ops in proptest::collection::vec(op_strategy(NAMES.len()), 1..120),
-                           skip in prop_oneof![Just(64u64), Just(1 << 20)]) {
+                           skip in prop_oneof![Just(64u64), Just(1 << 20)],
+                           on_close in any::<bool>()) {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = config(2048, skip);
+        let cfg = StoreConfig { checkpoint_on_close: on_close, ..config(2048, skip) };
         let mut store = Store::open(dir.path(), cfg.clone()).unwrap();
         let mut models: Vec<Model> = vec![Model::default(); NAMES.len()];
+        // Checkpoints written so far, for stale ones.
+        let mut saved: Vec<Vec<u8>> = Vec::new();
         for op in ops {
             match op {
                 Op::Append { s, n, len } => {
@@ -133,9 +192,96 @@ proptest! {
                     m.start = m.start.max((m.payloads.len() as u64).saturating_sub(keep));
                     store.compact(true).unwrap();
                 }
-                Op::Reopen => {
+                Op::Checkpoint => {
+                    store.checkpoint().unwrap();
+                    saved.push(std::fs::read(checkpoint_file(dir.path())).unwrap());
+                }
+                Op::Tx { a, b, n, checkpoint, commit } => {
+                    let mut parts = Vec::new();
+                    let mut written = Vec::new();
+                    for s in if a == b { vec![a] } else { vec![a, b] } {
+                        let stream = store.stream(NAMES[s]).unwrap();
+                        let first = models[s].payloads.len() as u64;
+                        let records: Vec<RecordIn> = (0..n as u64)
+                            .map(|i| RecordIn::new(payload(s, first + i, 30)))
+                            .collect();
+                        parts.push(stream.append_part(first, &records).unwrap());
+                        written.push((s, records));
+                    }
+                    if checkpoint {
+                        store.checkpoint().unwrap();
+                        saved.push(std::fs::read(checkpoint_file(dir.path())).unwrap());
+                    }
+                    if commit {
+                        store.commit_parts(&parts).unwrap();
+                        for (s, records) in written {
+                            models[s].payloads.extend(records.into_iter().map(|r| r.payload));
+                        }
+                    } else {
+                        // The process dies before the commit record: the parts never count.
+                        drop(store);
+                        store = Store::open(dir.path(), cfg.clone()).unwrap();
+                        let notes = store.recovery_notes();
+                        let discarded = notes.iter().filter(|n| n.contains("uncommitted")).count();
+                        // (Parts discarded at earlier opens are discarded again when the log
+                        // is scanned from before them.)
+                        prop_assert!(discarded >= parts.len(), "{:?}", notes);
+                        check_all(&store, &models)?;
+                    }
+                }
+                Op::Reopen(how) => {
+                    let written = !store.stream_names().is_empty();
                     drop(store);
+                    let file = checkpoint_file(dir.path());
+                    let existed = file.exists();
+                    match &how {
+                        Reopen::Plain => {}
+                        Reopen::Deleted => {
+                            if existed {
+                                std::fs::remove_file(&file).unwrap();
+                            }
+                        }
+                        Reopen::Damaged(at) => {
+                            if existed {
+                                let mut bytes = std::fs::read(&file).unwrap();
+                                let at = at % bytes.len();
+                                bytes[at] ^= 0x10;
+                                std::fs::write(&file, bytes).unwrap();
+                            }
+                        }
+                        Reopen::Stale(i) => {
+                            if !saved.is_empty() {
+                                std::fs::write(&file, &saved[i % saved.len()]).unwrap();
+                            }
+                        }
+                    }
                     store = Store::open(dir.path(), cfg.clone()).unwrap();
+                    let notes = store.recovery_notes().to_vec();
+                    let used = store.open_scan().checkpoint.is_some();
+                    match &how {
+                        Reopen::Damaged(_) if existed => {
+                            prop_assert!(!used);
+                            prop_assert!(notes.iter().any(|n| n.contains("index checkpoint not used")), "{:?}", notes);
+                        }
+                        Reopen::Deleted => prop_assert!(!used),
+                        // Written at close, with nothing after it: nothing to scan.
+                        Reopen::Plain if on_close && written => {
+                            prop_assert!(used, "{:?}", notes);
+                            prop_assert_eq!(store.open_scan().scanned_bytes, 0);
+                        }
+                        _ => {}
+                    }
+                    if !used && store.stats().size_bytes > 0 && models.iter().any(|m| !m.payloads.is_empty()) {
+                        // A full scan of a store holding something says why.
+                        prop_assert!(notes.iter().any(|n| n.contains("checkpoint")), "{:?}", notes);
+                    }
+                    if used {
+                        // Nothing to report, but uncommitted parts after an older checkpoint's
+                        // position (restored, or the last explicit one), discarded again.
+                        let fresh = matches!(how, Reopen::Plain) && on_close;
+                        prop_assert!(notes.iter().all(|n| !fresh && n.contains("uncommitted")), "{:?}", notes);
+                    }
+                    check_all(&store, &models)?;
                 }
             }
             for (s, m) in models.iter().enumerate() {
@@ -185,7 +331,10 @@ fn any_name_is_stored_and_recovered_intact() {
     // The directory holds the log's segment files and nothing named after a stream.
     for entry in std::fs::read_dir(dir.path()).unwrap() {
         let name = entry.unwrap().file_name().into_string().unwrap();
-        assert!(name.ends_with(".log") || name.ends_with("index"), "{name}");
+        assert!(
+            name.ends_with(".log") || name.ends_with("index") || name == "streams.checkpoint",
+            "{name}"
+        );
     }
 }
 
@@ -346,11 +495,15 @@ fn a_transaction_across_streams_survives_whole_or_not_at_all() {
     };
     {
         let store = Store::open(dir.path(), cfg.clone()).unwrap();
-        assert_eq!(
-            store.recovery_notes().len(),
-            2,
-            "{:?}",
-            store.recovery_notes()
+        // No checkpoint was written at close (a part waits for its commit record): the whole
+        // log is scanned, and the two parts are discarded.
+        let notes = store.recovery_notes();
+        assert_eq!(store.open_scan().checkpoint, None);
+        assert_eq!(notes.len(), 3, "{notes:?}");
+        assert!(notes[0].contains("no index checkpoint"), "{notes:?}");
+        assert!(
+            notes[1..].iter().all(|n| n.contains("uncommitted")),
+            "{notes:?}"
         );
         let (a, b) = (store.stream("a").unwrap(), store.stream("b").unwrap());
         assert_eq!(payloads(&a), vec![Bytes::from("a0"), Bytes::from("a1")]);
@@ -360,10 +513,204 @@ fn a_transaction_across_streams_survives_whole_or_not_at_all() {
         a.append(2, &[RecordIn::new("a2")]).unwrap();
         store.sync().unwrap();
     }
+    // From the checkpoint written at close, which remembers the discarded parts: readers
+    // still skip them.
     let store = Store::open(dir.path(), cfg).unwrap();
-    let a = store.stream("a").unwrap();
+    assert!(store.open_scan().checkpoint.is_some());
+    assert!(
+        store.recovery_notes().is_empty(),
+        "{:?}",
+        store.recovery_notes()
+    );
+    let (a, b) = (store.stream("a").unwrap(), store.stream("b").unwrap());
     assert_eq!(
         payloads(&a),
         vec![Bytes::from("a0"), Bytes::from("a1"), Bytes::from("a2")]
     );
+    assert_eq!(payloads(&b), vec![Bytes::from("b0"), Bytes::from("b1")]);
+}
+
+/// The `.log` files of `dir`, sorted.
+fn segment_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut logs: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    logs.sort();
+    logs
+}
+
+/// Flips a byte in the payload of the record that contains `needle` (in the only segment).
+fn damage_record(dir: &std::path::Path, needle: &[u8]) -> (std::path::PathBuf, usize) {
+    let logs = segment_files(dir);
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    let mut bytes = std::fs::read(&logs[0]).unwrap();
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .unwrap();
+    bytes[at + needle.len()] ^= 0xff;
+    std::fs::write(&logs[0], &bytes).unwrap();
+    (logs[0].clone(), at)
+}
+
+const DAMAGE_STREAMS: [&str; 4] = ["hit", "a", "b", "c"];
+
+fn damage_payload(name: &str, i: u64) -> Bytes {
+    Bytes::from(format!("{name}-{i:04}-payload"))
+}
+
+/// Records read (offset, payload) and damaged ranges met.
+type ReadAround = (Vec<(u64, Bytes)>, Vec<(u64, u64)>);
+
+/// The records of `stream` from `from` on, reading past damage; the damaged ranges met.
+fn read_around(stream: &Stream, mut from: u64) -> ReadAround {
+    let (mut got, mut damaged) = (Vec::new(), Vec::new());
+    while from < stream.next_offset() {
+        match stream.read(from, 1000, usize::MAX) {
+            Ok(records) => {
+                assert!(!records.is_empty(), "empty read at {from}");
+                from = records.last().unwrap().offset + 1;
+                got.extend(records.into_iter().map(|r| (r.offset, r.payload)));
+            }
+            Err(LogError::Damaged { from: f, to, .. }) => {
+                assert_eq!(f, from);
+                damaged.push((f, to));
+                from = to;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    (got, damaged)
+}
+
+#[test]
+fn a_damaged_batch_in_the_middle_of_the_active_segment_is_contained() {
+    for checkpoint in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        // One large segment: the damage is in the active one. Small skips: index jumps.
+        let cfg = StoreConfig {
+            checkpoint_on_close: checkpoint,
+            ..config(1 << 20, 2048)
+        };
+        {
+            let store = Store::open(dir.path(), cfg.clone()).unwrap();
+            for i in 0..100u64 {
+                for name in DAMAGE_STREAMS {
+                    let s = store.stream(name).unwrap();
+                    s.append(i, &[RecordIn::new(damage_payload(name, i))])
+                        .unwrap();
+                }
+            }
+        }
+        let (damaged, at) = damage_record(dir.path(), b"hit-0050");
+        let check = |store: &Store, end: u64| {
+            for name in &DAMAGE_STREAMS[1..] {
+                // Other streams: whole.
+                let (got, lost) = read_around(&store.stream(name).unwrap(), 0);
+                let want: Vec<(u64, Bytes)> =
+                    (0..end).map(|i| (i, damage_payload(name, i))).collect();
+                assert_eq!((got, lost), (want, vec![]), "{name}");
+            }
+            // The damaged stream: readable around the one record lost.
+            let hit = store.stream("hit").unwrap();
+            let (got, lost) = read_around(&hit, 0);
+            assert_eq!(lost, vec![(50, 51)]);
+            let want: Vec<(u64, Bytes)> = (0..end)
+                .filter(|&i| i != 50)
+                .map(|i| (i, damage_payload("hit", i)))
+                .collect();
+            assert_eq!(got, want);
+            // A read from the middle of the damaged range is told it too.
+            assert!(matches!(
+                hit.read(50, 10, usize::MAX),
+                Err(LogError::Damaged {
+                    from: 50,
+                    to: 51,
+                    ..
+                })
+            ));
+        };
+        let store = Store::open(dir.path(), cfg.clone()).unwrap();
+        // Reported once, with its segment and position.
+        let notes: Vec<&String> = store
+            .recovery_notes()
+            .iter()
+            .filter(|n| !n.contains("no index checkpoint"))
+            .collect();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].contains(&damaged.display().to_string()),
+            "{notes:?}"
+        );
+        assert!(notes[0].contains("at position"), "{notes:?}");
+        assert_eq!(store.open_scan().checkpoint.is_some(), checkpoint);
+        check(&store, 100);
+        // Appends go on at every stream's end, into a new segment after the damaged one,
+        // which stays as it is (with the damage, quarantined).
+        let logs = segment_files(dir.path());
+        assert_eq!(logs.len(), 2);
+        let damaged_len = std::fs::metadata(&damaged).unwrap().len();
+        assert!(damaged_len > at as u64);
+        for name in DAMAGE_STREAMS {
+            let s = store.stream(name).unwrap();
+            assert_eq!(s.next_offset(), 100);
+            s.append(100, &[RecordIn::new(damage_payload(name, 100))])
+                .unwrap();
+        }
+        check(&store, 101);
+        drop(store);
+        assert_eq!(segment_files(dir.path()), logs);
+        assert_eq!(std::fs::metadata(&damaged).unwrap().len(), damaged_len);
+        // Stable: opening again gives the same.
+        for _ in 0..2 {
+            let store = Store::open(dir.path(), cfg.clone()).unwrap();
+            let notes: Vec<&String> = store
+                .recovery_notes()
+                .iter()
+                .filter(|n| !n.contains("no index checkpoint"))
+                .collect();
+            assert_eq!(notes.len(), 1, "{notes:?}");
+            check(&store, 101);
+        }
+    }
+}
+
+#[test]
+fn a_stream_whose_last_records_were_lost_keeps_its_end_with_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(1 << 20, 2048);
+    {
+        let store = Store::open(dir.path(), cfg.clone()).unwrap();
+        let (hit, other) = (store.stream("hit").unwrap(), store.stream("other").unwrap());
+        for i in 0..10u64 {
+            hit.append(i, &[RecordIn::new(damage_payload("hit", i))])
+                .unwrap();
+        }
+        for i in 0..10u64 {
+            other
+                .append(i, &[RecordIn::new(damage_payload("other", i))])
+                .unwrap();
+        }
+        store.close().unwrap();
+    }
+    damage_record(dir.path(), b"hit-0009");
+    let store = Store::open(dir.path(), cfg).unwrap();
+    assert!(store.open_scan().checkpoint.is_some());
+    let hit = store.stream("hit").unwrap();
+    // The checkpoint remembers where the stream ends: its offsets are never given again.
+    assert_eq!(hit.next_offset(), 10);
+    let (got, lost) = read_around(&hit, 0);
+    assert_eq!(got.len(), 9);
+    assert_eq!(lost, vec![(9, 10)]);
+    assert!(hit.append(9, &[RecordIn::new("again")]).is_err());
+    hit.append(10, &[RecordIn::new(damage_payload("hit", 10))])
+        .unwrap();
+    assert_eq!(
+        read_around(&hit, 9),
+        (vec![(10, damage_payload("hit", 10))], vec![(9, 10)])
+    );
+    let (got, lost) = read_around(&store.stream("other").unwrap(), 0);
+    assert_eq!((got.len(), lost.len()), (10, 0));
 }

@@ -327,6 +327,8 @@ impl TopicStore for DiskTopic {
 
     fn apply_retention(&self) -> Result<(), StorageError> {
         self.stream.apply_retention().map_err(|e| self.err(e))?;
+        // The store's index checkpoint, once enough was written since the last one.
+        self.store.maybe_checkpoint().map_err(store_error)?;
         Ok(())
     }
 

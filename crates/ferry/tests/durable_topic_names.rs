@@ -170,13 +170,15 @@ fn walk(dir: &Path, base: &Path, out: &mut Vec<(String, bool)>) {
     }
 }
 
-/// A segment file of the commit log: 20 digits and a known extension.
+/// A file of the commit log: a segment file (20 digits and a known extension), or the index
+/// checkpoint.
 fn is_segment_file(name: &str) -> bool {
-    name.split_once('.').is_some_and(|(stem, ext)| {
-        stem.len() == 20
-            && stem.bytes().all(|b| b.is_ascii_digit())
-            && matches!(ext, "log" | "index" | "timeindex")
-    })
+    name == "streams.checkpoint"
+        || name.split_once('.').is_some_and(|(stem, ext)| {
+            stem.len() == 20
+                && stem.bytes().all(|b| b.is_ascii_digit())
+                && matches!(ext, "log" | "index" | "timeindex")
+        })
 }
 
 fn check_layout(dir: &Path, names: &[String]) -> Result<(), TestCaseError> {

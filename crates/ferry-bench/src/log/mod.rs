@@ -6,8 +6,8 @@
 //!   sequential read bandwidth, fsyncs/s (100 B append + `sync_data`, one writer) and small
 //!   writes/s (100 B `pwrite`, no fsync). See [`disk`].
 //! - `topics`: `--topics` topics (100,000) created on one data directory by a first publish
-//!   each, with the RSS and open files they cost, then the broker's restart time. See
-//!   [`topics`].
+//!   each, with the RSS and open files they cost, then the broker's restart time, from the
+//!   store's index checkpoint and without it (the whole log scanned). See [`topics`].
 //! - `append`: `Log::append` of single-record batches by 1, 4 and 16 threads for a fixed time,
 //!   for each payload and durability policy. See [`append`].
 //! - `engine`: the same through `Broker::open_with` and `Publisher::publish` on a durable topic,
@@ -216,10 +216,10 @@ const TABLE: Table = Table {
              earliest offset.\n\
              topics: records/s is topics per second: created by a first publish each \
              (create), recovered by a restart (restart: Broker::open_with again and one \
-             message read back); rss_per_topic: growth of VmRSS per topic created, bytes; \
-             fds: open files of the process (fds_before: before the broker opened). The store \
-             has no index checkpoint yet: a restart scans the whole log, and there is no \
-             restart-with-checkpoint row.\n\
+             message read back; from the index checkpoint written at shutdown, or with no \
+             checkpoint: the checkpoint file deleted, the whole log scanned); rss_per_topic: \
+             growth of VmRSS per topic created, bytes; fds: open files of the process \
+             (fds_before: before the broker opened); checkpoint_bytes: the checkpoint's size.\n\
              cpu ns: process CPU time (all threads, 10 ms resolution) per record.",
 };
 
@@ -430,10 +430,10 @@ mod tests {
         };
         measure(&mut bench)?;
         let rows = bench.report.rows();
-        // 4 reference rows (raw read warm only), 2 topics rows (create, restart warm), 3
-        // policies x 2 publisher counts, 2 x 2 engine rows and 2 store rows, 3 read rows (log,
-        // store, ferry; warm only) and 2 recovery rows.
-        ensure!(rows.len() == 4 + 2 + 6 + 6 + 3 + 2, "{} rows", rows.len());
+        // 4 reference rows (raw read warm only), 3 topics rows (create, restart warm with and
+        // without checkpoint), 3 policies x 2 publisher counts, 2 x 2 engine rows and 2 store
+        // rows, 3 read rows (log, store, ferry; warm only) and 2 recovery rows.
+        ensure!(rows.len() == 4 + 3 + 6 + 6 + 3 + 2, "{} rows", rows.len());
         for r in rows {
             ensure!(
                 r.delivered > 0 && r.lost == 0 && r.delivered == r.expected,

@@ -10,15 +10,18 @@
 //!   to after the last publish, per topic; `fds`: the open files of the process
 //!   (`/proc/self/fd`) after the last publish, `fds_before` before the broker opened (the same
 //!   runtime); the store's size and segment files. Every topic must exist with one record.
-//! - the broker is shut down and dropped; `restart cold` (page cache dropped before, if
+//! - the broker is shut down and dropped, which writes the store's index checkpoint (every
+//!   stream's state at the end of the log); `restart cold` (page cache dropped before, if
 //!   possible) and `restart warm`: `Broker::open_with` on the same directory, then a
 //!   subscription from `StartPosition::Earliest` to the last topic created, until its one
 //!   message arrives, timed together (`seconds`; `open_s` is the open alone, `first_read_ms`
 //!   the subscription and the read). records/s is topics recovered per second; `fds` is
-//!   counted with the broker open again, `rss` is the process's `VmRSS` then.
-//!
-//! The store has no index checkpoint yet: every restart scans the whole log to rebuild the
-//! streams' indexes, so there is no "restart with checkpoint" row.
+//!   counted with the broker open again, `rss` is the process's `VmRSS` then;
+//!   `checkpoint_bytes` is the checkpoint's size. The store loads the checkpoint and scans
+//!   only the log after it (nothing here).
+//! - `restart cold, no checkpoint` and `restart warm, no checkpoint`: the same after deleting
+//!   the checkpoint file (`store/streams.checkpoint`), so that opening scans the whole log to
+//!   rebuild the streams' indexes, as after a crash before the first checkpoint.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -39,6 +42,8 @@ const PAYLOAD: usize = 100;
 const SHUTDOWN: Duration = Duration::from_secs(30);
 /// How long reading the message back after a restart may take.
 const READ_BACK: Duration = Duration::from_secs(30);
+/// The store's index checkpoint, in the data directory's `store/`.
+const CHECKPOINT: &str = "streams.checkpoint";
 
 /// The name of topic `i`.
 fn topic(i: usize) -> String {
@@ -124,43 +129,80 @@ pub fn run(bench: &mut Bench) -> Result<()> {
     bench.add(r)?;
 
     let last = topic(n - 1);
-    let cold = bench.drop_page_cache();
-    let states: &[bool] = if cold { &[true, false] } else { &[false] };
-    for &cold in states {
-        let state = if cold { "cold" } else { "warm" };
-        eprintln!("running topics restart ({state})");
-        let restart = restart(&dir, &last)?;
-        let mut outcome = Outcome::without_latency(restart.topics, None, restart.total)?;
-        outcome.cpu = restart.cpu;
-        let (system, note) = if cold {
-            ("ferry never restart cold", "page cache dropped before")
-        } else {
-            ("ferry never restart warm", "page cache warm")
-        };
-        let counts = Counts {
-            producers: 0,
-            consumers: 1,
-            published: n as u64,
-            expected: n as u64,
-        };
-        let mut r = row(
-            "topics",
-            system.to_string(),
-            PAYLOAD,
-            counts,
-            &outcome,
-            store_bytes,
-            Some(note),
-        );
-        r.add("seconds", Extra::Value(restart.total.as_secs_f64()));
-        r.add("open_s", Extra::Value(restart.open.as_secs_f64()));
-        let read = restart.total.saturating_sub(restart.open);
-        r.add("first_read_ms", Extra::Value(read.as_secs_f64() * 1e3));
-        add_count(&mut r, "fds", restart.fds);
-        add_count(&mut r, "rss", restart.rss);
-        bench.add(r)?;
+    let checkpoint = store.join(CHECKPOINT);
+    let checkpoint_bytes = std::fs::metadata(&checkpoint)
+        .with_context(|| {
+            format!(
+                "no index checkpoint after the shutdown: {}",
+                checkpoint.display()
+            )
+        })?
+        .len();
+    for with_checkpoint in [true, false] {
+        let cold = bench.drop_page_cache();
+        let states: &[bool] = if cold { &[true, false] } else { &[false] };
+        for &cold in states {
+            let state = match (cold, with_checkpoint) {
+                (true, true) => "cold",
+                (false, true) => "warm",
+                (true, false) => "cold, no checkpoint",
+                (false, false) => "warm, no checkpoint",
+            };
+            eprintln!("running topics restart ({state})");
+            if !with_checkpoint {
+                // The previous restart's shutdown wrote one again.
+                std::fs::remove_file(&checkpoint)
+                    .with_context(|| format!("removing {}", checkpoint.display()))?;
+            }
+            let restart = restart(&dir, &last)?;
+            let note = match (cold, with_checkpoint) {
+                (true, true) => "page cache dropped before, index checkpoint",
+                (false, true) => "page cache warm, index checkpoint",
+                (true, false) => "page cache dropped before, whole log scanned",
+                (false, false) => "page cache warm, whole log scanned",
+            };
+            let mut r = restart_row(n, store_bytes, &restart, state, note)?;
+            if with_checkpoint {
+                r.add("checkpoint_bytes", Extra::Count(checkpoint_bytes));
+            }
+            bench.add(r)?;
+        }
     }
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))
+}
+
+/// The row of one restart (`state`: cold or warm, with or without checkpoint).
+fn restart_row(
+    n: usize,
+    store_bytes: u64,
+    restart: &Restart,
+    state: &str,
+    note: &'static str,
+) -> Result<Row> {
+    let mut outcome = Outcome::without_latency(restart.topics, None, restart.total)?;
+    outcome.cpu = restart.cpu;
+    let counts = Counts {
+        producers: 0,
+        consumers: 1,
+        published: n as u64,
+        expected: n as u64,
+    };
+    let mut r = row(
+        "topics",
+        format!("ferry never restart {state}"),
+        PAYLOAD,
+        counts,
+        &outcome,
+        store_bytes,
+        Some(note),
+    );
+    r.add("seconds", Extra::Value(restart.total.as_secs_f64()));
+    r.add("open_s", Extra::Value(restart.open.as_secs_f64()));
+    let read = restart.total.saturating_sub(restart.open);
+    r.add("first_read_ms", Extra::Value(read.as_secs_f64() * 1e3));
+    add_count(&mut r, "fds", restart.fds);
+    add_count(&mut r, "rss", restart.rss);
+    Ok(r)
 }
 
 fn add_count(row: &mut Row, name: &'static str, value: Option<u64>) {
