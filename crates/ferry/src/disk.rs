@@ -96,7 +96,13 @@ impl DiskStorage {
         }
         let store = Store::open(&store_dir, store_config(&config)).map_err(store_error)?;
         for note in store.recovery_notes() {
-            tracing::error!(dir = %store_dir.display(), "{note}");
+            // Opening without the index checkpoint (after a crash) only takes longer; every
+            // other note is about data cut, skipped or quarantined.
+            if note.contains("index checkpoint") {
+                tracing::warn!(dir = %store_dir.display(), "{note}");
+            } else {
+                tracing::error!(dir = %store_dir.display(), "{note}");
+            }
         }
         Ok(DiskStorage { dir, config, store })
     }
