@@ -147,18 +147,25 @@ impl Broker {
     /// segmented logs on disk (fsync per publish, with group commit), consumer positions and
     /// dead letters survive restarts. See [`Broker::open_with`].
     pub fn open(dir: impl AsRef<std::path::Path>) -> Result<Broker, StorageError> {
-        let storage = crate::disk::DiskStorage::open(dir, crate::disk::DiskConfig::default())?;
-        Broker::with_storage(BrokerConfig::default(), Arc::new(storage))
+        Broker::open_with(
+            dir,
+            BrokerConfig::default(),
+            crate::disk::DiskConfig::default(),
+        )
     }
 
-    /// A durable broker on `dir` with these settings.
+    /// A durable broker on `dir` with these settings. The data directory is opened (and its
+    /// commit log scanned) on the broker's I/O threads while the calling thread waits.
     pub fn open_with(
         dir: impl AsRef<std::path::Path>,
         config: BrokerConfig,
         disk: crate::disk::DiskConfig,
     ) -> Result<Broker, StorageError> {
-        let storage = crate::disk::DiskStorage::open(dir, disk)?;
-        Broker::with_storage(config, Arc::new(storage))
+        let dir = dir.as_ref().to_path_buf();
+        Broker::start_durable(config, move || {
+            let storage = crate::disk::DiskStorage::open(dir, disk)?;
+            Ok(Arc::new(storage))
+        })
     }
 
     /// A durable broker over any [`Storage`]: reopens every stored topic and loads the saved
@@ -170,6 +177,15 @@ impl Broker {
         config: BrokerConfig,
         storage: Arc<dyn Storage>,
     ) -> Result<Broker, StorageError> {
+        Broker::start_durable(config, move || Ok(storage))
+    }
+
+    /// Starts the storage threads, then opens the storage with `open` and reopens its topics
+    /// on an I/O thread.
+    fn start_durable(
+        config: BrokerConfig,
+        open: impl FnOnce() -> Result<Arc<dyn Storage>, StorageError> + Send + 'static,
+    ) -> Result<Broker, StorageError> {
         let thread_error = |what: &str, e: std::io::Error| StorageError::Log {
             topic: format!("({what})"),
             reason: format!("cannot start: {e}"),
@@ -178,9 +194,9 @@ impl Broker {
             IoPool::start(crate::io::IO_THREADS).map_err(|e| thread_error("I/O threads", e))?;
         let committer = Committer::start().map_err(|e| thread_error("commit thread", e))?;
         let opened = {
-            let storage = storage.clone();
             let config = config.clone();
             io.call(move || -> Result<_, StorageError> {
+                let storage = open()?;
                 let positions = storage.load_positions()?;
                 let mut stores = Vec::new();
                 for name in storage.topics()? {
@@ -188,10 +204,10 @@ impl Broker {
                     let store = storage.open_topic(&name, &topic_config)?;
                     stores.push((name, topic_config, store));
                 }
-                Ok((positions, stores))
+                Ok((storage, positions, stores))
             })
         };
-        let (positions, stores) = opened?;
+        let (storage, positions, stores) = opened?;
         let broker = Broker::build(
             config,
             Some(Durability {
