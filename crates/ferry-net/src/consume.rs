@@ -203,12 +203,10 @@ impl HttpConsumers {
         let (member, made) = self.member(group, topic, &o)?;
         if made && self.broker.is_durable() {
             // The group's start position is on disk before it delivers anything, so that
-            // what is published from now on reaches it even across a crash.
-            let broker = self.broker.clone();
-            match tokio::task::spawn_blocking(move || broker.flush()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::error!(error = %e, "saving consumer positions failed"),
-                Err(e) => tracing::error!(error = %e, "saving consumer positions failed"),
+            // what is published from now on reaches it even across a crash (saved on the
+            // broker's I/O threads).
+            if let Err(e) = self.broker.flush_async().await {
+                tracing::error!(error = %e, "saving consumer positions failed");
             }
         }
         *member.last_used.lock() = Instant::now();

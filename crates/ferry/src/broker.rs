@@ -7,6 +7,11 @@
 //!
 //! Invariants:
 //! - lock order: registry -> consumer state -> topic log;
+//! - a durable broker's storage work other than buffered appends runs on its storage threads
+//!   (see [`crate::io`]), never on the caller's thread nor under an engine lock: a topic's
+//!   store is opened before the registry lock is taken, a time seek is looked up before the
+//!   subscription takes it, and maintenance, flushes and reads behind a topic's memory window
+//!   run on the I/O threads;
 //! - the state only moves forward: running -> draining (no new publishes or subscriptions;
 //!   subscribers keep receiving) -> closed (what is left is counted as dropped);
 //! - after shutdown, for every subscription, `assigned == acked + dead_lettered + dropped`;
@@ -18,9 +23,9 @@ use std::future::Future;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::broadcast;
 use tokio::time::Instant;
@@ -33,10 +38,11 @@ use crate::error::{PublishError, SubscribeError};
 use crate::events::{BrokerEvent, EventReceiver};
 use crate::filter::TopicFilter;
 use crate::filter_index::FilterIndex;
+use crate::io::{EngineMutex, EngineRwLock, IoPool};
 use crate::log::{AppendError, Durable, MemoryGauge, Pending, Seek, Topic};
 use crate::message::{Message, Record};
 use crate::stats::{BrokerStats, CounterSnapshot, Health, LagStats, SubscriptionStats, TopicStats};
-use crate::storage::{Positions, Storage, StorageError};
+use crate::storage::{Positions, Storage, StorageError, TopicStore};
 use crate::subscription::{StartPosition, Subscription, SubscriptionBuilder};
 use crate::topic::{TopicError, TopicName};
 use crate::tx::{Transaction, TxError, TxState};
@@ -68,7 +74,7 @@ struct Registry {
 
 pub(crate) struct BrokerInner {
     pub(crate) config: BrokerConfig,
-    registry: RwLock<Registry>,
+    registry: EngineRwLock<Registry>,
     state: AtomicU8,
     next_id: AtomicU64,
     events: broadcast::Sender<BrokerEvent>,
@@ -82,13 +88,23 @@ pub(crate) struct BrokerInner {
     transactions: Mutex<HashMap<u64, Arc<TxState>>>,
     storage: Option<Arc<dyn Storage>>,
     /// Consumer positions: those loaded at open, updated from live consumers when saved.
-    positions: Mutex<Positions>,
-    /// What was saved last (to skip writing an unchanged set).
+    positions: EngineMutex<Positions>,
+    /// What was saved last (to skip writing an unchanged set). Taken only by savers, around
+    /// the write, so that an older set never replaces a newer one.
     saved_positions: Mutex<Positions>,
     /// Where publishes on topics that wait for their sync wait for it (durable brokers).
     committer: Option<Committer>,
     /// Maintenance passes run so far.
     passes: AtomicU64,
+    /// Where every other storage operation that may wait for the disk runs (durable brokers).
+    io: Option<IoPool>,
+}
+
+/// What a durable broker runs on.
+struct Durability {
+    storage: Arc<dyn Storage>,
+    committer: Committer,
+    io: IoPool,
 }
 
 /// What shutdown found.
@@ -138,47 +154,80 @@ impl Broker {
     /// segmented logs on disk (fsync per publish, with group commit), consumer positions and
     /// dead letters survive restarts. See [`Broker::open_with`].
     pub fn open(dir: impl AsRef<std::path::Path>) -> Result<Broker, StorageError> {
-        let storage = crate::disk::DiskStorage::open(dir, crate::disk::DiskConfig::default())?;
-        Broker::with_storage(BrokerConfig::default(), Arc::new(storage))
+        Broker::open_with(
+            dir,
+            BrokerConfig::default(),
+            crate::disk::DiskConfig::default(),
+        )
     }
 
-    /// A durable broker on `dir` with these settings.
+    /// A durable broker on `dir` with these settings. The data directory is opened (and its
+    /// commit log scanned) on the broker's I/O threads while the calling thread waits.
     pub fn open_with(
         dir: impl AsRef<std::path::Path>,
         config: BrokerConfig,
         disk: crate::disk::DiskConfig,
     ) -> Result<Broker, StorageError> {
-        let storage = crate::disk::DiskStorage::open(dir, disk)?;
-        Broker::with_storage(config, Arc::new(storage))
+        let dir = dir.as_ref().to_path_buf();
+        Broker::start_durable(config, move || {
+            let storage = crate::disk::DiskStorage::open(dir, disk)?;
+            Ok(Arc::new(storage))
+        })
     }
 
     /// A durable broker over any [`Storage`]: loads the saved consumer positions (a consumer
     /// group or named subscription made again resumes there). Stored topics are loaded on
     /// their first use (a publish, a subscription matching them, their stats), so opening
     /// costs nothing per topic.
+    ///
+    /// The broker starts its storage threads (see [`crate::storage`]); opening runs on them
+    /// while the calling thread waits.
     pub fn with_storage(
         config: BrokerConfig,
         storage: Arc<dyn Storage>,
     ) -> Result<Broker, StorageError> {
-        let positions = storage.load_positions()?;
-        let committer = Committer::start().map_err(|e| StorageError::Log {
-            topic: "(commit thread)".into(),
-            reason: format!("cannot start: {e}"),
-        })?;
-        Ok(Broker::build(config, Some((storage, committer)), positions))
+        Broker::start_durable(config, move || Ok(storage))
     }
 
-    fn build(
+    /// Starts the storage threads, then opens the storage with `open` and loads the saved
+    /// positions on an I/O thread (stored topics are loaded on their first use).
+    fn start_durable(
         config: BrokerConfig,
-        storage: Option<(Arc<dyn Storage>, Committer)>,
-        positions: Positions,
-    ) -> Self {
+        open: impl FnOnce() -> Result<Arc<dyn Storage>, StorageError> + Send + 'static,
+    ) -> Result<Broker, StorageError> {
+        let thread_error = |what: &str, e: std::io::Error| StorageError::Log {
+            topic: format!("({what})"),
+            reason: format!("cannot start: {e}"),
+        };
+        let io =
+            IoPool::start(crate::io::IO_THREADS).map_err(|e| thread_error("I/O threads", e))?;
+        let committer = Committer::start().map_err(|e| thread_error("commit thread", e))?;
+        let (storage, positions) = io.call(move || -> Result<_, StorageError> {
+            let storage = open()?;
+            let positions = storage.load_positions()?;
+            Ok((storage, positions))
+        })?;
+        Ok(Broker::build(
+            config,
+            Some(Durability {
+                storage,
+                committer,
+                io,
+            }),
+            positions,
+        ))
+    }
+
+    fn build(config: BrokerConfig, durability: Option<Durability>, positions: Positions) -> Self {
         let (events, _) = broadcast::channel(config.event_capacity.max(1));
         let memory = config.memory_limit.map(|l| Arc::new(MemoryGauge::new(l)));
-        let (storage, committer) = storage.unzip();
+        let (storage, committer, io) = match durability {
+            Some(d) => (Some(d.storage), Some(d.committer), Some(d.io)),
+            None => (None, None, None),
+        };
         let inner = Arc::new_cyclic(|weak| BrokerInner {
             config,
-            registry: RwLock::new(Registry::default()),
+            registry: EngineRwLock::new(Registry::default()),
             state: AtomicU8::new(RUNNING),
             next_id: AtomicU64::new(1),
             events,
@@ -192,9 +241,10 @@ impl Broker {
             transactions: Mutex::new(HashMap::new()),
             storage,
             saved_positions: Mutex::new(positions.clone()),
-            positions: Mutex::new(positions),
+            positions: EngineMutex::new(positions),
             committer,
             passes: AtomicU64::new(0),
+            io,
         });
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(maintenance(Arc::downgrade(&inner)));
@@ -211,20 +261,22 @@ impl Broker {
     /// `false` if the topic already exists (its settings are then unchanged).
     pub fn create_topic(&self, topic: &str, config: TopicConfig) -> Result<bool, PublishError> {
         let name = TopicName::new(topic)?;
-        let stored = self
-            .inner
-            .storage
-            .as_ref()
-            .is_some_and(|s| s.has_topic(&name));
-        let mut reg = self.inner.registry.write();
-        if stored || reg.topics.contains_key(&name) {
+        if self.inner.existing_topic(&name).is_some() {
             return Ok(false);
         }
-        reg.configs.insert(name.clone(), config);
-        if let Err(e) = self.inner.create_topic_locked(&mut reg, name.clone()) {
-            reg.configs.remove(&name);
-            return Err(PublishError::Storage(e.to_string()));
+        // The store is opened before the registry is locked (on an I/O thread).
+        let store = self
+            .inner
+            .open_store(&name, &config)
+            .map_err(|e| PublishError::Storage(e.to_string()))?;
+        let mut reg = self.inner.registry.write();
+        if reg.topics.contains_key(&name) {
+            // Made meanwhile by someone else, with the settings it had then.
+            return Ok(false);
         }
+        reg.configs.insert(name.clone(), config.clone());
+        self.inner
+            .insert_topic_locked(&mut reg, name, config, store);
         Ok(true)
     }
 
@@ -258,7 +310,7 @@ impl Broker {
         topic: &str,
         message: impl Into<Message>,
     ) -> Result<u64, PublishError> {
-        let topic = self.inner.user_topic(topic)?;
+        let topic = self.inner.user_topic_async(topic).await?;
         let record = topic.wrap(message.into(), &None);
         self.inner.publish_one(&topic, record).await
     }
@@ -282,7 +334,7 @@ impl Broker {
         topic: &str,
         messages: impl IntoIterator<Item = Message>,
     ) -> Result<Range<u64>, PublishError> {
-        let topic = self.inner.user_topic(topic)?;
+        let topic = self.inner.user_topic_async(topic).await?;
         let records = messages.into_iter().map(|m| topic.wrap(m, &None)).collect();
         self.inner.append_wait(&topic, records).await
     }
@@ -431,6 +483,7 @@ impl Broker {
 
     /// Health.
     pub fn health(&self) -> Health {
+        let topics = self.inner.user_topic_count();
         let reg = self.inner.registry.read();
         Health {
             status: match self.inner.state.load(Ordering::Acquire) {
@@ -439,7 +492,7 @@ impl Broker {
                 _ => "closed",
             },
             uptime: self.inner.epoch.elapsed(),
-            topics: self.inner.user_topic_count(&reg),
+            topics,
             subscriptions: reg.consumers.len(),
         }
     }
@@ -459,14 +512,48 @@ impl Broker {
 
     /// Runs one maintenance pass now (retention by age, stale detection, memory events,
     /// saving consumer positions).
+    ///
+    /// On a durable broker the pass runs on an I/O thread while the calling thread waits.
     pub fn maintain(&self) {
-        self.inner.maintain();
+        match &self.inner.io {
+            Some(io) => {
+                let inner = self.inner.clone();
+                // The pass reads the runtime's clock, if the caller has one.
+                let runtime = tokio::runtime::Handle::try_current().ok();
+                io.call(move || {
+                    let _rt = runtime.as_ref().map(|r| r.enter());
+                    inner.maintain()
+                });
+            }
+            None => self.inner.maintain(),
+        }
     }
 
     /// Makes everything published so far durable and saves the consumer positions now
     /// (otherwise done by the maintenance task and at shutdown). A no-op without storage.
+    ///
+    /// The work runs on an I/O thread while the calling thread waits: from async code, use
+    /// [`flush_async`](Self::flush_async), which does not hold up an async worker.
     pub fn flush(&self) -> Result<(), StorageError> {
-        self.inner.save_positions()
+        match &self.inner.io {
+            Some(io) => {
+                let inner = self.inner.clone();
+                io.call(move || inner.save_positions())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// [`flush`](Self::flush) for async callers: the work runs on an I/O thread and the
+    /// returned future resolves when it is done.
+    pub async fn flush_async(&self) -> Result<(), StorageError> {
+        match &self.inner.io {
+            Some(io) => {
+                let inner = self.inner.clone();
+                io.run(move || inner.save_positions()).await
+            }
+            None => Ok(()),
+        }
     }
 
     /// Whether the broker keeps its topics in durable storage.
@@ -699,17 +786,52 @@ impl BrokerInner {
         if !self.storage.as_ref()?.has_topic(name) {
             return None;
         }
-        let mut reg = self.registry.write();
-        if let Some(t) = reg.topics.get(name) {
-            return Some(t.clone());
-        }
-        match self.create_topic_locked(&mut reg, name.clone()) {
-            Ok(t) => Some(t),
+        let config = self.topic_config(name);
+        match self.open_store(name, &config) {
+            Ok(store) => Some(self.insert_topic(name, config, store)),
             Err(e) => {
                 tracing::error!(topic = %name, error = %e, "loading a stored topic failed");
                 None
             }
         }
+    }
+
+    /// Loads the stored topics `filter` matches that are not loaded, their stores opened on
+    /// an I/O thread (no lock held meanwhile). Returns them: the caller holds them until its
+    /// subscription does, so that they are not unloaded in between.
+    fn load_matching(&self, filter: &TopicFilter) -> Result<Vec<Arc<Topic>>, StorageError> {
+        let (Some(io), Some(storage)) = (&self.io, &self.storage) else {
+            return Ok(Vec::new());
+        };
+        let stored = storage.topics()?;
+        let wanted: Vec<(TopicName, TopicConfig)> = {
+            let reg = self.registry.read();
+            stored
+                .into_iter()
+                .filter(|n| filter.matches(n.as_str()) && !reg.topics.contains_key(n))
+                .map(|n| {
+                    let config = topic_config(&self.config, &reg.configs, &n);
+                    (n, config)
+                })
+                .collect()
+        };
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let storage = storage.clone();
+        let opened = io.call(move || {
+            wanted
+                .into_iter()
+                .map(|(name, config)| {
+                    let store = storage.open_topic(&name, &config)?;
+                    Ok((name, config, store))
+                })
+                .collect::<Result<Vec<_>, StorageError>>()
+        })?;
+        Ok(opened
+            .into_iter()
+            .map(|(name, config, store)| self.insert_topic(&name, config, Some(store)))
+            .collect())
     }
 
     /// Every topic's name: those loaded and those only stored.
@@ -729,41 +851,56 @@ impl BrokerInner {
     }
 
     /// How many user topics exist (every topic of a durable broker has a log).
-    fn user_topic_count(&self, reg: &Registry) -> usize {
+    fn user_topic_count(&self) -> usize {
         match &self.storage {
             Some(storage) => storage.user_topic_count(),
-            None => reg.topics.keys().filter(|t| !t.is_system()).count(),
-        }
-    }
-
-    /// The settings of topic `name`.
-    fn config_for(&self, reg: &Registry, name: &TopicName) -> TopicConfig {
-        if name.is_system() {
-            TopicConfig {
-                capacity: usize::MAX / 2,
-                keep_consumed: true,
-                retention: self.config.dead_letter_retention.clone(),
-                ..TopicConfig::default()
+            None => {
+                let reg = self.registry.read();
+                reg.topics.keys().filter(|t| !t.is_system()).count()
             }
-        } else {
-            reg.configs
-                .get(name)
-                .cloned()
-                .unwrap_or_else(|| self.config.topic_defaults.clone())
         }
     }
 
-    /// The topic `name`, created (and attached to matching consumers) if needed.
+    /// The I/O threads (durable brokers).
+    pub(crate) fn io(&self) -> Option<&IoPool> {
+        self.io.as_ref()
+    }
+
+    /// The topic `name`, created (and attached to matching consumers) if needed. A new durable
+    /// topic's store is opened on an I/O thread while the calling thread waits, before the
+    /// registry is locked.
     pub(crate) fn topic(&self, name: &TopicName) -> Result<Arc<Topic>, PublishError> {
-        if let Some(t) = self.registry.read().topics.get(name) {
-            return Ok(t.clone());
+        if let Some(t) = self.existing_topic(name) {
+            return Ok(t);
         }
-        let mut reg = self.registry.write();
-        if let Some(t) = reg.topics.get(name) {
-            return Ok(t.clone());
+        let config = self.topic_config(name);
+        let store = self
+            .open_store(name, &config)
+            .map_err(|e| PublishError::Storage(e.to_string()))?;
+        Ok(self.insert_topic(name, config, store))
+    }
+
+    /// [`topic`](Self::topic) for async callers: a new durable topic's store is opened on an
+    /// I/O thread while the task waits.
+    pub(crate) async fn topic_async(&self, name: &TopicName) -> Result<Arc<Topic>, PublishError> {
+        if let Some(t) = self.existing_topic(name) {
+            return Ok(t);
         }
-        self.create_topic_locked(&mut reg, name.clone())
-            .map_err(|e| PublishError::Storage(e.to_string()))
+        // Boxed: the publish futures stay small on the common path.
+        Box::pin(self.make_topic_async(name)).await
+    }
+
+    async fn make_topic_async(&self, name: &TopicName) -> Result<Arc<Topic>, PublishError> {
+        let config = self.topic_config(name);
+        let store = match (&self.io, &self.storage) {
+            (Some(io), Some(storage)) => {
+                let (storage, name, config) = (storage.clone(), name.clone(), config.clone());
+                let opened = io.run(move || storage.open_topic(&name, &config)).await;
+                Some(opened.map_err(|e| PublishError::Storage(e.to_string()))?)
+            }
+            _ => None,
+        };
+        Ok(self.insert_topic(name, config, store))
     }
 
     fn user_topic(&self, topic: &str) -> Result<Arc<Topic>, PublishError> {
@@ -774,12 +911,58 @@ impl BrokerInner {
         self.topic(&name)
     }
 
-    fn create_topic_locked(
+    async fn user_topic_async(&self, topic: &str) -> Result<Arc<Topic>, PublishError> {
+        let name = TopicName::new(topic)?;
+        if !self.running() {
+            return Err(PublishError::Closed);
+        }
+        self.topic_async(&name).await
+    }
+
+    /// The settings a topic made without its own gets.
+    fn topic_config(&self, name: &TopicName) -> TopicConfig {
+        topic_config(&self.config, &self.registry.read().configs, name)
+    }
+
+    /// Opens the store of topic `name` on an I/O thread (the calling thread waits); `None`
+    /// without storage. The caller holds no engine lock.
+    pub(crate) fn open_store(
+        &self,
+        name: &TopicName,
+        config: &TopicConfig,
+    ) -> Result<Option<Arc<dyn TopicStore>>, StorageError> {
+        match (&self.io, &self.storage) {
+            (Some(io), Some(storage)) => {
+                let (storage, name, config) = (storage.clone(), name.clone(), config.clone());
+                io.call(move || storage.open_topic(&name, &config))
+                    .map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Registers topic `name` over `store` (opened beforehand), unless it was made meanwhile:
+    /// then the topic made first (the store opened twice is the same log).
+    fn insert_topic(
+        &self,
+        name: &TopicName,
+        config: TopicConfig,
+        store: Option<Arc<dyn TopicStore>>,
+    ) -> Arc<Topic> {
+        let mut reg = self.registry.write();
+        if let Some(t) = reg.topics.get(name) {
+            return t.clone();
+        }
+        self.insert_topic_locked(&mut reg, name.clone(), config, store)
+    }
+
+    fn insert_topic_locked(
         &self,
         reg: &mut Registry,
         name: TopicName,
-    ) -> Result<Arc<Topic>, StorageError> {
-        let config = self.config_for(reg, &name);
+        config: TopicConfig,
+        store: Option<Arc<dyn TopicStore>>,
+    ) -> Arc<Topic> {
         // Dead-letter topics are bounded by their retention, not by the memory limit: a dead
         // letter is never refused.
         let gauge = if name.is_system() {
@@ -787,14 +970,11 @@ impl BrokerInner {
         } else {
             self.memory.clone()
         };
-        let durable = match &self.storage {
-            Some(storage) => Some(Durable {
-                store: storage.open_topic(&name, &config)?,
-                hot_records: self.config.hot_window.records.max(1),
-                hot_bytes: self.config.hot_window.bytes.max(1),
-            }),
-            None => None,
-        };
+        let durable = store.map(|store| Durable {
+            store,
+            hot_records: self.config.hot_window.records.max(1),
+            hot_bytes: self.config.hot_window.bytes.max(1),
+        });
         let topic = Arc::new(Topic::new(name.clone(), config, gauge, durable));
         let mut matching = Vec::new();
         reg.index
@@ -809,7 +989,7 @@ impl BrokerInner {
             }
         }
         reg.topics.insert(name, topic.clone());
-        Ok(topic)
+        topic
     }
 
     /// Where a consumer starts on a topic: its saved position, if it has one; the start of
@@ -829,7 +1009,7 @@ impl BrokerInner {
     }
 
     /// Syncs the storage, then saves the consumer positions if they changed: a saved
-    /// position never points past what is durable.
+    /// position never points past what is durable. Blocking: runs on an I/O thread.
     fn save_positions(&self) -> Result<(), StorageError> {
         let Some(storage) = &self.storage else {
             return Ok(());
@@ -854,17 +1034,18 @@ impl BrokerInner {
         Ok(())
     }
 
-    /// Appends and, on a topic whose store waits for its sync, waits for it (blocking the
-    /// thread: for callers that do not wait asynchronously).
+    /// Appends and, on a topic whose store waits for its sync, waits for the commit thread's
+    /// sync (blocking the thread: for callers that do not wait asynchronously).
     pub(crate) fn append(
         &self,
-        topic: &Topic,
+        topic: &Arc<Topic>,
         records: &mut impl Pending,
     ) -> Result<Range<u64>, PublishError> {
         let range = self.append_unsynced(topic, records)?;
-        topic
-            .sync_and_reveal(range.end)
-            .map_err(|e| BrokerInner::append_error(topic, e))?;
+        if topic.waits_for_sync() {
+            crate::io::block_on(self.submit(topic, range.end)?)
+                .map_err(|e| BrokerInner::append_error(topic, e))?;
+        }
         Ok(range)
     }
 
@@ -898,7 +1079,11 @@ impl BrokerInner {
     }
 
     /// Hands `topic`'s records below `end` to the commit thread (see [`Committer::submit`]).
-    fn submit(&self, topic: &Arc<Topic>, end: u64) -> Result<crate::commit::Durable, PublishError> {
+    pub(crate) fn submit(
+        &self,
+        topic: &Arc<Topic>,
+        end: u64,
+    ) -> Result<crate::commit::Durable, PublishError> {
         // Only a durable broker has topics that wait for their sync, and it has a commit thread.
         let committer = self
             .committer
@@ -1009,6 +1194,33 @@ impl BrokerInner {
         if policy.prefetch == 0 {
             return Err(SubscribeError::InvalidOption("prefetch must be at least 1"));
         }
+        // Storage work first, before the registry is locked (on an I/O thread): opening the
+        // store of a new topic, and looking the start time up in the stores' time indexes.
+        let mut opened = None;
+        // Stored topics a pattern matches are loaded (and held until the subscription holds
+        // them) like every other.
+        let mut _loaded = Vec::new();
+        if let TopicFilter::Exact(name) = &filter {
+            if self.storage.is_some() && self.existing_topic(name).is_none() {
+                let config = self.topic_config(name);
+                let store = self
+                    .open_store(name, &config)
+                    .map_err(|e| SubscribeError::Storage(e.to_string()))?;
+                opened = Some((config, store));
+            }
+        } else {
+            _loaded = self
+                .load_matching(&filter)
+                .map_err(|e| SubscribeError::Storage(e.to_string()))?;
+        }
+        let joins = b
+            .group
+            .as_ref()
+            .is_some_and(|g| self.registry.read().groups.contains_key(g));
+        let found = match b.start {
+            StartPosition::Timestamp(t) if !joins => self.offsets_at(&filter, t),
+            _ => HashMap::new(),
+        };
         let member = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut reg = self.registry.write();
         if let Some(group) = &b.group {
@@ -1065,32 +1277,23 @@ impl BrokerInner {
             StartPosition::Timestamp(t) => Seek::Time(t),
         };
         let key = consumer.durable_key.as_deref();
+        // A time found in a topic's store; topics made since the look-up search memory.
+        let seek_on = |name: &TopicName| found.get(name).map_or(seek, |&o| Seek::Found(o));
         if let TopicFilter::Exact(name) = &filter {
             let existing = reg.topics.get(name).cloned();
             let topic = match existing {
                 Some(t) => t.clone(),
-                None => self
-                    .create_topic_locked(&mut reg, name.clone())
-                    .map_err(|e| SubscribeError::Storage(e.to_string()))?,
-            };
-            consumer.attach(&topic, self.seek_for(key, name, seek));
-        } else {
-            // Stored topics the filter matches are loaded first, so that the subscription
-            // holds them like every other.
-            if let Some(storage) = &self.storage {
-                let stored = storage
-                    .topics()
-                    .map_err(|e| SubscribeError::Storage(e.to_string()))?;
-                for name in stored {
-                    if filter.matches(name.as_str()) && !reg.topics.contains_key(&name) {
-                        self.create_topic_locked(&mut reg, name)
-                            .map_err(|e| SubscribeError::Storage(e.to_string()))?;
-                    }
+                None => {
+                    let (config, store) = opened
+                        .unwrap_or_else(|| (topic_config(&self.config, &reg.configs, name), None));
+                    self.insert_topic_locked(&mut reg, name.clone(), config, store)
                 }
-            }
+            };
+            consumer.attach(&topic, self.seek_for(key, name, seek_on(name)));
+        } else {
             for (name, topic) in &reg.topics {
                 if filter.matches(name.as_str()) {
-                    consumer.attach(topic, self.seek_for(key, name, seek));
+                    consumer.attach(topic, self.seek_for(key, name, seek_on(name)));
                 }
             }
         }
@@ -1105,6 +1308,37 @@ impl BrokerInner {
             b.batch
         };
         Ok(Subscription::new(broker.clone(), consumer, member, batch))
+    }
+
+    /// For each durable topic `filter` matches, the first offset published at or after `time`,
+    /// looked up on an I/O thread while the calling thread waits (no lock held meanwhile).
+    fn offsets_at(&self, filter: &TopicFilter, time: SystemTime) -> HashMap<TopicName, u64> {
+        let Some(io) = &self.io else {
+            return HashMap::new();
+        };
+        let topics: Vec<Arc<Topic>> = self
+            .registry
+            .read()
+            .topics
+            .iter()
+            .filter(|(name, t)| t.store().is_some() && filter.matches(name.as_str()))
+            .map(|(_, t)| t.clone())
+            .collect();
+        if topics.is_empty() {
+            return HashMap::new();
+        }
+        io.call(move || {
+            let mut found = HashMap::with_capacity(topics.len());
+            for t in topics {
+                let Some(store) = t.store() else { continue };
+                let offset = store.offset_at(time).unwrap_or_else(|e| {
+                    tracing::warn!(topic = %t.name, error = %e, "time lookup failed; starting at the tail");
+                    t.tail()
+                });
+                found.insert(t.name.clone(), offset);
+            }
+            found
+        })
     }
 
     /// Removes a consumer from the registry and closes it (unsubscribed). Returns whether it
@@ -1156,6 +1390,65 @@ impl BrokerInner {
 
     fn all_topics(&self) -> Vec<Arc<Topic>> {
         self.registry.read().topics.values().cloned().collect()
+    }
+
+    /// A copy of `topic`'s retained records from `from`, at most `max`. Records only in the
+    /// store are read on an I/O thread while the calling thread waits.
+    pub(crate) fn snapshot(&self, topic: &Arc<Topic>, from: u64, max: usize) -> Vec<Arc<Record>> {
+        match topic.snapshot(from, max) {
+            Ok(records) => records,
+            Err((from, max)) => match &self.io {
+                Some(io) => {
+                    let t = topic.clone();
+                    let read = io.call(move || t.read_stored(from, max));
+                    revive(topic, read)
+                }
+                None => Vec::new(),
+            },
+        }
+    }
+
+    /// [`snapshot`](Self::snapshot) for async callers.
+    pub(crate) async fn snapshot_async(
+        &self,
+        topic: &Arc<Topic>,
+        from: u64,
+        max: usize,
+    ) -> Vec<Arc<Record>> {
+        match topic.snapshot(from, max) {
+            Ok(records) => records,
+            Err((from, max)) => match &self.io {
+                Some(io) => {
+                    let t = topic.clone();
+                    let read = io.run(move || t.read_stored(from, max)).await;
+                    revive(topic, read)
+                }
+                None => Vec::new(),
+            },
+        }
+    }
+
+    /// Releases `topic`'s records below `until` (see [`Topic::truncate_before`]); a durable
+    /// topic's store is trimmed on an I/O thread while the calling thread waits.
+    pub(crate) fn truncate_before(&self, topic: &Arc<Topic>, until: u64) -> u64 {
+        match &self.io {
+            Some(io) => {
+                let t = topic.clone();
+                io.call(move || t.truncate_before(until))
+            }
+            None => topic.truncate_before(until),
+        }
+    }
+
+    /// [`truncate_before`](Self::truncate_before) for async callers.
+    pub(crate) async fn truncate_before_async(&self, topic: &Arc<Topic>, until: u64) -> u64 {
+        match &self.io {
+            Some(io) => {
+                let t = topic.clone();
+                io.run(move || t.truncate_before(until)).await
+            }
+            None => topic.truncate_before(until),
+        }
     }
 
     /// Stores a dead letter in its source topic's dead-letter queue.
@@ -1211,10 +1504,11 @@ impl BrokerInner {
     }
 
     fn stats(&self) -> BrokerStats {
-        let (topics, mut counters, n) = {
+        let n = self.user_topic_count();
+        let (topics, mut counters) = {
             let reg = self.registry.read();
             let topics: Vec<Arc<Topic>> = reg.topics.values().cloned().collect();
-            (topics, reg.retired, self.user_topic_count(&reg))
+            (topics, reg.retired)
         };
         let consumers = self.consumers();
         let (mut depth, mut bytes, mut dead) = (0, 0, 0);
@@ -1379,7 +1673,7 @@ impl BrokerInner {
                 if reg.topics.contains_key(&name) {
                     continue;
                 }
-                self.config_for(&reg, &name)
+                topic_config(&self.config, &reg.configs, &name)
             };
             let applied = storage
                 .open_topic(&name, &config)
@@ -1424,7 +1718,11 @@ impl BrokerInner {
         };
         // Positions first: closing the consumers below counts what they had not settled as
         // dropped, but on disk it stays, for the next run.
-        if let Err(e) = self.save_positions() {
+        let saved = match (&self.io, self.weak.upgrade()) {
+            (Some(io), Some(inner)) => io.run(move || inner.save_positions()).await,
+            _ => Ok(()),
+        };
+        if let Err(e) = saved {
             tracing::error!(error = %e, "saving consumer positions at shutdown failed");
         }
         self.state.store(CLOSED, Ordering::Release);
@@ -1466,12 +1764,54 @@ async fn maintenance(inner: Weak<BrokerInner>) {
         if b.state.load(Ordering::Acquire) == CLOSED {
             return;
         }
-        if b.storage.is_some() {
-            // Saving positions and retention fsync and delete files: not on an async worker.
-            let _ = tokio::task::spawn_blocking(move || b.maintain()).await;
-        } else {
-            b.maintain();
+        match &b.io {
+            // Saving positions and retention fsync and delete files: on an I/O thread.
+            Some(io) => {
+                // Entered on the I/O thread: the pass reads the runtime's clock.
+                let runtime = tokio::runtime::Handle::current();
+                let pass = io.run({
+                    let b = b.clone();
+                    move || {
+                        let _rt = runtime.enter();
+                        b.maintain()
+                    }
+                });
+                drop(b);
+                pass.await;
+            }
+            None => b.maintain(),
         }
+    }
+}
+
+/// The records of a read from `topic`'s store (none if it failed: reported where it failed).
+fn revive(topic: &Topic, read: Result<crate::log::StoreRead, StorageError>) -> Vec<Arc<Record>> {
+    read.map_or_else(
+        |_| Vec::new(),
+        |r| r.records.into_iter().map(|s| topic.revive(s)).collect(),
+    )
+}
+
+/// The settings of topic `name` when it has none of its own: those given to
+/// [`Broker::create_topic`] (in `configs`), else the broker's defaults; dead-letter topics
+/// keep what they hold, within the dead-letter retention.
+fn topic_config(
+    config: &BrokerConfig,
+    configs: &HashMap<TopicName, TopicConfig>,
+    name: &TopicName,
+) -> TopicConfig {
+    if name.is_system() {
+        TopicConfig {
+            capacity: usize::MAX / 2,
+            keep_consumed: true,
+            retention: config.dead_letter_retention.clone(),
+            ..TopicConfig::default()
+        }
+    } else {
+        configs
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| config.topic_defaults.clone())
     }
 }
 

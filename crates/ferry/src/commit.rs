@@ -145,6 +145,7 @@ impl Future for Durable {
 }
 
 fn run(shared: &Shared) {
+    crate::io::mark_storage_thread();
     let mut batch = Vec::new();
     loop {
         {

@@ -13,14 +13,17 @@
 //! - no timer task per message: ack deadlines and nack delays sit in one heap, processed when a
 //!   member fetches; a waiting member sleeps until the earliest deadline;
 //! - lock order: broker registry -> consumer state -> topic log. Dead letters are published only
-//!   after the consumer state lock is released.
+//!   after the consumer state lock is released;
+//! - a cursor behind a durable topic's memory window never reads the store itself: it asks the
+//!   broker's I/O threads for the next batch and takes it on a later fetch, under the state
+//!   lock, only if the cursor is still where the read began (so `try_recv` never waits for the
+//!   disk, and no lock is held while the disk is read).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use crate::broker::BrokerInner;
@@ -28,7 +31,8 @@ use crate::dlq::DeadLetterReason;
 use crate::error::{AckError, RecvError};
 use crate::filter::TopicFilter;
 use crate::headers_filter::{all_match, HeaderMatch};
-use crate::log::{Hold, Seek, Topic};
+use crate::io::{Completer, EngineMutex, Slot};
+use crate::log::{Hold, Hot, Seek, StoreRead, Topic};
 use crate::message::Record;
 use crate::signal::Signal;
 use crate::stats::{Counters, SubscriptionStats};
@@ -69,6 +73,24 @@ struct Cursor {
     hold: Arc<Hold>,
     /// Offsets delivered but not yet settled (manual mode).
     unsettled: BTreeSet<u64>,
+    /// Reads behind a durable topic's memory window (made on first use).
+    stored: Option<Box<StoreReads>>,
+}
+
+/// How many records an I/O thread reads from the store at a time for a cursor behind its
+/// topic's memory window.
+const STORE_READ: usize = 1024;
+
+/// A cursor's reads behind its topic's memory window: the I/O threads read the store, the
+/// cursor takes what they read under the consumer's lock afterwards (no lock is held while
+/// they read). At most one read is on its way; it continues where the records ready end, so
+/// a cursor reading through the store sequentially finds the next batch read ahead.
+#[derive(Default)]
+struct StoreReads {
+    /// Records read for the cursor, valid while the cursor is where they start.
+    ready: Option<StoreRead>,
+    /// The read on its way (`None` inside: it failed, and is asked for again on a later fetch).
+    pending: Option<Arc<Slot<Option<StoreRead>>>>,
 }
 
 impl Cursor {
@@ -77,6 +99,87 @@ impl Cursor {
     fn settle(&mut self, offset: u64) {
         self.unsettled.remove(&offset);
         self.update_hold();
+    }
+
+    /// For a cursor behind its topic's memory window (which starts at `base`): takes up to
+    /// `max` records from what the I/O threads read for it, and asks for the next read (whose
+    /// end wakes `signal`). Returns how many offsets it skipped (released by retention, or
+    /// damaged), or `None` if nothing was ready: a read is on its way.
+    fn read_behind(
+        &mut self,
+        max: usize,
+        base: u64,
+        signal: &Arc<Signal>,
+        broker: &Weak<BrokerInner>,
+        out: &mut impl FnMut(Arc<Record>),
+    ) -> Option<u64> {
+        let reads = self.stored.get_or_insert_with(Box::default);
+        let mut progress = None;
+        // The records ready, then those of the read that continues them.
+        for _ in 0..2 {
+            if reads.ready.is_none() {
+                if !reads.pending.as_ref().is_some_and(|p| p.is_done()) {
+                    break;
+                }
+                reads.ready = reads.pending.take().and_then(|p| p.try_take()).flatten();
+            }
+            let Some(r) = reads.ready.as_mut() else {
+                continue;
+            };
+            if r.from != self.next {
+                // Read for a position the cursor has left.
+                reads.ready = None;
+                continue;
+            }
+            let mut skipped = 0;
+            let mut taken = 0;
+            while taken < max {
+                let Some(s) = r.records.pop_front() else {
+                    break;
+                };
+                skipped += s.offset - self.next;
+                self.next = s.offset + 1;
+                out(self.topic.revive(s));
+                taken += 1;
+            }
+            if r.records.is_empty() {
+                skipped += r.end.saturating_sub(self.next);
+                self.next = self.next.max(r.end);
+                reads.ready = None;
+            } else {
+                r.from = self.next;
+            }
+            if taken > 0 || skipped > 0 {
+                progress = Some(skipped);
+                break;
+            }
+        }
+        // Read on (ahead of the consumer, while it handles what it just took).
+        let resume = reads.ready.as_ref().map_or(self.next, |r| r.end);
+        if reads.pending.is_none() && resume < base && resume < self.topic.tail() {
+            if let Some(b) = broker.upgrade() {
+                if let Some(io) = b.io() {
+                    let slot = Arc::new(Slot::default());
+                    let done = Completer::new(slot.clone());
+                    let topic = self.topic.clone();
+                    let signal = signal.clone();
+                    io.spawn(move || {
+                        let read = topic.read_stored(resume, STORE_READ).ok();
+                        // A read that found nothing (or failed) wakes nobody: the cursor asks
+                        // again when it is woken for another reason, not in a loop.
+                        let found = read
+                            .as_ref()
+                            .is_some_and(|r| !r.records.is_empty() || r.end > r.from);
+                        done.complete(read);
+                        if found {
+                            signal.notify_one();
+                        }
+                    });
+                    reads.pending = Some(slot);
+                }
+            }
+        }
+        progress
     }
 
     fn update_hold(&self) {
@@ -226,7 +329,7 @@ pub(crate) struct Consumer {
     pub(crate) headers: Vec<HeaderMatch>,
     /// The key its positions are saved under, if they are.
     pub(crate) durable_key: Option<String>,
-    state: Mutex<State>,
+    state: EngineMutex<State>,
     /// Members waiting for records (topics notify it on append).
     pub(crate) signal: Arc<Signal>,
     /// Members waiting because they hold `prefetch` unsettled deliveries (settling wakes them).
@@ -252,7 +355,7 @@ impl Consumer {
             policy: spec.policy,
             headers: spec.headers,
             durable_key: spec.durable_key,
-            state: Mutex::new(State::default()),
+            state: EngineMutex::new(State::default()),
             signal: Arc::new(Signal::new()),
             acks: Signal::new(),
             counters: Counters::default(),
@@ -311,6 +414,7 @@ impl Consumer {
             next: start,
             hold,
             unsettled: BTreeSet::new(),
+            stored: None,
         });
         drop(st);
         // Records may already be waiting (an earliest or offset start).
@@ -416,10 +520,20 @@ impl Consumer {
                 if want == 0 {
                     continue;
                 }
-                progressed = true;
                 // Under the topic lock, only collect the records; deliveries are made after it is
                 // released, so that readers and publishers hold the lock as briefly as possible.
-                let skipped = c.topic.read(&mut c.next, want, &mut |r| scratch.push(r));
+                let push = &mut |r| scratch.push(r);
+                let skipped = match c.topic.read(&mut c.next, want, push) {
+                    Hot::Read(skipped) => skipped,
+                    Hot::Behind { base } => {
+                        match c.read_behind(want, base, &self.signal, &self.broker, push) {
+                            Some(skipped) => skipped,
+                            // Only on disk: an I/O thread reads it and wakes the consumer.
+                            None => continue,
+                        }
+                    }
+                };
+                progressed = true;
                 // The flags are read after the read: a publisher sets them before its append, so
                 // every record just read that expires, is delayed or has a priority is covered
                 // (read before it, a record appended in between would slip through unchecked).
@@ -890,6 +1004,7 @@ impl Consumer {
             let lag = tail.saturating_sub(c.next);
             c.next = tail;
             c.unsettled.clear();
+            c.stored = None;
             c.hold.set(tail);
             self.counters.add_dropped(lag);
             c.topic.counters.add_dropped(lag);

@@ -169,13 +169,16 @@ impl DeadLetterQueue {
         self.len() == 0
     }
 
-    /// Up to `max` dead letters, oldest first.
+    /// Up to `max` dead letters, oldest first. On a durable broker, those only on disk are read
+    /// on an I/O thread while the calling thread waits.
     pub fn list(&self, max: usize) -> Vec<DeadLetter> {
         let Some(t) = self.broker.inner.existing_topic(&self.name) else {
             return Vec::new();
         };
         let (first, _) = t.bounds();
-        t.snapshot(first, max)
+        self.broker
+            .inner
+            .snapshot(&t, first, max)
             .iter()
             .filter_map(|r| DeadLetter::from_record(r))
             .collect()
@@ -196,7 +199,7 @@ impl DeadLetterQueue {
             return Ok(0);
         };
         let (first, _) = t.bounds();
-        let records = t.snapshot(first, max);
+        let records = self.broker.inner.snapshot_async(&t, first, max).await;
         let Some(last) = records.last().map(|r| r.offset()) else {
             return Ok(0);
         };
@@ -209,15 +212,16 @@ impl DeadLetterQueue {
         self.broker
             .publish_batch(self.source.as_str(), letters)
             .await?;
-        t.truncate_before(last + 1);
+        self.broker.inner.truncate_before_async(&t, last + 1).await;
         Ok(n)
     }
 
-    /// Deletes every dead letter. Returns how many.
+    /// Deletes every dead letter. Returns how many. On a durable broker the store is trimmed
+    /// on an I/O thread while the calling thread waits.
     pub fn purge(&self) -> usize {
-        self.broker
-            .inner
+        let inner = &self.broker.inner;
+        inner
             .existing_topic(&self.name)
-            .map_or(0, |t| t.truncate_before(u64::MAX) as usize)
+            .map_or(0, |t| inner.truncate_before(&t, u64::MAX) as usize)
     }
 }

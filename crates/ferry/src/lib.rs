@@ -31,7 +31,8 @@
 //! - [`middleware`]: `tower` layers for handlers (timeouts, retries, limits, batches, dedup);
 //! - [`dlq`]: dead-letter queues; [`stats`]: counters and snapshots; [`events`]: lifecycle events;
 //! - `broker`: the registry, publishing, stats, maintenance and graceful shutdown;
-//! - `signal`: the publisher-to-consumer wake-up hand-off (checked with loom).
+//! - `signal`: the publisher-to-consumer wake-up hand-off (checked with loom);
+//! - `io`: a durable broker's I/O threads, where storage work that waits for the disk runs.
 
 #![deny(missing_docs)]
 
@@ -47,6 +48,7 @@ pub mod filter;
 mod filter_index;
 pub mod handler;
 mod headers_filter;
+mod io;
 mod log;
 pub mod message;
 pub mod middleware;

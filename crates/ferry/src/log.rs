@@ -15,9 +15,10 @@
 //!
 //! A durable topic also has a [`TopicStore`]: records are appended to it under the lock, in
 //! offset order, before they enter the in-memory log, which then is only a bounded window of
-//! recent records (`hot`). A cursor behind that window reads from the store. When the store
-//! waits for its sync (fsync-always), `tail` moves only after the sync, so subscribers never see
-//! a record that a crash could still take away.
+//! recent records (`hot`). A cursor behind that window reads from the store, on the broker's
+//! I/O threads and without the lock ([`Topic::read_stored`]). When the store waits for its sync
+//! (fsync-always), `tail` moves only after the sync, on the commit thread, so subscribers never
+//! see a record that a crash could still take away.
 
 use std::collections::VecDeque;
 use std::ops::Range;
@@ -25,13 +26,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use parking_lot::Mutex;
-
 use crate::config::{Overflow, Retention, TopicConfig};
+use crate::io::{EngineMutex, EngineMutexGuard};
 use crate::message::{Message, Record};
 use crate::signal::Signal;
 use crate::stats::{Counters, Padded};
-use crate::storage::{StorageError, TopicStore};
+use crate::storage::{StorageError, StoredMessage, TopicStore};
 use crate::topic::TopicName;
 
 /// The lowest offset a cursor still needs. Only ever increases.
@@ -145,7 +145,7 @@ pub(crate) struct Log {
 pub(crate) struct Topic {
     pub(crate) name: TopicName,
     pub(crate) config: TopicConfig,
-    pub(crate) log: Mutex<Log>,
+    pub(crate) log: EngineMutex<Log>,
     /// Next offset to assign, readable without the lock.
     tail: AtomicU64,
     pub(crate) counters: Padded<Counters>,
@@ -168,7 +168,7 @@ pub(crate) struct Topic {
     opened_at: u64,
     /// The tail the maintenance pass saw last and when it saw it change (see
     /// [`Topic::unused_for`]).
-    idle: Mutex<(u64, Instant)>,
+    idle: parking_lot::Mutex<(u64, Instant)>,
 }
 
 /// A durable topic's store and the bounds of its in-memory window.
@@ -187,7 +187,38 @@ pub(crate) enum Seek {
     Tail,
     Earliest,
     Offset(u64),
+    /// A time looked up in the store beforehand (on an I/O thread): the offset found.
+    Found(u64),
+    /// A time, looked up in the memory window.
     Time(SystemTime),
+}
+
+/// Where a cursor's next records are (see [`Topic::read`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Hot {
+    /// Read from memory; the number of records retention released before the cursor read
+    /// them (it jumped over them).
+    Read(u64),
+    /// Behind the memory window of a durable topic, which starts at `base`: only in the
+    /// store, read on an I/O thread ([`Topic::read_stored`]).
+    Behind {
+        /// The first offset in memory.
+        base: u64,
+    },
+}
+
+/// Records read from a durable topic's store for a cursor at `from`: what it reads next,
+/// until `end`. Offsets between `from` and `end` that no record has were released by
+/// retention or are damaged: the cursor skips them (counted as dropped).
+#[derive(Debug)]
+pub(crate) struct StoreRead {
+    /// Where the cursor was when the read was asked for.
+    pub(crate) from: u64,
+    /// The records, in offset order (decoded, not yet records of the topic; see
+    /// [`Topic::revive`]).
+    pub(crate) records: VecDeque<StoredMessage>,
+    /// Where the cursor goes on once it has taken every record.
+    pub(crate) end: u64,
 }
 
 const GC_EVERY: usize = 1024;
@@ -206,7 +237,7 @@ impl Topic {
         Topic {
             name,
             config,
-            log: Mutex::new(Log {
+            log: EngineMutex::new(Log {
                 base: next,
                 records: VecDeque::new(),
                 bytes: 0,
@@ -227,7 +258,7 @@ impl Topic {
             prioritized: AtomicBool::new(stored),
             durable,
             opened_at: next,
-            idle: Mutex::new((next, Instant::now())),
+            idle: parking_lot::Mutex::new((next, Instant::now())),
         }
     }
 
@@ -367,7 +398,7 @@ impl Topic {
     }
 
     /// Locks the log (for appends to several topics at once: lock them in name order).
-    pub(crate) fn lock(&self) -> parking_lot::MutexGuard<'_, Log> {
+    pub(crate) fn lock(&self) -> EngineMutexGuard<'_, Log> {
         self.log.lock()
     }
 
@@ -618,14 +649,6 @@ impl Topic {
         signal: &Arc<Signal>,
         seek: Seek,
     ) -> (Arc<Hold>, u64) {
-        let time_offset = match (seek, self.store()) {
-            // Looked up before taking the lock: it may read the store's time index.
-            (Seek::Time(t), Some(store)) => Some(store.offset_at(t).unwrap_or_else(|e| {
-                tracing::warn!(topic = %self.name, error = %e, "time lookup failed; starting at the tail");
-                self.tail()
-            })),
-            _ => None,
-        };
         let mut log = self.log.lock();
         let tail = self.tail();
         let first = self.store().map_or(log.base, |s| s.start());
@@ -633,10 +656,13 @@ impl Topic {
             Seek::Tail => tail,
             Seek::Earliest => first,
             Seek::Offset(o) => o.clamp(first, tail),
-            Seek::Time(t) => time_offset.unwrap_or_else(|| {
+            // The store's time index is looked up beforehand, on an I/O thread; a time seek
+            // here looks in memory only.
+            Seek::Found(o) => o.max(first),
+            Seek::Time(t) => {
                 let i = log.records.partition_point(|r| r.message.timestamp() < t);
                 log.base + i as u64
-            }),
+            }
         };
         let hold = Arc::new(Hold {
             pos: AtomicU64::new(pos),
@@ -660,20 +686,19 @@ impl Topic {
         self.wake_publishers();
     }
 
-    /// Reads up to `max` records from `*next` into `out`, advancing `*next`. If retention
-    /// released records the cursor had not read, it jumps over them and returns how many.
+    /// Reads up to `max` records from `*next` into `out`, advancing `*next`, from memory. If
+    /// retention released records the cursor had not read, it jumps over them and returns how
+    /// many. A cursor behind the memory window of a durable topic gets [`Hot::Behind`]: its
+    /// records are only in the store, read on an I/O thread ([`read_stored`](Self::read_stored)).
     pub(crate) fn read(
         &self,
         next: &mut u64,
         max: usize,
         out: &mut impl FnMut(Arc<Record>),
-    ) -> u64 {
+    ) -> Hot {
         let log = self.log.lock();
-        if *next < log.base {
-            if let Some(store) = self.store() {
-                drop(log);
-                return self.read_store(store, next, max, out);
-            }
+        if *next < log.base && self.durable.is_some() {
+            return Hot::Behind { base: log.base };
         }
         let skipped = skip_to(next, log.base);
         let visible = self.tail().saturating_sub(*next) as usize;
@@ -685,52 +710,64 @@ impl Topic {
             out(r.clone());
         }
         *next += n as u64;
-        skipped
+        Hot::Read(skipped)
     }
 
-    /// Reads records behind the memory window from the store (outside the topic lock).
-    /// Records that retention deleted are skipped and returned as the count.
-    fn read_store(
-        &self,
-        store: &Arc<dyn TopicStore>,
-        next: &mut u64,
-        max: usize,
-        out: &mut impl FnMut(Arc<Record>),
-    ) -> u64 {
-        let skipped = skip_to(next, store.start());
+    /// Reads up to `max` records from offset `from` from the store (blocking: on an I/O
+    /// thread, with no lock held). Records that retention deleted, or that are damaged, are
+    /// left out: the result's records start later or it ends further on. A failed read
+    /// returns no records and no progress (the cursor tries again on a later fetch).
+    pub(crate) fn read_stored(&self, from: u64, max: usize) -> Result<StoreRead, StorageError> {
+        let mut read = StoreRead {
+            from,
+            records: VecDeque::new(),
+            end: from,
+        };
+        let Some(store) = self.store() else {
+            return Ok(read);
+        };
+        let mut next = from;
+        skip_to(&mut next, store.start());
+        read.end = next;
         // Only what is visible: records past the tail may still wait for their sync.
-        let max = max.min(self.tail().saturating_sub(*next) as usize);
+        let max = max.min(self.tail().saturating_sub(next) as usize);
         if max == 0 {
-            return skipped;
+            return Ok(read);
         }
-        match store.read(*next, max) {
+        match store.read(next, max) {
             Ok(stored) => {
                 for s in stored {
-                    if s.offset != *next {
-                        tracing::error!(topic = %self.name, expected = *next, found = s.offset, "store returned records out of order");
+                    if s.offset != next {
+                        tracing::error!(topic = %self.name, expected = next, found = s.offset, "store returned records out of order");
                         break;
                     }
-                    let record = self.wrap(s.message, &None);
-                    record.set_offset(s.offset);
-                    out(record);
-                    *next += 1;
+                    next += 1;
+                    read.records.push_back(s);
                 }
+                read.end = next;
+                Ok(read)
             }
             Err(StorageError::Damaged {
                 from, to, reason, ..
-            }) if from == *next => {
+            }) if from == next => {
                 // Quarantined: the cursor skips the damaged range, which counts as dropped;
                 // every reader reports it (once per reader and range).
                 tracing::error!(topic = %self.name, from, to, reason, "damaged records skipped");
-                *next = to;
-                return skipped + (to - from);
+                read.end = to;
+                Ok(read)
             }
             Err(e) => {
-                // The cursor stays where it is and tries again on its next read.
-                tracing::error!(topic = %self.name, offset = *next, error = %e, "reading the topic log failed");
+                tracing::error!(topic = %self.name, offset = next, error = %e, "reading the topic log failed");
+                Err(e)
             }
         }
-        skipped
+    }
+
+    /// The record of this topic for a message read back from its store.
+    pub(crate) fn revive(&self, stored: StoredMessage) -> Arc<Record> {
+        let record = self.wrap(stored.message, &None);
+        record.set_offset(stored.offset);
+        record
     }
 
     /// Records between `next` and the tail (what a cursor at `next` still has to read).
@@ -766,18 +803,21 @@ impl Topic {
         }
     }
 
-    /// A copy of the retained records from `from`, at most `max`.
-    pub(crate) fn snapshot(&self, from: u64, max: usize) -> Vec<Arc<Record>> {
+    /// A copy of the retained records from `from`, at most `max`, if they are in memory
+    /// (`Err` with what to read from the store otherwise).
+    pub(crate) fn snapshot(&self, from: u64, max: usize) -> Result<Vec<Arc<Record>>, (u64, usize)> {
         let mut next = from;
         let mut out = Vec::new();
-        self.read(&mut next, max, &mut |r| out.push(r));
-        out
+        match self.read(&mut next, max, &mut |r| out.push(r)) {
+            Hot::Read(_) => Ok(out),
+            Hot::Behind { .. } => Err((from, max)),
+        }
     }
 
     /// Releases every record below `until` regardless of holds (purging a dead-letter topic).
-    /// Returns how many were released.
+    /// Returns how many were released. A durable topic's store is trimmed first, without the
+    /// lock (blocking: on an I/O thread).
     pub(crate) fn truncate_before(&self, until: u64) -> u64 {
-        let mut log = self.log.lock();
         let from_store = match self.store() {
             Some(store) => {
                 let before = store.start();
@@ -789,6 +829,7 @@ impl Topic {
             }
             None => None,
         };
+        let mut log = self.log.lock();
         let mut n = 0;
         while log.base < until && !log.records.is_empty() {
             log.pop_front();

@@ -8,8 +8,20 @@
 //! topic makes records visible to subscribers, and acknowledges them to their publisher, only
 //! once their sync returned.
 //!
-//! Implementations block (disk I/O). The engine calls `append` under the topic lock (so it must
-//! be a buffered write, not a flush) and `sync` from a blocking-friendly thread.
+//! Implementations block (disk I/O). The engine calls `append`, `append_part` and
+//! [`Storage::commit_parts`] under the topic lock (so they must be buffered writes, not
+//! flushes), from whatever thread publishes. Every other method that may wait for the disk
+//! (`read`, `sync`, `offset_at`, `apply_retention`, `truncate_before`, and the [`Storage`]
+//! methods) runs on the broker's own storage threads, with no engine lock held: its I/O
+//! threads (`ferry-io-N`) and its commit thread (`ferry-commit`), or, before the broker
+//! exists, the thread that opens it. [`on_storage_thread`] tells them apart from a runtime's
+//! threads, and [`engine_locks_held`] counts the engine locks a thread holds (debug builds),
+//! for a storage that wants to check where it is called. `start`, `end`, `size_bytes` and
+//! `waits_for_sync` answer from memory and may be called anywhere.
+//!
+//! A topic's store may be opened more than once (two threads making the same topic at once
+//! both open it before one of them registers it): [`Storage::open_topic`] must then return a
+//! store over the same log.
 //!
 //! [`crate::disk::DiskStorage`] implements it over the `ferry-log` segmented log.
 
@@ -21,6 +33,8 @@ use std::time::SystemTime;
 use crate::config::TopicConfig;
 use crate::message::Message;
 use crate::topic::TopicName;
+
+pub use crate::io::{engine_locks_held, on_storage_thread};
 
 /// Why a storage operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -145,7 +159,10 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         config: &TopicConfig,
     ) -> Result<Arc<dyn TopicStore>, StorageError>;
 
-    /// The topics that have a log.
+    /// The topics that have a log. This and the other catalog methods below (`has_topic`,
+    /// `stored_depth`, `user_topic_count`) are answered from memory: the engine calls them on
+    /// any thread, without waiting for the disk (the broker loads stored topics lazily and
+    /// asks the catalog on publish and stats paths).
     fn topics(&self) -> Result<Vec<TopicName>, StorageError>;
 
     /// Whether topic `name` has a log (nothing is created).

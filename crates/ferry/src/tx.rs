@@ -125,6 +125,13 @@ impl TxState {
     }
 }
 
+/// What a commit appended: each topic's offsets, and the durable topics (with the end of
+/// their records) whose sync the commit waits for.
+struct Appended {
+    ranges: Vec<(TopicName, Range<u64>)>,
+    syncs: Vec<(Arc<Topic>, u64)>,
+}
+
 /// A transaction; made by [`Broker::begin`]. Clones share one transaction.
 #[derive(Debug, Clone)]
 pub struct Transaction {
@@ -162,7 +169,26 @@ impl Transaction {
     /// Makes every staged message visible at once: per topic, contiguous offsets in staging
     /// order. Returns each topic's offsets. If a topic cannot take its records now (full, or
     /// over the memory limit), nothing is appended and the transaction stays open.
+    ///
+    /// On durable topics that wait for their sync, the calling thread waits for the broker's
+    /// commit thread to sync them (from async code, [`commit_wait`](Self::commit_wait) does
+    /// not hold up an async worker).
     pub fn commit(&self) -> Result<Vec<(TopicName, Range<u64>)>, TxError> {
+        let appended = self.append_all()?;
+        let mut durable = Vec::new();
+        for (topic, end) in &appended.syncs {
+            durable.push(self.broker.inner.submit(topic, *end)?);
+        }
+        for (d, (topic, _)) in durable.into_iter().zip(&appended.syncs) {
+            crate::io::block_on(d).map_err(|e| BrokerInner::append_error(topic, e))?;
+        }
+        Ok(appended.ranges)
+    }
+
+    /// [`commit`](Self::commit) without waiting for durability: appends every staged message
+    /// and marks the transaction committed; returns what must be synced before the records
+    /// are visible (and the commit reported).
+    fn append_all(&self) -> Result<Appended, TxError> {
         let mut guard = self.state.inner.lock();
         let inner = self.state.open(&mut guard)?;
         if !self.broker.inner.running() {
@@ -223,15 +249,17 @@ impl Transaction {
         };
         match checked {
             Ok(ranges) => {
-                // Durable topics that wait for their sync show the records once it is done.
-                for (topic, (_, range)) in topics.iter().zip(&ranges) {
-                    topic
-                        .sync_and_reveal(range.end)
-                        .map_err(|e| BrokerInner::append_error(topic, e))?;
-                }
+                // Durable topics that wait for their sync show the records once the commit
+                // thread synced them; the caller waits for that.
+                let syncs = topics
+                    .iter()
+                    .zip(&ranges)
+                    .filter(|(topic, _)| topic.waits_for_sync())
+                    .map(|(topic, (_, range))| (topic.clone(), range.end))
+                    .collect();
                 inner.status = Status::Committed;
                 inner.finished_at = Some(Instant::now());
-                Ok(ranges)
+                Ok(Appended { ranges, syncs })
             }
             Err(e) => {
                 // Put everything back, in order, for a later attempt.
@@ -249,25 +277,34 @@ impl Transaction {
     /// is full, waits for consumers to free room and tries again (cancel by dropping the future,
     /// or bound it with `tokio::time::timeout`). Other errors return at once.
     pub async fn commit_wait(&self) -> Result<Vec<(TopicName, Range<u64>)>, TxError> {
-        loop {
-            let full = match self.commit() {
+        let appended = loop {
+            let full = match self.append_all() {
                 Err(TxError::Publish(PublishError::Full { topic, .. })) => topic,
-                other => return other,
+                other => break other?,
             };
             let Some((topic, len, bytes)) = self.staged_for(&full) else {
-                return self.commit();
+                break self.append_all()?;
             };
             if topic.config.overflow != Overflow::Block {
-                return self.commit();
+                break self.append_all()?;
             }
             let is_full = |e: &TxError| matches!(e, TxError::Publish(p) if p.is_full());
-            let r = crate::broker::wait_for_space(&topic, (len, bytes), || self.commit(), is_full)
-                .await;
+            let r =
+                crate::broker::wait_for_space(&topic, (len, bytes), || self.append_all(), is_full)
+                    .await;
             match r {
                 Err(e) if is_full(&e) => continue,
-                other => return other,
+                other => break other?,
             }
+        };
+        let mut durable = Vec::new();
+        for (topic, end) in &appended.syncs {
+            durable.push(self.broker.inner.submit(topic, *end)?);
         }
+        for (d, (topic, _)) in durable.into_iter().zip(&appended.syncs) {
+            d.await.map_err(|e| BrokerInner::append_error(topic, e))?;
+        }
+        Ok(appended.ranges)
     }
 
     /// The topic named `name` among the staged records, with how many records and bytes are
