@@ -90,7 +90,11 @@
 //!   no size or extent metadata to write; a closed log ends its file with its data again).
 //!
 //! With [`LogConfig::tolerate_damage`] a damaged sealed segment does not fail the open: the
-//! damage goes to the recovery notes and scans skip the rest of that segment.
+//! damage goes to the recovery notes and scans skip the rest of that segment. A [`Store`]
+//! opens that way and then checks the CRC of every batch of its sealed segments before
+//! trusting a header ([`Log::scan_around_damage`]); it keeps each stream's end in
+//! [`ENDS_FILE`] ([`Store::checkpoint`]) so that offsets lost with the end of the log are not
+//! given out again.
 //!
 //! A CRC-valid batch whose offset does not follow on is corruption wherever it is. The active
 //! segment's indexes are always rebuilt. A file header torn while the segment was created (file
@@ -134,7 +138,7 @@ pub use config::{Durability, LogConfig, RetentionPolicy};
 pub use error::{DecodeError, LogError};
 pub use log::{Log, LogStats, Visit};
 pub use record::{AppendInfo, RecordIn, StoredRecord};
-pub use store::{Store, StoreConfig, Stream};
+pub use store::{Store, StoreConfig, Stream, ENDS_FILE};
 
 pub(crate) use log::State;
 

@@ -21,6 +21,14 @@
 //! Retention is per stream and logical (its start moves); a segment is deleted once no stream
 //! needs anything in it, after the definitions of the streams it holds were written again at
 //! the end of the log.
+//!
+//! A stream's end only grows, but the log alone cannot say where a stream ended when the batches
+//! that ended it are lost (a cut or zeroed tail, a damaged sealed segment). So
+//! [`Store::checkpoint`] keeps every stream's end in the file [`ENDS_FILE`] (replaced
+//! atomically, after a sync, so no end in it is ahead of what is durable), and opening raises
+//! each stream's end to the one found there: offsets lost with such batches become a damaged
+//! range that readers are told to skip, never offsets given out again. A stale checkpoint is
+//! harmless (ends only grow); a missing one checks nothing.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -47,6 +55,11 @@ const OP_TRIM: u8 = 2;
 const OP_COMMIT: u8 = 3;
 /// Compaction (deleting segments no stream needs) runs at most this often.
 const COMPACT_EVERY: Duration = Duration::from_secs(1);
+/// The file in a store's directory holding every stream's end at the last
+/// [`Store::checkpoint`]: magic `FERRYEND`, a `u32` count, that many `(stream id u32, end u64)`
+/// entries, then the CRC32C of everything before it (little-endian).
+pub const ENDS_FILE: &str = "stream-ends";
+const ENDS_MAGIC: &[u8; 8] = b"FERRYEND";
 
 /// Settings of a [`Store`].
 #[derive(Debug, Clone)]
@@ -470,6 +483,8 @@ struct Inner {
     /// Log offsets of transaction parts found uncommitted when the store opened: readers skip
     /// them (their stream offsets may since have been given to other records).
     dead: std::collections::HashSet<u64>,
+    /// The ends written by the last [`Store::checkpoint`] (`None` before the first).
+    checkpointed: Mutex<Option<Vec<(u32, u64)>>>,
 }
 
 /// Many named streams in one crash-safe segmented log (see the module docs). `Send + Sync`;
@@ -530,11 +545,7 @@ impl Store {
                 }
                 s.on_header(&batch.header, &config).is_ok()
             },
-            |e| {
-                damage
-                    .borrow_mut()
-                    .push(format!("{e}; the rest of that segment is skipped"))
-            },
+            |e| damage.borrow_mut().push(e.to_string()),
         )?;
         if let Some(reason) = failure.into_inner() {
             return Err(LogError::Inconsistent(reason));
@@ -574,6 +585,7 @@ impl Store {
                 "stream {id} lost its definition to the damage: its records are unreachable"
             ));
         }
+        raise_ends(dir.as_ref(), &mut streams, &mut notes);
         streams.next_id = streams.next_id.max(1);
         Ok(Store {
             inner: Arc::new(Inner {
@@ -584,6 +596,7 @@ impl Store {
                 last_compact: Mutex::new(None),
                 notes,
                 dead,
+                checkpointed: Mutex::new(None),
             }),
         })
     }
@@ -668,6 +681,30 @@ impl Store {
         self.inner.log.sync()
     }
 
+    /// Syncs like [`sync`](Self::sync), then keeps every stream's end in [`ENDS_FILE`] if any
+    /// moved since the last checkpoint (the ends are read before the sync, so none is ahead of
+    /// what is durable; the file is replaced atomically). Opening the store raises each
+    /// stream's end to the one kept there (see the module docs). Returns whether it wrote the
+    /// file.
+    pub fn checkpoint(&self) -> Result<bool, LogError> {
+        let inner = &*self.inner;
+        let mut last = inner.checkpointed.lock();
+        let ends: Vec<(u32, u64)> = {
+            let s = inner.streams.read();
+            let mut ends: Vec<(u32, u64)> = s.by_id.iter().map(|(&id, st)| (id, st.next)).collect();
+            ends.sort_unstable();
+            ends
+        };
+        inner.log.sync()?;
+        if last.as_ref() == Some(&ends) {
+            return Ok(false);
+        }
+        let durable = inner.config.log.durability != crate::config::Durability::Never;
+        write_ends(inner.log.dir(), &ends, durable)?;
+        *last = Some(ends);
+        Ok(true)
+    }
+
     /// Deletes the segments no stream needs any more (at most once a second unless `force`):
     /// the definitions of the streams they hold are first written again at the end of the log
     /// and synced. Returns how many segments were deleted.
@@ -688,6 +725,103 @@ impl Store {
     /// Syncs and closes the store: later calls return [`LogError::Closed`].
     pub fn close(&self) -> Result<(), LogError> {
         self.inner.log.close()
+    }
+}
+
+/// Replaces [`ENDS_FILE`] in `dir` with `ends` (write, fsync, rename, fsync of the directory;
+/// without `durable`, no fsync).
+fn write_ends(dir: &Path, ends: &[(u32, u64)], durable: bool) -> Result<(), LogError> {
+    let mut b = BytesMut::with_capacity(16 + ends.len() * 12);
+    b.put_slice(ENDS_MAGIC);
+    b.put_u32_le(u32::try_from(ends.len()).unwrap_or(u32::MAX));
+    for &(id, end) in ends {
+        b.put_u32_le(id);
+        b.put_u64_le(end);
+    }
+    let crc = crc32c::crc32c(&b);
+    b.put_u32_le(crc);
+    let tmp = dir.join(format!("{ENDS_FILE}.tmp"));
+    let path = dir.join(ENDS_FILE);
+    fn io<'a>(op: &'static str, p: &'a Path) -> impl FnOnce(std::io::Error) -> LogError + 'a {
+        move |e| LogError::io(op, p, e)
+    }
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(io("create", &tmp))?;
+        std::io::Write::write_all(&mut f, &b).map_err(io("write", &tmp))?;
+        if durable {
+            f.sync_all().map_err(io("fsync", &tmp))?;
+        }
+    }
+    std::fs::rename(&tmp, &path).map_err(io("rename", &tmp))?;
+    if durable {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("fsync directory", dir))?;
+    }
+    Ok(())
+}
+
+/// The ends kept in [`ENDS_FILE`] in `dir`: `Ok(None)` if there is no such file, `Err` with
+/// what is wrong if it cannot be read.
+fn read_ends(dir: &Path) -> Result<Option<Vec<(u32, u64)>>, String> {
+    let path = dir.join(ENDS_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("reading {}: {e}", path.display())),
+    };
+    let bad = |why: &str| Err(format!("{} {why}", path.display()));
+    if bytes.len() < 16 || &bytes[..8] != ENDS_MAGIC {
+        return bad("is not a file of stream ends");
+    }
+    let (body, crc) = bytes.split_at(bytes.len() - 4);
+    if crc32c::crc32c(body) != u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]) {
+        return bad("is damaged (CRC32C mismatch)");
+    }
+    let mut b = &body[8..];
+    let count = b.get_u32_le() as usize;
+    if b.remaining() != count.saturating_mul(12) {
+        return bad("has a wrong length");
+    }
+    Ok(Some(
+        (0..count)
+            .map(|_| (b.get_u32_le(), b.get_u64_le()))
+            .collect(),
+    ))
+}
+
+/// Raises the end of every stream that ended further on at the last checkpoint: the offsets in
+/// between were lost (with the tail of the log or in a damaged segment), and are never given
+/// out again. Each raise, and a checkpoint that cannot be read, is a note.
+fn raise_ends(dir: &Path, streams: &mut Streams, notes: &mut Vec<String>) {
+    let ends = match read_ends(dir) {
+        Ok(Some(ends)) => ends,
+        Ok(None) => return,
+        Err(why) => {
+            notes.push(format!("{why}: stream ends not checked"));
+            return;
+        }
+    };
+    for (id, end) in ends {
+        // An id seen before is never given to another stream.
+        streams.next_id = streams.next_id.max(id.saturating_add(1));
+        let Some(st) = streams.by_id.get_mut(&id) else {
+            continue;
+        };
+        if end <= st.next {
+            continue;
+        }
+        notes.push(format!(
+            "stream {:?} (id {id}) ended at {end} when last checkpointed but its records end at \
+             {}: offsets {}..{end} were lost and are not given out again",
+            st.name, st.next, st.next
+        ));
+        if st.start == st.next {
+            // Nothing left to read: the stream starts where it ended.
+            st.start = end;
+            st.entries.clear();
+        }
+        st.next = end;
     }
 }
 
@@ -945,6 +1079,8 @@ impl Stream {
         if max_records == 0 {
             return Ok(out);
         }
+        // Every batch below this end was written before the scan starts, so the scan sees it.
+        let end = self.next_offset();
         let mut gap_to = None;
         let scanned = self.inner.scan_stream(
             self.id,
@@ -981,6 +1117,15 @@ impl Stream {
                 stream: self.name.to_string(),
                 from: want.get(),
                 to,
+                reason: "records lost to damage".into(),
+            });
+        }
+        if out.is_empty() && scanned.is_ok() && want.get() < end {
+            // No batch holds them: lost at the end of the stream (see `raise_ends`).
+            return Err(LogError::Damaged {
+                stream: self.name.to_string(),
+                from: want.get(),
+                to: end,
                 reason: "records lost to damage".into(),
             });
         }

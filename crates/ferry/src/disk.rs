@@ -4,7 +4,9 @@
 //! - `store/`: one `ferry-log` store, a single segmented commit log that holds the records of
 //!   every topic (each topic is a stream of the store, its name stored as data inside a control
 //!   record, never as a file name), so the open files do not depend on the number of topics
-//!   and one fsync covers the appends of every topic waiting for it (group commit);
+//!   and one fsync covers the appends of every topic waiting for it (group commit), and the
+//!   store's checkpoint of where each stream ends (`stream-ends`, kept whenever positions are
+//!   saved), so that offsets lost with a damaged tail of the log are never given out again;
 //! - `positions.json`: consumer positions, replaced atomically (write, fsync, rename, fsync of
 //!   the directory).
 //!
@@ -209,7 +211,13 @@ impl Storage for DiskStorage {
     }
 
     fn sync(&self) -> Result<(), StorageError> {
-        self.store.sync().map_err(store_error)
+        self.store.sync().map_err(store_error)?;
+        // Keeps the stream ends, so that offsets lost with the end of the log (a cut or damaged
+        // tail) are never given out again. Failing to only weakens that: reported, not fatal.
+        if let Err(e) = self.store.checkpoint() {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "keeping the stream ends failed");
+        }
+        Ok(())
     }
 
     fn commit_parts(&self, parts: &[u64]) -> Result<(), StorageError> {

@@ -1,6 +1,7 @@
 //! Topic names are data, never file names: any valid name (path-like, dot-only, very long,
 //! non-ASCII) survives a restart with its records intact and in order, and the data directory
-//! holds only the commit log (`store/`, segment files named by offset) and `positions.json`.
+//! holds only the commit log (`store/`: segment files named by offset, and the stream ends kept
+//! by its checkpoint) and `positions.json`.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
@@ -32,6 +33,8 @@ const AWKWARD: &[&str] = &[
     "positions.json",
     "topics",
     "store.migrating",
+    "stream-ends",
+    "store/stream-ends",
     "starts.json",
     "%2E%2E",
     "%",
@@ -185,7 +188,9 @@ fn check_layout(dir: &Path, names: &[String]) -> Result<(), TestCaseError> {
     for (rel, is_dir) in &entries {
         let ok = match rel.split_once('/') {
             None => (rel == "store" && *is_dir) || (rel == "positions.json" && !*is_dir),
-            Some(("store", file)) => !*is_dir && is_segment_file(file),
+            Some(("store", file)) => {
+                !*is_dir && (is_segment_file(file) || file == ferry_log::ENDS_FILE)
+            }
             Some(_) => false,
         };
         prop_assert!(ok, "unexpected entry {:?} in the data directory", rel);
@@ -193,6 +198,7 @@ fn check_layout(dir: &Path, names: &[String]) -> Result<(), TestCaseError> {
         prop_assert!(
             rel == "store"
                 || rel == "positions.json"
+                || file == ferry_log::ENDS_FILE
                 || !names.iter().any(|n| n == file || n == rel),
             "an entry named after a topic: {:?}",
             rel
