@@ -98,7 +98,11 @@
 //!   no size or extent metadata to write; a closed log ends its file with its data again).
 //!
 //! With [`LogConfig::tolerate_damage`] a damaged sealed segment does not fail the open: the
-//! damage goes to the recovery notes and scans skip the rest of that segment.
+//! damage goes to the recovery notes and scans skip the rest of that segment. A [`Store`]
+//! opens that way and then checks the CRC of every batch of its sealed segments before
+//! trusting a header ([`Log::scan_around_damage`]); opened from its index checkpoint
+//! ([`Store::checkpoint`]), every stream keeps the end the checkpoint knows, so that offsets
+//! lost with the end of the log are not given out again.
 //!
 //! A CRC-valid batch whose offset does not follow on is corruption wherever it is. The active
 //! segment's indexes are always rebuilt. A file header torn while the segment was created (file

@@ -1057,9 +1057,13 @@ impl Log {
     }
 
     /// Like [`scan`](Self::scan), but damage met in a sealed segment is handed to `damaged` and
-    /// the scan goes on with the next segment (the rest of the damaged one is skipped): for
-    /// rebuilding what can be rebuilt around damage. Damage in the active segment is still an
-    /// error.
+    /// the scan goes on: for rebuilding what can be rebuilt around damage. The CRC of every
+    /// batch of a sealed segment is checked before `visit` sees its header, so that no damaged
+    /// header (stream, offsets, record count) is taken for true (recovery checks only the tail
+    /// of a sealed segment, and the active one in full). A batch whose CRC fails while the next
+    /// batch (or the segment's end) follows it is skipped alone; other damage skips the rest of
+    /// its segment. Each is reported once, saying which. Damage in the active segment is still
+    /// an error.
     pub fn scan_around_damage(
         &self,
         from: u64,
@@ -1087,13 +1091,24 @@ impl Log {
             .saturating_sub(1);
         let last = segments.len() - 1;
         for (i, sg) in segments.iter().enumerate().skip(first) {
-            match scan_segment(sg, from, visit, take) {
+            // Only sealed segments are verified: the active one was, in full, when opened.
+            let bad_batch = damaged.as_deref_mut().filter(|_| i < last);
+            match scan_segment(sg, from, visit, take, bad_batch) {
                 Ok(true) => {}
                 Ok(false) => return Ok(()),
-                Err(e @ LogError::Corrupt { .. }) if i < last => match damaged.as_mut() {
-                    Some(report) => report(e),
-                    None => return Err(e),
-                },
+                Err(LogError::Corrupt {
+                    segment,
+                    position,
+                    reason,
+                }) if i < last && damaged.is_some() => {
+                    if let Some(report) = damaged.as_mut() {
+                        report(LogError::Corrupt {
+                            segment,
+                            position,
+                            reason: format!("{reason}; the rest of that segment is skipped"),
+                        });
+                    }
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -1101,12 +1116,16 @@ impl Log {
     }
 }
 
-/// Scans one segment for [`Log::scan`]; `Ok(false)` when the scan is to end.
+/// Scans one segment for [`Log::scan`]; `Ok(false)` when the scan is to end. With `bad_batch`,
+/// every batch's CRC is checked before `visit` sees its header, and a batch whose CRC fails is
+/// handed to `bad_batch` and skipped if the next batch follows it (else it is an error: the
+/// damage may be in its length, and what follows cannot be trusted).
 fn scan_segment(
     sg: &SegmentState,
     from: u64,
     visit: &mut dyn FnMut(&BatchHeader) -> Visit,
     take: &mut dyn FnMut(DecodedBatch) -> bool,
+    mut bad_batch: Option<&mut (dyn FnMut(LogError) + '_)>,
 ) -> Result<bool, LogError> {
     let (mut pos, mut next) = if sg.seg.base <= from {
         sg.seg.seek(&sg.meta, from)?
@@ -1116,15 +1135,32 @@ fn scan_segment(
     let mut window = Window::default();
     let end = sg.damaged_at.unwrap_or(sg.meta.len);
     let corrupt = |pos, reason: String| LogError::corrupt(&sg.seg.path, pos, reason);
-    while pos < end {
+    let header_at = |window: &mut Window, pos: u64| -> Result<BatchHeader, LogError> {
         let avail = (sg.meta.len - pos).min(STREAM_BATCH_HEADER_LEN as u64);
-        let h = BatchHeader::parse(window.get(sg, pos, avail)?)
-            .map_err(|e| corrupt(pos, e.to_string()))?;
+        BatchHeader::parse(window.get(sg, pos, avail)?).map_err(|e| corrupt(pos, e.to_string()))
+    };
+    while pos < end {
+        let h = header_at(&mut window, pos)?;
         if h.base_offset != next {
             return Err(corrupt(
                 pos,
                 format!("batch at offset {}, expected {next}", h.base_offset),
             ));
+        }
+        if let Some(report) = bad_batch.as_mut() {
+            if let Err(e) = h.verify_crc(window.get(sg, pos, h.total_len())?) {
+                let after = pos + h.total_len();
+                let follows = after == end
+                    || header_at(&mut window, after)
+                        .is_ok_and(|n| n.base_offset == h.next_offset());
+                if !follows {
+                    return Err(corrupt(pos, e.to_string()));
+                }
+                report(corrupt(pos, format!("{e}; that batch is skipped")));
+                pos = after;
+                next = h.next_offset();
+                continue;
+            }
         }
         if h.next_offset() > from {
             match visit(&h) {

@@ -65,7 +65,6 @@ const OP_TRIM: u8 = 2;
 const OP_COMMIT: u8 = 3;
 /// Compaction (deleting segments no stream needs) runs at most this often.
 const COMPACT_EVERY: Duration = Duration::from_secs(1);
-
 /// Settings of a [`Store`].
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -770,6 +769,8 @@ impl Store {
             bytes: 0,
         };
         let mut opened = OpenScan::default();
+        // The stream ends of a checkpoint that is not used: floors, since ends only grow.
+        let mut floors: Vec<(u32, Arc<str>, u64)> = Vec::new();
         let loaded = match checkpoint::read(&dir)? {
             None => {
                 if log.start_offset() < log.next_offset() {
@@ -782,11 +783,18 @@ impl Store {
             }
             Some(bytes) => {
                 let tried = checkpoint::decode(&bytes).and_then(|ck| {
+                    floors = ck
+                        .streams
+                        .by_id
+                        .iter()
+                        .map(|(&id, st)| (id, st.name.clone(), st.next))
+                        .collect();
                     let (position, clock) = (ck.position, ck.streams.clock);
                     rebuild_from(&log, &config, ck, damaged).map(|r| (r, position, clock))
                 });
                 match tried {
                     Ok((r, position, clock)) => {
+                        floors.clear();
                         mark.clock = clock;
                         mark.bytes = bytes.len() as u64;
                         opened.checkpoint = Some(position);
@@ -804,10 +812,11 @@ impl Store {
                 }
             }
         };
-        let rebuilt = match loaded {
+        let mut rebuilt = match loaded {
             Some(r) => r,
             None => rebuild(&log, &config, None, damaged)?,
         };
+        raise_ends(&mut rebuilt.streams, &floors, &mut notes);
         opened.scanned_bytes = rebuilt.scanned;
         notes.extend(rebuilt.notes);
         Ok(Store {
@@ -994,6 +1003,33 @@ impl Drop for Inner {
             // Best effort: without it the next open scans more of the log.
             let _ = self.checkpoint_on_close();
         }
+    }
+}
+
+/// Raises the end of every stream that ended further on in a checkpoint that could not be used
+/// (it stands past the end of the log: the log lost its tail after the checkpoint was written,
+/// which an fsync before each checkpoint rules out for a crash; damage does not): the offsets
+/// in between were lost, and are never given out again (a read of them is
+/// [`LogError::Damaged`]). Each raise is a note.
+fn raise_ends(streams: &mut Streams, floors: &[(u32, Arc<str>, u64)], notes: &mut Vec<String>) {
+    for (id, name, end) in floors {
+        let Some(st) = streams.by_id.get_mut(id) else {
+            continue;
+        };
+        if st.name != *name || *end <= st.next {
+            continue;
+        }
+        notes.push(format!(
+            "stream {name:?} ended at {end} when last checkpointed, but its records end at {}: \
+             offsets {}..{end} were lost and are not given out again",
+            st.next, st.next
+        ));
+        if st.start == st.next {
+            // Nothing left to read: the stream starts where it ended.
+            st.start = *end;
+            st.entries.clear();
+        }
+        st.next = *end;
     }
 }
 
@@ -1295,13 +1331,13 @@ impl Stream {
         max_bytes: usize,
     ) -> Result<Vec<StoredRecord>, LogError> {
         let want = std::cell::Cell::new(from.max(self.start()));
-        // Every batch below it is in the log before the scan starts.
-        let end = self.next_offset();
         let mut out = Vec::new();
         let mut bytes = 0usize;
         if max_records == 0 {
             return Ok(out);
         }
+        // Every batch below this end was written before the scan starts, so the scan sees it.
+        let end = self.next_offset();
         let mut gap_to = None;
         let scanned = self.inner.scan_stream(
             self.id,
@@ -1317,7 +1353,7 @@ impl Stream {
                     if offset > want.get() {
                         // Records lost to damage: what came before first, then the gap.
                         if out.is_empty() {
-                            gap_to = Some(offset);
+                            gap_to = Some((offset, batch.header.base_offset));
                         }
                         return false;
                     }
@@ -1333,12 +1369,19 @@ impl Stream {
                 out.len() < max_records
             },
         );
-        if let (Some(to), Ok(())) = (gap_to, &scanned) {
+        if let (Some((to, seq)), Ok(())) = (gap_to, &scanned) {
+            // Where: the segment holding the first batch after the gap (the lost batches are
+            // before it, in it or in the segment before).
+            let bases = self.inner.log.segment_bases();
+            let segment = bases[bases.partition_point(|&b| b <= seq).saturating_sub(1)];
             return Err(LogError::Damaged {
                 stream: self.name.to_string(),
                 from: want.get(),
                 to,
-                reason: "records lost to damage".into(),
+                reason: format!(
+                    "records lost to damage before the batch at log offset {seq} \
+                     (segment {segment:020}.log)"
+                ),
             });
         }
         if out.is_empty() && scanned.is_ok() && want.get() < end {

@@ -288,3 +288,56 @@ fn maybe_checkpoint_writes_after_enough_bytes_or_time() {
     std::thread::sleep(Duration::from_millis(60));
     assert!(!store.maybe_checkpoint().unwrap(), "nothing since");
 }
+
+/// The log lost its tail after the checkpoint (acknowledged records, which only damage can
+/// take): the checkpoint is not used, but the stream ends it knows are kept, so the lost
+/// offsets are a damaged range and never given out again.
+#[test]
+fn offsets_lost_with_the_tail_after_a_checkpoint_are_not_given_out_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StoreConfig {
+        log: LogConfig {
+            segment_bytes: 1 << 20,
+            ..config().log
+        },
+        ..config()
+    };
+    {
+        let store = Store::open(dir.path(), cfg.clone()).unwrap();
+        let (cut, whole) = (store.stream("cut").unwrap(), store.stream("whole").unwrap());
+        whole.append(0, &[RecordIn::new("w0")]).unwrap();
+        for i in 0..20u64 {
+            cut.append(i, &[RecordIn::new(format!("c{i:02}"))]).unwrap();
+        }
+        store.checkpoint().unwrap();
+    }
+    let log = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "log"))
+        .unwrap();
+    let bytes = std::fs::read(&log).unwrap();
+    let at = bytes.windows(3).position(|w| w == b"c10").unwrap();
+    let file = std::fs::OpenOptions::new().write(true).open(&log).unwrap();
+    file.set_len(at as u64).unwrap();
+    drop(file);
+
+    let store = Store::open(dir.path(), cfg).unwrap();
+    let notes = store.recovery_notes();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("\"cut\"") && n.contains("10..20")),
+        "{notes:?}"
+    );
+    let cut = store.find("cut").unwrap();
+    assert_eq!(cut.next_offset(), 20, "the end stays where it was");
+    assert_eq!(cut.read(0, 100, usize::MAX).unwrap().len(), 10);
+    let Err(ferry_log::LogError::Damaged { from, to, .. }) = cut.read(10, 100, usize::MAX) else {
+        panic!("the lost range is not reported");
+    };
+    assert_eq!((from, to), (10, 20));
+    assert!(cut.append(10, &[RecordIn::new("reused")]).is_err());
+    cut.append(20, &[RecordIn::new("c20")]).unwrap();
+    assert_eq!(store.find("whole").unwrap().next_offset(), 1);
+}

@@ -6,6 +6,7 @@
 //! ```toml
 //! data_dir = "./ferry-data"   # durable topics (Broker::open); ignored with memory = true
 //! memory = false              # in-memory broker, nothing on disk
+//! segment_bytes = 67108864    # commit log segment files roll at this size (at least 1 MiB)
 //! log_format = "text"         # or "json"
 //! # backend = "nats://127.0.0.1:4222"  # serve over a shared engine (see the bridge module)
 //! # node_id = "ferry-1"                # this server's name on it (default: kept in data_dir)
@@ -47,7 +48,7 @@
 //! ```
 //!
 //! Environment variables (each overrides one key): `FERRY_DATA_DIR`, `FERRY_MEMORY`,
-//! `FERRY_LOG_FORMAT`, `FERRY_SHUTDOWN_TIMEOUT_SECS`, `FERRY_MQTT_LISTEN`,
+//! `FERRY_SEGMENT_BYTES`, `FERRY_LOG_FORMAT`, `FERRY_SHUTDOWN_TIMEOUT_SECS`, `FERRY_MQTT_LISTEN`,
 //! `FERRY_ALLOW_ANONYMOUS`, `FERRY_MAX_CONNECTIONS`, `FERRY_MAX_PACKET_SIZE`,
 //! `FERRY_MAX_INFLIGHT`, `FERRY_MAX_QUEUED`, `FERRY_HTTP_LISTEN`, `FERRY_HTTP_ENABLED`,
 //! `FERRY_MQTT_TLS_LISTEN`, `FERRY_MQTT_TLS_CERT`, `FERRY_MQTT_TLS_KEY`, `FERRY_HTTP_TLS_CERT`,
@@ -318,6 +319,10 @@ impl Default for BrokerSection {
     }
 }
 
+/// The smallest `segment_bytes` accepted: every segment costs three open files, so a smaller
+/// size would multiply the open files and index look-ups for no gain.
+pub const MIN_SEGMENT_BYTES: u64 = 1 << 20;
+
 /// Everything `ferry serve` needs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -326,6 +331,9 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     /// In-memory broker instead (nothing written to disk).
     pub memory: bool,
+    /// Segment files of the data directory's commit log roll at this size (bytes, at least
+    /// [`MIN_SEGMENT_BYTES`]). Default 64 MiB.
+    pub segment_bytes: u64,
     /// Log format.
     pub log_format: LogFormat,
     /// How long graceful shutdown waits for subscribers to drain.
@@ -349,6 +357,7 @@ impl Default for ServeConfig {
         ServeConfig {
             data_dir: PathBuf::from("./ferry-data"),
             memory: false,
+            segment_bytes: ferry::disk::DiskConfig::default().segment_bytes,
             log_format: LogFormat::Text,
             shutdown_timeout_secs: 10,
             mqtt: MqttConfig::default(),
@@ -367,6 +376,8 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     /// `memory`.
     pub memory: Option<bool>,
+    /// `segment_bytes`.
+    pub segment_bytes: Option<u64>,
     /// `log_format`.
     pub log_format: Option<LogFormat>,
     /// `shutdown_timeout_secs`.
@@ -447,6 +458,7 @@ impl Overrides {
             match k {
                 "FERRY_DATA_DIR" => o.data_dir = Some(PathBuf::from(v)),
                 "FERRY_MEMORY" => o.memory = Some(env_bool(k, v)?),
+                "FERRY_SEGMENT_BYTES" => o.segment_bytes = Some(env_parse(k, v)?),
                 "FERRY_LOG_FORMAT" => o.log_format = Some(env_parse(k, v)?),
                 "FERRY_SHUTDOWN_TIMEOUT_SECS" => o.shutdown_timeout_secs = Some(env_parse(k, v)?),
                 "FERRY_MQTT_LISTEN" => o.mqtt_listen = Some(env_parse(k, v)?),
@@ -479,6 +491,7 @@ impl Overrides {
         }
         set(&mut config.data_dir, &self.data_dir);
         set(&mut config.memory, &self.memory);
+        set(&mut config.segment_bytes, &self.segment_bytes);
         if self.backend.is_some() {
             config.backend.clone_from(&self.backend);
         }
@@ -583,6 +596,15 @@ impl ServeConfig {
                 reason: "must be at least 1".into(),
             });
         }
+        if self.segment_bytes < MIN_SEGMENT_BYTES {
+            return Err(ConfigError::Invalid {
+                key: "segment_bytes",
+                reason: format!(
+                    "{} is below the minimum {MIN_SEGMENT_BYTES}",
+                    self.segment_bytes
+                ),
+            });
+        }
         if self.broker.topic_capacity == 0 {
             return Err(ConfigError::Invalid {
                 key: "broker.topic_capacity",
@@ -626,6 +648,26 @@ mod tests {
         assert_eq!(c.http.listen.port(), 8080);
         assert_eq!(c.data_dir, PathBuf::from("./ferry-data"));
         assert!(!c.memory);
+    }
+
+    #[test]
+    fn segment_bytes_has_a_minimum() {
+        let c = ServeConfig::resolve(
+            None,
+            [("FERRY_SEGMENT_BYTES", "2097152")],
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.segment_bytes, 2 << 20);
+        let e = ServeConfig::resolve(
+            None,
+            [("FERRY_SEGMENT_BYTES", "4096")],
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("segment_bytes"), "{e}");
+        let c = ServeConfig::from_toml("segment_bytes = 1048576\n", Path::new("x.toml")).unwrap();
+        assert_eq!(c.segment_bytes, MIN_SEGMENT_BYTES);
     }
 
     #[test]

@@ -100,7 +100,10 @@ pub fn open_broker(config: &ServeConfig) -> Result<Broker, ServeError> {
     Broker::open_with(
         &config.data_dir,
         broker_config(config),
-        DiskConfig::default(),
+        DiskConfig {
+            segment_bytes: config.segment_bytes,
+            ..DiskConfig::default()
+        },
     )
     .map_err(|e| ServeError::Storage {
         dir: config.data_dir.display().to_string(),

@@ -31,6 +31,10 @@ pub struct ServeArgs {
     /// Keep everything in memory (nothing is written to disk).
     #[arg(long)]
     pub memory: bool,
+    /// Segment files of the data directory's commit log roll at this size, at least 1 MiB
+    /// [default: 67108864].
+    #[arg(long, value_name = "BYTES")]
+    pub segment_bytes: Option<u64>,
     /// Log format: text or json [default: text].
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -86,6 +90,7 @@ impl ServeArgs {
         Overrides {
             data_dir: self.data_dir.clone(),
             memory: self.memory.then_some(true),
+            segment_bytes: self.segment_bytes,
             log_format: self.log_format,
             shutdown_timeout_secs: self.shutdown_timeout_secs,
             mqtt_listen: self.mqtt_listen,
