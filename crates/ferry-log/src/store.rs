@@ -783,12 +783,15 @@ impl Store {
             }
             Some(bytes) => {
                 let tried = checkpoint::decode(&bytes).and_then(|ck| {
-                    floors = ck
-                        .streams
-                        .by_id
-                        .iter()
-                        .map(|(&id, st)| (id, st.name.clone(), st.next))
-                        .collect();
+                    if ck.position > log.next_offset() {
+                        // The log lost batches the checkpoint counted.
+                        floors = ck
+                            .streams
+                            .by_id
+                            .iter()
+                            .map(|(&id, st)| (id, st.name.clone(), st.next))
+                            .collect();
+                    }
                     let (position, clock) = (ck.position, ck.streams.clock);
                     rebuild_from(&log, &config, ck, damaged).map(|r| (r, position, clock))
                 });
