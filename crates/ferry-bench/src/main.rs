@@ -44,6 +44,9 @@ enum Command {
     Mqtt(mqtt::Args),
     /// The same workload over every ferry-backends adapter and each engine's own client.
     Backends(backends::Args),
+    /// A measurement of `log` in a process of its own (run by `log`).
+    #[command(hide = true)]
+    LogProbe(log::ProbeArgs),
 }
 
 fn main() -> Result<()> {
@@ -53,5 +56,6 @@ fn main() -> Result<()> {
         Command::Log(args) => log::run(&args),
         Command::Mqtt(args) => mqtt::run(&args),
         Command::Backends(args) => backends::run(&args),
+        Command::LogProbe(args) => log::probe(&args),
     }
 }

@@ -7,7 +7,9 @@
 //!   writes/s (100 B `pwrite`, no fsync). See [`disk`].
 //! - `topics`: `--topics` topics (100,000) created on one data directory by a first publish
 //!   each, with the RSS and open files they cost, then the broker's restart time, from the
-//!   store's index checkpoint and without it (the whole log scanned). See [`topics`].
+//!   store's index checkpoint and without it (the whole log scanned), and the RSS of an idle
+//!   and of a loaded topic, measured in a fresh process (the hidden subcommand `log-probe`).
+//!   See [`topics`].
 //! - `append`: `Log::append` of single-record batches by 1, 4 and 16 threads for a fixed time,
 //!   for each payload and durability policy. See [`append`].
 //! - `engine`: the same through `Broker::open_with` and `Publisher::publish` on a durable topic,
@@ -31,7 +33,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
-use clap::{Args as ClapArgs, ValueEnum};
+use clap::{Args as ClapArgs, Subcommand, ValueEnum};
 use ferry_log::Durability;
 
 use crate::measure::{load_average, median_by, Outcome};
@@ -84,6 +86,29 @@ pub struct Args {
     /// recovery then run with a warm cache only.
     #[arg(long)]
     pub warm_only: bool,
+}
+
+/// Options of the hidden `log-probe`: a measurement of `log` that needs a process of its own,
+/// which `log` runs as a child process of its own executable.
+#[derive(Debug, ClapArgs)]
+pub struct ProbeArgs {
+    #[command(subcommand)]
+    probe: Probe,
+}
+
+/// A measurement in a process of its own.
+#[derive(Debug, Subcommand)]
+enum Probe {
+    /// `topics`: opens its data directory again, with no topic loaded, then loads every topic;
+    /// prints the `VmRSS` measured as one JSON line.
+    Restart(topics::RestartProbeArgs),
+}
+
+/// Runs `log-probe`.
+pub fn probe(args: &ProbeArgs) -> Result<()> {
+    match &args.probe {
+        Probe::Restart(args) => topics::run_restart_probe(args),
+    }
 }
 
 /// A part of the benchmark.
@@ -217,9 +242,13 @@ const TABLE: Table = Table {
              topics: records/s is topics per second: created by a first publish each \
              (create), recovered by a restart (restart: Broker::open_with again and one \
              message read back; from the index checkpoint written at shutdown, or with no \
-             checkpoint: the checkpoint file deleted, the whole log scanned); rss_per_topic: \
-             growth of VmRSS per topic created, bytes; fds: open files of the process \
-             (fds_before: before the broker opened); checkpoint_bytes: the checkpoint's size.\n\
+             checkpoint: the checkpoint file deleted, the whole log scanned; fresh process: \
+             the same in a process of its own, then a subscription to every topic reads each \
+             one's message); rss_per_topic: growth of VmRSS per topic created, bytes; \
+             rss_per_idle_topic: growth of the fresh process's VmRSS over the open (no topic \
+             loaded), per topic; rss_per_loaded_topic: from before the open to every topic \
+             loaded and read; fds: open files of the process (fds_before: before the broker \
+             opened); checkpoint_bytes: the checkpoint's size.\n\
              cpu ns: process CPU time (all threads, 10 ms resolution) per record.",
 };
 
@@ -430,10 +459,11 @@ mod tests {
         };
         measure(&mut bench)?;
         let rows = bench.report.rows();
-        // 4 reference rows (raw read warm only), 3 topics rows (create, restart warm with and
-        // without checkpoint), 3 policies x 2 publisher counts, 2 x 2 engine rows and 2 store
-        // rows, 3 read rows (log, store, ferry; warm only) and 2 recovery rows.
-        ensure!(rows.len() == 4 + 3 + 6 + 6 + 3 + 2, "{} rows", rows.len());
+        // 4 reference rows (raw read warm only), 4 topics rows (create, restart warm with and
+        // without checkpoint, restart in a fresh process), 3 policies x 2 publisher counts,
+        // 2 x 2 engine rows and 2 store rows, 3 read rows (log, store, ferry; warm only) and 2
+        // recovery rows.
+        ensure!(rows.len() == 4 + 4 + 6 + 6 + 3 + 2, "{} rows", rows.len());
         for r in rows {
             ensure!(
                 r.delivered > 0 && r.lost == 0 && r.delivered == r.expected,
