@@ -96,6 +96,9 @@ pub(crate) struct BrokerInner {
     committer: Option<Committer>,
     /// Maintenance passes run so far.
     passes: AtomicU64,
+    /// Held by a maintenance pass: passes run one at a time (a pass holds every topic while it
+    /// collects them, which would keep another pass from unloading any).
+    maintaining: Mutex<()>,
     /// Where every other storage operation that may wait for the disk runs (durable brokers).
     io: Option<IoPool>,
 }
@@ -244,6 +247,7 @@ impl Broker {
             positions: EngineMutex::new(positions),
             committer,
             passes: AtomicU64::new(0),
+            maintaining: Mutex::new(()),
             io,
         });
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
@@ -1562,6 +1566,7 @@ impl BrokerInner {
 
     /// One maintenance pass.
     fn maintain(&self) {
+        let _pass = self.maintaining.lock();
         let pass = self.passes.fetch_add(1, Ordering::Relaxed);
         // Roll back expired transactions; forget finished ones after a while.
         let now = Instant::now();

@@ -19,7 +19,7 @@
 //!   lock, only if the cursor is still where the read began (so `try_recv` never waits for the
 //!   disk, and no lock is held while the disk is read).
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -241,6 +241,9 @@ struct State {
     /// Priority lanes (index = level): records read but not yet delivered.
     lanes: [VecDeque<Laned>; 5],
     cursors: Vec<Cursor>,
+    /// The topics of `cursors` (by address: each cursor holds its topic), so that attaching
+    /// a subscription to many topics does not search the cursors for each.
+    attached: HashSet<usize>,
     rr: usize,
     inflight: HashMap<u64, Inflight>,
     timers: TimerQueue,
@@ -403,7 +406,7 @@ impl Consumer {
     /// Adds a cursor on `topic`.
     pub(crate) fn attach(&self, topic: &Arc<Topic>, seek: Seek) {
         let mut st = self.state.lock();
-        if st.cursors.iter().any(|c| Arc::ptr_eq(&c.topic, topic)) {
+        if !st.attached.insert(Arc::as_ptr(topic) as usize) {
             return;
         }
         let (hold, start) = topic.attach(self.id, &self.signal, seek);
