@@ -482,6 +482,10 @@ impl Streams {
             || st.since_entry >= config.index_interval_bytes
             || gap >= config.skip_bytes
         {
+            if st.entries.is_empty() {
+                // Most streams of a store with many have one entry: no room for more yet.
+                st.entries.reserve_exact(1);
+            }
             st.entries.push(Entry {
                 offset: tag.base,
                 seq,

@@ -235,16 +235,17 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
             *x = r.u64()?;
         }
         let [start, next, last_end, since_entry, bytes, max_ts, define_seq] = v;
-        let entries = (0..r.count(4)?)
-            .map(|_| {
-                Ok(Entry {
-                    offset: r.u64()?,
-                    seq: r.u64()?,
-                    ts_before: r.u64()?,
-                    bytes_before: r.u64()?,
-                })
-            })
-            .collect::<Result<Vec<_>, String>>()?;
+        // Exactly as many as there are: most streams of a store with many have one entry.
+        let count = r.count(4)?;
+        let mut entries = Vec::with_capacity(count);
+        for _ in 0..count {
+            entries.push(Entry {
+                offset: r.u64()?,
+                seq: r.u64()?,
+                ts_before: r.u64()?,
+                bytes_before: r.u64()?,
+            });
+        }
         let sorted = entries.windows(2).all(|w| w[0].offset < w[1].offset);
         if id == CONTROL
             || id >= next_id
