@@ -22,12 +22,11 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rumqttc::v5::mqttbytes::v5::{ConnectProperties, Packet, SubscribeReasonCode};
@@ -36,9 +35,9 @@ use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-const BIN: &str = env!("CARGO_BIN_EXE_ferry");
-/// How long a server start or an MQTT handshake may take.
-const START_WAIT: Duration = Duration::from_secs(20);
+mod common;
+use common::{Server, START_WAIT};
+
 /// Waiting for deliveries after a restart: give up after this long without any progress...
 const QUIET: Duration = Duration::from_millis(1500);
 /// ...or after this long in all.
@@ -110,105 +109,9 @@ const PROPERTIES: [(&str, &str); 10] = [
 // ---------------------------------------------------------------------------------------------
 // The server process
 
-/// A running `ferry serve`; killed (SIGKILL) and reaped when dropped.
-struct Server {
-    child: Child,
-    mqtt: SocketAddr,
-    http: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn after<'a>(line: &'a str, key: &str, end: char) -> Option<&'a str> {
-    let start = line.find(key)? + key.len();
-    let rest = line.get(start..)?;
-    Some(rest.split(end).next().unwrap_or(rest))
-}
-
 /// Starts `ferry serve` on `dir` (ephemeral ports) and waits until it serves.
 fn serve(dir: &Path) -> Server {
-    let mut cmd = Command::new(BIN);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("FERRY_") {
-            cmd.env_remove(k);
-        }
-    }
-    let mut child = cmd
-        .args(["serve", "--data-dir"])
-        .arg(dir)
-        .args([
-            "--mqtt-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
-        .env("NO_COLOR", "1")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let (tx, rx) = std_mpsc::channel();
-    let kept = log.clone();
-    // Drains stderr for the life of the process (a full pipe would block the server).
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("ferry serving") {
-                let _ = tx.send(line.clone());
-            }
-            kept.lock().unwrap().push(line);
-        }
-    });
-    let mut server = Server {
-        child,
-        mqtt: "0.0.0.0:0".parse().unwrap(),
-        http: "0.0.0.0:0".parse().unwrap(),
-        log,
-    };
-    let line = match rx.recv_timeout(START_WAIT) {
-        Ok(line) => line,
-        Err(e) => {
-            std::thread::sleep(Duration::from_millis(200));
-            panic!(
-                "ferry serve on {} did not start ({e}; exit {:?}); its log:\n{}",
-                dir.display(),
-                server.child.try_wait(),
-                server.log.lock().unwrap().join("\n")
-            );
-        }
-    };
-    server.mqtt = after(&line, "mqtt=", ' ').unwrap().parse().unwrap();
-    server.http = after(&line, "http=Some(", ')').unwrap().parse().unwrap();
-    server
-}
-
-impl Server {
-    /// SIGKILL (`Child::kill`), then reaps the process.
-    fn crash(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    /// Log lines at WARN or ERROR.
-    fn complaints(&self) -> Vec<String> {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
-            .cloned()
-            .collect()
-    }
+    common::serve(dir, &[]).unwrap_or_else(|e| panic!("{e}"))
 }
 
 // ---------------------------------------------------------------------------------------------

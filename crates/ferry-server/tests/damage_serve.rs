@@ -32,14 +32,13 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_ferry");
+mod common;
+use common::Server;
+
 /// Segment size of the commit log (the server's minimum).
 const SEGMENT_BYTES: u64 = 1 << 20;
 /// The topics: every one of them is published to throughout.
@@ -49,10 +48,6 @@ const TOPICS: [&str; 4] = ["victim", "bystander-0", "bystander-1", "bystander-2"
 const GROUP: &str = "reader";
 /// Marks a payload in the segment files: `FERRYDMG|<topic index>|<seq>|` then filler.
 const MARK: &[u8] = b"FERRYDMG|";
-/// How long a server start may take.
-const START_WAIT: Duration = Duration::from_secs(20);
-/// How long the server may take to exit after SIGTERM.
-const STOP_WAIT: Duration = Duration::from_secs(5);
 /// Idle time over which the server's CPU use is measured...
 const IDLE: Duration = Duration::from_secs(2);
 /// ...and the most CPU time it may use meanwhile, in clock ticks (1/100 s): a quarter of a
@@ -64,146 +59,10 @@ const MAX_REPORTS: usize = 6;
 // ---------------------------------------------------------------------------------------------
 // The server process
 
-/// A running `ferry serve`; killed (SIGKILL) and reaped when dropped.
-struct Server {
-    child: Child,
-    http: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn after<'a>(line: &'a str, key: &str, end: char) -> Option<&'a str> {
-    let start = line.find(key)? + key.len();
-    let rest = line.get(start..)?;
-    Some(rest.split(end).next().unwrap_or(rest))
-}
-
 /// Starts `ferry serve` on `dir` (ephemeral ports, small segments) and waits until it serves;
 /// `Err` with its log if it does not.
 fn serve(dir: &Path) -> Result<Server, String> {
-    let mut cmd = Command::new(BIN);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("FERRY_") {
-            cmd.env_remove(k);
-        }
-    }
-    let mut child = cmd
-        .args(["serve", "--data-dir"])
-        .arg(dir)
-        .args([
-            "--mqtt-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--segment-bytes",
-            &SEGMENT_BYTES.to_string(),
-        ])
-        .env("NO_COLOR", "1")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let (tx, rx) = std_mpsc::channel();
-    let kept = log.clone();
-    // Drains stderr for the life of the process (a full pipe would block the server).
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("ferry serving") {
-                let _ = tx.send(line.clone());
-            }
-            kept.lock().unwrap().push(line);
-        }
-    });
-    let mut server = Server {
-        child,
-        http: "0.0.0.0:0".parse().unwrap(),
-        log,
-    };
-    let line = match rx.recv_timeout(START_WAIT) {
-        Ok(line) => line,
-        Err(e) => {
-            std::thread::sleep(Duration::from_millis(200));
-            return Err(format!(
-                "ferry serve on {} did not start ({e}; exit {:?}); its log:\n{}",
-                dir.display(),
-                server.child.try_wait(),
-                server.log_text()
-            ));
-        }
-    };
-    server.http = after(&line, "http=Some(", ')').unwrap().parse().unwrap();
-    Ok(server)
-}
-
-impl Server {
-    /// WARN and ERROR lines so far.
-    fn complaints(&self) -> Vec<String> {
-        self.log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
-            .cloned()
-            .collect()
-    }
-
-    /// The whole log so far (for failure messages).
-    fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-
-    /// CPU time used so far (utime + stime, clock ticks).
-    fn cpu_ticks(&self) -> u64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // utime and stime: fields 14 and 15, counted after the ")" that ends the name.
-        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        let f: Vec<u64> = rest
-            .split_whitespace()
-            .map(|x| x.parse().unwrap_or(0))
-            .collect();
-        f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)
-    }
-
-    /// SIGTERM, then waits for the exit; panics unless it is status 0 within [`STOP_WAIT`].
-    /// Returns how long it took.
-    fn stop(&mut self, what: &str) -> Duration {
-        let began = Instant::now();
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "{what}: kill -TERM failed");
-        let exit = loop {
-            if let Some(exit) = self.child.try_wait().unwrap() {
-                break exit;
-            }
-            assert!(
-                began.elapsed() < STOP_WAIT,
-                "{what}: still running {STOP_WAIT:?} after SIGTERM; its log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        std::thread::sleep(Duration::from_millis(50)); // the last lines of stderr
-        assert!(
-            exit.success(),
-            "{what}: exit {exit:?} after SIGTERM; its log:\n{}",
-            self.log_text()
-        );
-        began.elapsed()
-    }
+    common::serve(dir, &["--segment-bytes", &SEGMENT_BYTES.to_string()])
 }
 
 // ---------------------------------------------------------------------------------------------
