@@ -199,7 +199,8 @@ struct Shared {
     commit: GroupCommit,
     counters: Counters,
     closed: AtomicBool,
-    _claim: DirClaim,
+    /// The directory's claim, released when the log closes.
+    claim: Mutex<Option<DirClaim>>,
 }
 
 /// The writer's state, under [`Shared::writer`].
@@ -255,7 +256,7 @@ impl Log {
             commit: GroupCommit::default(),
             counters: Counters::default(),
             closed: AtomicBool::new(false),
-            _claim: claim,
+            claim: Mutex::new(Some(claim)),
         });
         let flusher = match shared.config.durability {
             Durability::Interval(every) => {
@@ -682,6 +683,9 @@ impl Log {
         if let Some(mut flusher) = self.flusher.lock().take() {
             flusher.stop();
         }
+        // Closed, it writes nothing more: the directory may be opened again, even while
+        // handles on this log remain.
+        self.shared.claim.lock().take();
     }
 }
 

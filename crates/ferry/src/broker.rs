@@ -1567,6 +1567,9 @@ impl BrokerInner {
     /// One maintenance pass.
     fn maintain(&self) {
         let _pass = self.maintaining.lock();
+        if self.state.load(Ordering::Acquire) == CLOSED {
+            return;
+        }
         let pass = self.passes.fetch_add(1, Ordering::Relaxed);
         // Roll back expired transactions; forget finished ones after a while.
         let now = Instant::now();
@@ -1744,9 +1747,23 @@ impl BrokerInner {
         while self.active_handlers.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
+        let counters = self.stats().counters;
+        // The storage closes last (on an I/O thread, after any maintenance pass): its
+        // directory can be opened again at once, whoever still holds a handle on the broker.
+        if let (Some(io), Some(inner)) = (&self.io, self.weak.upgrade()) {
+            let closed = io
+                .run(move || {
+                    let _pass = inner.maintaining.lock();
+                    inner.storage.as_ref().map_or(Ok(()), |s| s.close())
+                })
+                .await;
+            if let Err(e) = closed {
+                tracing::error!(error = %e, "closing the storage failed");
+            }
+        }
         let report = ShutdownReport {
             drained,
-            counters: self.stats().counters,
+            counters,
             dropped_at_close,
             elapsed: began.elapsed(),
         };

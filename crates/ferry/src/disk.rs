@@ -206,6 +206,10 @@ impl Storage for DiskStorage {
         self.store.count_streams(|n| !n.starts_with('$'))
     }
 
+    fn close(&self) -> Result<(), StorageError> {
+        self.store.close().map_err(store_error)
+    }
+
     fn load_positions(&self) -> Result<Positions, StorageError> {
         Ok(read_json(&self.dir.join("positions.json"))?.unwrap_or_default())
     }

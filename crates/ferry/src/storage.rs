@@ -182,6 +182,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
             .map_or(0, |t| t.iter().filter(|t| !t.is_system()).count())
     }
 
+    /// Closes the storage at the end of the broker's shutdown: what it has is made durable and
+    /// its directory may be opened again at once (later calls fail). The default does nothing.
+    fn close(&self) -> Result<(), StorageError> {
+        Ok(())
+    }
+
     /// The positions saved last.
     fn load_positions(&self) -> Result<Positions, StorageError>;
 

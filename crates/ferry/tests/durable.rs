@@ -540,3 +540,29 @@ fn acknowledged_messages_survive_sigkill() {
         "the children made progress: {acked_total}"
     );
 }
+
+/// Shutdown closes the storage: the data directory opens again at once, even while a handle
+/// on the old broker remains (a clone kept by a task, a maintenance pass running).
+#[tokio::test]
+async fn a_shut_down_broker_frees_its_data_directory_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    for round in 0..3u64 {
+        let broker =
+            Broker::open_with(dir.path(), BrokerConfig::default(), DiskConfig::default()).unwrap();
+        let offset = broker
+            .publish("kept", Message::from(format!("m{round}")))
+            .await
+            .unwrap();
+        assert_eq!(offset, round);
+        let held = broker.clone();
+        broker.shutdown(Duration::from_secs(5)).await;
+        assert!(held.publish("kept", Message::from("late")).await.is_err());
+        // `held` is still alive here.
+        let again =
+            Broker::open_with(dir.path(), BrokerConfig::default(), DiskConfig::default()).unwrap();
+        let stats = again.topic_stats("kept").unwrap();
+        assert_eq!(stats.next_offset, round + 1);
+        again.shutdown(Duration::from_secs(5)).await;
+        drop((held, again));
+    }
+}
