@@ -3,10 +3,7 @@
 //! message queued for it while it was away, and the retained message.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc as std_mpsc;
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::v5::{ConnectProperties, Packet};
@@ -14,98 +11,21 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio::sync::mpsc;
 
-const BIN: &str = env!("CARGO_BIN_EXE_ferry");
+mod common;
+use common::Server;
+
 const WAIT: Duration = Duration::from_secs(15);
 
-/// A child process killed (and reaped) if a test fails before stopping it.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-/// A running `ferry serve` and where it listens; its log lines arrive on `log`.
-struct Served {
-    child: Proc,
-    mqtt: SocketAddr,
-    http: SocketAddr,
-    log: std_mpsc::Receiver<String>,
-}
-
-fn after<'a>(line: &'a str, key: &str, end: char) -> Option<&'a str> {
-    let start = line.find(key)? + key.len();
-    let rest = line.get(start..)?;
-    Some(rest.split(end).next().unwrap_or(rest))
-}
-
-fn serve(dir: &std::path::Path) -> Served {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--data-dir"])
-        .arg(dir)
-        .args([
-            "--mqtt-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ])
-        .env("NO_COLOR", "1")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take();
-    let child = Proc(child);
-    let stderr = stderr.unwrap();
-    let (tx, log) = std_mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    loop {
-        let line = log.recv_timeout(WAIT).expect("ferry serve did not start");
-        if line.contains("ferry serving") {
-            let mqtt = after(&line, "mqtt=", ' ').unwrap().parse().unwrap();
-            let http = after(&line, "http=Some(", ')').unwrap().parse().unwrap();
-            return Served {
-                child,
-                mqtt,
-                http,
-                log,
-            };
-        }
-    }
+/// Starts `ferry serve` on `dir` and waits until it serves.
+fn serve(dir: &std::path::Path) -> Server {
+    common::serve(dir, &[]).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Sends `signal` and waits for a clean exit; returns the log lines written meanwhile.
-fn stop(mut s: Served, signal: &str) -> Vec<String> {
-    let status = Command::new("kill")
-        .args([signal, &s.child.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let deadline = std::time::Instant::now() + WAIT;
-    let exit = loop {
-        if let Some(exit) = s.child.0.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no exit after {signal}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let lines: Vec<String> = s.log.try_iter().collect();
-    assert!(exit.success(), "exit {exit:?} after {signal}: {lines:#?}");
-    lines
+fn stop(mut s: Server, signal: &str) -> Vec<String> {
+    let before = s.log_lines().len();
+    s.stop_with(signal, "ferry serve");
+    s.log_lines().split_off(before)
 }
 
 /// A v5 client whose incoming PUBLISH payloads and CONNACK session flags arrive on a channel.

@@ -140,19 +140,29 @@ impl Server {
     /// SIGTERM, then waits for the exit; panics unless it is status 0 within [`STOP_WAIT`].
     /// Returns how long it took.
     pub fn stop(&mut self, what: &str) -> Duration {
+        self.stop_with("-TERM", what)
+    }
+
+    /// Every log line so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// [`stop`](Self::stop) with `signal` (as `kill` takes it: `-TERM`, `-INT`).
+    pub fn stop_with(&mut self, signal: &str, what: &str) -> Duration {
         let began = Instant::now();
         let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([signal, &self.child.id().to_string()])
             .status()
             .unwrap();
-        assert!(status.success(), "{what}: kill -TERM failed");
+        assert!(status.success(), "{what}: kill {signal} failed");
         let exit = loop {
             if let Some(exit) = self.child.try_wait().unwrap() {
                 break exit;
             }
             assert!(
                 began.elapsed() < STOP_WAIT,
-                "{what}: still running {STOP_WAIT:?} after SIGTERM; its log:\n{}",
+                "{what}: still running {STOP_WAIT:?} after {signal}; its log:\n{}",
                 self.log_text()
             );
             std::thread::sleep(Duration::from_millis(20));
@@ -160,7 +170,7 @@ impl Server {
         std::thread::sleep(Duration::from_millis(50)); // the last lines of stderr
         assert!(
             exit.success(),
-            "{what}: exit {exit:?} after SIGTERM; its log:\n{}",
+            "{what}: exit {exit:?} after {signal}; its log:\n{}",
             self.log_text()
         );
         began.elapsed()
