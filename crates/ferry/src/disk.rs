@@ -96,9 +96,12 @@ impl DiskStorage {
         }
         let store = Store::open(&store_dir, store_config(&config)).map_err(store_error)?;
         for note in store.recovery_notes() {
-            // Opening without the index checkpoint (after a crash) only takes longer; every
-            // other note is about data cut, skipped or quarantined.
-            if note.contains("index checkpoint") {
+            // Opening without the index checkpoint (after a crash) only takes longer, and one
+            // that is not used says why; every other note is about data cut, skipped or
+            // quarantined.
+            if note.starts_with("no index checkpoint") {
+                tracing::info!(dir = %store_dir.display(), "{note}");
+            } else if note.contains("index checkpoint") {
                 tracing::warn!(dir = %store_dir.display(), "{note}");
             } else {
                 tracing::error!(dir = %store_dir.display(), "{note}");
