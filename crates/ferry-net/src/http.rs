@@ -492,8 +492,10 @@ async fn list_dead_letters(
         .broker
         .dead_letters(&topic)
         .map_err(DeadLetterError::from)?;
-    let items: Vec<DeadLetterView> = dlq
-        .list(q.max.unwrap_or(100))
+    let max = q.max.unwrap_or(100);
+    // Listing may read the store (on the broker's I/O threads): not on an async worker.
+    let (listed, len) = blocking(move || (dlq.list(max), dlq.len())).await?;
+    let items: Vec<DeadLetterView> = listed
         .into_iter()
         .map(|d| DeadLetterView {
             offset: d.offset,
@@ -520,7 +522,7 @@ async fn list_dead_letters(
         })
         .collect();
     Ok(Json(
-        json!({"topic": topic, "len": dlq.len(), "dead_letters": items}),
+        json!({"topic": topic, "len": len, "dead_letters": items}),
     ))
 }
 
@@ -549,7 +551,22 @@ async fn purge_dead_letters(
         .broker
         .dead_letters(&topic)
         .map_err(DeadLetterError::from)?;
-    Ok(Json(json!({"topic": topic, "purged": dlq.purge()})))
+    let purged = blocking(move || dlq.purge()).await?;
+    Ok(Json(json!({"topic": topic, "purged": purged})))
+}
+
+/// Runs `work`, which waits for the broker's storage threads, on a blocking thread rather than
+/// an async worker.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("the request's work failed: {e}"),
+        )
+    })
 }
 
 #[derive(Debug, Deserialize)]
