@@ -135,7 +135,9 @@ struct StreamState {
     /// defined again at the end of the log (see [`Store::compact`]) come before its
     /// definition.
     defined: bool,
-    retention: RetentionPolicy,
+    /// `None`: the default (keep everything). Out of line: most streams of a store with many
+    /// have the default, and an idle stream's entry stays small.
+    retention: Option<Box<RetentionPolicy>>,
 }
 
 impl StreamState {
@@ -151,7 +153,7 @@ impl StreamState {
             max_ts: 0,
             define_seq: 0,
             defined: false,
-            retention: RetentionPolicy::default(),
+            retention: None,
         }
     }
 
@@ -185,7 +187,7 @@ impl StreamState {
 
     /// The start retention allows at `now_ms` (floors, as in Kafka: never less than asked).
     fn retention_start(&self, now_ms: u64) -> u64 {
-        let p = &self.retention;
+        let p = self.retention.as_deref().copied().unwrap_or_default();
         let mut start = self.start;
         if let Some(max) = p.max_records {
             start = start.max(self.next.saturating_sub(max));
@@ -1518,7 +1520,7 @@ impl Stream {
     /// Sets the stream's retention (in memory: the caller sets it again after reopening).
     pub fn set_retention(&self, retention: RetentionPolicy) {
         if let Some(st) = self.inner.streams.write().by_id.get_mut(&self.id) {
-            st.retention = retention;
+            st.retention = (retention != RetentionPolicy::default()).then(|| Box::new(retention));
         }
     }
 

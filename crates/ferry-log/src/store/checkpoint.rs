@@ -35,7 +35,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::{Entry, StreamState, Streams, CONTROL};
-use crate::config::RetentionPolicy;
 use crate::error::LogError;
 use crate::segment::sync_dir;
 
@@ -271,7 +270,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
             max_ts,
             define_seq,
             defined,
-            retention: RetentionPolicy::default(),
+            retention: None,
         };
         if by_id.insert(id, st).is_some() {
             return Err(format!("stream {id} appears twice"));
