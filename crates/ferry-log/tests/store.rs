@@ -402,24 +402,27 @@ fn time_lookup_across_interleaved_streams() {
     }
 }
 
+/// Streams "hit" and "other" in `dir`, `n` one-record batches each, interleaved, synced.
+fn hit_and_other(dir: &std::path::Path, cfg: &StoreConfig, n: u64) {
+    let store = Store::open(dir, cfg.clone()).unwrap();
+    let hit = store.stream("hit").unwrap();
+    let other = store.stream("other").unwrap();
+    for i in 0..n {
+        hit.append(i, &[RecordIn::new(format!("hit-{i:04}-payload"))])
+            .unwrap();
+        other
+            .append(i, &[RecordIn::new(format!("other-{i:04}"))])
+            .unwrap();
+    }
+    store.sync().unwrap();
+}
+
 #[test]
 fn a_damaged_batch_in_a_sealed_segment_is_reported_as_a_range_and_the_rest_stays_readable() {
     let dir = tempfile::tempdir().unwrap();
     // Small segments: the damaged batch is in a sealed one.
     let cfg = config(4096, 1 << 20);
-    {
-        let store = Store::open(dir.path(), cfg.clone()).unwrap();
-        let hit = store.stream("hit").unwrap();
-        let other = store.stream("other").unwrap();
-        for i in 0..200u64 {
-            hit.append(i, &[RecordIn::new(format!("hit-{i:04}-payload"))])
-                .unwrap();
-            other
-                .append(i, &[RecordIn::new(format!("other-{i:04}"))])
-                .unwrap();
-        }
-        store.sync().unwrap();
-    }
+    hit_and_other(dir.path(), &cfg, 200);
     // Flip a byte inside the payload of record 5 of "hit".
     let (seg, mut bytes, at) = std::fs::read_dir(dir.path())
         .unwrap()
@@ -509,19 +512,7 @@ fn a_damaged_batch_header_in_a_sealed_segment_is_damage_not_a_broken_store() {
             checkpoint_on_close: false,
             ..config(16 << 10, 1 << 20)
         };
-        {
-            let store = Store::open(dir.path(), cfg.clone()).unwrap();
-            let hit = store.stream("hit").unwrap();
-            let other = store.stream("other").unwrap();
-            for i in 0..400u64 {
-                hit.append(i, &[RecordIn::new(format!("hit-{i:04}-payload"))])
-                    .unwrap();
-                other
-                    .append(i, &[RecordIn::new(format!("other-{i:04}"))])
-                    .unwrap();
-            }
-            store.sync().unwrap();
-        }
+        hit_and_other(dir.path(), &cfg, 400);
         // The second batch of "hit" in the second segment (far from the segment's end).
         let mut logs: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()

@@ -125,18 +125,23 @@ async fn a_latest_subscription_does_not_replay_an_unloaded_topic() {
     broker.shutdown(Duration::from_secs(5)).await;
 }
 
+/// A member of the manual-ack group "workers" on `jobs/#`, from the earliest offset.
+fn workers(broker: &Broker) -> ferry::Subscription {
+    broker
+        .subscription("jobs/#")
+        .group("workers")
+        .manual_ack()
+        .start(StartPosition::Earliest)
+        .build()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_group_resumes_on_an_unloaded_topic_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     {
         let broker = Broker::open_with(dir.path(), unload_at_once(), disk()).unwrap();
-        let mut g = broker
-            .subscription("jobs/#")
-            .group("workers")
-            .manual_ack()
-            .start(StartPosition::Earliest)
-            .build()
-            .unwrap();
+        let mut g = workers(&broker);
         for n in 0..4 {
             broker.publish("jobs/a", msg(0, n)).await.unwrap();
         }
@@ -154,13 +159,7 @@ async fn a_group_resumes_on_an_unloaded_topic_after_a_restart() {
     }
     let broker = Broker::open_with(dir.path(), unload_at_once(), disk()).unwrap();
     broker.maintain();
-    let mut g = broker
-        .subscription("jobs/#")
-        .group("workers")
-        .manual_ack()
-        .start(StartPosition::Earliest)
-        .build()
-        .unwrap();
+    let mut g = workers(&broker);
     let d = tokio::time::timeout(Duration::from_secs(10), g.recv())
         .await
         .unwrap()
