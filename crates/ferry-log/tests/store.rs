@@ -402,6 +402,15 @@ fn time_lookup_across_interleaved_streams() {
     }
 }
 
+/// The store's recovery notes but those that mention `about`.
+fn notes_without<'a>(store: &'a Store, about: &str) -> Vec<&'a String> {
+    store
+        .recovery_notes()
+        .iter()
+        .filter(|n| !n.contains(about))
+        .collect()
+}
+
 /// Streams "hit" and "other" in `dir`, `n` one-record batches each, interleaved, synced.
 fn hit_and_other(dir: &std::path::Path, cfg: &StoreConfig, n: u64) {
     let store = Store::open(dir, cfg.clone()).unwrap();
@@ -541,11 +550,7 @@ fn a_damaged_batch_header_in_a_sealed_segment_is_damage_not_a_broken_store() {
             .unwrap_or_else(|e| panic!("field at {field}: the store does not open: {e}"));
         // Reported once, naming the segment.
         let segment = logs[1].file_name().unwrap().to_str().unwrap();
-        let notes: Vec<&String> = store
-            .recovery_notes()
-            .iter()
-            .filter(|n| !n.contains("index checkpoint"))
-            .collect();
+        let notes = notes_without(&store, "index checkpoint");
         assert!(
             notes.len() == 1 && notes[0].contains(segment),
             "field at {field}: {notes:?}"
@@ -746,11 +751,7 @@ fn a_damaged_batch_in_the_middle_of_the_active_segment_is_contained() {
         };
         let store = Store::open(dir.path(), cfg.clone()).unwrap();
         // Reported once, with its segment and position.
-        let notes: Vec<&String> = store
-            .recovery_notes()
-            .iter()
-            .filter(|n| !n.contains("no index checkpoint"))
-            .collect();
+        let notes = notes_without(&store, "no index checkpoint");
         assert_eq!(notes.len(), 1, "{notes:?}");
         assert!(
             notes[0].contains(&damaged.display().to_string()),
@@ -778,11 +779,7 @@ fn a_damaged_batch_in_the_middle_of_the_active_segment_is_contained() {
         // Stable: opening again gives the same.
         for _ in 0..2 {
             let store = Store::open(dir.path(), cfg.clone()).unwrap();
-            let notes: Vec<&String> = store
-                .recovery_notes()
-                .iter()
-                .filter(|n| !n.contains("no index checkpoint"))
-                .collect();
+            let notes = notes_without(&store, "no index checkpoint");
             assert_eq!(notes.len(), 1, "{notes:?}");
             check(&store, 101);
         }

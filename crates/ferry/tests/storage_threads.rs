@@ -197,6 +197,17 @@ impl TopicStore for CheckedTopic {
     }
 }
 
+/// The named manual-ack subscription "audit" on `io/orders`, from the earliest offset.
+fn audit(broker: &ferry::Broker) -> ferry::Subscription {
+    broker
+        .subscription("io/orders")
+        .name("audit")
+        .manual_ack()
+        .start(StartPosition::Earliest)
+        .build()
+        .unwrap()
+}
+
 fn numbered(i: u32) -> Message {
     Message::builder()
         .payload(format!("message {i:06}").into_bytes())
@@ -358,13 +369,7 @@ fn storage_io_runs_on_the_storage_threads_only() {
 
         // A named subscription acknowledges half, then leaves (its position is saved).
         {
-            let mut audit = broker
-                .subscription("io/orders")
-                .name("audit")
-                .manual_ack()
-                .start(StartPosition::Earliest)
-                .build()
-                .unwrap();
+            let mut audit = audit(&broker);
             for i in 0..N / 2 {
                 let d = audit.recv().await.unwrap();
                 assert_eq!(number(&d), i);
@@ -466,13 +471,7 @@ fn storage_io_runs_on_the_storage_threads_only() {
     let second = rt.spawn(async move {
         let broker = Broker::with_storage(config(), storage).unwrap();
         // The named subscription resumes where it left (read from disk).
-        let mut audit = broker
-            .subscription("io/orders")
-            .name("audit")
-            .manual_ack()
-            .start(StartPosition::Earliest)
-            .build()
-            .unwrap();
+        let mut audit = audit(&broker);
         for i in N / 2..N {
             let d = audit.recv().await.unwrap();
             assert_eq!(number(&d), i);

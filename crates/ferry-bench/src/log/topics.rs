@@ -197,6 +197,16 @@ pub fn run(bench: &mut Bench) -> Result<()> {
     std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))
 }
 
+/// What a restart row reads back: every topic's one message, by one reader.
+fn restart_counts(n: usize) -> Counts {
+    Counts {
+        producers: 0,
+        consumers: 1,
+        published: n as u64,
+        expected: n as u64,
+    }
+}
+
 /// The row of the restart in a fresh process.
 fn fresh_row(n: usize, store_bytes: u64, fresh: &FreshRestart) -> Result<Row> {
     let load = Duration::try_from_secs_f64(fresh.load_s).context("load_s")?;
@@ -205,12 +215,7 @@ fn fresh_row(n: usize, store_bytes: u64, fresh: &FreshRestart) -> Result<Row> {
     outcome.cpu = fresh
         .cpu_s
         .and_then(|s| Duration::try_from_secs_f64(s).ok());
-    let counts = Counts {
-        producers: 0,
-        consumers: 1,
-        published: n as u64,
-        expected: n as u64,
-    };
+    let counts = restart_counts(n);
     let mut r = row(
         "topics",
         "ferry never restart (fresh process)".to_string(),
@@ -477,12 +482,7 @@ fn restart_row(
 ) -> Result<Row> {
     let mut outcome = Outcome::without_latency(restart.topics, None, restart.total)?;
     outcome.cpu = restart.cpu;
-    let counts = Counts {
-        producers: 0,
-        consumers: 1,
-        published: n as u64,
-        expected: n as u64,
-    };
+    let counts = restart_counts(n);
     let mut r = row(
         "topics",
         format!("ferry never restart {state}"),
