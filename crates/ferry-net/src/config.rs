@@ -47,13 +47,12 @@
 //! overflow = "drop_oldest"   # or "block", "reject"
 //! ```
 //!
-//! Environment variables (each overrides one key): `FERRY_DATA_DIR`, `FERRY_MEMORY`,
-//! `FERRY_SEGMENT_BYTES`, `FERRY_LOG_FORMAT`, `FERRY_SHUTDOWN_TIMEOUT_SECS`, `FERRY_MQTT_LISTEN`,
-//! `FERRY_ALLOW_ANONYMOUS`, `FERRY_MAX_CONNECTIONS`, `FERRY_MAX_PACKET_SIZE`,
-//! `FERRY_MAX_INFLIGHT`, `FERRY_MAX_QUEUED`, `FERRY_HTTP_LISTEN`, `FERRY_HTTP_ENABLED`,
-//! `FERRY_MQTT_TLS_LISTEN`, `FERRY_MQTT_TLS_CERT`, `FERRY_MQTT_TLS_KEY`, `FERRY_HTTP_TLS_CERT`,
-//! `FERRY_HTTP_TLS_KEY`;
-//! `FERRY_CONFIG` names the file when `--config` is not given.
+//! Every key is also an environment variable, `FERRY_` and the dotted key in capitals with `_`
+//! for `.` (`mqtt.max_connections` is `FERRY_MQTT_MAX_CONNECTIONS`), and a flag,
+//! `--set mqtt.max_connections=100` (the common ones have flags of their own); lists (users,
+//! ACLs) are set in the file only. [`settings`] lists them all; `docs/settings.md` is the
+//! reference. `FERRY_CONFIG` names the file when `--config` is not given. Unknown `FERRY_*`
+//! variables are reported as warnings at start ([`Resolved::warnings`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -82,11 +81,11 @@ pub enum ConfigError {
         /// The parser's error.
         source: Box<toml::de::Error>,
     },
-    /// An environment variable has a value of the wrong type.
-    #[error("environment variable {var}={value:?}: {reason}")]
-    Env {
-        /// The variable.
-        var: String,
+    /// A value given by an environment variable or a flag is not valid for its setting.
+    #[error("{origin}={value:?}: {reason}")]
+    Override {
+        /// The variable or flag.
+        origin: String,
         /// Its value.
         value: String,
         /// What is wrong.
@@ -369,162 +368,256 @@ impl Default for ServeConfig {
     }
 }
 
-/// Settings that the environment or the command line may override, each `None` when not given.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Overrides {
-    /// `data_dir`.
-    pub data_dir: Option<PathBuf>,
-    /// `memory`.
-    pub memory: Option<bool>,
-    /// `segment_bytes`.
-    pub segment_bytes: Option<u64>,
-    /// `log_format`.
-    pub log_format: Option<LogFormat>,
-    /// `shutdown_timeout_secs`.
-    pub shutdown_timeout_secs: Option<u64>,
-    /// `mqtt.listen`.
-    pub mqtt_listen: Option<SocketAddr>,
-    /// `mqtt.allow_anonymous`.
-    pub allow_anonymous: Option<bool>,
-    /// `mqtt.max_connections`.
-    pub max_connections: Option<usize>,
-    /// `mqtt.max_packet_size`.
-    pub max_packet_size: Option<usize>,
-    /// `mqtt.max_inflight`.
-    pub max_inflight: Option<u16>,
-    /// `mqtt.max_queued`.
-    pub max_queued: Option<u64>,
-    /// `http.listen`.
-    pub http_listen: Option<SocketAddr>,
-    /// `http.enabled`.
-    pub http_enabled: Option<bool>,
-    /// `mqtt.tls_listen`.
-    pub mqtt_tls_listen: Option<SocketAddr>,
-    /// `mqtt.tls_cert`.
-    pub mqtt_tls_cert: Option<PathBuf>,
-    /// `mqtt.tls_key`.
-    pub mqtt_tls_key: Option<PathBuf>,
-    /// `http.tls_cert`.
-    pub http_tls_cert: Option<PathBuf>,
-    /// `http.tls_key`.
-    pub http_tls_key: Option<PathBuf>,
-    /// `backend`.
-    pub backend: Option<String>,
-    /// `node_id`.
-    pub node_id: Option<String>,
-}
-
 /// The environment variable naming the config file.
 pub const CONFIG_ENV: &str = "FERRY_CONFIG";
 
-fn env_parse<T: std::str::FromStr>(var: &str, value: &str) -> Result<T, ConfigError>
+/// `FERRY_*` variables that are not settings: the config file, the log filter, and those of the
+/// `ferry` clients and of Ferry's own test suite. Start-up does not warn about them.
+pub const OTHER_ENV: &[&str] = &[
+    CONFIG_ENV,
+    "FERRY_LOG",
+    "FERRY_URL",
+    "FERRY_USER",
+    "FERRY_PASSWORD",
+    "FERRY_REQUIRE_SERVICES",
+    "FERRY_NATS_URL",
+    "FERRY_REDIS_URL",
+    "FERRY_AMQP_URL",
+    "FERRY_KAFKA_URL",
+    "FERRY_BIN",
+    "FERRY_CHROMIUM",
+    "FERRY_CRASH_CYCLES",
+    "FERRY_CRASH_SEED",
+];
+
+/// Earlier names of a few variables, still read (with a warning) so that existing deployments
+/// keep working; the setting's own name wins when both are set.
+const LEGACY_ENV: &[(&str, &str)] = &[
+    ("FERRY_ALLOW_ANONYMOUS", "mqtt.allow_anonymous"),
+    ("FERRY_MAX_CONNECTIONS", "mqtt.max_connections"),
+    ("FERRY_MAX_PACKET_SIZE", "mqtt.max_packet_size"),
+    ("FERRY_MAX_INFLIGHT", "mqtt.max_inflight"),
+    ("FERRY_MAX_QUEUED", "mqtt.max_queued"),
+];
+
+/// Settings whose default is "not set", so they are absent from the default configuration's
+/// TOML; all are strings (paths, a URL, a name).
+const UNSET_BY_DEFAULT: &[&str] = &[
+    "backend",
+    "node_id",
+    "mqtt.tls_cert",
+    "mqtt.tls_key",
+    "http.tls_cert",
+    "http.tls_key",
+];
+
+/// The TOML type of a setting's value, which says how a variable's or flag's text is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettingKind {
+    /// `true`/`false` (also `1`/`0`, `yes`/`no`, `on`/`off`).
+    Bool,
+    /// A whole number.
+    Integer,
+    /// A number.
+    Float,
+    /// Text: addresses, paths, names and choices such as `log_format`.
+    Text,
+}
+
+/// One setting of [`ServeConfig`]: a TOML key such as `mqtt.max_connections`, which is also
+/// the environment variable `FERRY_MQTT_MAX_CONNECTIONS` and the flag
+/// `--set mqtt.max_connections=N`. Lists (users, ACL patterns) are set in the file only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Setting {
+    /// The dotted TOML key.
+    pub key: String,
+    /// Its environment variable.
+    pub env: String,
+    /// How its text is read.
+    pub kind: SettingKind,
+    /// Its default as TOML text (`None`: not set).
+    pub default: Option<String>,
+}
+
+/// The environment variable of a dotted key: `FERRY_` and the key in capitals with `_` for `.`.
+pub fn env_name(key: &str) -> String {
+    format!("FERRY_{}", key.replace('.', "_").to_ascii_uppercase())
+}
+
+/// Every setting, in key order, read off the default configuration (so a field added to a
+/// section is a setting at once).
+pub fn settings() -> Vec<Setting> {
+    fn walk(table: &toml::Table, prefix: &str, out: &mut Vec<Setting>) {
+        for (name, value) in table {
+            let key = if prefix.is_empty() {
+                name.clone()
+            } else {
+                format!("{prefix}.{name}")
+            };
+            let kind = match value {
+                toml::Value::Table(t) => {
+                    walk(t, &key, out);
+                    continue;
+                }
+                toml::Value::Array(_) => continue,
+                toml::Value::Boolean(_) => SettingKind::Bool,
+                toml::Value::Integer(_) => SettingKind::Integer,
+                toml::Value::Float(_) => SettingKind::Float,
+                toml::Value::String(_) | toml::Value::Datetime(_) => SettingKind::Text,
+            };
+            out.push(Setting {
+                env: env_name(&key),
+                default: Some(value.to_string()),
+                key,
+                kind,
+            });
+        }
+    }
+    let mut out = Vec::new();
+    if let Ok(toml::Value::Table(defaults)) = toml::Value::try_from(ServeConfig::default()) {
+        walk(&defaults, "", &mut out);
+    }
+    out.extend(UNSET_BY_DEFAULT.iter().map(|key| Setting {
+        key: (*key).to_string(),
+        env: env_name(key),
+        kind: SettingKind::Text,
+        default: None,
+    }));
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    out
+}
+
+/// A value for a setting given outside the file: by an environment variable or a flag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Override {
+    /// The dotted key (see [`settings`]).
+    pub key: String,
+    /// The value's text.
+    pub value: String,
+    /// Where it came from, for messages: `FERRY_X` or `--flag`.
+    pub origin: String,
+}
+
+impl Override {
+    /// A flag's value for `key`.
+    pub fn flag(key: &str, value: impl Into<String>, flag: &str) -> Override {
+        Override {
+            key: key.to_string(),
+            value: value.into(),
+            origin: flag.to_string(),
+        }
+    }
+
+    /// `--set KEY=VALUE`.
+    pub fn parse_set(text: &str) -> Result<Override, String> {
+        let (key, value) = text
+            .split_once('=')
+            .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))?;
+        Ok(Override::flag(
+            key.trim(),
+            value,
+            &format!("--set {}", key.trim()),
+        ))
+    }
+}
+
+/// The configuration and what start-up should warn about (unknown or renamed `FERRY_*`
+/// variables).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// The configuration.
+    pub config: ServeConfig,
+    /// One line per warning.
+    pub warnings: Vec<String>,
+}
+
+/// The overrides set by `FERRY_*` variables among `vars`, and warnings about the variables that
+/// are not settings or that use a former name. Empty values are ignored.
+pub fn env_overrides<I, K, V>(vars: I) -> (Vec<Override>, Vec<String>)
 where
-    T::Err: std::fmt::Display,
+    I: IntoIterator<Item = (K, V)>,
+    K: AsRef<str>,
+    V: AsRef<str>,
 {
-    value.trim().parse::<T>().map_err(|e| ConfigError::Env {
-        var: var.to_string(),
-        value: value.to_string(),
-        reason: e.to_string(),
+    let known = settings();
+    let mut current = Vec::new();
+    let mut legacy = Vec::new();
+    let mut warnings = Vec::new();
+    for (k, v) in vars {
+        let (k, v) = (k.as_ref(), v.as_ref());
+        if !k.starts_with("FERRY_") || OTHER_ENV.contains(&k) {
+            continue;
+        }
+        if let Some(s) = known.iter().find(|s| s.env == k) {
+            if !v.trim().is_empty() {
+                current.push(Override::flag(&s.key, v.trim(), k));
+            }
+        } else if let Some((_, key)) = LEGACY_ENV.iter().find(|(name, _)| *name == k) {
+            warnings.push(format!(
+                "{k} is a former name of {}; it still works, but use that instead",
+                env_name(key)
+            ));
+            if !v.trim().is_empty() {
+                legacy.push(Override::flag(key, v.trim(), k));
+            }
+        } else {
+            warnings.push(format!(
+                "ignoring the environment variable {k}: no setting has that name (see the \
+                 settings reference; `ferry serve --print-config` shows every key)"
+            ));
+        }
+    }
+    // Former names first, so that a setting's own variable wins.
+    legacy.extend(current);
+    (legacy, warnings)
+}
+
+/// Reads `text` as a value of `kind`.
+fn typed_value(kind: SettingKind, text: &str) -> Result<toml::Value, String> {
+    let text = text.trim();
+    match kind {
+        SettingKind::Bool => match text.to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "on" => Ok(toml::Value::Boolean(true)),
+            "0" | "false" | "no" | "off" => Ok(toml::Value::Boolean(false)),
+            _ => Err("expected true/false".into()),
+        },
+        SettingKind::Integer => text
+            .parse::<i64>()
+            .map(toml::Value::Integer)
+            .map_err(|e| format!("expected a whole number: {e}")),
+        SettingKind::Float => text
+            .parse::<f64>()
+            .map(toml::Value::Float)
+            .map_err(|e| format!("expected a number: {e}")),
+        SettingKind::Text => Ok(toml::Value::String(text.to_string())),
+    }
+}
+
+/// Writes `value` at the dotted `key` of `root`, creating the sections on the way.
+fn set_key(root: &mut toml::Table, key: &str, value: toml::Value) -> Result<(), String> {
+    let mut table = root;
+    let mut parts = key.split('.').peekable();
+    while let Some(part) = parts.next() {
+        if parts.peek().is_none() {
+            table.insert(part.to_string(), value);
+            return Ok(());
+        }
+        let entry = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = match entry {
+            toml::Value::Table(t) => t,
+            _ => return Err(format!("{part} is not a section")),
+        };
+    }
+    Ok(())
+}
+
+fn read_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        path: path.to_path_buf(),
+        source: e,
     })
-}
-
-fn env_bool(var: &str, value: &str) -> Result<bool, ConfigError> {
-    match value.trim().to_ascii_lowercase().as_str() {
-        "1" | "true" | "yes" | "on" => Ok(true),
-        "0" | "false" | "no" | "off" => Ok(false),
-        _ => Err(ConfigError::Env {
-            var: var.to_string(),
-            value: value.to_string(),
-            reason: "expected true/false".to_string(),
-        }),
-    }
-}
-
-impl Overrides {
-    /// The overrides set by `FERRY_*` variables among `vars` (pass `std::env::vars()`); other
-    /// variables are ignored, and so are empty values.
-    pub fn from_env<I, K, V>(vars: I) -> Result<Overrides, ConfigError>
-    where
-        I: IntoIterator<Item = (K, V)>,
-        K: AsRef<str>,
-        V: AsRef<str>,
-    {
-        let mut o = Overrides::default();
-        for (k, v) in vars {
-            let (k, v) = (k.as_ref(), v.as_ref());
-            if v.trim().is_empty() {
-                continue;
-            }
-            match k {
-                "FERRY_DATA_DIR" => o.data_dir = Some(PathBuf::from(v)),
-                "FERRY_MEMORY" => o.memory = Some(env_bool(k, v)?),
-                "FERRY_SEGMENT_BYTES" => o.segment_bytes = Some(env_parse(k, v)?),
-                "FERRY_LOG_FORMAT" => o.log_format = Some(env_parse(k, v)?),
-                "FERRY_SHUTDOWN_TIMEOUT_SECS" => o.shutdown_timeout_secs = Some(env_parse(k, v)?),
-                "FERRY_MQTT_LISTEN" => o.mqtt_listen = Some(env_parse(k, v)?),
-                "FERRY_ALLOW_ANONYMOUS" => o.allow_anonymous = Some(env_bool(k, v)?),
-                "FERRY_MAX_CONNECTIONS" => o.max_connections = Some(env_parse(k, v)?),
-                "FERRY_MAX_PACKET_SIZE" => o.max_packet_size = Some(env_parse(k, v)?),
-                "FERRY_MAX_INFLIGHT" => o.max_inflight = Some(env_parse(k, v)?),
-                "FERRY_MAX_QUEUED" => o.max_queued = Some(env_parse(k, v)?),
-                "FERRY_HTTP_LISTEN" => o.http_listen = Some(env_parse(k, v)?),
-                "FERRY_HTTP_ENABLED" => o.http_enabled = Some(env_bool(k, v)?),
-                "FERRY_MQTT_TLS_LISTEN" => o.mqtt_tls_listen = Some(env_parse(k, v)?),
-                "FERRY_MQTT_TLS_CERT" => o.mqtt_tls_cert = Some(PathBuf::from(v)),
-                "FERRY_MQTT_TLS_KEY" => o.mqtt_tls_key = Some(PathBuf::from(v)),
-                "FERRY_HTTP_TLS_CERT" => o.http_tls_cert = Some(PathBuf::from(v)),
-                "FERRY_HTTP_TLS_KEY" => o.http_tls_key = Some(PathBuf::from(v)),
-                "FERRY_BACKEND" => o.backend = Some(v.trim().to_string()),
-                "FERRY_NODE_ID" => o.node_id = Some(v.trim().to_string()),
-                _ => {}
-            }
-        }
-        Ok(o)
-    }
-
-    /// Writes every override that is set into `config`.
-    pub fn apply(&self, config: &mut ServeConfig) {
-        fn set<T: Clone>(slot: &mut T, value: &Option<T>) {
-            if let Some(v) = value {
-                *slot = v.clone();
-            }
-        }
-        set(&mut config.data_dir, &self.data_dir);
-        set(&mut config.memory, &self.memory);
-        set(&mut config.segment_bytes, &self.segment_bytes);
-        if self.backend.is_some() {
-            config.backend.clone_from(&self.backend);
-        }
-        if self.node_id.is_some() {
-            config.node_id.clone_from(&self.node_id);
-        }
-        set(&mut config.log_format, &self.log_format);
-        set(
-            &mut config.shutdown_timeout_secs,
-            &self.shutdown_timeout_secs,
-        );
-        set(&mut config.mqtt.listen, &self.mqtt_listen);
-        set(&mut config.mqtt.allow_anonymous, &self.allow_anonymous);
-        set(&mut config.mqtt.max_connections, &self.max_connections);
-        set(&mut config.mqtt.max_packet_size, &self.max_packet_size);
-        set(&mut config.mqtt.max_inflight, &self.max_inflight);
-        set(&mut config.mqtt.max_queued, &self.max_queued);
-        set(&mut config.http.listen, &self.http_listen);
-        set(&mut config.http.enabled, &self.http_enabled);
-        set(&mut config.mqtt.tls_listen, &self.mqtt_tls_listen);
-        if self.mqtt_tls_cert.is_some() {
-            config.mqtt.tls_cert.clone_from(&self.mqtt_tls_cert);
-        }
-        if self.mqtt_tls_key.is_some() {
-            config.mqtt.tls_key.clone_from(&self.mqtt_tls_key);
-        }
-        if self.http_tls_cert.is_some() {
-            config.http.tls_cert.clone_from(&self.http_tls_cert);
-        }
-        if self.http_tls_key.is_some() {
-            config.http.tls_key.clone_from(&self.http_tls_key);
-        }
-    }
 }
 
 impl ServeConfig {
@@ -538,20 +631,17 @@ impl ServeConfig {
 
     /// Reads a TOML file.
     pub fn from_file(path: &Path) -> Result<ServeConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-            path: path.to_path_buf(),
-            source: e,
-        })?;
-        ServeConfig::from_toml(&text, path)
+        ServeConfig::from_toml(&read_file(path)?, path)
     }
 
     /// Resolves the configuration: defaults, then the file (`file`, else `FERRY_CONFIG` from
-    /// `env`, else none), then the `FERRY_*` variables of `env`, then `flags`; finally checks it.
+    /// `env`, else none), then the `FERRY_*` variables of `env`, then `flags` in order; finally
+    /// checks it.
     pub fn resolve<I, K, V>(
         file: Option<&Path>,
         env: I,
-        flags: &Overrides,
-    ) -> Result<ServeConfig, ConfigError>
+        flags: &[Override],
+    ) -> Result<Resolved, ConfigError>
     where
         I: IntoIterator<Item = (K, V)>,
         K: AsRef<str>,
@@ -565,14 +655,55 @@ impl ServeConfig {
             .iter()
             .find(|(k, v)| k == CONFIG_ENV && !v.trim().is_empty())
             .map(|(_, v)| PathBuf::from(v));
-        let mut config = match file.map(Path::to_path_buf).or(env_file) {
-            Some(path) => ServeConfig::from_file(&path)?,
+        let (mut root, path) = match file.map(Path::to_path_buf).or(env_file) {
+            Some(path) => {
+                let text = read_file(&path)?;
+                // Parsed whole first, so that the file's own errors name the file.
+                ServeConfig::from_toml(&text, &path)?;
+                let table = text
+                    .parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse {
+                        path: path.clone(),
+                        source: Box::new(e),
+                    })?;
+                (table, Some(path))
+            }
+            None => (toml::Table::new(), None),
+        };
+        let (from_env, warnings) = env_overrides(env.iter().map(|(k, v)| (k, v)));
+        let known = settings();
+        let mut config = match &path {
+            Some(path) => ServeConfig::from_file_table(root.clone(), path)?,
             None => ServeConfig::default(),
         };
-        Overrides::from_env(env)?.apply(&mut config);
-        flags.apply(&mut config);
+        for o in from_env.iter().chain(flags) {
+            let invalid = |reason: String| ConfigError::Override {
+                origin: o.origin.clone(),
+                value: o.value.clone(),
+                reason,
+            };
+            let setting = known
+                .iter()
+                .find(|s| s.key == o.key)
+                .ok_or_else(|| invalid(format!("{} is not a setting", o.key)))?;
+            let value = typed_value(setting.kind, &o.value).map_err(invalid)?;
+            set_key(&mut root, &o.key, value).map_err(invalid)?;
+            // Each value is checked on its own so that an error names where it came from.
+            config = toml::Value::Table(root.clone())
+                .try_into()
+                .map_err(|e: toml::de::Error| invalid(e.message().to_string()))?;
+        }
         config.validate()?;
-        Ok(config)
+        Ok(Resolved { config, warnings })
+    }
+
+    fn from_file_table(table: toml::Table, path: &Path) -> Result<ServeConfig, ConfigError> {
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|e| ConfigError::Parse {
+                path: path.to_path_buf(),
+                source: Box::new(e),
+            })
     }
 
     /// Checks ranges.
@@ -642,8 +773,9 @@ mod tests {
 
     #[test]
     fn defaults() {
-        let c = ServeConfig::resolve(None, Vec::<(String, String)>::new(), &Overrides::default())
-            .unwrap();
+        let c = ServeConfig::resolve(None, Vec::<(String, String)>::new(), &[])
+            .unwrap()
+            .config;
         assert_eq!(c.mqtt.listen.port(), 1883);
         assert_eq!(c.http.listen.port(), 8080);
         assert_eq!(c.data_dir, PathBuf::from("./ferry-data"));
@@ -652,19 +784,11 @@ mod tests {
 
     #[test]
     fn segment_bytes_has_a_minimum() {
-        let c = ServeConfig::resolve(
-            None,
-            [("FERRY_SEGMENT_BYTES", "2097152")],
-            &Overrides::default(),
-        )
-        .unwrap();
+        let c = ServeConfig::resolve(None, [("FERRY_SEGMENT_BYTES", "2097152")], &[])
+            .unwrap()
+            .config;
         assert_eq!(c.segment_bytes, 2 << 20);
-        let e = ServeConfig::resolve(
-            None,
-            [("FERRY_SEGMENT_BYTES", "4096")],
-            &Overrides::default(),
-        )
-        .unwrap_err();
+        let e = ServeConfig::resolve(None, [("FERRY_SEGMENT_BYTES", "4096")], &[]).unwrap_err();
         assert!(e.to_string().contains("segment_bytes"), "{e}");
         let c = ServeConfig::from_toml("segment_bytes = 1048576\n", Path::new("x.toml")).unwrap();
         assert_eq!(c.segment_bytes, MIN_SEGMENT_BYTES);
@@ -672,8 +796,18 @@ mod tests {
 
     #[test]
     fn bad_env_is_an_error() {
-        let e = Overrides::from_env([("FERRY_MAX_CONNECTIONS", "many")]).unwrap_err();
-        assert!(e.to_string().contains("FERRY_MAX_CONNECTIONS"));
+        let e =
+            ServeConfig::resolve(None, [("FERRY_MQTT_MAX_CONNECTIONS", "many")], &[]).unwrap_err();
+        assert!(e.to_string().contains("FERRY_MQTT_MAX_CONNECTIONS"), "{e}");
+        let e = ServeConfig::resolve(None, [("FERRY_MAX_CONNECTIONS", "many")], &[]).unwrap_err();
+        assert!(e.to_string().contains("FERRY_MAX_CONNECTIONS"), "{e}");
+        let set = Override::parse_set("mqtt.listen=nowhere").unwrap();
+        let e = ServeConfig::resolve(None, Vec::<(String, String)>::new(), &[set]).unwrap_err();
+        assert!(e.to_string().contains("--set mqtt.listen"), "{e}");
+        let set = Override::parse_set("mqtt.no_such_key=1").unwrap();
+        let e = ServeConfig::resolve(None, Vec::<(String, String)>::new(), &[set]).unwrap_err();
+        assert!(e.to_string().contains("not a setting"), "{e}");
+        assert!(Override::parse_set("mqtt.listen").is_err());
     }
 
     #[test]
@@ -701,6 +835,84 @@ tls_key = "k.pem"
         let half =
             ServeConfig::from_toml("[http]\ntls_cert = \"c.pem\"\n", Path::new("z")).unwrap();
         assert!(half.validate().is_err());
+    }
+
+    #[test]
+    fn every_key_is_a_variable_and_a_set_flag() {
+        let all = settings();
+        let find = |key: &str| all.iter().find(|s| s.key == key).unwrap().clone();
+        assert_eq!(
+            find("mqtt.max_connections").env,
+            "FERRY_MQTT_MAX_CONNECTIONS"
+        );
+        assert_eq!(find("mqtt.max_connections").kind, SettingKind::Integer);
+        assert_eq!(find("http.enabled").kind, SettingKind::Bool);
+        assert_eq!(find("mqtt.tls_cert").default, None);
+        assert_eq!(
+            find("data_dir").default.as_deref(),
+            Some("\"./ferry-data\"")
+        );
+        // Every key of a configuration with every optional value set is known, so a field
+        // added without a default cannot escape the environment and `--set`.
+        let mut full = ServeConfig {
+            backend: Some("nats://x".into()),
+            node_id: Some("n".into()),
+            ..ServeConfig::default()
+        };
+        full.mqtt.tls_cert = Some("c".into());
+        full.mqtt.tls_key = Some("k".into());
+        full.http.tls_cert = Some("c".into());
+        full.http.tls_key = Some("k".into());
+        let mut printed = Vec::new();
+        for line in to_toml(&full).unwrap().lines() {
+            if let Some((k, v)) = line.split_once(" = ") {
+                if !v.starts_with('[') {
+                    printed.push(k.trim().to_string());
+                }
+            }
+        }
+        for k in printed {
+            assert!(
+                all.iter().any(|s| s.key.ends_with(&k)),
+                "{k} is not a known setting"
+            );
+        }
+        for s in &all {
+            let env = [(s.env.as_str(), "")];
+            let r = ServeConfig::resolve(None, env, &[]).unwrap();
+            assert!(r.warnings.is_empty(), "{}: {:?}", s.env, r.warnings);
+        }
+    }
+
+    #[test]
+    fn env_and_set_values_override_in_order() {
+        let env = [
+            ("FERRY_MQTT_MAX_INFLIGHT", "9"),
+            ("FERRY_HTTP_ENABLED", "off"),
+            ("FERRY_MAX_QUEUED", "5"),
+            ("FERRY_MQTT_MAX_QUEUED", "6"),
+            ("FERRY_NO_SUCH_THING", "1"),
+            ("FERRY_LOG", "debug"),
+            ("PATH", "/bin"),
+        ];
+        let flags = [
+            Override::parse_set("mqtt.max_inflight=11").unwrap(),
+            Override::flag("mqtt.tls_listen", "127.0.0.1:9883", "--mqtt-tls-listen"),
+        ];
+        let r = ServeConfig::resolve(None, env, &flags).unwrap();
+        assert_eq!(r.config.mqtt.max_inflight, 11);
+        assert!(!r.config.http.enabled);
+        assert_eq!(
+            r.config.mqtt.max_queued, 6,
+            "a setting's own name beats its former one"
+        );
+        assert_eq!(r.config.mqtt.tls_listen.port(), 9883);
+        assert_eq!(r.warnings.len(), 2, "{:?}", r.warnings);
+        assert!(r.warnings.iter().any(|w| w.contains("FERRY_NO_SUCH_THING")));
+        assert!(r
+            .warnings
+            .iter()
+            .any(|w| w.contains("FERRY_MQTT_MAX_QUEUED")));
     }
 
     #[test]

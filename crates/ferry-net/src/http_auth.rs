@@ -123,7 +123,7 @@ impl HttpAccess {
                 .await
                 .unwrap_or(AuthOutcome::BadCredentials);
             if outcome != AuthOutcome::Allowed {
-                tracing::info!(user, "HTTP request with bad credentials");
+                tracing::debug!(user, "HTTP request with bad credentials");
                 return Err(Denied::Unauthenticated("bad user name or password"));
             }
             let mut cache = self.cache.lock();

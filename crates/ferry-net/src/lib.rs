@@ -43,5 +43,5 @@ pub mod server;
 pub mod tls;
 mod unix_time;
 
-pub use config::{Overrides, ServeConfig};
+pub use config::{Override, ServeConfig};
 pub use server::{serve, ServeError, Server};

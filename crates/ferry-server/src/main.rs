@@ -8,7 +8,8 @@
 //! Each subcommand is a variant of [`Command`] with its own `clap::Args` struct and module.
 //!
 //! Logs go to stderr through `tracing`; set `FERRY_LOG` (an `EnvFilter` directive such as
-//! `info` or `ferry=debug`) to change the level (default: warn, info for `serve`).
+//! `info` or `ferry=debug`) to change the level (default: warn, info for `serve`, which logs
+//! each client's connection and disconnection at debug).
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -39,7 +40,8 @@ const LOG_ENV: &str = "FERRY_LOG";
     version,
     about = "Ferry: an embeddable, in-process message broker",
     propagate_version = true,
-    after_help = "Logging: set FERRY_LOG to a tracing filter (default: warn), e.g. FERRY_LOG=info."
+    after_help = "Logging: set FERRY_LOG to a tracing filter, e.g. FERRY_LOG=debug (default: warn; \
+                  info for `ferry serve`, whose per-connection events are at debug)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -85,26 +87,58 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let serve_config = match &cli.command {
         Command::Serve(args) => match args.resolve() {
-            Ok(config) => Some(config),
+            Ok(resolved) => Some(resolved),
             Err(e) => {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", report(&e));
                 return ExitCode::from(2);
             }
         },
         _ => None,
     };
-    match &serve_config {
-        Some(c) => init_tracing("info", c.log_format == LogFormat::Json),
-        None => init_tracing("warn", false),
-    }
+    let serve_config = match serve_config {
+        Some(resolved) => {
+            init_tracing("info", resolved.config.log_format == LogFormat::Json);
+            for warning in &resolved.warnings {
+                tracing::warn!("{warning}");
+            }
+            Some(resolved.config)
+        }
+        None => {
+            init_tracing("warn", false);
+            None
+        }
+    };
+    let serving = serve_config.is_some();
     match run(cli, serve_config) {
         Ok(code) => code,
+        // The server's log is where its operators look (and may be JSON lines); the clients
+        // print a plain line. Either way once.
+        Err(e) if serving => {
+            tracing::error!(error = report(&e), "ferry failed");
+            ExitCode::FAILURE
+        }
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "ferry failed");
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", report(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each cause once: an error whose message already
+/// includes its source's (as most I/O wrappers do) does not repeat it.
+fn report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 fn run(cli: Cli, serve_config: Option<ServeConfig>) -> anyhow::Result<ExitCode> {
@@ -175,5 +209,15 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_cause_already_in_its_error_is_not_repeated() {
+        let io = std::io::Error::other("disk on fire");
+        let e = anyhow::Error::new(io).context("writing x: disk on fire");
+        let e = e.context("saving");
+        assert_eq!(report(&e), "saving: writing x: disk on fire");
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(report(&e), "outer: inner");
     }
 }

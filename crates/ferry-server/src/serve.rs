@@ -3,12 +3,12 @@
 //! given by `--config` (or `FERRY_CONFIG`), then defaults.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use ferry_net::config::{LogFormat, Overrides, ServeConfig};
+use ferry_net::config::{LogFormat, Override, Resolved, ServeConfig};
 
 /// Options of `ferry serve`; each overrides the environment and the config file.
 #[derive(Debug, Args)]
@@ -79,41 +79,102 @@ pub struct ServeArgs {
     /// Graceful shutdown timeout in seconds [default: 10].
     #[arg(long, value_name = "SECS")]
     pub shutdown_timeout_secs: Option<u64>,
+    /// Any setting by its TOML key, e.g. `--set mqtt.max_connections=100` (repeatable; see
+    /// the settings reference, or --print-config for every key).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
     /// Print the resolved configuration as TOML and exit.
     #[arg(long)]
     pub print_config: bool,
 }
 
 impl ServeArgs {
-    /// The flags as overrides.
-    pub fn overrides(&self) -> Overrides {
-        Overrides {
-            data_dir: self.data_dir.clone(),
-            memory: self.memory.then_some(true),
-            segment_bytes: self.segment_bytes,
-            log_format: self.log_format,
-            shutdown_timeout_secs: self.shutdown_timeout_secs,
-            mqtt_listen: self.mqtt_listen,
-            allow_anonymous: self.allow_anonymous,
-            max_connections: self.max_connections,
-            max_packet_size: self.max_packet_size,
-            max_inflight: self.max_inflight,
-            max_queued: self.max_queued,
-            http_listen: self.http_listen,
-            http_enabled: self.no_http.then_some(false),
-            mqtt_tls_listen: self.mqtt_tls_listen,
-            mqtt_tls_cert: self.mqtt_tls_cert.clone(),
-            mqtt_tls_key: self.mqtt_tls_key.clone(),
-            http_tls_cert: self.http_tls_cert.clone(),
-            http_tls_key: self.http_tls_key.clone(),
-            backend: self.backend.clone(),
-            node_id: self.node_id.clone(),
+    /// The flags as overrides, in the order they apply (`--set` last).
+    pub fn overrides(&self) -> anyhow::Result<Vec<Override>> {
+        fn text(path: &Path, flag: &str) -> anyhow::Result<String> {
+            path.to_str()
+                .map(str::to_string)
+                .with_context(|| format!("{flag}: the path {path:?} is not valid UTF-8"))
         }
+        let mut out = Vec::new();
+        let mut add = |key: &str, value: String, flag: &str| {
+            out.push(Override::flag(key, value, flag));
+        };
+        if let Some(p) = &self.data_dir {
+            add("data_dir", text(p, "--data-dir")?, "--data-dir");
+        }
+        if self.memory {
+            add("memory", "true".into(), "--memory");
+        }
+        if let Some(v) = self.segment_bytes {
+            add("segment_bytes", v.to_string(), "--segment-bytes");
+        }
+        if let Some(v) = self.log_format {
+            let v = match v {
+                LogFormat::Text => "text",
+                LogFormat::Json => "json",
+            };
+            add("log_format", v.into(), "--log-format");
+        }
+        if let Some(v) = self.shutdown_timeout_secs {
+            add(
+                "shutdown_timeout_secs",
+                v.to_string(),
+                "--shutdown-timeout-secs",
+            );
+        }
+        if let Some(v) = self.mqtt_listen {
+            add("mqtt.listen", v.to_string(), "--mqtt-listen");
+        }
+        if let Some(v) = self.allow_anonymous {
+            add("mqtt.allow_anonymous", v.to_string(), "--allow-anonymous");
+        }
+        if let Some(v) = self.max_connections {
+            add("mqtt.max_connections", v.to_string(), "--max-connections");
+        }
+        if let Some(v) = self.max_packet_size {
+            add("mqtt.max_packet_size", v.to_string(), "--max-packet-size");
+        }
+        if let Some(v) = self.max_inflight {
+            add("mqtt.max_inflight", v.to_string(), "--max-inflight");
+        }
+        if let Some(v) = self.max_queued {
+            add("mqtt.max_queued", v.to_string(), "--max-queued");
+        }
+        if let Some(v) = self.http_listen {
+            add("http.listen", v.to_string(), "--http-listen");
+        }
+        if self.no_http {
+            add("http.enabled", "false".into(), "--no-http");
+        }
+        if let Some(v) = self.mqtt_tls_listen {
+            add("mqtt.tls_listen", v.to_string(), "--mqtt-tls-listen");
+        }
+        for (path, key, flag) in [
+            (&self.mqtt_tls_cert, "mqtt.tls_cert", "--mqtt-tls-cert"),
+            (&self.mqtt_tls_key, "mqtt.tls_key", "--mqtt-tls-key"),
+            (&self.http_tls_cert, "http.tls_cert", "--http-tls-cert"),
+            (&self.http_tls_key, "http.tls_key", "--http-tls-key"),
+        ] {
+            if let Some(p) = path {
+                add(key, text(p, flag)?, flag);
+            }
+        }
+        if let Some(v) = &self.backend {
+            add("backend", v.clone(), "--backend");
+        }
+        if let Some(v) = &self.node_id {
+            add("node_id", v.clone(), "--node-id");
+        }
+        for set in &self.set {
+            out.push(Override::parse_set(set).map_err(|e| anyhow::anyhow!("--set {e}"))?);
+        }
+        Ok(out)
     }
 
     /// Resolves the configuration from the flags, the process environment and the file.
-    pub fn resolve(&self) -> anyhow::Result<ServeConfig> {
-        ServeConfig::resolve(self.config.as_deref(), std::env::vars(), &self.overrides())
+    pub fn resolve(&self) -> anyhow::Result<Resolved> {
+        ServeConfig::resolve(self.config.as_deref(), std::env::vars(), &self.overrides()?)
             .context("loading the configuration")
     }
 }

@@ -239,7 +239,7 @@ where
         Ok(n) => n,
         Err(code) => {
             shared.metrics.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(%peer, client = connect.client_id, code = code.description(), "CONNECT refused");
+            tracing::debug!(%peer, client = connect.client_id, code = code.description(), "CONNECT refused");
             let _ = refuse(&mut stream, version, code).await;
             return None;
         }
@@ -280,7 +280,7 @@ where
         c.resume(*resumed);
     }
     c.record_session();
-    tracing::info!(
+    tracing::debug!(
         %peer,
         client = c.neg.client_id,
         version = ?version,
@@ -831,7 +831,7 @@ where
         if let Err(e) = TopicName::new(&topic) {
             // A valid MQTT topic that Ferry does not accept (`$...`, `*`, control characters).
             if self.v5() && p.qos > QoS::AtMostOnce {
-                tracing::info!(client = self.neg.client_id, topic, error = %e, "PUBLISH refused");
+                tracing::debug!(client = self.neg.client_id, topic, error = %e, "PUBLISH refused");
                 return self
                     .queue_ack(
                         p.packet_id,
@@ -867,7 +867,7 @@ where
                 .metrics
                 .acl_denied
                 .fetch_add(1, Ordering::Relaxed);
-            tracing::info!(
+            tracing::debug!(
                 client = self.neg.client_id,
                 topic,
                 "PUBLISH denied by the ACL"
@@ -1172,7 +1172,7 @@ where
                 .metrics
                 .acl_denied
                 .fetch_add(1, Ordering::Relaxed);
-            tracing::info!(
+            tracing::debug!(
                 client = self.neg.client_id,
                 filter = full,
                 "SUBSCRIBE denied by the ACL"
@@ -1209,7 +1209,7 @@ where
                     self.active().streams.insert(full.to_string(), sub);
                 }
                 Err(e) => {
-                    tracing::info!(client = self.neg.client_id, filter = full, error = %e, "SUBSCRIBE refused");
+                    tracing::debug!(client = self.neg.client_id, filter = full, error = %e, "SUBSCRIBE refused");
                     self.active().subs.remove(full);
                     return match e {
                         SubscribeError::InvalidFilter(_) => ReasonCode::TopicFilterInvalid,
@@ -1428,11 +1428,15 @@ where
             }
             End::KeepAlive => {
                 m.keep_alive_timeouts.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(client, peer = %self.peer, "closing MQTT connection: keep alive expired");
+                tracing::debug!(client, peer = %self.peer, "closing MQTT connection: keep alive expired");
             }
-            End::Gone(why) => tracing::info!(client, reason = why, "MQTT connection lost"),
-            End::TakenOver => tracing::info!(client, "MQTT session taken over by a new connection"),
-            End::Normal | End::NormalWithWill => tracing::info!(client, "MQTT client disconnected"),
+            End::Gone(why) => tracing::debug!(client, reason = why, "MQTT connection lost"),
+            End::TakenOver => {
+                tracing::debug!(client, "MQTT session taken over by a new connection")
+            }
+            End::Normal | End::NormalWithWill => {
+                tracing::debug!(client, "MQTT client disconnected")
+            }
             End::Shutdown => tracing::debug!(client, "closing MQTT connection: shutdown"),
         }
         if self.v5() {
@@ -1594,7 +1598,7 @@ async fn publish_will_now(shared: &MqttShared, will: &Will, client: &str) {
                 .metrics
                 .wills_published
                 .fetch_add(1, Ordering::Relaxed);
-            tracing::info!(client, topic = will.topic, "will published");
+            tracing::debug!(client, topic = will.topic, "will published");
         }
         Err(e) => {
             tracing::warn!(client, topic = will.topic, error = %e, "will could not be published")

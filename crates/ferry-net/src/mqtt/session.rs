@@ -438,7 +438,7 @@ impl Sessions {
                         .session()
                         .ok_or_else(|| corrupt(format!("bad subscription of {client:?}")))?;
                     if away >= session.expiry {
-                        tracing::info!(client, "session expired while the server was down");
+                        tracing::debug!(client, "session expired while the server was down");
                         delete_groups(broker, &session);
                         continue;
                     }
@@ -691,7 +691,7 @@ impl Sessions {
                     return true;
                 };
                 if now.duration_since(*since) >= session.expiry {
-                    tracing::info!(client, "session expired");
+                    tracing::debug!(client, "session expired");
                     ended.push(std::mem::take(session));
                     return false;
                 }
