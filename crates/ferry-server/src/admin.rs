@@ -25,6 +25,9 @@ pub struct UrlArg {
     /// Password for HTTP Basic authentication.
     #[arg(long, global = true, env = "FERRY_PASSWORD", requires = "user")]
     pub password: Option<String>,
+    /// Trust the CA certificates of this PEM file for an https:// URL (as curl's --cacert).
+    #[arg(long, global = true, value_name = "PATH")]
+    pub cacert: Option<std::path::PathBuf>,
 }
 
 /// `ferry stats [topic]`.
@@ -85,9 +88,16 @@ fn segment(s: &str) -> String {
 }
 
 async fn call(method: Method, url: String, auth: &UrlArg) -> anyhow::Result<ExitCode> {
-    let client = reqwest::Client::builder()
-        .build()
-        .context("building the HTTP client")?;
+    let mut builder = reqwest::Client::builder();
+    if let Some(path) = &auth.cacert {
+        let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        for cert in reqwest::Certificate::from_pem_bundle(&pem)
+            .with_context(|| format!("{} holds no PEM certificate", path.display()))?
+        {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    let client = builder.build().context("building the HTTP client")?;
     let mut request = client.request(method.clone(), &url);
     if let Some(user) = &auth.user {
         request = request.basic_auth(user, auth.password.as_ref());

@@ -1,7 +1,7 @@
 //! `ferry pub` and `ferry sub`: MQTT clients in the style of `mosquitto_pub`/`mosquitto_sub`
 //! (same short flags), on `rumqttc`, speaking MQTT 5 (default) or 3.1.1 (`-V 311`).
 
-use std::io::{BufRead, Read};
+use std::io::{BufRead, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -52,6 +52,16 @@ pub struct ConnArgs {
     /// Keep alive in seconds.
     #[arg(short = 'k', long, default_value_t = 60)]
     pub keepalive: u16,
+    /// Connect over TLS, trusting the CA certificates of this PEM file (as mosquitto_pub's
+    /// --cafile; the server's port is then usually 8883).
+    #[arg(long, value_name = "PATH")]
+    pub cafile: Option<PathBuf>,
+    /// PEM client certificate for TLS client authentication (with --key and --cafile).
+    #[arg(long, value_name = "PATH", requires_all = ["key", "cafile"])]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, value_name = "PATH", requires = "cert")]
+    pub key: Option<PathBuf>,
     /// Print help.
     #[arg(long, action = ArgAction::Help)]
     pub help: Option<bool>,
@@ -64,22 +74,38 @@ impl ConnArgs {
             .unwrap_or_else(|| format!("ferry-{role}-{:08x}", std::process::id()))
     }
 
-    fn options5(&self, role: &str) -> v5::MqttOptions {
+    /// TCP, or TLS with --cafile (and a client certificate with --cert/--key).
+    fn transport(&self) -> anyhow::Result<rumqttc::Transport> {
+        let read =
+            |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        let Some(ca) = &self.cafile else {
+            return Ok(rumqttc::Transport::Tcp);
+        };
+        let client_auth = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+            _ => None,
+        };
+        Ok(rumqttc::Transport::tls(read(ca)?, client_auth, None))
+    }
+
+    fn options5(&self, role: &str) -> anyhow::Result<v5::MqttOptions> {
         let mut o = v5::MqttOptions::new(self.client_id(role), &self.host, self.port);
         o.set_keep_alive(Duration::from_secs(u64::from(self.keepalive.max(5))));
         if let Some(u) = &self.username {
             o.set_credentials(u, self.password.clone().unwrap_or_default());
         }
-        o
+        o.set_transport(self.transport()?);
+        Ok(o)
     }
 
-    fn options4(&self, role: &str) -> rumqttc::MqttOptions {
+    fn options4(&self, role: &str) -> anyhow::Result<rumqttc::MqttOptions> {
         let mut o = rumqttc::MqttOptions::new(self.client_id(role), &self.host, self.port);
         o.set_keep_alive(Duration::from_secs(u64::from(self.keepalive.max(5))));
         if let Some(u) = &self.username {
             o.set_credentials(u, self.password.clone().unwrap_or_default());
         }
-        o
+        o.set_transport(self.transport()?);
+        Ok(o)
     }
 }
 
@@ -209,7 +235,7 @@ async fn publish5(
     headers: Vec<(String, String)>,
 ) -> anyhow::Result<()> {
     let qos = qos5(args.qos)?;
-    let (client, mut el) = v5::AsyncClient::new(args.conn.options5("pub"), payloads.len() + 10);
+    let (client, mut el) = v5::AsyncClient::new(args.conn.options5("pub")?, payloads.len() + 10);
     // Publishes are queued before the connection exists; the event loop sends them in order.
     within("connecting", async {
         loop {
@@ -269,7 +295,7 @@ async fn publish5(
 async fn publish4(args: &PubArgs, payloads: Vec<Bytes>) -> anyhow::Result<()> {
     let qos = qos4(args.qos)?;
     let (client, mut el) =
-        rumqttc::AsyncClient::new(args.conn.options4("pub"), payloads.len() + 10);
+        rumqttc::AsyncClient::new(args.conn.options4("pub")?, payloads.len() + 10);
     within("connecting", async {
         loop {
             match el.poll().await? {
@@ -380,17 +406,24 @@ impl Received {
 pub async fn subscribe(args: SubArgs) -> anyhow::Result<ExitCode> {
     let mut seen = 0u64;
     let done = |seen: u64| args.count.is_some_and(|c| seen >= c);
-    let mut print = |r: Received| {
-        println!("{}", r.line(&args));
+    let mut out = std::io::stdout().lock();
+    // True when no more messages are wanted: the count is reached, or whoever reads the output
+    // has gone (`ferry sub ... | head -1`), which ends the command quietly.
+    let mut print = |r: Received| -> anyhow::Result<bool> {
+        match writeln!(out, "{}", r.line(&args)).and_then(|()| out.flush()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(true),
+            Err(e) => return Err(e).context("writing to standard output"),
+        }
         seen += 1;
-        done(seen)
+        Ok(done(seen))
     };
     let stop = tokio::signal::ctrl_c();
     tokio::pin!(stop);
     match args.conn.version {
         Version::V5 => {
             let qos = qos5(args.qos)?;
-            let (client, mut el) = v5::AsyncClient::new(args.conn.options5("sub"), 10);
+            let (client, mut el) = v5::AsyncClient::new(args.conn.options5("sub")?, 10);
             client
                 .subscribe_many(args.topics.iter().map(|t| Filter::new(t.clone(), qos)))
                 .await
@@ -408,7 +441,7 @@ pub async fn subscribe(args: SubArgs) -> anyhow::Result<ExitCode> {
                         retain: p.retain,
                         headers: p.properties.map(|p| p.user_properties).unwrap_or_default(),
                     };
-                    if print(r) {
+                    if print(r)? {
                         break;
                     }
                 }
@@ -426,7 +459,7 @@ pub async fn subscribe(args: SubArgs) -> anyhow::Result<ExitCode> {
         }
         Version::V311 => {
             let qos = qos4(args.qos)?;
-            let (client, mut el) = rumqttc::AsyncClient::new(args.conn.options4("sub"), 10);
+            let (client, mut el) = rumqttc::AsyncClient::new(args.conn.options4("sub")?, 10);
             client
                 .subscribe_many(
                     args.topics
@@ -448,7 +481,7 @@ pub async fn subscribe(args: SubArgs) -> anyhow::Result<ExitCode> {
                         retain: p.retain,
                         headers: Vec::new(),
                     };
-                    if print(r) {
+                    if print(r)? {
                         break;
                     }
                 }

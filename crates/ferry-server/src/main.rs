@@ -66,7 +66,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Print an argon2 hash of a password for the `[mqtt] users` list of the config file.
     HashPassword {
-        /// The password.
+        /// The password; `-` reads it from the first line of standard input (which keeps it
+        /// out of the shell history and the process list).
         password: String,
     },
     /// Publish MQTT messages: -m message, -f file, -l one per line of stdin.
@@ -144,7 +145,19 @@ fn report(e: &anyhow::Error) -> String {
 fn run(cli: Cli, serve_config: Option<ServeConfig>) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::HashPassword { password } => {
-            println!("{}", ferry_net::auth::hash_password(password)?);
+            let password = if password == "-" {
+                let mut line = String::new();
+                std::io::stdin()
+                    .read_line(&mut line)
+                    .context("reading the password from standard input")?;
+                line.trim_end_matches(['\r', '\n']).to_string()
+            } else {
+                password.clone()
+            };
+            if password.is_empty() {
+                anyhow::bail!("the password is empty");
+            }
+            println!("{}", ferry_net::auth::hash_password(&password)?);
             return Ok(ExitCode::SUCCESS);
         }
         Command::Serve(args) if args.print_config => {

@@ -301,3 +301,168 @@ async fn serve_takes_a_backend_and_a_node_id() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("redis://127.0.0.1:1"), "{err}");
 }
+
+/// `ferry sub ... | head -1`: the reader goes away and `ferry sub` ends quietly, without a
+/// panic, when it next writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sub_ends_quietly_when_its_reader_goes_away() {
+    use std::io::BufRead;
+    let server = server().await;
+    let port = server.mqtt_addr().port().to_string();
+    let mut child = Command::new(BIN)
+        .args(["sub", "-p", &port, "-t", "pipe/t"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    subscribed(&server, 1).await;
+    let publisher = server.broker().publisher("pipe/t").unwrap();
+    publisher
+        .publish(ferry::Message::from("first"))
+        .await
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        let mut reader = std::io::BufReader::new(stdout);
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        line // the reader (and the pipe's read end) is dropped here, as `head -1` exits
+    })
+    .await
+    .unwrap();
+    assert_eq!(line.trim(), "first");
+    // Keep publishing until the child notices the closed pipe and exits.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let status = loop {
+        publisher
+            .publish(ferry::Message::from("more"))
+            .await
+            .unwrap();
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ferry sub did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{status:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// `ferry hash-password -` reads the password from standard input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hash_password_reads_standard_input_for_a_dash() {
+    let out = ok(&ferry(args(&["hash-password", "-"]), Some("s3cret\n")).await);
+    let hash = out.trim().to_string();
+    assert!(hash.starts_with("$argon2"), "{hash}");
+    let users = [ferry_net::config::UserConfig {
+        username: "u".into(),
+        password_hash: hash,
+        publish: None,
+        subscribe: None,
+    }];
+    let auth = ferry_net::auth::Authenticator::new(&users, false);
+    assert_eq!(
+        auth.check(Some("u"), Some(b"s3cret")),
+        ferry_net::auth::AuthOutcome::Allowed
+    );
+    assert_ne!(
+        auth.check(Some("u"), Some(b"-")),
+        ferry_net::auth::AuthOutcome::Allowed
+    );
+    let empty = ferry(args(&["hash-password", "-"]), Some("\n")).await;
+    assert!(!empty.status.success());
+}
+
+/// `ferry pub`/`sub --cafile` speak MQTT over TLS, and `ferry stats --cacert` HTTPS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_speak_tls_with_a_ca_file() {
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+    let mut config = ServeConfig {
+        memory: true,
+        shutdown_timeout_secs: 1,
+        ..ServeConfig::default()
+    };
+    config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    config.mqtt.tls_listen = "127.0.0.1:0".parse().unwrap();
+    config.mqtt.tls_cert = Some(cert.clone());
+    config.mqtt.tls_key = Some(key.clone());
+    config.http.listen = "127.0.0.1:0".parse().unwrap();
+    config.http.tls_cert = Some(cert.clone());
+    config.http.tls_key = Some(key);
+    let broker = ferry_net::server::open_broker(&config).unwrap();
+    let server = Server::start(&config, broker).await.unwrap();
+    let tls_port = server.mqtt_tls_addr().unwrap().port().to_string();
+    let ca = cert.to_str().unwrap().to_string();
+    let sub = tokio::spawn(ferry(
+        args(&[
+            "sub",
+            "-h",
+            "localhost",
+            "-p",
+            &tls_port,
+            "--cafile",
+            &ca,
+            "-t",
+            "tls/t",
+            "-C",
+            "1",
+        ]),
+        None,
+    ));
+    subscribed(&server, 1).await;
+    ok(&ferry(
+        args(&[
+            "pub",
+            "-h",
+            "localhost",
+            "-p",
+            &tls_port,
+            "--cafile",
+            &ca,
+            "-t",
+            "tls/t",
+            "-q",
+            "1",
+            "-m",
+            "over tls",
+        ]),
+        None,
+    )
+    .await);
+    assert_eq!(ok(&sub.await.unwrap()).trim(), "over tls");
+    // Without the CA the server's certificate is not trusted.
+    let refused = ferry(
+        args(&[
+            "pub",
+            "-h",
+            "localhost",
+            "-p",
+            &tls_port,
+            "--cafile",
+            "/nonexistent",
+            "-t",
+            "x",
+            "-m",
+            "y",
+        ]),
+        None,
+    )
+    .await;
+    assert!(!refused.status.success());
+    let url = format!("https://localhost:{}", server.http_addr().unwrap().port());
+    let stats = ok(&ferry(args(&["stats", "--url", &url, "--cacert", &ca]), None).await);
+    assert!(stats.contains("topics"), "{stats}");
+    let untrusted = ferry(args(&["stats", "--url", &url]), None).await;
+    assert!(!untrusted.status.success());
+}
