@@ -68,6 +68,10 @@ pub struct ConnArgs {
 }
 
 impl ConnArgs {
+    fn address(&self) -> String {
+        format!("connecting to {}:{}", self.host, self.port)
+    }
+
     fn client_id(&self, role: &str) -> String {
         self.id
             .clone()
@@ -239,7 +243,7 @@ async fn publish5(
     // Publishes are queued before the connection exists; the event loop sends them in order.
     within("connecting", async {
         loop {
-            match el.poll().await? {
+            match el.poll().await.with_context(|| args.conn.address())? {
                 v5::Event::Incoming(P5::ConnAck(_)) => return Ok::<_, anyhow::Error>(()),
                 _ => continue,
             }
@@ -298,7 +302,7 @@ async fn publish4(args: &PubArgs, payloads: Vec<Bytes>) -> anyhow::Result<()> {
         rumqttc::AsyncClient::new(args.conn.options4("pub")?, payloads.len() + 10);
     within("connecting", async {
         loop {
-            match el.poll().await? {
+            match el.poll().await.with_context(|| args.conn.address())? {
                 rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_)) => {
                     return Ok::<_, anyhow::Error>(())
                 }
