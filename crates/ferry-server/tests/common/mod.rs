@@ -9,7 +9,13 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_ferry");
+/// The `ferry` binary: `FERRY_BIN` when set (CI points it at the release build for the abuse
+/// suite), else the one cargo built for this test.
+pub fn bin() -> std::path::PathBuf {
+    std::env::var_os("FERRY_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_ferry").into())
+}
 /// How long a server start may take.
 pub const START_WAIT: Duration = Duration::from_secs(20);
 /// How long the server may take to exit after SIGTERM.
@@ -43,7 +49,7 @@ pub fn after<'a>(line: &'a str, key: &str, end: char) -> Option<&'a str> {
 /// `FERRY_*` variable of the test's environment) and waits until it serves; `Err` with its
 /// log if it does not.
 pub fn serve(dir: &Path, extra: &[&str]) -> Result<Server, String> {
-    let mut cmd = Command::new(BIN);
+    let mut cmd = Command::new(bin());
     for (k, _) in std::env::vars() {
         if k.starts_with("FERRY_") {
             cmd.env_remove(k);
