@@ -624,6 +624,16 @@ where
         // Takeover, shutdown and the keep-alive deadline come through the control block (set by the
         // session registry, which checks every connection's last input once a second): the
         // task holds no timer and no cancellation future of its own.
+        //
+        // Packets that came in the same reads as the CONNECT (a client may send SUBSCRIBE or
+        // PUBLISH without waiting for the CONNACK) are in the read buffer already: they are
+        // handled now, after the CONNACK queued before them, not when the socket next has
+        // something to read, which it may never have.
+        if !self.rbuf.is_empty() {
+            if let Some(end) = Box::pin(self.handle_input()).await {
+                return end;
+            }
+        }
         loop {
             self.send_pending();
             self.count_sent();
