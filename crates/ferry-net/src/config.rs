@@ -16,6 +16,7 @@
 //! listen = "0.0.0.0:1883"
 //! allow_anonymous = true
 //! max_connections = 10000
+//! max_connections_per_address = 1000   # 0: no per-address limit
 //! max_packet_size = 1048576
 //! max_inflight = 64           # outbound QoS>0 in flight per connection, and the receive maximum
 //! max_queued = 10000          # messages queued for an offline persistent session
@@ -204,6 +205,10 @@ pub struct MqttConfig {
     pub allow_anonymous: bool,
     /// Most simultaneous connections; more are refused with Server busy / Server unavailable.
     pub max_connections: usize,
+    /// Most simultaneous connections from one client IP address, over every MQTT listener
+    /// (TCP, TLS, WebSocket); more are refused with Quota exceeded (0x97, MQTT 5) / Server
+    /// unavailable (0x03, MQTT 3.1.1). 0: no per-address limit.
+    pub max_connections_per_address: usize,
     /// Largest packet accepted (bytes, fixed header included); bigger ones end the connection
     /// with Packet too large (0x95).
     pub max_packet_size: usize,
@@ -250,6 +255,7 @@ impl Default for MqttConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
             allow_anonymous: true,
             max_connections: 10_000,
+            max_connections_per_address: 1_000,
             max_packet_size: 1 << 20,
             max_inflight: 64,
             max_queued: 10_000,

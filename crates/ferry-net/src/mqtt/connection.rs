@@ -172,8 +172,8 @@ pub(crate) struct Start<S> {
     pub(crate) peer: SocketAddr,
     /// The connection's number (session registry).
     pub(crate) conn: u64,
-    /// Whether `max_connections` was reached: the CONNECT is refused.
-    pub(crate) over_limit: bool,
+    /// The connection limit reached, if any: the CONNECT is refused.
+    pub(crate) over_limit: Option<super::Limit>,
 }
 
 /// CONNECT to CONNACK: the connection's state (with its session registration), or `None`
@@ -189,6 +189,9 @@ where
         conn,
         over_limit,
     } = *start;
+    // This connection's count on its address, released when the connection ends: by this
+    // guard if it ends here, else by the connection state's `Drop`.
+    let address = super::AddressGuard::new(&shared, peer.ip());
     let mut rbuf = BytesMut::new();
     let max_packet = shared.config.max_packet_size;
     let connect_timeout = Duration::from_secs(shared.config.connect_timeout_secs.max(1));
@@ -225,13 +228,26 @@ where
         Ok(Ok(c)) => c,
     };
     let version = connect.protocol_version;
-    if over_limit {
+    if let Some(limit) = over_limit {
         shared.metrics.refused.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(%peer, client = connect.client_id, "max_connections reached; refusing");
-        let code = match version {
-            ProtocolVersion::V5 => ReasonCode::ServerBusy,
-            ProtocolVersion::V311 => ReasonCode::ServerUnavailable,
+        let code = match (limit, version) {
+            (super::Limit::Connections, ProtocolVersion::V5) => ReasonCode::ServerBusy,
+            (super::Limit::PerAddress, ProtocolVersion::V5) => ReasonCode::QuotaExceeded,
+            // 3.1.1 has one code for both.
+            (_, ProtocolVersion::V311) => ReasonCode::ServerUnavailable,
         };
+        match limit {
+            super::Limit::Connections => {
+                tracing::warn!(%peer, client = connect.client_id, "max_connections reached; refusing")
+            }
+            super::Limit::PerAddress => {
+                shared
+                    .metrics
+                    .refused_per_address
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, client = connect.client_id, "max_connections_per_address reached; refusing")
+            }
+        }
         let _ = refuse(&mut stream, version, code).await;
         return None;
     }
@@ -260,6 +276,8 @@ where
     if rbuf.is_empty() {
         rbuf = BytesMut::new();
     }
+    // From here the state's `Drop` releases the address.
+    address.disarm();
     let mut c = Box::new(Conn {
         version,
         active: None,
@@ -474,6 +492,12 @@ struct Conn<S> {
     /// PUBLISH packets queued since the last flush (added to the shared counter per flush);
     /// 32 bits, which packs with the small fields and keeps the state in a smaller size class.
     sent: u32,
+}
+
+impl<S> Drop for Conn<S> {
+    fn drop(&mut self) {
+        self.shared.addresses.release(&self.shared.config, self.peer.ip());
+    }
 }
 
 impl<S> Conn<S>
