@@ -24,6 +24,7 @@
 //! max_session_expiry_secs = 86400
 //! max_keep_alive_secs = 3600
 //! connect_timeout_secs = 10
+//! tcp_keepalive_secs = 60     # TCP keepalive probes on accepted sockets (0: off)
 //! # MQTT over TLS on a second listener, when both PEM files are given:
 //! tls_listen = "0.0.0.0:8883"
 //! tls_cert = "/etc/ferry/cert.pem"   # certificate chain
@@ -223,11 +224,18 @@ pub struct MqttConfig {
     /// Cap on the session expiry interval clients ask for (seconds). MQTT 3.1.1 persistent
     /// sessions use this value.
     pub max_session_expiry_secs: u32,
-    /// Cap on keep alive (seconds); a client asking for more (or 0) is told this value
-    /// (MQTT 5 Server Keep Alive). 0: no cap.
+    /// Cap on keep alive (seconds). A client asking for more, or for 0 (never time out), gets
+    /// this value: an MQTT 5 client is told so (Server Keep Alive in the CONNACK); an MQTT 3.1.1
+    /// client, which cannot be told, is accepted and closed after 1.5 times this long without a
+    /// packet. 0: no cap (a client asking 0 is never timed out).
     pub max_keep_alive_secs: u16,
-    /// How long a new connection may take to send CONNECT.
+    /// How long a new connection may take to send its whole CONNECT (seconds; a connection
+    /// that sends part of it, or dribbles it, is closed then).
     pub connect_timeout_secs: u64,
+    /// TCP keepalive on accepted MQTT sockets (TCP and TLS listeners): idle seconds before the
+    /// first probe (then a probe every 10 s, the peer dropped after 3 unanswered), so that the
+    /// sockets of peers that vanished are closed by the kernel. 0: off.
+    pub tcp_keepalive_secs: u64,
     /// Address of the MQTT-over-TLS listener (used when `tls_cert` and `tls_key` are set).
     pub tls_listen: SocketAddr,
     /// PEM certificate chain of the TLS listener.
@@ -261,8 +269,9 @@ impl Default for MqttConfig {
             max_queued: 10_000,
             topic_alias_maximum: 64,
             max_session_expiry_secs: 86_400,
-            max_keep_alive_secs: 0,
+            max_keep_alive_secs: 3_600,
             connect_timeout_secs: 10,
+            tcp_keepalive_secs: 60,
             tls_listen: SocketAddr::from(([0, 0, 0, 0], 8883)),
             tls_cert: None,
             tls_key: None,

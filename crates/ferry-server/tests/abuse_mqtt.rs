@@ -227,3 +227,111 @@ async fn one_address_is_held_to_its_connection_limit() {
         "{stats}"
     );
 }
+
+/// The bytes of a CONNECT of `id` asking keep alive `keep_alive`.
+fn connect_bytes(version: ProtocolVersion, id: &str, keep_alive: u16) -> Vec<u8> {
+    let mut c = Connect::new(version, id);
+    c.keep_alive = keep_alive;
+    let mut out = BytesMut::new();
+    encode(&Packet::Connect(c), version, &mut out).unwrap();
+    out.to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_a_connect_or_a_dribbled_one_is_closed_at_the_connect_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_with(dir.path(), "[mqtt]\nconnect_timeout_secs = 2\n");
+    let addr = server.mqtt;
+    let whole = connect_bytes(ProtocolVersion::V5, "slow", 60);
+    // Half a CONNECT, then silence.
+    let began = Instant::now();
+    let mut half = Raw::open(addr, LOCAL, ProtocolVersion::V5).await;
+    half.stream.write_all(&whole[..whole.len() / 2]).await.unwrap();
+    assert!(half.closed_within(WAIT).await, "half a CONNECT kept open");
+    let took = began.elapsed();
+    assert!(took >= Duration::from_millis(1900), "closed after {took:?}");
+    // One byte a second: closed at the timeout too, long before the CONNECT is whole.
+    let began = Instant::now();
+    let mut dribble = Raw::open(addr, LOCAL, ProtocolVersion::V5).await;
+    let mut closed = false;
+    for b in &whole {
+        if dribble.stream.write_all(&[*b]).await.is_err()
+            || dribble.closed_within(Duration::from_secs(1)).await
+        {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "a CONNECT dribbled over {:?} was waited for", began.elapsed());
+    assert!(began.elapsed() < WAIT, "closed only after {:?}", began.elapsed());
+    still_served(addr, ProtocolVersion::V5, "healthy").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_is_capped_and_a_dribbled_packet_does_not_keep_a_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_with(dir.path(), "[mqtt]\nmax_keep_alive_secs = 2\n");
+    let addr = server.mqtt;
+    // MQTT 5 asking 0 (never) and more than the cap: told Server Keep Alive = the cap, and
+    // closed with Keep alive timeout after 1.5 times it of silence.
+    for asked in [0u16, 3600] {
+        let mut c = Raw::open(addr, LOCAL, ProtocolVersion::V5).await;
+        let began = Instant::now();
+        c.stream
+            .write_all(&connect_bytes(ProtocolVersion::V5, &format!("ka5-{asked}"), asked))
+            .await
+            .unwrap();
+        match c.recv().await {
+            Some(Packet::ConnAck(a)) => {
+                assert_eq!(a.reason_code, ReasonCode::Success);
+                assert_eq!(a.properties.server_keep_alive, Some(2), "asked {asked}");
+            }
+            other => panic!("{other:?}"),
+        }
+        match c.recv().await {
+            Some(Packet::Disconnect(d)) => assert_eq!(d.reason_code, ReasonCode::KeepAliveTimeout),
+            other => panic!("asked {asked}: expected DISCONNECT, got {other:?}"),
+        }
+        assert!(began.elapsed() >= Duration::from_millis(2900), "{:?}", began.elapsed());
+        assert!(c.recv().await.is_none());
+    }
+    // MQTT 3.1.1 asking 0: accepted (it cannot be told), closed after 1.5 times the cap.
+    let mut c = Raw::open(addr, LOCAL, ProtocolVersion::V311).await;
+    let began = Instant::now();
+    c.stream
+        .write_all(&connect_bytes(ProtocolVersion::V311, "ka4", 0))
+        .await
+        .unwrap();
+    assert!(matches!(c.recv().await, Some(Packet::ConnAck(a)) if a.reason_code == ReasonCode::Success));
+    assert!(c.closed_within(WAIT).await, "a 3.1.1 client asking 0 never timed out");
+    assert!(began.elapsed() >= Duration::from_millis(2900), "{:?}", began.elapsed());
+    // Within its keep alive a client that pings stays; one that dribbles a PUBLISH a byte at
+    // a time (more often than its keep alive) is closed: only whole packets count.
+    let (mut pinger, code) = Raw::connect(addr, LOCAL, ProtocolVersion::V5, "pinger").await;
+    assert_eq!(code, Some(ReasonCode::Success));
+    let (mut dribbler, code) = Raw::connect(addr, LOCAL, ProtocolVersion::V5, "dribbler").await;
+    assert_eq!(code, Some(ReasonCode::Success));
+    let mut publish = BytesMut::new();
+    let mut p = Publish::new("dribble/t", vec![7u8; 64]);
+    p.qos = QoS::AtLeastOnce;
+    p.packet_id = Some(1);
+    encode(&Packet::Publish(p), ProtocolVersion::V5, &mut publish).unwrap();
+    let began = Instant::now();
+    let mut closed = false;
+    for (i, b) in publish.iter().enumerate() {
+        if i % 2 == 0 {
+            pinger.send(&Packet::PingReq).await;
+            assert!(matches!(pinger.recv().await, Some(Packet::PingResp)));
+        }
+        if dribbler.stream.write_all(&[*b]).await.is_err()
+            || dribbler.closed_within(Duration::from_millis(500)).await
+        {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "a PUBLISH dribbled over {:?} kept the connection", began.elapsed());
+    pinger.send(&Packet::PingReq).await;
+    assert!(matches!(pinger.recv().await, Some(Packet::PingResp)), "the pinging client was closed");
+    still_served(addr, ProtocolVersion::V311, "healthy4").await;
+}

@@ -680,7 +680,6 @@ where
                     Next::End(end) => return end,
                 }
             }
-            self.control.touch();
             if let Some(end) = Box::pin(self.handle_input()).await {
                 return end;
             }
@@ -751,8 +750,11 @@ where
         Poll::Pending
     }
 
-    /// Decodes and handles every complete packet in the read buffer.
+    /// Decodes and handles every complete packet in the read buffer. The keep-alive clock
+    /// restarts when a whole packet has come (MQTT-3.1.2-24 speaks of control packets, not
+    /// bytes): a client that dribbles a packet a byte at a time is still timed out.
     async fn handle_input(&mut self) -> Option<End> {
+        let mut touched = false;
         loop {
             let packet = match decode(
                 &mut self.rbuf,
@@ -768,6 +770,10 @@ where
                     ))
                 }
             };
+            if !touched {
+                self.control.touch();
+                touched = true;
+            }
             if let Some(end) = self.handle(packet).await {
                 return Some(end);
             }

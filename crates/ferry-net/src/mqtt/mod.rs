@@ -247,6 +247,7 @@ async fn accept_loop(shared: Arc<MqttShared>, listener: TcpListener) {
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
+                set_tcp_keepalive(&stream, shared.config.tcp_keepalive_secs);
                 spawn_connection(&shared, stream, peer);
             }
             Err(e) => {
@@ -266,11 +267,31 @@ async fn tls_accept_loop(shared: Arc<MqttShared>, mut listener: TlsListener) {
             a = listener.next() => a,
         };
         match accepted {
-            Some((stream, peer)) => spawn_connection(&shared, stream, peer),
+            Some((stream, peer)) => {
+                set_tcp_keepalive(stream.get_ref().0, shared.config.tcp_keepalive_secs);
+                spawn_connection(&shared, stream, peer)
+            }
             None => break,
         }
     }
     tracing::info!("MQTT TLS listener stopped");
+}
+
+/// Turns TCP keepalive on for an accepted socket (`idle_secs` before the first probe; 0: off),
+/// so that the kernel closes the sockets of peers that vanished without a FIN (power loss,
+/// a dropped network) even for clients whose keep alive is long.
+fn set_tcp_keepalive(stream: &tokio::net::TcpStream, idle_secs: u64) {
+    if idle_secs == 0 {
+        return;
+    }
+    let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(idle_secs));
+    #[cfg(target_os = "linux")]
+    let keepalive = keepalive
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "setting TCP keepalive failed");
+    }
 }
 
 /// Runs one connection over any byte stream (TCP, TLS, WebSocket).
