@@ -16,6 +16,7 @@
 //! listen = "0.0.0.0:1883"
 //! allow_anonymous = true
 //! max_connections = 10000
+//! max_connections_per_address = 1000   # 0: no per-address limit
 //! max_packet_size = 1048576
 //! max_inflight = 64           # outbound QoS>0 in flight per connection, and the receive maximum
 //! max_queued = 10000          # messages queued for an offline persistent session
@@ -23,6 +24,7 @@
 //! max_session_expiry_secs = 86400
 //! max_keep_alive_secs = 3600
 //! connect_timeout_secs = 10
+//! tcp_keepalive_secs = 60     # TCP keepalive probes on accepted sockets (0: off)
 //! # MQTT over TLS on a second listener, when both PEM files are given:
 //! tls_listen = "0.0.0.0:8883"
 //! tls_cert = "/etc/ferry/cert.pem"   # certificate chain
@@ -203,6 +205,10 @@ pub struct MqttConfig {
     pub allow_anonymous: bool,
     /// Most simultaneous connections; more are refused with Server busy / Server unavailable.
     pub max_connections: usize,
+    /// Most simultaneous connections from one client IP address, over every MQTT listener
+    /// (TCP, TLS, WebSocket); more are refused with Quota exceeded (0x97, MQTT 5) / Server
+    /// unavailable (0x03, MQTT 3.1.1). 0: no per-address limit.
+    pub max_connections_per_address: usize,
     /// Largest packet accepted (bytes, fixed header included); bigger ones end the connection
     /// with Packet too large (0x95).
     pub max_packet_size: usize,
@@ -217,11 +223,18 @@ pub struct MqttConfig {
     /// Cap on the session expiry interval clients ask for (seconds). MQTT 3.1.1 persistent
     /// sessions use this value.
     pub max_session_expiry_secs: u32,
-    /// Cap on keep alive (seconds); a client asking for more (or 0) is told this value
-    /// (MQTT 5 Server Keep Alive). 0: no cap.
+    /// Cap on keep alive (seconds). A client asking for more, or for 0 (never time out), gets
+    /// this value: an MQTT 5 client is told so (Server Keep Alive in the CONNACK); an MQTT 3.1.1
+    /// client, which cannot be told, is accepted and closed after 1.5 times this long without a
+    /// packet. 0: no cap (a client asking 0 is never timed out).
     pub max_keep_alive_secs: u16,
-    /// How long a new connection may take to send CONNECT.
+    /// How long a new connection may take to send its whole CONNECT (seconds; a connection
+    /// that sends part of it, or dribbles it, is closed then).
     pub connect_timeout_secs: u64,
+    /// TCP keepalive on accepted MQTT sockets (TCP and TLS listeners): idle seconds before the
+    /// first probe (then a probe every 10 s, the peer dropped after 3 unanswered), so that the
+    /// sockets of peers that vanished are closed by the kernel. 0: off.
+    pub tcp_keepalive_secs: u64,
     /// Address of the MQTT-over-TLS listener (used when `tls_cert` and `tls_key` are set).
     pub tls_listen: SocketAddr,
     /// PEM certificate chain of the TLS listener.
@@ -249,13 +262,15 @@ impl Default for MqttConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
             allow_anonymous: true,
             max_connections: 10_000,
+            max_connections_per_address: 1_000,
             max_packet_size: 1 << 20,
             max_inflight: 64,
             max_queued: 10_000,
             topic_alias_maximum: 64,
             max_session_expiry_secs: 86_400,
-            max_keep_alive_secs: 0,
+            max_keep_alive_secs: 3_600,
             connect_timeout_secs: 10,
+            tcp_keepalive_secs: 60,
             tls_listen: SocketAddr::from(([0, 0, 0, 0], 8883)),
             tls_cert: None,
             tls_key: None,

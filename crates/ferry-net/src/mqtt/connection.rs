@@ -172,8 +172,8 @@ pub(crate) struct Start<S> {
     pub(crate) peer: SocketAddr,
     /// The connection's number (session registry).
     pub(crate) conn: u64,
-    /// Whether `max_connections` was reached: the CONNECT is refused.
-    pub(crate) over_limit: bool,
+    /// The connection limit reached, if any: the CONNECT is refused.
+    pub(crate) over_limit: Option<super::Limit>,
 }
 
 /// CONNECT to CONNACK: the connection's state (with its session registration), or `None`
@@ -189,6 +189,9 @@ where
         conn,
         over_limit,
     } = *start;
+    // This connection's count on its address, released when the connection ends: by this
+    // guard if it ends here, else by the connection state's `Drop`.
+    let address = super::AddressGuard::new(&shared, peer.ip());
     let mut rbuf = BytesMut::new();
     let max_packet = shared.config.max_packet_size;
     let connect_timeout = Duration::from_secs(shared.config.connect_timeout_secs.max(1));
@@ -225,13 +228,26 @@ where
         Ok(Ok(c)) => c,
     };
     let version = connect.protocol_version;
-    if over_limit {
+    if let Some(limit) = over_limit {
         shared.metrics.refused.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(%peer, client = connect.client_id, "max_connections reached; refusing");
-        let code = match version {
-            ProtocolVersion::V5 => ReasonCode::ServerBusy,
-            ProtocolVersion::V311 => ReasonCode::ServerUnavailable,
+        let code = match (limit, version) {
+            (super::Limit::Connections, ProtocolVersion::V5) => ReasonCode::ServerBusy,
+            (super::Limit::PerAddress, ProtocolVersion::V5) => ReasonCode::QuotaExceeded,
+            // 3.1.1 has one code for both.
+            (_, ProtocolVersion::V311) => ReasonCode::ServerUnavailable,
         };
+        match limit {
+            super::Limit::Connections => {
+                tracing::warn!(%peer, client = connect.client_id, "max_connections reached; refusing")
+            }
+            super::Limit::PerAddress => {
+                shared
+                    .metrics
+                    .refused_per_address
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%peer, client = connect.client_id, "max_connections_per_address reached; refusing")
+            }
+        }
         let _ = refuse(&mut stream, version, code).await;
         return None;
     }
@@ -260,6 +276,8 @@ where
     if rbuf.is_empty() {
         rbuf = BytesMut::new();
     }
+    // From here the state's `Drop` releases the address.
+    address.disarm();
     let mut c = Box::new(Conn {
         version,
         active: None,
@@ -476,6 +494,12 @@ struct Conn<S> {
     sent: u32,
 }
 
+impl<S> Drop for Conn<S> {
+    fn drop(&mut self) {
+        self.shared.addresses.release(&self.shared.config, self.peer.ip());
+    }
+}
+
 impl<S> Conn<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -624,6 +648,16 @@ where
         // Takeover, shutdown and the keep-alive deadline come through the control block (set by the
         // session registry, which checks every connection's last input once a second): the
         // task holds no timer and no cancellation future of its own.
+        //
+        // Packets that came in the same reads as the CONNECT (a client may send SUBSCRIBE or
+        // PUBLISH without waiting for the CONNACK) are in the read buffer already: they are
+        // handled now, after the CONNACK queued before them, not when the socket next has
+        // something to read, which it may never have.
+        if !self.rbuf.is_empty() {
+            if let Some(end) = Box::pin(self.handle_input()).await {
+                return end;
+            }
+        }
         loop {
             self.send_pending();
             self.count_sent();
@@ -646,7 +680,6 @@ where
                     Next::End(end) => return end,
                 }
             }
-            self.control.touch();
             if let Some(end) = Box::pin(self.handle_input()).await {
                 return end;
             }
@@ -717,8 +750,11 @@ where
         Poll::Pending
     }
 
-    /// Decodes and handles every complete packet in the read buffer.
+    /// Decodes and handles every complete packet in the read buffer. The keep-alive clock
+    /// restarts when a whole packet has come (MQTT-3.1.2-24 speaks of control packets, not
+    /// bytes): a client that dribbles a packet a byte at a time is still timed out.
     async fn handle_input(&mut self) -> Option<End> {
+        let mut touched = false;
         loop {
             let packet = match decode(
                 &mut self.rbuf,
@@ -734,6 +770,10 @@ where
                     ))
                 }
             };
+            if !touched {
+                self.control.touch();
+                touched = true;
+            }
             if let Some(end) = self.handle(packet).await {
                 return Some(end);
             }

@@ -19,7 +19,8 @@ pub mod session;
 pub mod state;
 pub mod websocket;
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,6 +47,9 @@ pub struct MqttMetrics {
     pub active: AtomicUsize,
     /// Connections refused at CONNECT (auth, limits, bad client id, ...).
     pub refused: AtomicU64,
+    /// Of those, connections refused because their address had `max_connections_per_address`
+    /// open.
+    pub refused_per_address: AtomicU64,
     /// Connections ended because the peer broke the protocol (malformed or too large packets,
     /// protocol errors).
     pub protocol_errors: AtomicU64,
@@ -70,6 +74,8 @@ pub struct MqttStats {
     pub active: usize,
     /// Connections refused at CONNECT.
     pub refused: u64,
+    /// Of those, refused for `max_connections_per_address`.
+    pub refused_per_address: u64,
     /// Connections ended for protocol violations.
     pub protocol_errors: u64,
     /// Connections ended by keep-alive expiry.
@@ -101,6 +107,8 @@ pub(crate) struct MqttShared {
     /// The backend link, when serving over a backend.
     pub(crate) bridge: Option<Arc<crate::bridge::Bridge>>,
     pub(crate) metrics: MqttMetrics,
+    /// Open connections per client address, over every listener.
+    pub(crate) addresses: AddressCounts,
     pub(crate) shutdown: CancellationToken,
     pub(crate) tracker: TaskTracker,
     next_conn: AtomicU64,
@@ -128,6 +136,7 @@ impl MqttShared {
             accepted: m.accepted.load(Ordering::Relaxed),
             active: m.active.load(Ordering::Relaxed),
             refused: m.refused.load(Ordering::Relaxed),
+            refused_per_address: m.refused_per_address.load(Ordering::Relaxed),
             protocol_errors: m.protocol_errors.load(Ordering::Relaxed),
             keep_alive_timeouts: m.keep_alive_timeouts.load(Ordering::Relaxed),
             publish_received: m.publish_received.load(Ordering::Relaxed),
@@ -214,6 +223,7 @@ pub(crate) fn start(
             sessions,
             bridge,
             metrics: MqttMetrics::default(),
+            addresses: AddressCounts::default(),
             shutdown,
             tracker: tracker.clone(),
             next_conn: AtomicU64::new(1),
@@ -237,6 +247,7 @@ async fn accept_loop(shared: Arc<MqttShared>, listener: TcpListener) {
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
+                set_tcp_keepalive(&stream, shared.config.tcp_keepalive_secs);
                 spawn_connection(&shared, stream, peer);
             }
             Err(e) => {
@@ -256,11 +267,31 @@ async fn tls_accept_loop(shared: Arc<MqttShared>, mut listener: TlsListener) {
             a = listener.next() => a,
         };
         match accepted {
-            Some((stream, peer)) => spawn_connection(&shared, stream, peer),
+            Some((stream, peer)) => {
+                set_tcp_keepalive(stream.get_ref().0, shared.config.tcp_keepalive_secs);
+                spawn_connection(&shared, stream, peer)
+            }
             None => break,
         }
     }
     tracing::info!("MQTT TLS listener stopped");
+}
+
+/// Turns TCP keepalive on for an accepted socket (`idle_secs` before the first probe; 0: off),
+/// so that the kernel closes the sockets of peers that vanished without a FIN (power loss,
+/// a dropped network) even for clients whose keep alive is long.
+fn set_tcp_keepalive(stream: &tokio::net::TcpStream, idle_secs: u64) {
+    if idle_secs == 0 {
+        return;
+    }
+    let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(idle_secs));
+    #[cfg(target_os = "linux")]
+    let keepalive = keepalive
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "setting TCP keepalive failed");
+    }
 }
 
 /// Runs one connection over any byte stream (TCP, TLS, WebSocket).
@@ -271,7 +302,16 @@ where
     let m = &shared.metrics;
     m.accepted.fetch_add(1, Ordering::Relaxed);
     let active = m.active.fetch_add(1, Ordering::AcqRel) + 1;
-    let over_limit = active > shared.config.max_connections;
+    // Counted whatever happens next, released when the connection ends (see `AddressGuard`).
+    let on_address = shared.addresses.add(&shared.config, peer.ip());
+    let per_address = shared.config.max_connections_per_address;
+    let over_limit = if active > shared.config.max_connections {
+        Some(Limit::Connections)
+    } else if per_address > 0 && on_address > per_address {
+        Some(Limit::PerAddress)
+    } else {
+        None
+    };
     let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     // Boxed: the task's future then carries one pointer, not the stream and address, for the
     // life of the connection.
@@ -285,6 +325,91 @@ where
     // The future boxed too: Tokio lays a task out on 128-byte lines, so the 72-byte future
     // inline makes a 256-byte task, while boxed it is a 128-byte task and an 80-byte box.
     shared.tracker.spawn(Box::pin(connection::run(start)));
+}
+
+/// A connection limit that refuses a CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Limit {
+    /// `max_connections`: Server busy (MQTT 5), Server unavailable (3.1.1).
+    Connections,
+    /// `max_connections_per_address`: Quota exceeded (MQTT 5), Server unavailable (3.1.1).
+    PerAddress,
+}
+
+/// Open MQTT connections per client IP address, over every listener (TCP, TLS, WebSocket);
+/// kept only when `max_connections_per_address` is set. An address is forgotten when its
+/// last connection ends.
+#[derive(Debug, Default)]
+pub(crate) struct AddressCounts {
+    counts: parking_lot::Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl AddressCounts {
+    /// Counts a new connection from `ip`; returns how many the address has open with it (0 when
+    /// there is no per-address limit, so nothing is counted).
+    pub(crate) fn add(&self, config: &MqttConfig, ip: IpAddr) -> usize {
+        if config.max_connections_per_address == 0 {
+            return 0;
+        }
+        let mut counts = self.counts.lock();
+        let n = counts.entry(ip.to_canonical()).or_insert(0);
+        *n += 1;
+        *n
+    }
+
+    /// A connection from `ip` counted by [`Self::add`] ended.
+    pub(crate) fn release(&self, config: &MqttConfig, ip: IpAddr) {
+        if config.max_connections_per_address == 0 {
+            return;
+        }
+        let ip = ip.to_canonical();
+        let mut counts = self.counts.lock();
+        if let Some(n) = counts.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&ip);
+            }
+        }
+    }
+
+    /// How many connections `ip` has open (for tests and stats).
+    #[cfg(test)]
+    pub(crate) fn of(&self, ip: IpAddr) -> usize {
+        self.counts
+            .lock()
+            .get(&ip.to_canonical())
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// Releases a connection's count on its address when dropped, unless disarmed (once the
+/// connection's state, which releases it in its own `Drop`, exists).
+pub(crate) struct AddressGuard {
+    shared: Option<Arc<MqttShared>>,
+    ip: IpAddr,
+}
+
+impl AddressGuard {
+    pub(crate) fn new(shared: &Arc<MqttShared>, ip: IpAddr) -> Self {
+        AddressGuard {
+            shared: Some(shared.clone()),
+            ip,
+        }
+    }
+
+    /// Leaves the release to someone else.
+    pub(crate) fn disarm(mut self) {
+        self.shared = None;
+    }
+}
+
+impl Drop for AddressGuard {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.take() {
+            shared.addresses.release(&shared.config, self.ip);
+        }
+    }
 }
 
 /// Once a second: ends the connections whose keep alive expired, expires offline sessions

@@ -3,7 +3,8 @@
 Usage: python3 interop.py HOST PORT VERSION   (VERSION: 311 or 5)
 
 Checks, for the protocol version given: the QoS 2 exactly-once flow, retained messages, the
-will message on an abnormal disconnect, and a shared subscription. Prints one "ok ..." line per
+will message on an abnormal disconnect, a shared subscription, and SUBSCRIBE and PUBLISH sent
+right behind the CONNECT (before the CONNACK). Prints one "ok ..." line per
 check; exits with 1 and a reason at the first failure.
 """
 
@@ -156,6 +157,32 @@ def will():
     print("ok will", flush=True)
 
 
+def pipelined_behind_connect(rounds=20):
+    """SUBSCRIBE and PUBLISH sent right after CONNECT, before the CONNACK is read: each must be
+    answered without the client sending anything more."""
+    for i in range(rounds):
+        topic = f"{BASE}/pipe/{i}"
+        c = new_client(f"pipe{i}")
+        c.connect(HOST, PORT, keepalive=30)
+        result, _mid = c.subscribe(topic, 1)
+        if result != mqtt.MQTT_ERR_SUCCESS:
+            fail(f"subscribe right after connect: {result}")
+        info = c.publish(topic, f"p{i}", qos=1)
+        c.loop_start()
+        try:
+            c.subacks.get(timeout=TIMEOUT)
+        except queue.Empty:
+            fail(f"round {i}: no SUBACK for a SUBSCRIBE sent behind the CONNECT")
+        msg = receive(c, f"round {i}: own message published behind the CONNECT")
+        if msg.payload != f"p{i}".encode():
+            fail(f"round {i}: got {msg.payload!r}")
+        info.wait_for_publish(TIMEOUT)
+        if not info.is_published():
+            fail(f"round {i}: no PUBACK")
+        stop(c)
+    print(f"ok pipelined behind CONNECT ({rounds} rounds)", flush=True)
+
+
 def shared_subscription():
     topic = f"{BASE}/shared"
     a, b, pub = new_client("sharea"), new_client("shareb"), new_client("sharepub")
@@ -189,4 +216,5 @@ if __name__ == "__main__":
     retained()
     will()
     shared_subscription()
+    pipelined_behind_connect()
     print(f"all ok (MQTT {VERSION})", flush=True)
