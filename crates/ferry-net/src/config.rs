@@ -43,6 +43,11 @@
 //! listen = "0.0.0.0:8080"     # also serves MQTT over WebSocket at /mqtt
 //! tls_cert = "/etc/ferry/cert.pem"   # both set: HTTPS (and wss://) instead of HTTP
 //! tls_key = "/etc/ferry/key.pem"
+//! header_read_timeout_secs = 10      # a request head (and keep-alive idle) within this
+//! request_timeout_secs = 30          # head to response; then 408
+//! max_body_bytes = 2097152           # bigger bodies: 413
+//! max_connections = 1024             # then 503 at once
+//! max_connections_per_address = 256
 //!
 //! [broker]
 //! topic_capacity = 100000
@@ -294,6 +299,22 @@ pub struct HttpConfig {
     /// PEM private key.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key: Option<PathBuf>,
+    /// How long the server waits for a request's head to be complete (seconds): counted from
+    /// the connection's start, and on a kept-alive connection from the previous response, so
+    /// it also bounds how long an idle keep-alive connection stays open. A connection that has
+    /// not sent a whole head in time (slowloris) is closed.
+    pub header_read_timeout_secs: u64,
+    /// How long a request may take from its head to its response (reading the body included,
+    /// seconds); past it the answer is 408 `request_timeout`. A group fetch may take its own
+    /// `wait_ms` (at most 30 s) on top. Upgraded WebSocket connections are not subject to it.
+    pub request_timeout_secs: u64,
+    /// Largest request body (bytes); a bigger one is answered 413 `payload_too_large`.
+    pub max_body_bytes: usize,
+    /// Most simultaneous HTTP connections (WebSocket connections at `/mqtt` included); past
+    /// it a new connection is answered 503 `too_many_connections` (over HTTPS: closed) at once.
+    pub max_connections: usize,
+    /// Most simultaneous HTTP connections from one IP address; past it, the same refusal.
+    pub max_connections_per_address: usize,
 }
 
 impl HttpConfig {
@@ -310,6 +331,11 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             tls_cert: None,
             tls_key: None,
+            header_read_timeout_secs: 10,
+            request_timeout_secs: 30,
+            max_body_bytes: 2 << 20,
+            max_connections: 1024,
+            max_connections_per_address: 256,
         }
     }
 }
@@ -755,6 +781,30 @@ impl ServeConfig {
             return Err(ConfigError::Invalid {
                 key: "broker.topic_capacity",
                 reason: "must be at least 1".into(),
+            });
+        }
+        let h = &self.http;
+        for (key, v) in [
+            ("http.header_read_timeout_secs", h.header_read_timeout_secs),
+            ("http.request_timeout_secs", h.request_timeout_secs),
+            ("http.max_body_bytes", h.max_body_bytes as u64),
+            ("http.max_connections", h.max_connections as u64),
+            (
+                "http.max_connections_per_address",
+                h.max_connections_per_address as u64,
+            ),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Invalid {
+                    key,
+                    reason: "must be at least 1".into(),
+                });
+            }
+        }
+        if h.max_connections > tokio::sync::Semaphore::MAX_PERMITS {
+            return Err(ConfigError::Invalid {
+                key: "http.max_connections",
+                reason: format!("must be at most {}", tokio::sync::Semaphore::MAX_PERMITS),
             });
         }
         m.tls()?;

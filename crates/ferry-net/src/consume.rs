@@ -153,7 +153,11 @@ impl HttpConsumers {
             .manual_ack()
             .ack_timeout(o.ack_timeout)
             .max_attempts(o.max_attempts)
-            .prefetch(MAX_FETCH);
+            .prefetch(MAX_FETCH)
+            // One record at a time from the group: a fetch takes exactly what it answers, so
+            // nothing waits in the subscription's buffer with its ack timer running (it would
+            // time out there and come again beside its stale copy).
+            .batch_size(1);
         if let Some(bridge) = &self.bridge {
             b = b.where_header(bridge.share_condition(group, topic, &local_group));
         }

@@ -1,15 +1,21 @@
 //! The HTTP admin API (axum): health, stats, Prometheus metrics, publishing, dead letters, and
 //! its OpenAPI description at `/openapi.json`.
 //!
-//! Topic names contain `/`: in `/topics/{topic}/...` they are percent-encoded (`a%2Fb`); in
-//! `/stats/{topic}` they may also be written plainly (`/stats/a/b`).
+//! Topic names contain `/`: in `/topics/{topic}/...` they may be written plainly
+//! (`/topics/a/b/messages`: [`topic_path`] takes the route's known suffix off the end) or
+//! percent-encoded (`a%2Fb`); in `/stats/{topic}` likewise.
+//!
+//! Every error is the JSON `{"error": code, "message": text}`, also those axum and the
+//! limits answer (unknown route, wrong method, bad query, body too large or of the wrong type,
+//! request timeout): [`with_json_errors`].
 
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -19,10 +25,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::bridge::Bridge;
-use crate::consume::{ConsumeError, FetchOptions, HttpConsumers, Settle, Settled};
+use crate::config::HttpConfig;
+use crate::consume::{ConsumeError, FetchOptions, HttpConsumers, Settle, Settled, MAX_WAIT};
 use crate::http_auth::{Denied, HttpAccess};
 use crate::mqtt::MqttHandle;
 use crate::unix_time::unix_ms;
+use tower_http::timeout::TimeoutLayer;
 
 /// Prefix of request headers copied into the message's headers (`Ferry-Header-Env: prod` sets
 /// header `env`).
@@ -39,9 +47,21 @@ struct AppState {
     access: HttpAccess,
 }
 
-/// The API's router.
+/// The API's router, each request limited to `http.request_timeout_secs` (a group fetch to
+/// that plus the longest fetch wait).
 /// With `bridge`, publishes go to the backend the server runs over.
-pub fn router(broker: Broker, mqtt: Option<MqttHandle>, bridge: Option<Arc<Bridge>>) -> Router {
+pub fn router(
+    broker: Broker,
+    mqtt: Option<MqttHandle>,
+    bridge: Option<Arc<Bridge>>,
+    http: &HttpConfig,
+) -> Router {
+    let limit = Duration::from_secs(http.request_timeout_secs);
+    let timeout = |d| TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, d);
+    // A fetch waits up to its wait_ms for a first message before it answers.
+    let fetches = Router::new()
+        .route("/topics/{topic}/groups/{group}/fetch", post(fetch))
+        .layer(timeout(limit.saturating_add(MAX_WAIT)));
     Router::new()
         .merge(crate::dashboard::router())
         .route("/health", get(health))
@@ -55,10 +75,11 @@ pub fn router(broker: Broker, mqtt: Option<MqttHandle>, bridge: Option<Arc<Bridg
             get(list_dead_letters).delete(purge_dead_letters),
         )
         .route("/topics/{topic}/dead-letters/redrive", post(redrive))
-        .route("/topics/{topic}/groups/{group}/fetch", post(fetch))
         .route("/topics/{topic}/groups/{group}/ack", post(ack))
         .route("/topics/{topic}/groups/{group}/nack", post(nack))
         .route("/topics/{topic}/groups/{group}/reject", post(reject))
+        .layer(timeout(limit))
+        .merge(fetches)
         .with_state(AppState {
             consumers: Arc::new(HttpConsumers::new(broker.clone(), bridge.clone())),
             access: match &mqtt {
@@ -69,6 +90,126 @@ pub fn router(broker: Broker, mqtt: Option<MqttHandle>, bridge: Option<Arc<Bridg
             mqtt,
             bridge,
         })
+}
+
+/// `app` with the request body limit (`http.max_body_bytes`) and every error answer in the
+/// API's JSON shape: what the handlers answer already is; what axum's extractors, its router
+/// (unknown route, wrong method) and the timeout answer as plain text or nothing is rewritten
+/// to `{"error": code, "message": text}` with the same status.
+pub fn with_json_errors(app: Router, http: &HttpConfig) -> Router {
+    app.layer(axum::middleware::from_fn(json_errors))
+        .layer(DefaultBodyLimit::max(http.max_body_bytes))
+}
+
+/// The stable code of an error status the API's handlers do not answer themselves.
+fn status_code_name(status: StatusCode) -> String {
+    match status {
+        StatusCode::BAD_REQUEST => "bad_request".into(),
+        StatusCode::NOT_FOUND => "not_found".into(),
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed".into(),
+        StatusCode::REQUEST_TIMEOUT => "request_timeout".into(),
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large".into(),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type".into(),
+        StatusCode::UNPROCESSABLE_ENTITY => "invalid_body".into(),
+        StatusCode::UPGRADE_REQUIRED => "upgrade_required".into(),
+        StatusCode::INTERNAL_SERVER_ERROR => "internal".into(),
+        StatusCode::SERVICE_UNAVAILABLE => "unavailable".into(),
+        s => format!("http_{}", s.as_u16()),
+    }
+}
+
+/// The middleware of [`with_json_errors`].
+async fn json_errors(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let res = next.run(req).await;
+    let status = res.status();
+    let is_json = res
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return res;
+    }
+    let (mut parts, body) = res.into_parts();
+    // Rejection texts are a line; anything longer is cut.
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = match (status, text.is_empty()) {
+        (StatusCode::NOT_FOUND, true) => format!("no route {method} {path}"),
+        (StatusCode::METHOD_NOT_ALLOWED, true) => {
+            let allow = parts
+                .headers
+                .get(axum::http::header::ALLOW)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            format!("{path} does not take {method} (allowed: {allow})")
+        }
+        (StatusCode::REQUEST_TIMEOUT, true) => {
+            "the request did not complete within http.request_timeout_secs".to_string()
+        }
+        (_, true) => status
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_ascii_lowercase(),
+        (_, false) => text,
+    };
+    let body = json!({"error": status_code_name(status), "message": message}).to_string();
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    parts.headers.insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, axum::body::Body::from(body))
+}
+
+/// The route's part of a `/topics/` path after the topic, when the path ends in one:
+/// `(topic, suffix)`.
+fn split_topic_path(rest: &str) -> Option<(&str, &str)> {
+    for suffix in ["/dead-letters/redrive", "/dead-letters", "/messages"] {
+        if let Some(topic) = rest.strip_suffix(suffix) {
+            return Some((topic, suffix));
+        }
+    }
+    let (head, op) = rest.rsplit_once('/')?;
+    if !matches!(op, "fetch" | "ack" | "nack" | "reject") {
+        return None;
+    }
+    let (head, _group) = head.rsplit_once('/')?;
+    let topic = head.strip_suffix("/groups")?;
+    Some((topic, rest.get(topic.len()..)?))
+}
+
+/// Lets `/topics/{topic}/...` paths carry a topic with plain slashes: the route's known suffix
+/// (`/messages`, `/dead-letters`, `/dead-letters/redrive`, `/groups/{group}/fetch|ack|nack|
+/// reject`) is taken off the end and the slashes of what precedes it percent-encoded, before
+/// routing. Other paths are left as they are.
+pub fn topic_path<B>(req: &mut axum::http::Request<B>) {
+    let Some(rest) = req.uri().path().strip_prefix("/topics/") else {
+        return;
+    };
+    let Some((topic, suffix)) = split_topic_path(rest) else {
+        return;
+    };
+    if !topic.contains('/') {
+        return;
+    }
+    let mut path = format!("/topics/{}{suffix}", topic.replace('/', "%2F"));
+    if let Some(q) = req.uri().query() {
+        path.push('?');
+        path.push_str(q);
+    }
+    let mut parts = req.uri().clone().into_parts();
+    let Ok(pq) = axum::http::uri::PathAndQuery::try_from(path) else {
+        return;
+    };
+    parts.path_and_query = Some(pq);
+    if let Ok(uri) = axum::http::Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
 }
 
 /// An error answer: `{"error": code, "message": text}`.
@@ -694,7 +835,7 @@ async fn openapi() -> Json<serde_json::Value> {
 pub fn openapi_document() -> serde_json::Value {
     let topic_param = json!({
         "name": "topic", "in": "path", "required": true,
-        "description": "Topic name, percent-encoded (a%2Fb for a/b)",
+        "description": "Topic name, with its slashes as they are (a/b) or percent-encoded (a%2Fb)",
         "schema": {"type": "string"}
     });
     let group_param = json!({

@@ -111,25 +111,10 @@ pub fn open_broker(config: &ServeConfig) -> Result<Broker, ServeError> {
     })
 }
 
-/// The peer address of an HTTP connection (plain or TLS), as axum connect info.
+/// The peer address of an HTTP connection (plain or TLS), as axum connect info (set by
+/// [`crate::http_serve`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerAddr(pub SocketAddr);
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TcpListener>>
-    for PeerAddr
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, TcpListener>) -> Self {
-        PeerAddr(*stream.remote_addr())
-    }
-}
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>>
-    for PeerAddr
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
-        PeerAddr(*stream.remote_addr())
-    }
-}
 
 /// What a failed bind means for the person starting the server (empty when the I/O error,
 /// the source, says it all).
@@ -259,35 +244,22 @@ impl Server {
         if config.http.enabled {
             let (listener, addr) = bind("HTTP", config.http.listen).await?;
             http_addr = Some(addr);
-            let app = crate::http::router(broker.clone(), Some(mqtt.clone()), bridge.clone())
-                .merge(mqtt::websocket::router(mqtt.clone()))
-                .into_make_service_with_connect_info::<PeerAddr>();
-            let stop = shutdown.clone();
-            match http_tls {
-                Some(tls_config) => {
-                    let listener =
-                        TlsListener::new(listener, tls_config, shutdown.clone(), &tracker, "HTTPS")
-                            .map_err(|e| ServeError::Bind {
-                                what: "HTTPS",
-                                addr,
-                                source: e,
-                            })?;
-                    tracker.spawn(async move {
-                        let r = axum::serve(listener, app)
-                            .with_graceful_shutdown(stop.cancelled_owned())
-                            .await;
-                        log_http_end(r);
-                    });
-                }
-                None => {
-                    tracker.spawn(async move {
-                        let r = axum::serve(listener, app)
-                            .with_graceful_shutdown(stop.cancelled_owned())
-                            .await;
-                        log_http_end(r);
-                    });
-                }
-            }
+            let app = crate::http::router(
+                broker.clone(),
+                Some(mqtt.clone()),
+                bridge.clone(),
+                &config.http,
+            )
+            .merge(mqtt::websocket::router(mqtt.clone()));
+            let app = crate::http::with_json_errors(app, &config.http);
+            crate::http_serve::spawn(
+                listener,
+                http_tls.map(tokio_rustls::TlsAcceptor::from),
+                app,
+                crate::http_serve::ConnectionLimits::of(&config.http),
+                shutdown.clone(),
+                &tracker,
+            );
         }
         tracing::info!(mqtt = %mqtt_addr, mqtt_tls = ?mqtt_tls_addr, http = ?http_addr, https, durable = broker.is_durable(), "ferry serving");
         Ok(Server {
@@ -370,13 +342,6 @@ impl Server {
         );
         report
     }
-}
-
-fn log_http_end(r: std::io::Result<()>) {
-    if let Err(e) = r {
-        tracing::error!(error = %e, "HTTP server failed");
-    }
-    tracing::info!("HTTP listener stopped");
 }
 
 /// Waits for SIGINT (Ctrl-C) or SIGTERM.

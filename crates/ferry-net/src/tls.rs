@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::TlsFiles;
 
 /// How long a client may take to complete the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshaken connections waiting for the server to take them.
 const BACKLOG: usize = 128;
 

@@ -8,6 +8,7 @@ use std::task::{ready, Context, Poll};
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
+use axum::Extension;
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
@@ -16,6 +17,7 @@ use futures::{Sink, Stream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{spawn_connection, MqttHandle};
+use crate::http_serve::ConnectionSlot;
 use crate::server::PeerAddr;
 
 /// The path MQTT over WebSocket is served at.
@@ -29,13 +31,16 @@ pub fn router(mqtt: MqttHandle) -> Router {
 async fn upgrade(
     State(mqtt): State<MqttHandle>,
     ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
+    slot: Option<Extension<ConnectionSlot>>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    // The upgraded connection keeps its place in the HTTP listener's connection counts.
+    let slot = slot.map(|Extension(s)| s);
     let max = mqtt.shared.config.max_packet_size;
     ws.protocols(["mqtt"])
         .max_message_size(max.saturating_add(16))
         .on_upgrade(move |socket| async move {
-            spawn_connection(&mqtt.shared, WsStream::new(socket), peer);
+            spawn_connection(&mqtt.shared, WsStream::new(socket, slot), peer);
         })
 }
 
@@ -44,13 +49,16 @@ pub(crate) struct WsStream {
     ws: WebSocket,
     /// The rest of the last frame read.
     read: Bytes,
+    /// The HTTP connection's place in the listener's counts, held as long as the socket.
+    _slot: Option<ConnectionSlot>,
 }
 
 impl WsStream {
-    pub(crate) fn new(ws: WebSocket) -> Self {
+    pub(crate) fn new(ws: WebSocket, slot: Option<ConnectionSlot>) -> Self {
         WsStream {
             ws,
             read: Bytes::new(),
+            _slot: slot,
         }
     }
 }
