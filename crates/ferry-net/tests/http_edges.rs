@@ -23,7 +23,7 @@ async fn answer(r: reqwest::Response) -> (u16, String, Value) {
     (
         status,
         ct,
-        serde_json::from_str(&text).unwrap_or_else(|_| Value::String(text)),
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
     )
 }
 
