@@ -44,6 +44,7 @@ pub mod disk;
 pub mod dlq;
 mod error;
 pub mod events;
+pub mod fault;
 pub mod filter;
 mod filter_index;
 pub mod handler;

@@ -1010,12 +1010,9 @@ where
                 .await
                 .map(|()| None);
         }
-        if retain {
-            self.shared.retained.set(topic, message.clone());
-        }
         self.active();
         let Some(active) = self.active.as_mut() else {
-            return publish(&self.shared, topic, message, false)
+            return publish(&self.shared, topic, message, retain)
                 .await
                 .map(|()| None);
         };
@@ -1029,12 +1026,15 @@ where
         }
         match publishers.get(topic) {
             Some(publisher) => {
+                // Retained only once published: a refused publish leaves the retained set as
+                // it was.
+                let retained = retain.then(|| message.clone());
                 let mut pipelined = publisher.publish_pipelined(message);
-                if retain {
+                if let Some(message) = retained {
                     // Acknowledged once both the message and the retained set are on disk.
                     (&mut pipelined).await?;
-                    self.shared.persist().await;
-                    return Ok(None);
+                    self.shared.retained.set(topic, message);
+                    return retained_saved(&self.shared, topic).await.map(|()| None);
                 }
                 if !pipelined.is_appended() {
                     // A full topic: wait for the append before reading on, to keep the order.
@@ -1043,7 +1043,7 @@ where
                 }
                 Ok(Some(pipelined))
             }
-            None => publish(&self.shared, topic, message, false)
+            None => publish(&self.shared, topic, message, retain)
                 .await
                 .map(|()| None),
         }
@@ -1544,19 +1544,35 @@ async fn publish(
     message: Message,
     retain: bool,
 ) -> Result<(), PublishError> {
-    if let Some(bridge) = &shared.bridge {
-        // Retained only once the backend took it.
-        bridge.publish(topic, &message).await?;
-        if retain {
-            shared.retained.set(topic, message);
+    // Retained only once published (or taken by the backend): a refused publish leaves the
+    // retained set as it was.
+    let retained = retain.then(|| message.clone());
+    match &shared.bridge {
+        Some(bridge) => bridge.publish(topic, &message).await?,
+        None => {
+            shared.broker.publish(topic, message).await?;
         }
-        return Ok(());
     }
-    if retain {
-        shared.retained.set(topic, message.clone());
+    if let Some(message) = retained {
+        shared.retained.set(topic, message);
+        if shared.bridge.is_none() {
+            return retained_saved(shared, topic).await;
+        }
     }
-    shared.broker.publish(topic, message).await?;
     Ok(())
+}
+
+/// Waits until the retained set holding a message just published to `topic` is saved. A
+/// failed save is reported as in doubt: the message was published, but whether it stays the
+/// retained one across a restart is not known.
+async fn retained_saved(shared: &MqttShared, topic: &str) -> Result<(), PublishError> {
+    shared
+        .try_persist()
+        .await
+        .map_err(|e| PublishError::InDoubt {
+            topic: topic.to_string(),
+            reason: format!("published, but saving it as the retained message failed: {e}"),
+        })
 }
 
 /// How many records a member of a shared subscription takes from its group at a time.
@@ -1597,6 +1613,8 @@ fn publish_error_code(e: &PublishError) -> ReasonCode {
         | PublishError::MemoryLimit { .. }
         | PublishError::Timeout(_) => ReasonCode::QuotaExceeded,
         PublishError::Closed | PublishError::Storage(_) => ReasonCode::ImplementationSpecificError,
+        // May have been stored: the reason string starts with "in doubt".
+        PublishError::InDoubt { .. } => ReasonCode::UnspecifiedError,
     }
 }
 
