@@ -190,7 +190,8 @@ impl RawMqtt {
         let code = body.get(2).copied().unwrap_or(0);
         let mut reason = None;
         if body.len() > 4 {
-            // Property length (one byte here), then properties.
+            // Property length (one byte: the reasons here are short), then properties.
+            assert!(body[3] < 0x80, "{body:?}");
             let mut props = &body[4..4 + usize::from(body[3])];
             while let [key, rest @ ..] = props {
                 let n = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
