@@ -802,7 +802,8 @@ pub fn openapi_document() -> serde_json::Value {
           "schemas": {
             "Error": {"type": "object", "required": ["error", "message"], "properties": {
                 "error": {"type": "string", "description": "Stable code (invalid_topic, queue_full, ...)"},
-                "message": {"type": "string"}}},
+                "message": {"type": "string"},
+                "in_doubt": {"type": "boolean", "description": "Present (true) when a failed publish may have been stored (error in_doubt); any other error means not published"}}},
             "Published": {"type": "object", "required": ["topic", "offset"], "properties": {
                 "topic": {"type": "string"}, "offset": {"type": "integer", "nullable": true, "description": "null when serving over a backend"}}},
             "Settled": {"type": "object", "required": ["settled", "unknown"], "properties": {
