@@ -212,7 +212,11 @@ pub fn topic_path<B>(req: &mut axum::http::Request<B>) {
     }
 }
 
-/// An error answer: `{"error": code, "message": text}`.
+/// The code of [`PublishError::InDoubt`], whose answer also says `"in_doubt": true`.
+const IN_DOUBT: &str = "in_doubt";
+
+/// An error answer: `{"error": code, "message": text}` (and `"in_doubt": true` for a publish
+/// that may have been stored although it failed).
 struct ApiError(StatusCode, &'static str, String);
 
 impl From<Denied> for ApiError {
@@ -239,7 +243,12 @@ impl IntoResponse for ApiError {
             )
                 .into_response();
         }
-        (self.0, Json(json!({"error": self.1, "message": self.2}))).into_response()
+        let mut body = json!({"error": self.1, "message": self.2});
+        if self.1 == IN_DOUBT {
+            // A publish that may have been stored (every other error: not published).
+            body["in_doubt"] = json!(true);
+        }
+        (self.0, Json(body)).into_response()
     }
 }
 
@@ -252,7 +261,9 @@ impl From<PublishError> for ApiError {
                 StatusCode::TOO_MANY_REQUESTS
             }
             PublishError::Closed | PublishError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
-            PublishError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            PublishError::Storage(_) | PublishError::InDoubt { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         };
         ApiError(status, e.code(), e.to_string())
     }
@@ -588,15 +599,22 @@ async fn publish(
             ferry::TopicName::new(&topic).map_err(PublishError::InvalidTopic)?;
             match tokio::time::timeout(PUBLISH_TIMEOUT, bridge.publish(&topic, &message)).await {
                 Ok(r) => r.map(|()| None)?,
-                Err(_) => return Err(PublishError::Timeout(topic).into()),
+                // Sent or not, the backend may still take it.
+                Err(_) => {
+                    return Err(PublishError::InDoubt {
+                        reason: format!("backend did not confirm within {PUBLISH_TIMEOUT:?}"),
+                        topic,
+                    }
+                    .into())
+                }
             }
         }
-        None => {
-            match tokio::time::timeout(PUBLISH_TIMEOUT, s.broker.publish(&topic, message)).await {
-                Ok(r) => Some(r?),
-                Err(_) => return Err(PublishError::Timeout(topic).into()),
-            }
-        }
+        // A timeout waiting for space stores nothing; one waiting for the sync is in doubt.
+        None => Some(
+            s.broker
+                .publish_timeout(&topic, message, PUBLISH_TIMEOUT)
+                .await?,
+        ),
     };
     Ok((StatusCode::CREATED, Json(Published { topic, offset })))
 }
@@ -925,7 +943,8 @@ pub fn openapi_document() -> serde_json::Value {
           "schemas": {
             "Error": {"type": "object", "required": ["error", "message"], "properties": {
                 "error": {"type": "string", "description": "Stable code (invalid_topic, queue_full, ...)"},
-                "message": {"type": "string"}}},
+                "message": {"type": "string"},
+                "in_doubt": {"type": "boolean", "description": "Present (true) when a failed publish may have been stored (error in_doubt); any other error means not published"}}},
             "Published": {"type": "object", "required": ["topic", "offset"], "properties": {
                 "topic": {"type": "string"}, "offset": {"type": "integer", "nullable": true, "description": "null when serving over a backend"}}},
             "Settled": {"type": "object", "required": ["settled", "unknown"], "properties": {

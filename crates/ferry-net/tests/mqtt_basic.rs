@@ -325,7 +325,7 @@ async fn invalid_topics_get_reason_codes_and_no_local_works() {
     let server = server().await;
     let addr = server.mqtt_addr();
     let mut bad = connect5(addr, "bad").await;
-    // `$`-topics are reserved in Ferry: QoS 1 publish answered with 0x90 Topic Name invalid
+    // Reserved `$`-topics (`$SYS`, `$share`, `$dlq`): QoS 1 publish answered with 0x90 Topic Name invalid
     // (which rumqttc turns into an error of its event loop).
     bad.client
         .publish("$sys/x", Q5::AtLeastOnce, false, "x")

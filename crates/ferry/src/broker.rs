@@ -319,6 +319,26 @@ impl Broker {
         self.inner.publish_one(&topic, record).await
     }
 
+    /// Publishes, waiting at most `timeout` (see [`Publisher::publish_timeout`]): a timeout
+    /// before the append is [`PublishError::Timeout`] (nothing stored), one while waiting for
+    /// the sync is [`PublishError::InDoubt`].
+    pub async fn publish_timeout(
+        &self,
+        topic: &str,
+        message: impl Into<Message>,
+        timeout: Duration,
+    ) -> Result<u64, PublishError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let topic =
+            match tokio::time::timeout_at(deadline, self.inner.user_topic_async(topic)).await {
+                Ok(t) => t?,
+                Err(_) => return Err(PublishError::Timeout(topic.to_string())),
+            };
+        let record = topic.wrap(message.into(), &None);
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        self.inner.publish_one_timeout(&topic, record, left).await
+    }
+
     /// Publishes without waiting: [`PublishError::Full`] if the topic is full.
     pub fn try_publish(
         &self,
@@ -488,13 +508,16 @@ impl Broker {
     /// Health.
     pub fn health(&self) -> Health {
         let topics = self.inner.user_topic_count();
+        let fault = self.inner.storage_fault();
         let reg = self.inner.registry.read();
         Health {
             status: match self.inner.state.load(Ordering::Acquire) {
+                RUNNING if fault.is_some() => "degraded",
                 RUNNING => "running",
                 DRAINING => "draining",
                 _ => "closed",
             },
+            reason: fault,
             uptime: self.inner.epoch.elapsed(),
             topics,
             subscriptions: reg.consumers.len(),
@@ -646,7 +669,7 @@ impl Future for Pipelined {
                     Poll::Pending => Poll::Pending,
                     Poll::Ready(Ok(())) => Poll::Ready(Ok(*offset)),
                     Poll::Ready(Err(e)) => {
-                        Poll::Ready(Err(BrokerInner::append_error(durable.topic(), e)))
+                        Poll::Ready(Err(BrokerInner::sync_error(durable.topic(), e)))
                     }
                 }
             }
@@ -730,17 +753,21 @@ impl Publisher {
             .map(|r| r.start)
     }
 
-    /// Publishes, waiting at most `timeout` for space; [`PublishError::Timeout`] (and nothing
-    /// stored) if none was freed in time.
+    /// Publishes, waiting at most `timeout` in all: [`PublishError::Timeout`] (and nothing
+    /// stored) if no space was freed in time, [`PublishError::InDoubt`] if the message was
+    /// appended but its sync did not end in time (it becomes visible if the sync succeeds).
     pub async fn publish_timeout(
         &self,
         message: impl Into<Message>,
         timeout: Duration,
     ) -> Result<u64, PublishError> {
-        match tokio::time::timeout(timeout, self.publish(message)).await {
-            Ok(r) => r,
-            Err(_) => Err(PublishError::Timeout(self.topic.name.to_string())),
-        }
+        let record = self
+            .topic
+            .wrap_as(&self.name, message.into(), &self.producer);
+        self.broker
+            .inner
+            .publish_one_timeout(&self.topic, record, timeout)
+            .await
     }
 
     /// Publishes a batch atomically, waiting while the topic is full.
@@ -880,7 +907,7 @@ impl BrokerInner {
         let config = self.topic_config(name);
         let store = self
             .open_store(name, &config)
-            .map_err(|e| PublishError::Storage(e.to_string()))?;
+            .map_err(|e| self.open_failed(&e))?;
         Ok(self.insert_topic(name, config, store))
     }
 
@@ -900,7 +927,7 @@ impl BrokerInner {
             (Some(io), Some(storage)) => {
                 let (storage, name, config) = (storage.clone(), name.clone(), config.clone());
                 let opened = io.run(move || storage.open_topic(&name, &config)).await;
-                Some(opened.map_err(|e| PublishError::Storage(e.to_string()))?)
+                Some(opened.map_err(|e| self.open_failed(&e))?)
             }
             _ => None,
         };
@@ -1048,7 +1075,7 @@ impl BrokerInner {
         let range = self.append_unsynced(topic, records)?;
         if topic.waits_for_sync() {
             crate::io::block_on(self.submit(topic, range.end)?)
-                .map_err(|e| BrokerInner::append_error(topic, e))?;
+                .map_err(|e| BrokerInner::sync_error(topic, e))?;
         }
         Ok(range)
     }
@@ -1062,9 +1089,34 @@ impl BrokerInner {
         if !self.running() {
             return Err(PublishError::Closed);
         }
-        topic
+        let appended = topic
             .append(records)
-            .map_err(|e| BrokerInner::append_error(topic, e))
+            .map_err(|e| BrokerInner::append_error(topic, e));
+        if let Some(committer) = &self.committer {
+            match &appended {
+                // A store that syncs later is healthy again once a sync succeeds.
+                Ok(_) if !topic.waits_for_sync() && topic.is_durable() => committer.storage_ok(),
+                Err(PublishError::InDoubt { reason, .. }) => {
+                    committer.storage_failed(reason.clone());
+                }
+                _ => {}
+            }
+        }
+        appended
+    }
+
+    /// Records that opening a topic's log failed (see [`Broker::health`]).
+    fn open_failed(&self, e: &StorageError) -> PublishError {
+        let reason = format!("opening the topic's log failed: {e}");
+        if let Some(committer) = &self.committer {
+            committer.storage_failed(reason.clone());
+        }
+        PublishError::Storage(reason)
+    }
+
+    /// The storage failure seen last, if no write or sync succeeded since.
+    fn storage_fault(&self) -> Option<String> {
+        self.committer.as_ref().and_then(Committer::storage_fault)
     }
 
     /// Waits, off the async worker threads, until `range` is durable and visible.
@@ -1078,7 +1130,7 @@ impl BrokerInner {
         }
         match self.submit(topic, range.end)?.await {
             Ok(()) => Ok(range),
-            Err(e) => Err(BrokerInner::append_error(topic, e)),
+            Err(e) => Err(BrokerInner::sync_error(topic, e)),
         }
     }
 
@@ -1110,7 +1162,27 @@ impl BrokerInner {
                 len,
                 capacity: topic.config.capacity,
             },
-            AppendError::Storage(reason) => PublishError::Storage(reason),
+            // The store had the records: a failed write may have left them on disk.
+            AppendError::Storage(reason) => PublishError::InDoubt {
+                topic: topic.name.to_string(),
+                reason: format!("storage write failed: {reason}"),
+            },
+        }
+    }
+
+    /// The publish error for appended records whose sync failed (or never came): in doubt,
+    /// since the store may hold them.
+    pub(crate) fn sync_error(topic: &Topic, e: AppendError) -> PublishError {
+        match e {
+            AppendError::Storage(reason) => PublishError::InDoubt {
+                topic: topic.name.to_string(),
+                reason: format!("storage sync failed: {reason}"),
+            },
+            AppendError::Closed => PublishError::InDoubt {
+                topic: topic.name.to_string(),
+                reason: "the broker closed before the write was synced".into(),
+            },
+            other => BrokerInner::append_error(topic, other),
         }
     }
 
@@ -1131,6 +1203,38 @@ impl BrokerInner {
         }
         let waiting = Box::pin(self.append_wait(topic, pending.into_iter().collect()));
         waiting.await.map(|r| r.start)
+    }
+
+    /// [`publish_one`](Self::publish_one) within `timeout`: a timeout before the append
+    /// stores nothing ([`PublishError::Timeout`]); one after it is in doubt, since the commit
+    /// thread may still sync and reveal the record.
+    async fn publish_one_timeout(
+        &self,
+        topic: &Arc<Topic>,
+        record: Arc<Record>,
+        timeout: Duration,
+    ) -> Result<u64, PublishError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pending = Some(record);
+        let range = match self.append_unsynced(topic, &mut pending) {
+            Err(PublishError::Full { .. }) if topic.config.overflow == Overflow::Block => {
+                let records = pending.into_iter().collect();
+                let waiting = Box::pin(self.append_waiting_for_space(topic, records));
+                match tokio::time::timeout_at(deadline, waiting).await {
+                    Ok(r) => r?,
+                    // Dropping the wait leaves nothing appended.
+                    Err(_) => return Err(PublishError::Timeout(topic.name.to_string())),
+                }
+            }
+            other => other?,
+        };
+        match tokio::time::timeout_at(deadline, Box::pin(self.synced(topic, range))).await {
+            Ok(r) => r.map(|r| r.start),
+            Err(_) => Err(PublishError::InDoubt {
+                topic: topic.name.to_string(),
+                reason: format!("not synced within {timeout:?}"),
+            }),
+        }
     }
 
     async fn append_wait(

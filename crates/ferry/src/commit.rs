@@ -18,6 +18,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::thread::JoinHandle;
@@ -40,6 +41,26 @@ pub(crate) struct Shared {
     waiters: Mutex<Vec<Waker>>,
     /// The first sync failure (sticky).
     failed: Mutex<Option<AppendError>>,
+    /// The storage failure seen last, until a write or sync succeeds again (for the broker's
+    /// health); `faulty` says whether there is one without taking the lock.
+    fault: Mutex<Option<String>>,
+    faulty: AtomicBool,
+}
+
+impl Shared {
+    fn set_fault(&self, reason: String) {
+        let mut fault = self.fault.lock();
+        *fault = Some(reason);
+        self.faulty.store(true, Ordering::Release);
+    }
+
+    fn clear_fault(&self) {
+        if self.faulty.load(Ordering::Acquire) {
+            let mut fault = self.fault.lock();
+            *fault = None;
+            self.faulty.store(false, Ordering::Release);
+        }
+    }
 }
 
 /// The commit thread and its queue. Dropping it lets the thread end once the queue is empty.
@@ -88,6 +109,27 @@ impl Committer {
             end,
             shared: self.shared.clone(),
         }
+    }
+}
+
+impl Committer {
+    /// Records a storage failure (a write, a sync or opening a topic's log): the broker's
+    /// health says "degraded" with `reason` until a write or sync succeeds again.
+    pub(crate) fn storage_failed(&self, reason: String) {
+        self.shared.set_fault(reason);
+    }
+
+    /// Records that a write reached the store (one atomic load when nothing failed).
+    pub(crate) fn storage_ok(&self) {
+        self.shared.clear_fault();
+    }
+
+    /// The storage failure seen last, if no write or sync succeeded since.
+    pub(crate) fn storage_fault(&self) -> Option<String> {
+        if !self.shared.faulty.load(Ordering::Acquire) {
+            return None;
+        }
+        self.shared.fault.lock().clone()
     }
 }
 
@@ -158,8 +200,14 @@ fn run(shared: &Shared) {
             }
             std::mem::swap(&mut batch, &mut q.requests);
         }
-        if let Err(e) = commit(&mut batch) {
-            shared.failed.lock().get_or_insert(e);
+        match commit(&mut batch) {
+            Ok(()) => shared.clear_fault(),
+            Err(e) => {
+                if let AppendError::Storage(reason) = &e {
+                    shared.set_fault(format!("storage sync failed: {reason}"));
+                }
+                shared.failed.lock().get_or_insert(e);
+            }
         }
         let waiters = std::mem::take(&mut *shared.waiters.lock());
         for w in waiters {

@@ -206,7 +206,7 @@ impl Storage for DiskStorage {
     }
 
     fn user_topic_count(&self) -> usize {
-        self.store.count_streams(|n| !n.starts_with('$'))
+        self.store.count_streams(|n| !crate::topic::is_reserved(n))
     }
 
     fn close(&self) -> Result<(), StorageError> {

@@ -46,10 +46,22 @@ pub enum PublishError {
     /// Publishing into a system topic (`$...`) is not allowed.
     #[error("topic {0} is a system topic")]
     SystemTopic(String),
-    /// The topic's durable log could not take the records (nothing was acknowledged; the
-    /// topic refuses further publishes until the broker is reopened).
+    /// Storage failed before the records were handed to it (opening the topic's log): nothing
+    /// was stored.
     #[error("storage failed: {0}")]
     Storage(String),
+    /// The records were handed to storage (or a backend) but it is not known whether they were
+    /// stored: the write or the sync that would have made them durable failed, the broker
+    /// closed first, or the wait for it timed out. They were not made visible on this failure,
+    /// but they may be on disk (and delivered after a restart) or, for a timeout, still become
+    /// visible: a retry may deliver the message twice. Every other error means "not published".
+    #[error("in doubt, the message may have been stored: {reason}")]
+    InDoubt {
+        /// The topic.
+        topic: String,
+        /// What failed (for a full disk: "storage write failed: ... No space left on device").
+        reason: String,
+    },
 }
 
 impl PublishError {
@@ -58,9 +70,16 @@ impl PublishError {
         matches!(self, PublishError::Full { .. })
     }
 
+    /// Whether the message may have been stored although the publish failed
+    /// ([`PublishError::InDoubt`]); for every other error it was not published.
+    pub fn is_in_doubt(&self) -> bool {
+        matches!(self, PublishError::InDoubt { .. })
+    }
+
     /// A stable code for the wire.
     pub fn code(&self) -> &'static str {
         match self {
+            PublishError::InDoubt { .. } => "in_doubt",
             PublishError::InvalidTopic(_) => "invalid_topic",
             PublishError::Closed => "closed",
             PublishError::Full { .. } => "queue_full",

@@ -18,11 +18,13 @@
 //! MQTT and glob filters are non-empty, at most [`MAX_TOPIC_LEN`] bytes long and free of control
 //! characters.
 //!
-//! **System topics.** Names starting with `$` (such as the dead-letter topics `$dlq/<topic>`)
-//! are never matched by an MQTT or glob filter whose first level is a wildcard (`#`, `+/...`,
-//! `*.x`, MQTT §4.7.2), nor by a regex unless the pattern starts with `\$` (optionally after `^`).
-//! A filter that names them literally (`$SYS/#`) does match them. [`TopicFilter::exact`] rejects
-//! `$` names; the broker builds exact filters on system topics itself.
+//! **`$` topics.** Names starting with `$` (system topics such as the dead-letter topics
+//! `$dlq/<topic>`, and user topics such as `$foo/bar`) are never matched by an MQTT or glob
+//! filter whose first level is a wildcard (`#`, `+/...`, `*.x`, MQTT §4.7.2), nor by a regex
+//! unless the pattern starts with `\$` (optionally after `^`). A filter that names their first
+//! level literally (`$SYS/#`, `$foo/#`) does match them. [`TopicFilter::exact`] rejects reserved
+//! names (`$SYS`, `$share`, `$dlq`, `$ferry`); the broker builds exact filters on system topics
+//! itself.
 //!
 //! **Detection by [`TopicFilter::parse`]**, in order:
 //!
@@ -469,6 +471,11 @@ mod tests {
         assert!(mqtt("$SYS/monitor/+").matches("$SYS/monitor/Clients"));
         assert!(!mqtt("#").matches("$dlq/orders"));
         assert!(mqtt("a/#").matches("a/$x"));
+        // User `$` topics: the same rule.
+        assert!(!mqtt("#").matches("$foo/bar") && !mqtt("+/bar").matches("$foo/bar"));
+        assert!(mqtt("$foo/#").matches("$foo/bar") && mqtt("$foo/+").matches("$foo/bar"));
+        assert!(TopicFilter::exact("$foo/bar").unwrap().matches("$foo/bar"));
+        assert!(!glob("#").matches("$foo.bar") && glob("$foo.*").matches("$foo.bar"));
     }
 
     #[test]
@@ -569,7 +576,9 @@ mod tests {
             TopicFilter::parse("a*.b"),
             Err(TopicError::InvalidFilter { .. })
         ));
-        assert_eq!(TopicFilter::parse("$x"), Err(TopicError::Reserved));
+        assert_eq!(TopicFilter::parse("$dlq/x"), Err(TopicError::Reserved));
+        assert_eq!(kind("$x"), "exact");
+        assert!(TopicFilter::parse("$x").unwrap().matches("$x"));
         assert_eq!(TopicFilter::parse(""), Err(TopicError::Empty));
         let f: TopicFilter = "game.*".parse().unwrap();
         assert_eq!(f.to_string(), "game.*");

@@ -44,6 +44,7 @@ pub mod disk;
 pub mod dlq;
 mod error;
 pub mod events;
+pub mod fault;
 pub mod filter;
 mod filter_index;
 pub mod handler;
@@ -79,7 +80,7 @@ pub use router::Router;
 pub use stats::{BrokerStats, CounterSnapshot, Health, LagStats, SubscriptionStats, TopicStats};
 pub use subscription::{Delivery, Envelope, StartPosition, Subscription, SubscriptionBuilder};
 pub use tasks::{GroupCollector, TaskQueue};
-pub use topic::{TopicError, TopicName};
+pub use topic::{TopicError, TopicName, RESERVED_LEVELS};
 pub use tx::{Transaction, TxError};
 
 pub use bytes::Bytes;

@@ -285,6 +285,11 @@ impl Topic {
     }
 
     /// The durable store, if the topic has one.
+    /// Whether the topic has a store.
+    pub(crate) fn is_durable(&self) -> bool {
+        self.durable.is_some()
+    }
+
     pub(crate) fn store(&self) -> Option<&Arc<dyn TopicStore>> {
         self.durable.as_ref().map(|d| &d.store)
     }

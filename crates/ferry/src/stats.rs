@@ -210,8 +210,13 @@ pub struct BrokerStats {
 /// Health: whether the broker accepts work, and for how long it has.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Health {
-    /// "running", "draining" or "closed".
+    /// "running", "degraded" (running, but the last write or sync to storage failed: see
+    /// `reason`; back to "running" once one succeeds), "draining" or "closed".
     pub status: &'static str,
+    /// Why the broker is degraded (the storage failure, e.g. "storage write failed: ... No
+    /// space left on device"); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// Time since the broker started.
     #[serde(serialize_with = "ser_secs")]
     pub uptime: Duration,

@@ -8,9 +8,16 @@
 //! - it has no control characters (NUL included);
 //! - it has none of the wildcard characters `+`, `#` (MQTT) and `*` (glob), so a name can never
 //!   be mistaken for a filter;
-//! - it does not start with `$`: that prefix is reserved for system topics such as the
-//!   dead-letter topics `$dlq/<topic>`, which only the broker creates (through
-//!   `TopicName::system`).
+//! - its first level (what comes before the first `/` or `.`) is none of the reserved names
+//!   [`RESERVED_LEVELS`] (`$SYS`, `$share`, `$dlq`, `$ferry`, compared without regard to
+//!   case): those are the system topics, such as the dead-letter topics `$dlq/<topic>`, which
+//!   only the broker creates (through `TopicName::system`), MQTT's `$SYS` tree and shared
+//!   subscriptions.
+//!
+//! Other names starting with `$` (`$foo/bar`) are user topics (MQTT §4.7.2): they are stored,
+//! counted and retained like any other, but a filter whose first level is a wildcard (`#`,
+//! `+/...`, `*`) does not match them; an exact filter or one that names their first level
+//! (`$foo/#`) does.
 //!
 //! Levels may be separated by `/` (MQTT style) or `.` (AMQP/glob style); empty levels are allowed
 //! (`a//b`), as in MQTT.
@@ -22,6 +29,23 @@ use std::sync::Arc;
 
 /// The maximum length of a topic name (and of a filter), in bytes.
 pub const MAX_TOPIC_LEN: usize = 4096;
+
+/// The first levels reserved for system topics (compared ASCII case-insensitively): MQTT's
+/// `$SYS` tree, `$share` (shared subscriptions), the engine's dead-letter topics `$dlq/<topic>`
+/// and `$ferry`, kept for future internal names.
+pub const RESERVED_LEVELS: [&str; 4] = ["$SYS", "$share", "$dlq", "$ferry"];
+
+/// Whether `name` is in a reserved namespace: its first level (up to the first `/` or `.`) is one
+/// of [`RESERVED_LEVELS`].
+pub(crate) fn is_reserved(name: &str) -> bool {
+    if !name.starts_with('$') {
+        return false;
+    }
+    let first = name.split(['/', '.']).next().unwrap_or(name);
+    RESERVED_LEVELS
+        .iter()
+        .any(|r| first.eq_ignore_ascii_case(r))
+}
 
 /// Why a topic name or a topic filter is invalid.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -51,8 +75,9 @@ pub enum TopicError {
         /// Byte offset of the character.
         index: usize,
     },
-    /// The name starts with `$`, which is reserved for system topics.
-    #[error("invalid topic name: names starting with '$' are reserved for system topics")]
+    /// The name's first level is reserved for system topics (`$SYS`, `$share`, `$dlq`,
+    /// `$ferry`; see [`RESERVED_LEVELS`]).
+    #[error("invalid topic name: names whose first level is $SYS, $share, $dlq or $ferry are reserved for system topics")]
     Reserved,
     /// An MQTT or glob filter is malformed.
     #[error("invalid topic filter {filter:?}: {reason}")]
@@ -88,13 +113,14 @@ impl TopicName {
     }
 
     /// A system topic name such as `$dlq/<topic>`, built by the broker from valid parts. It skips
-    /// validation (so it may exceed [`MAX_TOPIC_LEN`] by its prefix); a `$` is prepended if
-    /// `name` does not already start with one, so the result is always a system name.
+    /// validation (so it may exceed [`MAX_TOPIC_LEN`] by its prefix); `$ferry/` is prepended if
+    /// `name` is not in a reserved namespace, so the result is always a system name and never
+    /// one a user can publish to.
     pub(crate) fn system(name: String) -> TopicName {
-        if name.starts_with('$') {
+        if is_reserved(&name) {
             TopicName(Arc::from(name))
         } else {
-            TopicName(Arc::from(format!("${name}")))
+            TopicName(Arc::from(format!("$ferry/{name}")))
         }
     }
 
@@ -109,8 +135,15 @@ impl TopicName {
         &self.0
     }
 
-    /// Whether this is a system topic (its name starts with `$`).
+    /// Whether this is a system topic (its first level is reserved, see [`RESERVED_LEVELS`]).
+    /// A user topic starting with `$` (`$foo/bar`) is not one.
     pub fn is_system(&self) -> bool {
+        is_reserved(&self.0)
+    }
+
+    /// Whether the name starts with `$` (a system topic or a user `$` topic): filters whose
+    /// first level is a wildcard do not match it (MQTT §4.7.2).
+    pub fn is_dollar(&self) -> bool {
         self.0.starts_with('$')
     }
 }
@@ -126,7 +159,7 @@ fn validate(name: &str) -> Result<(), TopicError> {
             max: MAX_TOPIC_LEN,
         });
     }
-    if name.starts_with('$') {
+    if is_reserved(name) {
         return Err(TopicError::Reserved);
     }
     for (index, ch) in name.char_indices() {
@@ -262,7 +295,42 @@ mod tests {
             Err(TopicError::Wildcard { ch: '*', index: 2 })
         );
         assert_eq!(TopicName::new("$SYS/x"), Err(TopicError::Reserved));
-        assert_eq!(TopicName::new("$"), Err(TopicError::Reserved));
+        for reserved in [
+            "$SYS",
+            "$sys/x",
+            "$SYS.x",
+            "$share/g/t",
+            "$Share",
+            "$dlq/x",
+            "$DLQ.x",
+            "$dlq",
+            "$ferry/x",
+        ] {
+            assert_eq!(
+                TopicName::new(reserved),
+                Err(TopicError::Reserved),
+                "{reserved}"
+            );
+        }
+    }
+
+    #[test]
+    fn user_dollar_names_are_user_topics() {
+        for n in [
+            "$",
+            "$foo",
+            "$foo/bar",
+            "$dlqx/y",
+            "$SYSTEM/x",
+            "$sharex",
+            "$/x",
+            "$ferryx",
+        ] {
+            let t = TopicName::new(n).unwrap();
+            assert!(!t.is_system(), "{n}");
+            assert!(t.is_dollar(), "{n}");
+        }
+        assert!(!TopicName::new("a$").unwrap().is_dollar());
     }
 
     #[test]
@@ -278,7 +346,12 @@ mod tests {
         let t = TopicName::system("$dlq/orders".to_string());
         assert!(t.is_system());
         assert_eq!(t.as_str(), "$dlq/orders");
-        assert_eq!(TopicName::system("internal".into()).as_str(), "$internal");
+        assert_eq!(
+            TopicName::system("internal".into()).as_str(),
+            "$ferry/internal"
+        );
+        assert!(TopicName::system("$foo".into()).is_system());
+        assert!(TopicName::system("$dlq/$foo".into()).is_system());
     }
 
     #[test]
@@ -286,7 +359,8 @@ mod tests {
         let t: TopicName = "a/b".parse().unwrap();
         assert_eq!(TopicName::try_from("a/b").unwrap(), t);
         assert_eq!(TopicName::try_from(String::from("a/b")).unwrap(), t);
-        assert!(TopicName::try_from(String::from("$x")).is_err());
+        assert!(TopicName::try_from(String::from("$dlq/x")).is_err());
+        assert!(TopicName::try_from(String::from("$x")).is_ok());
         assert_eq!(t, "a/b");
         assert_eq!(t.as_ref(), "a/b");
         let mut m = HashMap::new();

@@ -180,7 +180,7 @@ impl Transaction {
             durable.push(self.broker.inner.submit(topic, *end)?);
         }
         for (d, (topic, _)) in durable.into_iter().zip(&appended.syncs) {
-            crate::io::block_on(d).map_err(|e| BrokerInner::append_error(topic, e))?;
+            crate::io::block_on(d).map_err(|e| BrokerInner::sync_error(topic, e))?;
         }
         Ok(appended.ranges)
     }
@@ -302,7 +302,7 @@ impl Transaction {
             durable.push(self.broker.inner.submit(topic, *end)?);
         }
         for (d, (topic, _)) in durable.into_iter().zip(&appended.syncs) {
-            d.await.map_err(|e| BrokerInner::append_error(topic, e))?;
+            d.await.map_err(|e| BrokerInner::sync_error(topic, e))?;
         }
         Ok(appended.ranges)
     }

@@ -61,7 +61,12 @@ fn valid(name: String) -> String {
             }
         })
         .collect();
-    if s.starts_with('$') {
+    // Reserved first levels ($SYS, $dlq, ...) are refused; other `$` names are user topics.
+    let first = s.split(['/', '.']).next().unwrap_or_default();
+    if ferry::RESERVED_LEVELS
+        .iter()
+        .any(|r| first.eq_ignore_ascii_case(r))
+    {
         s.insert(0, 'x');
     }
     while s.len() > MAX_TOPIC_LEN {

@@ -17,9 +17,10 @@ use ferry::{
     TopicFilter, TopicName,
 };
 use ferry_mqtt::{
-    decode, decode_connect, encode, encoded_len, ConnAck, ConnAckProperties, Connect, DecodeError,
-    Disconnect, DisconnectProperties, Packet, ProtocolVersion, PubAck, PubComp, PubRec, PubRel,
-    Publish, QoS, ReasonCode, RetainHandling, SubAck, Subscribe, UnsubAck, Unsubscribe, Will,
+    decode, decode_connect, encode, encoded_len, AckProperties, ConnAck, ConnAckProperties,
+    Connect, DecodeError, Disconnect, DisconnectProperties, Packet, ProtocolVersion, PubAck,
+    PubComp, PubRec, PubRel, Publish, QoS, ReasonCode, RetainHandling, SubAck, Subscribe, UnsubAck,
+    Unsubscribe, Will,
 };
 use futures::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -869,14 +870,16 @@ where
             Err(code) => return Some(End::Protocol(code, "bad topic alias".into())),
         };
         if let Err(e) = TopicName::new(&topic) {
-            // A valid MQTT topic that Ferry does not accept (`$...`, `*`, control characters).
+            // A valid MQTT topic that Ferry does not accept (a reserved first level such as
+            // `$SYS`, `$share` or `$dlq`, `*`, control characters): 0x90 with the reason on
+            // MQTT 5; MQTT 3.1.1 (and QoS 0) cannot refuse a PUBLISH, so the connection closes.
             if self.v5() && p.qos > QoS::AtMostOnce {
                 tracing::debug!(client = self.neg.client_id, topic, error = %e, "PUBLISH refused");
                 return self
                     .queue_ack(
                         p.packet_id,
                         p.qos,
-                        Outcome::Done(Ok(ReasonCode::TopicNameInvalid)),
+                        Outcome::Done(Err(PublishError::InvalidTopic(e))),
                     )
                     .await;
             }
@@ -1011,8 +1014,8 @@ where
     /// Sends the acknowledgement of a QoS 1/2 publish given its outcome; a failure on MQTT
     /// 3.1.1, which has no way to say no, closes the connection.
     fn publish_done(&mut self, id: Option<u16>, qos: QoS, result: Settled) -> Option<End> {
-        let code = match result {
-            Ok(code) => code,
+        let (code, reason) = match result {
+            Ok(code) => (code, None),
             Err(e) => {
                 tracing::warn!(client = self.neg.client_id, error = %e, "publish failed");
                 if qos == QoS::ExactlyOnce {
@@ -1026,10 +1029,10 @@ where
                         format!("publish failed: {e}"),
                     ));
                 }
-                publish_error_code(&e)
+                (publish_error_code(&e), Some(publish_error_reason(&e)))
             }
         };
-        self.ack(id, qos, code);
+        self.ack(id, qos, code, reason);
         None
     }
 
@@ -1047,12 +1050,9 @@ where
                 .await
                 .map(|()| None);
         }
-        if retain {
-            self.shared.retained.set(topic, message.clone());
-        }
         self.active();
         let Some(active) = self.active.as_mut() else {
-            return publish(&self.shared, topic, message, false)
+            return publish(&self.shared, topic, message, retain)
                 .await
                 .map(|()| None);
         };
@@ -1066,12 +1066,15 @@ where
         }
         match publishers.get(topic) {
             Some(publisher) => {
+                // Retained only once published: a refused publish leaves the retained set as
+                // it was.
+                let retained = retain.then(|| message.clone());
                 let mut pipelined = publisher.publish_pipelined(message);
-                if retain {
+                if let Some(message) = retained {
                     // Acknowledged once both the message and the retained set are on disk.
                     (&mut pipelined).await?;
-                    self.shared.persist().await;
-                    return Ok(None);
+                    self.shared.retained.set(topic, message);
+                    return retained_saved(&self.shared, topic).await.map(|()| None);
                 }
                 if !pipelined.is_appended() {
                     // A full topic: wait for the append before reading on, to keep the order.
@@ -1080,26 +1083,38 @@ where
                 }
                 Ok(Some(pipelined))
             }
-            None => publish(&self.shared, topic, message, false)
+            None => publish(&self.shared, topic, message, retain)
                 .await
                 .map(|()| None),
         }
     }
 
-    fn ack(&mut self, id: Option<u16>, qos: QoS, code: ReasonCode) {
+    /// Sends the PUBACK/PUBREC of a QoS 1/2 publish; `reason` (what failed) goes out as the
+    /// Reason String when the client accepts one and the packet stays within its maximum size.
+    fn ack(&mut self, id: Option<u16>, qos: QoS, code: ReasonCode, reason: Option<String>) {
         let Some(id) = id else {
             return;
+        };
+        let properties = AckProperties {
+            reason_string: reason.filter(|r| {
+                self.v5()
+                    && self.neg.problem_information
+                    && r.len() + ACK_OVERHEAD <= self.neg.client_max_packet
+            }),
+            ..AckProperties::default()
         };
         match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => {
                 let mut a = PubAck::new(id);
                 a.reason_code = code;
+                a.properties = properties;
                 self.send(&Packet::PubAck(a));
             }
             QoS::ExactlyOnce => {
                 let mut r = PubRec::new(id);
                 r.reason_code = code;
+                r.properties = properties;
                 self.send(&Packet::PubRec(r));
             }
         }
@@ -1573,19 +1588,35 @@ async fn publish(
     message: Message,
     retain: bool,
 ) -> Result<(), PublishError> {
-    if let Some(bridge) = &shared.bridge {
-        // Retained only once the backend took it.
-        bridge.publish(topic, &message).await?;
-        if retain {
-            shared.retained.set(topic, message);
+    // Retained only once published (or taken by the backend): a refused publish leaves the
+    // retained set as it was.
+    let retained = retain.then(|| message.clone());
+    match &shared.bridge {
+        Some(bridge) => bridge.publish(topic, &message).await?,
+        None => {
+            shared.broker.publish(topic, message).await?;
         }
-        return Ok(());
     }
-    if retain {
-        shared.retained.set(topic, message.clone());
+    if let Some(message) = retained {
+        shared.retained.set(topic, message);
+        if shared.bridge.is_none() {
+            return retained_saved(shared, topic).await;
+        }
     }
-    shared.broker.publish(topic, message).await?;
     Ok(())
+}
+
+/// Waits until the retained set holding a message just published to `topic` is saved. A
+/// failed save is reported as in doubt: the message was published, but whether it stays the
+/// retained one across a restart is not known.
+async fn retained_saved(shared: &MqttShared, topic: &str) -> Result<(), PublishError> {
+    shared
+        .try_persist()
+        .await
+        .map_err(|e| PublishError::InDoubt {
+            topic: topic.to_string(),
+            reason: format!("published, but saving it as the retained message failed: {e}"),
+        })
 }
 
 /// How many records a member of a shared subscription takes from its group at a time.
@@ -1593,6 +1624,27 @@ const SHARE_BATCH: usize = 16;
 
 /// How many topics' publishers a connection keeps.
 const PUBLISHERS: usize = 64;
+
+/// The bytes of a PUBACK/PUBREC besides its reason string: fixed header (up to 5), packet id,
+/// reason code, property length (up to 4), the property's id and string length.
+const ACK_OVERHEAD: usize = 5 + 2 + 1 + 4 + 1 + 2;
+
+/// The longest reason string sent on an acknowledgement (bytes).
+const MAX_REASON: usize = 512;
+
+/// The PUBACK/PUBREC reason string of a failed publish: what failed, cut to [`MAX_REASON`]
+/// bytes at a character boundary.
+fn publish_error_reason(e: &PublishError) -> String {
+    let mut reason = e.to_string();
+    if reason.len() > MAX_REASON {
+        let mut end = MAX_REASON;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+    }
+    reason
+}
 
 /// The PUBACK/PUBREC reason code of a failed publish.
 fn publish_error_code(e: &PublishError) -> ReasonCode {
@@ -1605,6 +1657,8 @@ fn publish_error_code(e: &PublishError) -> ReasonCode {
         | PublishError::MemoryLimit { .. }
         | PublishError::Timeout(_) => ReasonCode::QuotaExceeded,
         PublishError::Closed | PublishError::Storage(_) => ReasonCode::ImplementationSpecificError,
+        // May have been stored: the reason string starts with "in doubt".
+        PublishError::InDoubt { .. } => ReasonCode::UnspecifiedError,
     }
 }
 

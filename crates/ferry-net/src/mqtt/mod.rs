@@ -122,11 +122,18 @@ impl MqttShared {
     /// Returns once the persistent sessions, retained messages and consumer positions as they
     /// stand now are on disk (a no-op in memory).
     pub(crate) async fn persist(&self) {
+        let _ = self.try_persist().await;
+    }
+
+    /// [`persist`](Self::persist), saying why the save failed (also logged).
+    pub(crate) async fn try_persist(&self) -> Result<(), String> {
         if let Some(p) = &self.persister {
             if let Err(e) = p.persist().await {
                 tracing::error!(error = %e, "saving the server state failed");
+                return Err(e.to_string());
             }
         }
+        Ok(())
     }
 
     pub(crate) fn stats(&self) -> MqttStats {

@@ -49,7 +49,20 @@ pub fn after<'a>(line: &'a str, key: &str, end: char) -> Option<&'a str> {
 /// `FERRY_*` variable of the test's environment) and waits until it serves; `Err` with its
 /// log if it does not.
 pub fn serve(dir: &Path, extra: &[&str]) -> Result<Server, String> {
-    let mut cmd = Command::new(bin());
+    serve_via(&[], dir, extra)
+}
+
+/// [`serve`] through a `wrapper` command that ends by running the binary with its arguments
+/// (`unshare ... sh -c '... exec "$@"' sh`): `wrapper` then the binary's path then its arguments.
+pub fn serve_via(wrapper: &[&str], dir: &Path, extra: &[&str]) -> Result<Server, String> {
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(bin());
+            c
+        }
+        None => Command::new(bin()),
+    };
     for (k, _) in std::env::vars() {
         if k.starts_with("FERRY_") {
             cmd.env_remove(k);

@@ -1,0 +1,412 @@
+//! `$` topics against a real `ferry serve` (MQTT §4.7.2): a user `$` topic is accepted over MQTT
+//! and HTTP, kept away from subscriptions whose first level is a wildcard, delivered to exact
+//! and `$foo/#` subscriptions, and survives a restart as a user topic (persistent session,
+//! retained message, stats); the reserved first levels (`$SYS`, `$share`, `$dlq`) are refused
+//! (MQTT 5: PUBACK 0x90 with a reason string, the connection stays; MQTT 3.1.1: the connection
+//! closes; HTTP: 400 `invalid_topic`) while other clients keep being served.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use rumqttc::v5::mqttbytes::v5::{ConnectProperties, Packet};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use tokio::sync::mpsc;
+
+mod common;
+use common::Server;
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn serve(dir: &std::path::Path) -> Server {
+    common::serve(dir, &[]).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A v5 client whose incoming packets arrive on a channel.
+fn client(
+    addr: SocketAddr,
+    id: &str,
+    persistent: bool,
+) -> (AsyncClient, mpsc::UnboundedReceiver<Packet>) {
+    let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    if persistent {
+        o.set_clean_start(false);
+        let mut props = ConnectProperties::new();
+        props.session_expiry_interval = Some(3600);
+        o.set_connect_properties(props);
+    }
+    let (client, mut el) = AsyncClient::new(o, 10);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(ev) = el.poll().await {
+            if let Event::Incoming(p) = ev {
+                if tx.send(p).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    (client, rx)
+}
+
+async fn next_where(
+    rx: &mut mpsc::UnboundedReceiver<Packet>,
+    f: impl Fn(&Packet) -> bool,
+) -> Packet {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let p = rx.recv().await.expect("client ended");
+            if f(&p) {
+                return p;
+            }
+        }
+    })
+    .await
+    .expect("timed out")
+}
+
+/// The next PUBLISH's (topic, payload).
+async fn next_publish(rx: &mut mpsc::UnboundedReceiver<Packet>) -> (String, String) {
+    match next_where(rx, |p| matches!(p, Packet::Publish(_))).await {
+        Packet::Publish(p) => (
+            String::from_utf8(p.topic.to_vec()).unwrap(),
+            String::from_utf8(p.payload.to_vec()).unwrap(),
+        ),
+        _ => unreachable!(),
+    }
+}
+
+async fn subscribe(c: &AsyncClient, rx: &mut mpsc::UnboundedReceiver<Packet>, filter: &str) {
+    c.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    next_where(rx, |p| matches!(p, Packet::SubAck(_))).await;
+}
+
+async fn http_publish(http: SocketAddr, topic: &str, body: &str) -> (u16, serde_json::Value) {
+    let topic = topic.replace('/', "%2F").replace('$', "%24");
+    let r = reqwest::Client::new()
+        .post(format!("http://{http}/topics/{topic}/messages"))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+// ---- a raw MQTT connection (hand-encoded packets), to see reason codes and strings ----
+
+fn varint(mut n: usize, out: &mut Vec<u8>) {
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            return;
+        }
+    }
+}
+
+fn string(s: &str, out: &mut Vec<u8>) {
+    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut p = vec![first];
+    varint(body.len(), &mut p);
+    p.extend_from_slice(body);
+    p
+}
+
+struct RawMqtt {
+    stream: TcpStream,
+    v5: bool,
+}
+
+impl RawMqtt {
+    /// Connects with a clean session and reads the CONNACK.
+    fn connect(addr: SocketAddr, id: &str, v5: bool) -> RawMqtt {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let mut body = Vec::new();
+        string("MQTT", &mut body);
+        body.extend_from_slice(&[if v5 { 5 } else { 4 }, 0x02, 0, 60]);
+        if v5 {
+            body.push(0);
+        }
+        string(id, &mut body);
+        let mut raw = RawMqtt { stream, v5 };
+        raw.stream.write_all(&packet(0x10, &body)).unwrap();
+        let (kind, ack) = raw.read().expect("CONNACK");
+        assert_eq!(kind, 0x20);
+        assert_eq!(ack[1], 0, "CONNACK refused: {ack:?}");
+        raw
+    }
+
+    fn publish_qos1(&mut self, topic: &str, id: u16, payload: &[u8]) {
+        let mut body = Vec::new();
+        string(topic, &mut body);
+        body.extend_from_slice(&id.to_be_bytes());
+        if self.v5 {
+            body.push(0);
+        }
+        body.extend_from_slice(payload);
+        self.stream.write_all(&packet(0x32, &body)).unwrap();
+    }
+
+    /// The next packet (first byte, body), or `None` once the server closed.
+    fn read(&mut self) -> Option<(u8, Vec<u8>)> {
+        let mut first = [0u8; 1];
+        match self.stream.read(&mut first) {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
+        let (mut len, mut shift) = (0usize, 0);
+        loop {
+            let mut b = [0u8; 1];
+            self.stream.read_exact(&mut b).ok()?;
+            len |= usize::from(b[0] & 0x7f) << shift;
+            shift += 7;
+            if b[0] & 0x80 == 0 {
+                break;
+            }
+        }
+        let mut body = vec![0u8; len];
+        self.stream.read_exact(&mut body).ok()?;
+        Some((first[0], body))
+    }
+
+    /// A PUBACK's (packet id, reason code, reason string).
+    fn puback(&mut self) -> (u16, u8, Option<String>) {
+        let (kind, body) = self.read().expect("PUBACK");
+        assert_eq!(kind, 0x40, "not a PUBACK: {body:?}");
+        let id = u16::from_be_bytes([body[0], body[1]]);
+        let code = body.get(2).copied().unwrap_or(0);
+        let mut reason = None;
+        if body.len() > 4 {
+            // Property length (one byte: the reasons here are short), then properties.
+            assert!(body[3] < 0x80, "{body:?}");
+            let mut props = &body[4..4 + usize::from(body[3])];
+            while let [key, rest @ ..] = props {
+                let n = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+                let value = String::from_utf8(rest[2..2 + n].to_vec()).unwrap();
+                if *key == 0x1F {
+                    reason = Some(value);
+                }
+                props = &rest[2 + n..];
+            }
+        }
+        (id, code, reason)
+    }
+
+    fn ping(&mut self) -> bool {
+        self.stream.write_all(&[0xC0, 0]).unwrap();
+        matches!(self.read(), Some((0xD0, _)))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_dollar_topics_are_served_apart_from_leading_wildcards() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path());
+    let (all, mut all_rx) = client(server.mqtt, "all", false);
+    subscribe(&all, &mut all_rx, "#").await;
+    let (plus, mut plus_rx) = client(server.mqtt, "plus", false);
+    subscribe(&plus, &mut plus_rx, "+/bar").await;
+    let (named, mut named_rx) = client(server.mqtt, "named", false);
+    subscribe(&named, &mut named_rx, "$foo/#").await;
+    let (exact, mut exact_rx) = client(server.mqtt, "exact", false);
+    subscribe(&exact, &mut exact_rx, "$foo/bar").await;
+
+    let (publisher, mut pub_rx) = client(server.mqtt, "publisher", false);
+    publisher
+        .publish("$foo/bar", QoS::AtLeastOnce, false, "over mqtt")
+        .await
+        .unwrap();
+    let ack = next_where(&mut pub_rx, |p| matches!(p, Packet::PubAck(_))).await;
+    assert!(
+        matches!(&ack, Packet::PubAck(a) if a.reason == rumqttc::v5::mqttbytes::v5::PubAckReason::Success),
+        "{ack:?}"
+    );
+    let (status, body) = http_publish(server.http, "$foo/bar", "over http").await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["topic"], "$foo/bar");
+
+    for rx in [&mut named_rx, &mut exact_rx] {
+        assert_eq!(
+            next_publish(rx).await,
+            ("$foo/bar".into(), "over mqtt".into())
+        );
+        assert_eq!(
+            next_publish(rx).await,
+            ("$foo/bar".into(), "over http".into())
+        );
+    }
+    // The leading wildcards see only the plain topic published after the `$` ones.
+    let (status, _) = http_publish(server.http, "plain/bar", "marker").await;
+    assert_eq!(status, 201);
+    for rx in [&mut all_rx, &mut plus_rx] {
+        assert_eq!(
+            next_publish(rx).await,
+            ("plain/bar".into(), "marker".into())
+        );
+    }
+    // And nothing else comes to them.
+    for rx in [&mut all_rx, &mut plus_rx] {
+        let more = tokio::time::timeout(Duration::from_millis(300), async {
+            loop {
+                if let Some(Packet::Publish(p)) = rx.recv().await {
+                    return p;
+                }
+            }
+        })
+        .await;
+        assert!(more.is_err(), "{more:?}");
+    }
+
+    // A user `$` topic is a user topic in the stats.
+    let stats: serde_json::Value = reqwest::get(format!("http://{}/stats", server.http))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["broker"]["topics"], 2, "{stats}");
+    let names: Vec<&str> = stats["topics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["topic"].as_str().unwrap_or_default())
+        .collect();
+    assert!(names.contains(&"$foo/bar"), "{names:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserved_dollar_topics_are_refused_and_others_keep_being_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path());
+    let (watcher, mut watch_rx) = client(server.mqtt, "watcher", false);
+    subscribe(&watcher, &mut watch_rx, "ok/#").await;
+
+    // MQTT 5: PUBACK 0x90 Topic Name invalid, saying why; the connection stays.
+    let mut v5 = RawMqtt::connect(server.mqtt, "raw5", true);
+    for (i, topic) in ["$SYS/broker/x", "$share/g/t", "$dlq/orders", "$sys/x"]
+        .into_iter()
+        .enumerate()
+    {
+        let id = i as u16 + 1;
+        v5.publish_qos1(topic, id, b"x");
+        let (got, code, reason) = v5.puback();
+        assert_eq!((got, code), (id, 0x90), "{topic}");
+        let reason = reason.unwrap_or_default();
+        assert!(reason.contains("reserved"), "{topic}: {reason:?}");
+    }
+    assert!(v5.ping(), "the MQTT 5 connection stays open");
+    v5.publish_qos1("$ok", 9, b"y");
+    assert_eq!(v5.puback(), (9, 0, None), "a user $ topic is accepted");
+
+    // MQTT 3.1.1 has no way to refuse a PUBLISH: the connection closes.
+    let mut v4 = RawMqtt::connect(server.mqtt, "raw4", false);
+    v4.publish_qos1("$SYS/x", 1, b"x");
+    assert_eq!(v4.read().map(|(k, _)| k), None, "closed without a PUBACK");
+    let mut v4 = RawMqtt::connect(server.mqtt, "raw4b", false);
+    v4.publish_qos1("$user/x", 1, b"x");
+    let (kind, body) = v4.read().expect("PUBACK");
+    assert_eq!((kind, &body[..]), (0x40, &[0u8, 1][..]));
+
+    // HTTP: 400 with the API's JSON error.
+    for topic in ["$SYS/x", "$dlq/orders", "$share/g/t"] {
+        let (status, body) = http_publish(server.http, topic, "x").await;
+        assert_eq!(status, 400, "{topic}: {body}");
+        assert_eq!(body["error"], "invalid_topic", "{body}");
+        assert!(
+            body["message"].as_str().unwrap().contains("reserved"),
+            "{body}"
+        );
+    }
+
+    // Everyone else is still served.
+    let (status, _) = http_publish(server.http, "ok/1", "still here").await;
+    assert_eq!(status, 201);
+    assert_eq!(
+        next_publish(&mut watch_rx).await,
+        ("ok/1".into(), "still here".into())
+    );
+    let stats: serde_json::Value = reqwest::get(format!("http://{}/stats", server.http))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        stats["broker"]["topics"], 3,
+        "$ok, $user/x and ok/1, nothing reserved: {stats}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_dollar_topic_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = serve(dir.path());
+    let (keeper, mut rx) = client(server.mqtt, "keeper", true);
+    next_where(&mut rx, |p| matches!(p, Packet::ConnAck(_))).await;
+    subscribe(&keeper, &mut rx, "$jobs/#").await;
+    keeper.disconnect().await.unwrap();
+    // Queued for it while away, and a retained message.
+    let (status, _) = http_publish(server.http, "$jobs/1", "while away").await;
+    assert_eq!(status, 201);
+    let (publisher, mut prx) = client(server.mqtt, "publisher", false);
+    publisher
+        .publish("$jobs/status", QoS::AtLeastOnce, true, "up")
+        .await
+        .unwrap();
+    next_where(&mut prx, |p| matches!(p, Packet::PubAck(_))).await;
+    drop(publisher);
+    server.stop("ferry serve");
+
+    let server = serve(dir.path());
+    let stats: serde_json::Value = reqwest::get(format!("http://{}/stats", server.http))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["broker"]["topics"], 2, "{stats}");
+    let (keeper, mut rx) = client(server.mqtt, "keeper", true);
+    let ack = next_where(&mut rx, |p| matches!(p, Packet::ConnAck(_))).await;
+    assert!(
+        matches!(&ack, Packet::ConnAck(a) if a.session_present),
+        "{ack:?}"
+    );
+    let mut got = vec![next_publish(&mut rx).await, next_publish(&mut rx).await];
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("$jobs/1".to_string(), "while away".to_string()),
+            ("$jobs/status".to_string(), "up".to_string())
+        ]
+    );
+    drop(keeper);
+    // The retained `$` message goes to `$jobs/#`, not to `#`.
+    let (all, mut all_rx) = client(server.mqtt, "all", false);
+    subscribe(&all, &mut all_rx, "#").await;
+    let (named, mut named_rx) = client(server.mqtt, "named", false);
+    subscribe(&named, &mut named_rx, "$jobs/#").await;
+    assert_eq!(
+        next_publish(&mut named_rx).await,
+        ("$jobs/status".into(), "up".into())
+    );
+    let (status, _) = http_publish(server.http, "plain", "marker").await;
+    assert_eq!(status, 201);
+    assert_eq!(
+        next_publish(&mut all_rx).await,
+        ("plain".into(), "marker".into())
+    );
+}
