@@ -217,6 +217,7 @@ mod tests {
             password_hash: String::new(),
             publish: Some(vec!["users/%u/#".into()]),
             subscribe: Some(vec!["users/%u/#".into(), "public/+".into()]),
+            admin: false,
         });
         config.anonymous.publish = Some(vec![]);
         let rules = AclRules::new(&config);

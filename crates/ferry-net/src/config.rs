@@ -151,7 +151,7 @@ impl From<OverflowPolicy> for ferry::Overflow {
 }
 
 /// A user allowed to connect over MQTT, with its topic ACL (see [`crate::acl`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     /// The user name.
@@ -164,6 +164,10 @@ pub struct UserConfig {
     /// Topic filter patterns the user may subscribe to (absent: any).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subscribe: Option<Vec<String>>,
+    /// An administrator: the HTTP stats, metrics and dashboard show it every topic and the
+    /// server's totals, whatever its `subscribe` patterns (which still govern consuming).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub admin: bool,
 }
 
 /// A certificate chain and private key, PEM files, for a TLS listener.
@@ -280,6 +284,23 @@ pub struct HttpConfig {
     /// PEM private key.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key: Option<PathBuf>,
+    /// Which topics `/metrics` gives series of their own (`ferry_topic_*`): `"top"`, the
+    /// loaded topics with the most records stored, at most `metrics_topic_limit` of them; or
+    /// `"none"`. Server totals are always there, under their own names.
+    pub metrics_topics: MetricsTopics,
+    /// The most topics with series of their own in `/metrics` (1..=10000).
+    pub metrics_topic_limit: usize,
+}
+
+/// Which topics get series of their own in `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricsTopics {
+    /// None: server totals only.
+    None,
+    /// The topics with the most records stored (then the most published).
+    #[default]
+    Top,
 }
 
 impl HttpConfig {
@@ -296,6 +317,8 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             tls_cert: None,
             tls_key: None,
+            metrics_topics: MetricsTopics::Top,
+            metrics_topic_limit: 100,
         }
     }
 }
@@ -603,6 +626,12 @@ impl ServeConfig {
                     "{} is below the minimum {MIN_SEGMENT_BYTES}",
                     self.segment_bytes
                 ),
+            });
+        }
+        if self.http.metrics_topic_limit == 0 || self.http.metrics_topic_limit > 10_000 {
+            return Err(ConfigError::Invalid {
+                key: "http.metrics_topic_limit",
+                reason: format!("{} is outside 1..=10000", self.http.metrics_topic_limit),
             });
         }
         if self.broker.topic_capacity == 0 {

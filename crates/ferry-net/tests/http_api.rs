@@ -433,6 +433,7 @@ async fn http_basic_auth_and_acls() {
             password_hash: hash,
             publish: Some(vec!["alice/#".into()]),
             subscribe: Some(vec!["alice/#".into()]),
+            admin: false,
         }];
     })
     .await;

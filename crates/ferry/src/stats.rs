@@ -135,6 +135,15 @@ pub struct TopicStats {
     pub dead_letters_by_reason: BTreeMap<String, u64>,
 }
 
+/// One page of topic stats, in name order (see [`Broker::topic_page`](crate::Broker::topic_page)).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TopicPage {
+    /// The topics of the page.
+    pub topics: Vec<TopicStats>,
+    /// Where the next page starts (pass it as `after`); `None` when no topic follows.
+    pub next: Option<String>,
+}
+
 /// Stats of one subscription or consumer group.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SubscriptionStats {
