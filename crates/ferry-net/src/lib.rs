@@ -37,6 +37,7 @@ pub mod dashboard;
 mod fsutil;
 pub mod http;
 pub mod http_auth;
+pub mod metrics;
 pub mod mqtt;
 mod persist;
 pub mod server;

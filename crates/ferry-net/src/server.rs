@@ -259,9 +259,14 @@ impl Server {
         if config.http.enabled {
             let (listener, addr) = bind("HTTP", config.http.listen).await?;
             http_addr = Some(addr);
-            let app = crate::http::router(broker.clone(), Some(mqtt.clone()), bridge.clone())
-                .merge(mqtt::websocket::router(mqtt.clone()))
-                .into_make_service_with_connect_info::<PeerAddr>();
+            let app = crate::http::router_with(
+                broker.clone(),
+                Some(mqtt.clone()),
+                bridge.clone(),
+                &config.http,
+            )
+            .merge(mqtt::websocket::router(mqtt.clone()))
+            .into_make_service_with_connect_info::<PeerAddr>();
             let stop = shutdown.clone();
             match http_tls {
                 Some(tls_config) => {

@@ -1537,6 +1537,7 @@ impl BrokerInner {
             next_offset: next,
             subscribers: t.subscriber_count(),
             lag: LagStats::from_lags(lags.into_iter()),
+            dead_letters: self.dead_letter_depth(&t.name),
             dead_letters_by_reason: self
                 .dead_reasons
                 .lock()
@@ -1626,6 +1627,7 @@ impl BrokerInner {
             next_offset: next,
             subscribers: 0,
             lag: LagStats::default(),
+            dead_letters: self.dead_letter_depth(name),
             dead_letters_by_reason: self
                 .dead_reasons
                 .lock()
@@ -1633,6 +1635,19 @@ impl BrokerInner {
                 .cloned()
                 .unwrap_or_default(),
         })
+    }
+
+    /// Records in `topic`'s dead-letter queue now (loaded or stored; nothing is loaded).
+    fn dead_letter_depth(&self, topic: &TopicName) -> usize {
+        let dlq = dlq_name(topic);
+        let loaded = self.registry.read().topics.get(&dlq).cloned();
+        match (loaded, &self.storage) {
+            (Some(t), _) => t.depth().0,
+            (None, Some(storage)) => storage.stored_depth(&dlq).map_or(0, |(records, _)| {
+                usize::try_from(records).unwrap_or(usize::MAX)
+            }),
+            (None, None) => 0,
+        }
     }
 
     fn top_topics(

@@ -131,6 +131,9 @@ pub struct TopicStats {
     pub subscribers: usize,
     /// Lag of the attached subscriptions and groups.
     pub lag: LagStats,
+    /// Records in the topic's dead-letter queue now (what a purge or redrive empties; the
+    /// by-reason counts below are cumulative).
+    pub dead_letters: usize,
     /// Dead letters by reason (for this topic's dead-letter queue).
     pub dead_letters_by_reason: BTreeMap<String, u64>,
 }
