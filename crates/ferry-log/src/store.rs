@@ -36,7 +36,7 @@
 //! again (a scan of the whole log cannot know them).
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -216,7 +216,8 @@ impl StreamState {
 
 #[derive(Debug, Default)]
 struct Streams {
-    by_name: HashMap<Arc<str>, u32>,
+    /// Ordered, so that a page of names (by prefix, after a name) costs its own length.
+    by_name: BTreeMap<Arc<str>, u32>,
     by_id: HashMap<u32, StreamState>,
     next_id: u32,
     /// Next offset of the control stream.
@@ -901,9 +902,39 @@ impl Store {
     /// The names of every stream, sorted.
     pub fn stream_names(&self) -> Vec<String> {
         let streams = self.inner.streams.read();
-        let mut names: Vec<String> = streams.by_name.keys().map(|n| n.to_string()).collect();
-        names.sort();
-        names
+        streams.by_name.keys().map(|n| n.to_string()).collect()
+    }
+
+    /// At most `max` stream names, in name order, starting with `from` (or after it when
+    /// `exclusive`); the work is that of the names returned, not of every stream.
+    pub fn stream_names_from(&self, from: &str, exclusive: bool, max: usize) -> Vec<String> {
+        use std::ops::Bound;
+        let streams = self.inner.streams.read();
+        let lower = if exclusive {
+            Bound::Excluded(from)
+        } else {
+            Bound::Included(from)
+        };
+        streams
+            .by_name
+            .range::<str, _>((lower, Bound::Unbounded))
+            .take(max)
+            .map(|(n, _)| n.to_string())
+            .collect()
+    }
+
+    /// Calls `visit` with the name, records and bytes (as [`Stream::size_bytes`] counts them)
+    /// of every defined stream, in no particular order, without copying any name.
+    pub fn for_each_stream(&self, mut visit: impl FnMut(&str, u64, u64)) {
+        let streams = self.inner.streams.read();
+        for (name, id) in &streams.by_name {
+            if let Some(st) = streams.by_id.get(id) {
+                let bytes = st
+                    .entry_for(st.start)
+                    .map_or(0, |i| st.bytes - st.entries[i].bytes_before);
+                visit(name, st.next.saturating_sub(st.start), bytes);
+            }
+        }
     }
 
     /// Writes the commit record of a transaction whose parts were appended with

@@ -14,7 +14,7 @@
 //!   `a/#` covers `a`, `a/b/c` and `a/#`). A shared subscription `$share/<g>/<filter>` is
 //!   checked on `<filter>`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +37,8 @@ pub struct AclConfig {
 pub struct AclRules {
     users: HashMap<String, AclConfig>,
     anonymous: AclConfig,
+    /// Users with `admin = true`.
+    admins: HashSet<String>,
 }
 
 impl AclRules {
@@ -57,7 +59,18 @@ impl AclRules {
                 })
                 .collect(),
             anonymous: config.anonymous.clone(),
+            admins: config
+                .users
+                .iter()
+                .filter(|u| u.admin)
+                .map(|u| u.username.clone())
+                .collect(),
         }
+    }
+
+    /// Whether `username` is an administrator (`admin = true`); anonymous callers never are.
+    pub fn is_admin(&self, username: Option<&str>) -> bool {
+        username.is_some_and(|u| self.admins.contains(u))
     }
 
     /// The access of a connected client: `username` as authenticated (`None`: anonymous).
@@ -131,6 +144,11 @@ impl ClientAcl {
             None => true,
             Some(ps) => ps.iter().any(|p| covers(p, topic)),
         }
+    }
+
+    /// Whether the client may subscribe to any filter (no `subscribe` list).
+    pub fn may_subscribe_anything(&self) -> bool {
+        self.rules.as_ref().is_none_or(|r| r.subscribe.is_none())
     }
 
     /// Whether the client may subscribe to `filter` (without any `$share/<g>/` prefix).
@@ -217,6 +235,7 @@ mod tests {
             password_hash: String::new(),
             publish: Some(vec!["users/%u/#".into()]),
             subscribe: Some(vec!["users/%u/#".into(), "public/+".into()]),
+            admin: false,
         });
         config.anonymous.publish = Some(vec![]);
         let rules = AclRules::new(&config);

@@ -106,6 +106,7 @@ mod tests {
                 password_hash: hash,
                 publish: None,
                 subscribe: None,
+                admin: false,
             }],
             false,
         );

@@ -157,7 +157,7 @@ impl From<OverflowPolicy> for ferry::Overflow {
 }
 
 /// A user allowed to connect over MQTT, with its topic ACL (see [`crate::acl`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     /// The user name.
@@ -170,6 +170,10 @@ pub struct UserConfig {
     /// Topic filter patterns the user may subscribe to (absent: any).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subscribe: Option<Vec<String>>,
+    /// An administrator: the HTTP stats, metrics and dashboard show it every topic and the
+    /// server's totals, whatever its `subscribe` patterns (which still govern consuming).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub admin: bool,
 }
 
 /// A certificate chain and private key, PEM files, for a TLS listener.
@@ -315,6 +319,23 @@ pub struct HttpConfig {
     pub max_connections: usize,
     /// Most simultaneous HTTP connections from one IP address; past it, the same refusal.
     pub max_connections_per_address: usize,
+    /// Which topics `/metrics` gives series of their own (`ferry_topic_*`): `"top"`, the
+    /// loaded topics with the most records stored, at most `metrics_topic_limit` of them; or
+    /// `"none"`. Server totals are always there, under their own names.
+    pub metrics_topics: MetricsTopics,
+    /// The most topics with series of their own in `/metrics` (1..=10000).
+    pub metrics_topic_limit: usize,
+}
+
+/// Which topics get series of their own in `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricsTopics {
+    /// None: server totals only.
+    None,
+    /// The topics with the most records stored (then the most published).
+    #[default]
+    Top,
 }
 
 impl HttpConfig {
@@ -336,6 +357,8 @@ impl Default for HttpConfig {
             max_body_bytes: 2 << 20,
             max_connections: 1024,
             max_connections_per_address: 256,
+            metrics_topics: MetricsTopics::Top,
+            metrics_topic_limit: 100,
         }
     }
 }
@@ -775,6 +798,12 @@ impl ServeConfig {
                     "{} is below the minimum {MIN_SEGMENT_BYTES}",
                     self.segment_bytes
                 ),
+            });
+        }
+        if self.http.metrics_topic_limit == 0 || self.http.metrics_topic_limit > 10_000 {
+            return Err(ConfigError::Invalid {
+                key: "http.metrics_topic_limit",
+                reason: format!("{} is outside 1..=10000", self.http.metrics_topic_limit),
             });
         }
         if self.broker.topic_capacity == 0 {

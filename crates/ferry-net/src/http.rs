@@ -9,7 +9,6 @@
 //! limits answer (unknown route, wrong method, bad query, body too large or of the wrong type,
 //! request timeout): [`with_json_errors`].
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,14 +19,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
-use ferry::{Broker, DeadLetterError, Message, Priority, PublishError, TopicStats};
+use ferry::{Broker, DeadLetterError, Message, Priority, PublishError, TopicPage, TopicStats};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::bridge::Bridge;
-use crate::config::HttpConfig;
+use crate::config::{HttpConfig, MetricsTopics};
 use crate::consume::{ConsumeError, FetchOptions, HttpConsumers, Settle, Settled, MAX_WAIT};
-use crate::http_auth::{Denied, HttpAccess};
+use crate::http_auth::{Caller, Denied, HttpAccess};
+use crate::metrics::ServerMetrics;
 use crate::mqtt::MqttHandle;
 use crate::unix_time::unix_ms;
 use tower_http::timeout::TimeoutLayer;
@@ -45,6 +45,9 @@ struct AppState {
     bridge: Option<Arc<Bridge>>,
     consumers: Arc<HttpConsumers>,
     access: HttpAccess,
+    metrics: ServerMetrics,
+    metrics_topics: MetricsTopics,
+    metrics_topic_limit: usize,
 }
 
 /// The API's router, each request limited to `http.request_timeout_secs` (a group fetch to
@@ -86,6 +89,12 @@ pub fn router(
                 Some(m) => HttpAccess::new(m.shared.auth.clone(), m.shared.acl.clone()),
                 None => HttpAccess::open(),
             },
+            metrics: mqtt
+                .as_ref()
+                .map(|m| m.server_metrics().clone())
+                .unwrap_or_default(),
+            metrics_topics: http.metrics_topics,
+            metrics_topic_limit: http.metrics_topic_limit,
             broker,
             mqtt,
             bridge,
@@ -306,25 +315,94 @@ async fn health(State(s): State<AppState>) -> Response {
     (status, Json(h)).into_response()
 }
 
-fn all_topic_stats(broker: &Broker) -> Vec<TopicStats> {
-    let mut topics = broker.topics();
-    topics.sort();
-    topics
-        .iter()
-        .filter_map(|t| broker.topic_stats(t.as_str()))
-        .collect()
+/// Topics in a `/stats` page unless `limit` says otherwise.
+pub const STATS_PAGE_DEFAULT: usize = 100;
+/// The most topics (and subscriptions) in one `/stats` page.
+pub const STATS_PAGE_MAX: usize = 1000;
+
+/// Query parameters of `/stats`.
+#[derive(Debug, Default, Deserialize)]
+struct StatsQuery {
+    /// Only topics whose name starts with this.
+    prefix: Option<String>,
+    /// Topics after this name (the `next` of the previous page).
+    after: Option<String>,
+    /// At most this many topics (1..=1000, default 100).
+    limit: Option<usize>,
+    /// `name` (default: pages in name order) or `depth` (the topics in use with the most
+    /// records stored; one page, no cursor).
+    sort: Option<String>,
+}
+
+fn invalid(what: String) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, "invalid_request", what)
+}
+
+/// The caller's topic page of `q` (on a blocking thread: it reads the store's catalog).
+async fn topic_page(
+    broker: &Broker,
+    caller: Caller,
+    q: StatsQuery,
+) -> Result<(TopicPage, Caller), ApiError> {
+    let limit = q.limit.unwrap_or(STATS_PAGE_DEFAULT);
+    if limit == 0 || limit > STATS_PAGE_MAX {
+        return Err(invalid(format!(
+            "limit {limit} is outside 1..={STATS_PAGE_MAX}"
+        )));
+    }
+    let by_depth = match q.sort.as_deref() {
+        None | Some("name") => false,
+        Some("depth") => true,
+        Some(other) => return Err(invalid(format!("unknown sort {other:?} (name, depth)"))),
+    };
+    if by_depth && q.after.is_some() {
+        return Err(invalid("sort=depth is one page: no after".into()));
+    }
+    let broker = broker.clone();
+    blocking(move || {
+        let prefix = q.prefix.unwrap_or_default();
+        let visible = |t: &str| caller.may_see(t);
+        let page = if by_depth {
+            TopicPage {
+                topics: broker.top_topics(&prefix, limit, &visible),
+                next: None,
+            }
+        } else {
+            broker.topic_page(&prefix, q.after.as_deref(), limit, &visible)
+        };
+        (page, caller)
+    })
+    .await
 }
 
 async fn stats(
     State(s): State<AppState>,
+    Query(q): Query<StatsQuery>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    s.access.caller(&headers).await?;
+    let caller = s.access.caller(&headers).await?;
+    let (page, caller) = topic_page(&s.broker, caller, q).await?;
+    let everything = caller.sees_all();
+    // Server totals and subscriptions only for those who see every topic: they tell about
+    // everyone's traffic and clients.
+    let (broker, subscriptions, mqtt) = if everything {
+        let broker = s.broker.clone();
+        let (b, subs) = blocking(move || {
+            let mut subs = broker.subscription_stats();
+            subs.truncate(STATS_PAGE_MAX);
+            (broker.stats(), subs)
+        })
+        .await?;
+        (Some(b), subs, s.mqtt.as_ref().map(MqttHandle::stats))
+    } else {
+        (None, Vec::new(), None)
+    };
     Ok(Json(json!({
-        "broker": s.broker.stats(),
-        "topics": all_topic_stats(&s.broker),
-        "subscriptions": s.broker.subscription_stats(),
-        "mqtt": s.mqtt.as_ref().map(MqttHandle::stats),
+        "broker": broker,
+        "topics": page.topics,
+        "next": page.next,
+        "subscriptions": subscriptions,
+        "mqtt": mqtt,
     })))
 }
 
@@ -333,192 +411,72 @@ async fn topic_stats(
     Path(topic): Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<TopicStats>, ApiError> {
-    s.access.caller(&headers).await?;
-    s.broker.topic_stats(&topic).map(Json).ok_or_else(|| {
+    let caller = s.access.caller(&headers).await?;
+    let unknown = || {
         ApiError(
             StatusCode::NOT_FOUND,
             "unknown_topic",
             format!("no topic {topic:?}"),
         )
-    })
-}
-
-/// Escapes a Prometheus label value.
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-    for (labels, v) in samples {
-        let _ = writeln!(out, "{name}{labels} {v}");
-    }
-}
-
-/// The Prometheus text exposition of the broker's and the MQTT front end's counters.
-pub fn prometheus(broker: &Broker, mqtt: Option<&MqttHandle>) -> String {
-    let mut out = String::new();
-    let b = broker.stats();
-    let topics = all_topic_stats(broker);
-    let per_topic = |f: &dyn Fn(&TopicStats) -> f64| -> Vec<(String, f64)> {
-        let mut v = Vec::with_capacity(topics.len());
-        for t in &topics {
-            v.push((format!("{{topic=\"{}\"}}", label(&t.topic)), f(t)));
-        }
-        v
     };
-    macro_rules! counter {
-        ($field:ident, $help:literal) => {{
-            let name = concat!("ferry_", stringify!($field), "_total");
-            let mut samples = vec![(String::new(), b.counters.$field as f64)];
-            samples.extend(per_topic(&|t| t.counters.$field as f64));
-            metric(&mut out, name, "counter", $help, &samples);
-        }};
+    // A topic the caller may not consume is as unknown as one that does not exist: its
+    // existence is not told either.
+    if !caller.may_see(&topic) {
+        return Err(unknown());
     }
-    counter!(published, "Messages published (no label: all user topics).");
-    counter!(delivered, "Deliveries handed to subscribers.");
-    counter!(acked, "Deliveries acknowledged.");
-    counter!(nacked, "Deliveries negatively acknowledged.");
-    counter!(redelivered, "Redeliveries.");
-    counter!(dead_lettered, "Messages dead-lettered.");
-    counter!(
-        dropped,
-        "Messages dropped (no subscriber, overflow, shutdown)."
-    );
-    counter!(expired, "Messages expired before delivery.");
-    counter!(filtered, "Messages skipped by header filters.");
-    counter!(errors, "Handler errors.");
-    let gauge = |out: &mut String, name: &str, help: &str, v: f64| {
-        metric(out, name, "gauge", help, &[(String::new(), v)]);
-    };
-    gauge(
-        &mut out,
-        "ferry_uptime_seconds",
-        "Broker uptime.",
-        b.uptime.as_secs_f64(),
-    );
-    gauge(&mut out, "ferry_topics", "User topics.", b.topics as f64);
-    gauge(
-        &mut out,
-        "ferry_subscriptions",
-        "Subscriptions and consumer groups.",
-        b.subscriptions as f64,
-    );
-    gauge(
-        &mut out,
-        "ferry_dead_letters",
-        "Records in dead-letter queues.",
-        b.dead_letters as f64,
-    );
-    gauge(
-        &mut out,
-        "ferry_max_lag",
-        "Largest subscription lag.",
-        b.lag.max_lag as f64,
-    );
-    let mut depth = vec![(String::new(), b.depth as f64)];
-    depth.extend(per_topic(&|t| t.depth as f64));
-    metric(&mut out, "ferry_depth", "gauge", "Records stored.", &depth);
-    let mut bytes = vec![(String::new(), b.bytes as f64)];
-    bytes.extend(per_topic(&|t| t.bytes as f64));
-    metric(&mut out, "ferry_bytes", "gauge", "Bytes stored.", &bytes);
-    metric(
-        &mut out,
-        "ferry_topic_subscribers",
-        "gauge",
-        "Subscriptions reading a topic.",
-        &per_topic(&|t| t.subscribers as f64),
-    );
-    if let Some(m) = mqtt {
-        let m = m.stats();
-        let c = |out: &mut String, name: &str, help: &str, v: u64| {
-            metric(out, name, "counter", help, &[(String::new(), v as f64)]);
+    let broker = s.broker.clone();
+    let name = topic.clone();
+    // It may load a stored topic (on the broker's I/O threads): not on an async worker.
+    blocking(move || broker.topic_stats(&name))
+        .await?
+        .map(Json)
+        .ok_or_else(unknown)
+}
+
+/// The OpenMetrics exposition of what `caller` may see: server totals and MQTT figures when
+/// it sees every topic, and series of the topics `http.metrics_topics` selects among those it
+/// may see.
+async fn exposition(s: &AppState, caller: Caller) -> Result<String, ApiError> {
+    let broker = s.broker.clone();
+    let (kind, limit) = (s.metrics_topics, s.metrics_topic_limit);
+    let (stats, topics) = blocking(move || {
+        let stats = caller.sees_all().then(|| broker.stats());
+        let visible = |t: &str| caller.may_see(t);
+        let topics = match kind {
+            MetricsTopics::None => Vec::new(),
+            MetricsTopics::Top => broker.top_topics("", limit, &visible),
         };
-        c(
-            &mut out,
-            "ferry_mqtt_connections_accepted_total",
-            "MQTT connections accepted.",
-            m.accepted,
-        );
-        c(
-            &mut out,
-            "ferry_mqtt_connections_refused_total",
-            "MQTT CONNECTs refused.",
-            m.refused,
-        );
-        c(
-            &mut out,
-            "ferry_mqtt_protocol_errors_total",
-            "MQTT connections closed for protocol errors.",
-            m.protocol_errors,
-        );
-        c(
-            &mut out,
-            "ferry_mqtt_keep_alive_timeouts_total",
-            "MQTT connections closed by keep-alive expiry.",
-            m.keep_alive_timeouts,
-        );
-        c(
-            &mut out,
-            "ferry_mqtt_publish_received_total",
-            "MQTT PUBLISH packets received.",
-            m.publish_received,
-        );
-        c(
-            &mut out,
-            "ferry_mqtt_publish_sent_total",
-            "MQTT PUBLISH packets sent.",
-            m.publish_sent,
-        );
-        c(
-            &mut out,
-            "ferry_mqtt_wills_published_total",
-            "MQTT will messages published.",
-            m.wills_published,
-        );
-        gauge(
-            &mut out,
-            "ferry_mqtt_connections",
-            "Open MQTT connections.",
-            m.active as f64,
-        );
-        gauge(
-            &mut out,
-            "ferry_mqtt_sessions_online",
-            "Connected MQTT sessions.",
-            m.sessions_online as f64,
-        );
-        gauge(
-            &mut out,
-            "ferry_mqtt_sessions_offline",
-            "Persistent MQTT sessions of disconnected clients.",
-            m.sessions_offline as f64,
-        );
-        gauge(
-            &mut out,
-            "ferry_mqtt_retained_messages",
-            "Retained MQTT messages.",
-            m.retained as f64,
-        );
-    }
-    out
+        (stats, topics)
+    })
+    .await?;
+    let mqtt = match (&stats, &s.mqtt) {
+        (Some(_), Some(m)) => Some(m.stats()),
+        _ => None,
+    };
+    Ok(crate::metrics::encode(&crate::metrics::Exposition {
+        server: &s.metrics,
+        broker: stats.as_ref(),
+        mqtt: mqtt.as_ref(),
+        topics: &topics,
+    }))
 }
 
 async fn metrics(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(d) = s.access.caller(&headers).await {
-        return ApiError::from(d).into_response();
+    let caller = match s.access.caller(&headers).await {
+        Ok(c) => c,
+        Err(d) => return ApiError::from(d).into_response(),
+    };
+    match exposition(&s, caller).await {
+        Ok(text) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => e.into_response(),
     }
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        prometheus(&s.broker, s.mqtt.as_ref()),
-    )
-        .into_response()
 }
 
 /// Query parameters of a publish.
@@ -560,6 +518,7 @@ async fn publish(
     body: Bytes,
 ) -> Result<(StatusCode, Json<Published>), ApiError> {
     s.access.caller(&headers).await?.may_publish(&topic)?;
+    let received = std::time::Instant::now();
     let mut b = Message::builder().payload(body).producer("http");
     for (name, value) in &headers {
         if let Some(h) = name.as_str().strip_prefix(HEADER_PREFIX) {
@@ -616,6 +575,7 @@ async fn publish(
                 .await?,
         ),
     };
+    s.metrics.publish_acked("http", received);
     Ok((StatusCode::CREATED, Json(Published { topic, offset })))
 }
 

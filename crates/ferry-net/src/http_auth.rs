@@ -5,7 +5,9 @@
 //! the `[mqtt.anonymous]` ACL; otherwise `401` with `WWW-Authenticate: Basic`. Wrong credentials
 //! are always `401`. Publishing needs the topic's publish permission; consuming, settling and
 //! listing dead letters its subscribe permission; redriving and purging dead letters its publish
-//! permission; stats and metrics any authenticated caller; `/health` is open. Verified
+//! permission; stats, metrics and the dashboard's data any authenticated caller, showing it only
+//! the topics it may consume, and the server's totals only when it may consume every topic or
+//! is an administrator (`admin = true`); `/health` is open. Verified
 //! credentials are remembered for [`CACHE_FOR`] (as a keyed hash, not the password) so that
 //! argon2 runs once per user and minute, not per request.
 
@@ -49,9 +51,22 @@ pub struct HttpAccess {
 /// An authenticated (or anonymous) caller.
 pub struct Caller {
     acl: ClientAcl,
+    admin: bool,
 }
 
 impl Caller {
+    /// Whether the caller sees every topic and the server's totals in stats, metrics and the
+    /// dashboard: an administrator, or a caller whose ACL lets it consume any topic.
+    pub fn sees_all(&self) -> bool {
+        self.admin || self.acl.may_subscribe_anything()
+    }
+
+    /// Whether the caller sees `topic` in stats, metrics and the dashboard: when it may
+    /// consume it (or is an administrator).
+    pub fn may_see(&self, topic: &str) -> bool {
+        self.admin || self.acl.may_subscribe(topic)
+    }
+
     /// Checks publish permission on `topic`.
     pub fn may_publish(&self, topic: &str) -> Result<(), Denied> {
         if self.acl.may_publish(topic) {
@@ -104,6 +119,7 @@ impl HttpAccess {
             return match self.auth.check(None, None) {
                 AuthOutcome::Allowed => Ok(Caller {
                     acl: self.acl.for_client(None, "http"),
+                    admin: false,
                 }),
                 _ => Err(Denied::Unauthenticated("credentials required")),
             };
@@ -137,6 +153,7 @@ impl HttpAccess {
         }
         Ok(Caller {
             acl: self.acl.for_client(Some(&user), "http"),
+            admin: self.acl.is_admin(Some(&user)),
         })
     }
 }

@@ -38,6 +38,7 @@ mod fsutil;
 pub mod http;
 pub mod http_auth;
 pub mod http_serve;
+pub mod metrics;
 pub mod mqtt;
 mod persist;
 pub mod server;

@@ -62,11 +62,22 @@ async fn health_stats_metrics_openapi() {
     assert!(m.headers()["content-type"]
         .to_str()
         .unwrap()
-        .starts_with("text/plain"));
+        .starts_with("application/openmetrics-text"));
     let text = m.text().await.unwrap();
-    assert!(text.contains("# TYPE ferry_published_total counter"));
-    assert!(text.contains("ferry_published_total{topic=\"a/b\"} 1"));
-    assert!(text.contains("ferry_mqtt_connections 1"));
+    // Totals and per-topic series under different names: summing either counts once.
+    assert!(text.contains("# TYPE ferry_published counter"), "{text}");
+    assert!(text.contains("\nferry_published_total 1\n"), "{text}");
+    assert!(
+        text.contains("ferry_topic_published_total{topic=\"a/b\"} 1"),
+        "{text}"
+    );
+    assert!(!text.contains("ferry_published_total{"), "{text}");
+    assert!(text.contains("ferry_mqtt_connections 1"), "{text}");
+    assert!(
+        text.contains("# TYPE ferry_publish_ack_seconds histogram"),
+        "{text}"
+    );
+    assert!(text.ends_with("# EOF\n"));
     // Every sample line is `name{labels} value` or `name value`.
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let (_, v) = line.rsplit_once(' ').unwrap();
@@ -433,6 +444,7 @@ async fn http_basic_auth_and_acls() {
             password_hash: hash,
             publish: Some(vec!["alice/#".into()]),
             subscribe: Some(vec!["alice/#".into()]),
+            admin: false,
         }];
     })
     .await;

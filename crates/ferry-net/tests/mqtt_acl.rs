@@ -20,6 +20,7 @@ fn user(name: &str, hash: &str, publish: &[&str], subscribe: &[&str]) -> UserCon
         password_hash: hash.into(),
         publish: Some(publish.iter().map(|s| s.to_string()).collect()),
         subscribe: Some(subscribe.iter().map(|s| s.to_string()).collect()),
+        admin: false,
     }
 }
 
@@ -36,6 +37,7 @@ async fn acl_server() -> Server {
                 password_hash: hash.clone(),
                 publish: None,
                 subscribe: None,
+                admin: false,
             },
         ];
         c.mqtt.anonymous.publish = Some(vec![]);

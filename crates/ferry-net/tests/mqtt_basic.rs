@@ -24,6 +24,7 @@ async fn auth_failures_are_refused_with_reason_codes() {
             password_hash: hash,
             publish: None,
             subscribe: None,
+            admin: false,
         }];
     })
     .await;

@@ -18,7 +18,8 @@
 //! - with storage, consumer positions are saved only after the topic logs they point into
 //!   were synced, and a position is never ahead of what its consumer settled.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::future::Future;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -41,7 +42,9 @@ use crate::filter_index::FilterIndex;
 use crate::io::{EngineMutex, EngineRwLock, IoPool};
 use crate::log::{AppendError, Durable, MemoryGauge, Pending, Seek, Topic};
 use crate::message::{Message, Record};
-use crate::stats::{BrokerStats, CounterSnapshot, Health, LagStats, SubscriptionStats, TopicStats};
+use crate::stats::{
+    BrokerStats, CounterSnapshot, Health, LagStats, SubscriptionStats, TopicPage, TopicStats,
+};
 use crate::storage::{Positions, Storage, StorageError, TopicStore};
 use crate::subscription::{StartPosition, Subscription, SubscriptionBuilder};
 use crate::topic::{TopicError, TopicName};
@@ -56,6 +59,9 @@ const TRACKED_TX: usize = 65_536;
 
 /// Retention of stored topics that are not loaded runs every this many maintenance passes.
 const STORED_RETENTION_EVERY: u64 = 10;
+/// The most topic names a page of topic stats looks at (those the caller may not see
+/// included) before it returns what it found with a cursor to go on from.
+pub const PAGE_SCAN_BUDGET: usize = 50_000;
 
 const RUNNING: u8 = 0;
 const DRAINING: u8 = 1;
@@ -468,6 +474,38 @@ impl Broker {
         let name = TopicName::new(topic).ok()?;
         let t = self.inner.existing_topic(&name)?;
         Some(self.inner.topic_stats(&t))
+    }
+
+    /// A page of at most `limit` user topics' stats, in name order: topics whose name starts
+    /// with `prefix`, after the name `after` (the previous page's `next`), for which `visible`
+    /// is true (it is called with the registry locked: it must not call the broker). A durable
+    /// broker reads the page from its store's ordered catalog, so the work is that of the page,
+    /// plus the names `visible` refuses, at most [`PAGE_SCAN_BUDGET`] of them per call (then the
+    /// page may be short, with a `next` to go on from); an in-memory broker scans its
+    /// registry once, keeping only `limit + 1` names. Stored topics that are not loaded are
+    /// not loaded: their counters are zero (what they counted is in the broker's totals) and
+    /// their depth, bytes and offsets are the store's.
+    pub fn topic_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        visible: &dyn Fn(&str) -> bool,
+    ) -> TopicPage {
+        self.inner.topic_page(prefix, after, limit, visible)
+    }
+
+    /// The loaded user topics (those in use) whose name starts with `prefix` and for which
+    /// `visible` is true (called with no lock held), at most `limit`, with the most records
+    /// stored first (then the most published). Bounded memory whatever the topic count; the
+    /// work is one look at each loaded topic.
+    pub fn top_topics(
+        &self,
+        prefix: &str,
+        limit: usize,
+        visible: &dyn Fn(&str) -> bool,
+    ) -> Vec<TopicStats> {
+        self.inner.top_topics(prefix, limit, visible)
     }
 
     /// Stats of every subscription and group.
@@ -1586,13 +1624,14 @@ impl BrokerInner {
     }
 
     pub(crate) fn topic_stats(&self, t: &Topic) -> TopicStats {
+        self.topic_stats_with(t, &self.consumers())
+    }
+
+    /// [`topic_stats`](Self::topic_stats) with the consumers taken once for several topics.
+    fn topic_stats_with(&self, t: &Topic, consumers: &[Arc<Consumer>]) -> TopicStats {
         let (depth, bytes) = t.depth();
         let (first, next) = t.bounds();
-        let lags: Vec<u64> = self
-            .consumers()
-            .iter()
-            .filter_map(|c| c.lag_on(t))
-            .collect();
+        let lags: Vec<u64> = consumers.iter().filter_map(|c| c.lag_on(t)).collect();
         TopicStats {
             topic: t.name.to_string(),
             counters: t.counters(),
@@ -1602,6 +1641,7 @@ impl BrokerInner {
             next_offset: next,
             subscribers: t.subscriber_count(),
             lag: LagStats::from_lags(lags.into_iter()),
+            dead_letters: self.dead_letter_depth(&t.name),
             dead_letters_by_reason: self
                 .dead_reasons
                 .lock()
@@ -1609,6 +1649,148 @@ impl BrokerInner {
                 .cloned()
                 .unwrap_or_default(),
         }
+    }
+
+    fn topic_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        visible: &dyn Fn(&str) -> bool,
+    ) -> TopicPage {
+        if limit == 0 {
+            return TopicPage {
+                topics: Vec::new(),
+                next: None,
+            };
+        }
+        let (names, next) = match &self.storage {
+            Some(storage) => page_of_stored(storage.as_ref(), prefix, after, limit, visible),
+            None => self.page_of_loaded(prefix, after, limit, visible),
+        };
+        let consumers = self.consumers();
+        let topics = names
+            .iter()
+            .filter_map(|name| self.page_stats(name, &consumers))
+            .collect();
+        TopicPage { topics, next }
+    }
+
+    /// A page of the registry's names (an in-memory broker, whose registry is every topic).
+    fn page_of_loaded(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+        visible: &dyn Fn(&str) -> bool,
+    ) -> (Vec<TopicName>, Option<String>) {
+        // The `limit + 1` smallest names: one more than the page says whether a next exists.
+        let mut smallest: BinaryHeap<TopicName> = BinaryHeap::with_capacity(limit + 1);
+        {
+            let reg = self.registry.read();
+            for name in reg.topics.keys() {
+                let n = name.as_str();
+                if name.is_system()
+                    || !n.starts_with(prefix)
+                    || after.is_some_and(|a| n <= a)
+                    || (smallest.len() > limit && smallest.peek().is_some_and(|m| name >= m))
+                    || !visible(n)
+                {
+                    continue;
+                }
+                smallest.push(name.clone());
+                if smallest.len() > limit + 1 {
+                    smallest.pop();
+                }
+            }
+        }
+        let mut names = smallest.into_sorted_vec();
+        let next = if names.len() > limit {
+            names.truncate(limit);
+            names.last().map(|n| n.to_string())
+        } else {
+            None
+        };
+        (names, next)
+    }
+
+    /// The stats of `name` for a page: the loaded topic's, or what the store holds of it
+    /// (nothing is loaded).
+    fn page_stats(&self, name: &TopicName, consumers: &[Arc<Consumer>]) -> Option<TopicStats> {
+        let loaded = self.registry.read().topics.get(name).cloned();
+        if let Some(t) = loaded {
+            return Some(self.topic_stats_with(&t, consumers));
+        }
+        let (first, next, bytes) = self.storage.as_ref()?.stored_bounds(name)?;
+        Some(TopicStats {
+            topic: name.to_string(),
+            counters: CounterSnapshot::default(),
+            depth: usize::try_from(next.saturating_sub(first)).unwrap_or(usize::MAX),
+            bytes: usize::try_from(bytes).unwrap_or(usize::MAX),
+            first_offset: first,
+            next_offset: next,
+            subscribers: 0,
+            lag: LagStats::default(),
+            dead_letters: self.dead_letter_depth(name),
+            dead_letters_by_reason: self
+                .dead_reasons
+                .lock()
+                .get(name)
+                .cloned()
+                .unwrap_or_default(),
+        })
+    }
+
+    /// Records in `topic`'s dead-letter queue now (loaded or stored; nothing is loaded).
+    fn dead_letter_depth(&self, topic: &TopicName) -> usize {
+        let dlq = dlq_name(topic);
+        let loaded = self.registry.read().topics.get(&dlq).cloned();
+        match (loaded, &self.storage) {
+            (Some(t), _) => t.depth().0,
+            (None, Some(storage)) => storage.stored_depth(&dlq).map_or(0, |(records, _)| {
+                usize::try_from(records).unwrap_or(usize::MAX)
+            }),
+            (None, None) => 0,
+        }
+    }
+
+    fn top_topics(
+        &self,
+        prefix: &str,
+        limit: usize,
+        visible: &dyn Fn(&str) -> bool,
+    ) -> Vec<TopicStats> {
+        if limit == 0 {
+            return Vec::new();
+        }
+        // The `limit` largest (depth, published) keys; the heap's top is the smallest kept.
+        let mut largest: BinaryHeap<Reverse<(usize, u64, TopicName)>> =
+            BinaryHeap::with_capacity(limit + 1);
+        let mut kept: HashMap<TopicName, Arc<Topic>> = HashMap::with_capacity(limit + 1);
+        for t in self.all_topics() {
+            let n = t.name.as_str();
+            if t.name.is_system() || !n.starts_with(prefix) || !visible(n) {
+                continue;
+            }
+            let key = (t.depth().0, t.counters().published, t.name.clone());
+            if largest.len() == limit && largest.peek().is_some_and(|Reverse(m)| &key <= m) {
+                continue;
+            }
+            kept.insert(t.name.clone(), t.clone());
+            largest.push(Reverse(key));
+            if largest.len() > limit {
+                if let Some(Reverse((_, _, out))) = largest.pop() {
+                    kept.remove(&out);
+                }
+            }
+        }
+        let consumers = self.consumers();
+        largest
+            .into_sorted_vec()
+            .into_iter()
+            .filter_map(|Reverse((_, _, name))| kept.remove(&name))
+            .map(|t| self.topic_stats_with(&t, &consumers))
+            .collect()
     }
 
     fn stats(&self) -> BrokerStats {
@@ -1630,23 +1812,21 @@ impl BrokerInner {
             depth += d;
             bytes += b;
         }
-        // Stored topics that are not loaded: what their logs hold.
+        // Stored topics that are not loaded: what their logs hold (one pass over the
+        // catalog, no name copied).
         if let Some(storage) = &self.storage {
-            let loaded: HashSet<&TopicName> = topics.iter().map(|t| &t.name).collect();
-            for name in storage.topics().unwrap_or_default() {
-                if loaded.contains(&name) {
-                    continue;
+            let loaded: HashSet<&str> = topics.iter().map(|t| t.name.as_str()).collect();
+            storage.for_each_stored(&mut |name, d, b| {
+                if loaded.contains(name) {
+                    return;
                 }
-                let Some((d, b)) = storage.stored_depth(&name) else {
-                    continue;
-                };
-                if name.is_system() {
+                if name.starts_with('$') {
                     dead += d as usize;
                 } else {
                     depth += d as usize;
                     bytes += b as usize;
                 }
-            }
+            });
         }
         let mut by_reason = BTreeMap::new();
         for reasons in self.dead_reasons.lock().values() {
@@ -1978,4 +2158,60 @@ pub(crate) async fn wait_for_space<T, E>(
     }
     topic.blocked.fetch_sub(1, Ordering::SeqCst);
     r
+}
+
+/// A page of a store's catalog: at most `limit` visible user topics with the prefix, after
+/// `after`, looking at at most [`PAGE_SCAN_BUDGET`] names.
+fn page_of_stored(
+    storage: &dyn Storage,
+    prefix: &str,
+    after: Option<&str>,
+    limit: usize,
+    visible: &dyn Fn(&str) -> bool,
+) -> (Vec<TopicName>, Option<String>) {
+    const CHUNK: usize = 256;
+    let (mut from, mut exclusive) = match after {
+        Some(a) if a >= prefix => (a.to_string(), true),
+        _ => (prefix.to_string(), false),
+    };
+    let mut names: Vec<TopicName> = Vec::new();
+    let mut looked = 0usize;
+    loop {
+        let chunk = storage.topics_from(&from, exclusive, CHUNK);
+        let Some(last) = chunk.last() else {
+            return (names, None);
+        };
+        let last = last.to_string();
+        let mut skip_system = false;
+        for name in chunk {
+            let n = name.as_str();
+            if !n.starts_with(prefix) {
+                return (names, None);
+            }
+            if name.is_system() {
+                if prefix.starts_with('$') {
+                    return (names, None);
+                }
+                // Every `$` name sorts before "%": skip them all at once.
+                skip_system = true;
+                break;
+            }
+            if names.len() == limit {
+                // Another topic with the prefix follows the full page.
+                let next = names.last().map(|t| t.to_string());
+                return (names, next);
+            }
+            looked += 1;
+            if visible(n) {
+                names.push(name);
+            } else if looked >= PAGE_SCAN_BUDGET {
+                return (names, Some(n.to_string()));
+            }
+        }
+        if skip_system {
+            (from, exclusive) = ("%".to_string(), false);
+        } else {
+            (from, exclusive) = (last, true);
+        }
+    }
 }

@@ -209,6 +209,34 @@ impl Storage for DiskStorage {
         self.store.count_streams(|n| !crate::topic::is_reserved(n))
     }
 
+    fn topics_from(&self, from: &str, exclusive: bool, max: usize) -> Vec<TopicName> {
+        let mut names = Vec::new();
+        let (mut from, mut exclusive) = (from.to_string(), exclusive);
+        // Names that are not topics are skipped (and warned about by `topics`); the next
+        // chunk starts after the last name seen.
+        while names.len() < max {
+            let chunk = self
+                .store
+                .stream_names_from(&from, exclusive, max - names.len());
+            let Some(last) = chunk.last().cloned() else {
+                break;
+            };
+            names.extend(chunk.iter().filter_map(|n| topic_name(n)));
+            (from, exclusive) = (last, true);
+        }
+        names
+    }
+
+    fn stored_bounds(&self, name: &TopicName) -> Option<(u64, u64, u64)> {
+        let stream = self.store.find(name.as_str())?;
+        Some((stream.start(), stream.next_offset(), stream.size_bytes()))
+    }
+
+    fn for_each_stored(&self, visit: &mut dyn FnMut(&str, u64, u64)) {
+        self.store
+            .for_each_stream(|name, records, bytes| visit(name, records, bytes));
+    }
+
     fn close(&self) -> Result<(), StorageError> {
         self.store.close().map_err(store_error)
     }

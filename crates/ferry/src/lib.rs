@@ -64,7 +64,7 @@ mod timers;
 pub mod topic;
 mod tx;
 
-pub use broker::{Broker, Pipelined, Publisher, ShutdownReport};
+pub use broker::{Broker, Pipelined, Publisher, ShutdownReport, PAGE_SCAN_BUDGET};
 pub use config::{BrokerConfig, HotWindow, Overflow, Retention, TopicConfig};
 pub use consumer::AckMode;
 pub use dlq::{DeadLetter, DeadLetterQueue, DeadLetterReason};
@@ -77,7 +77,9 @@ pub use handler::{
 pub use headers_filter::HeaderMatch;
 pub use message::{Headers, Message, MessageBuilder, MessageId, PayloadError, Priority, Record};
 pub use router::Router;
-pub use stats::{BrokerStats, CounterSnapshot, Health, LagStats, SubscriptionStats, TopicStats};
+pub use stats::{
+    BrokerStats, CounterSnapshot, Health, LagStats, SubscriptionStats, TopicPage, TopicStats,
+};
 pub use subscription::{Delivery, Envelope, StartPosition, Subscription, SubscriptionBuilder};
 pub use tasks::{GroupCollector, TaskQueue};
 pub use topic::{TopicError, TopicName, RESERVED_LEVELS};

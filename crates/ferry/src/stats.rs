@@ -131,8 +131,20 @@ pub struct TopicStats {
     pub subscribers: usize,
     /// Lag of the attached subscriptions and groups.
     pub lag: LagStats,
+    /// Records in the topic's dead-letter queue now (what a purge or redrive empties; the
+    /// by-reason counts below are cumulative).
+    pub dead_letters: usize,
     /// Dead letters by reason (for this topic's dead-letter queue).
     pub dead_letters_by_reason: BTreeMap<String, u64>,
+}
+
+/// One page of topic stats, in name order (see [`Broker::topic_page`](crate::Broker::topic_page)).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TopicPage {
+    /// The topics of the page.
+    pub topics: Vec<TopicStats>,
+    /// Where the next page starts (pass it as `after`); `None` when no topic follows.
+    pub next: Option<String>,
 }
 
 /// Stats of one subscription or consumer group.

@@ -176,6 +176,44 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         None
     }
 
+    /// At most `max` topics that have a log, in name order, from `from` (after it when
+    /// `exclusive`). A catalog method like [`topics`](Self::topics); the default lists every
+    /// topic, a store with an ordered catalog does only the work of the names returned.
+    fn topics_from(&self, from: &str, exclusive: bool, max: usize) -> Vec<TopicName> {
+        let mut names: Vec<TopicName> = self
+            .topics()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|t| {
+                if exclusive {
+                    t.as_str() > from
+                } else {
+                    t.as_str() >= from
+                }
+            })
+            .collect();
+        names.sort_unstable();
+        names.truncate(max);
+        names
+    }
+
+    /// The first offset, next offset and bytes of topic `name`'s log, if it has one (nothing
+    /// is opened). The default knows only the depth ([`stored_depth`](Self::stored_depth)).
+    fn stored_bounds(&self, name: &TopicName) -> Option<(u64, u64, u64)> {
+        self.stored_depth(name)
+            .map(|(records, bytes)| (0, records, bytes))
+    }
+
+    /// Calls `visit` with the name, records and bytes of every stored topic (a catalog
+    /// method: from memory, without copying every name where the store allows).
+    fn for_each_stored(&self, visit: &mut dyn FnMut(&str, u64, u64)) {
+        for name in self.topics().unwrap_or_default() {
+            if let Some((records, bytes)) = self.stored_depth(&name) {
+                visit(name.as_str(), records, bytes);
+            }
+        }
+    }
+
     /// How many user topics (not `$`-prefixed system topics) have a log.
     fn user_topic_count(&self) -> usize {
         self.topics()

@@ -28,7 +28,7 @@
 //! durability `Never` nothing is fsynced, the log included: after a power loss a torn
 //! checkpoint fails its CRC, and one ahead of the log does not match it).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -217,7 +217,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
         .collect::<Result<BTreeSet<_>, String>>()?;
     let count = r.count(11)?;
     let mut by_id = HashMap::with_capacity(count);
-    let mut by_name = HashMap::with_capacity(count);
+    let mut by_name = BTreeMap::new();
     for _ in 0..count {
         let id = u32::try_from(r.u64()?).map_err(|_| "stream id out of range")?;
         let defined = match r.byte()? {

@@ -122,6 +122,8 @@ struct AckDue {
     id: Option<u16>,
     qos: QoS,
     outcome: Outcome,
+    /// When the PUBLISH was read (publish-to-acknowledgement latency).
+    received: std::time::Instant,
 }
 
 /// How a publish ends: the reason code to acknowledge with or why publishing failed, known now
@@ -857,6 +859,7 @@ where
     }
 
     async fn on_publish(&mut self, p: Publish) -> Option<End> {
+        let received = std::time::Instant::now();
         self.shared
             .metrics
             .publish_received
@@ -880,6 +883,7 @@ where
                         p.packet_id,
                         p.qos,
                         Outcome::Done(Err(PublishError::InvalidTopic(e))),
+                        received,
                     )
                     .await;
             }
@@ -897,6 +901,7 @@ where
                         p.packet_id,
                         p.qos,
                         Outcome::Done(Ok(ReasonCode::PayloadFormatInvalid)),
+                        received,
                     )
                     .await;
             }
@@ -923,7 +928,7 @@ where
                 ReasonCode::Success
             };
             return self
-                .queue_ack(p.packet_id, p.qos, Outcome::Done(Ok(code)))
+                .queue_ack(p.packet_id, p.qos, Outcome::Done(Ok(code)), received)
                 .await;
         }
         if p.qos == QoS::ExactlyOnce {
@@ -937,7 +942,12 @@ where
                 Qos2Inbound::Publish => {}
                 Qos2Inbound::Duplicate => {
                     return self
-                        .queue_ack(p.packet_id, p.qos, Outcome::Done(Ok(ReasonCode::Success)))
+                        .queue_ack(
+                            p.packet_id,
+                            p.qos,
+                            Outcome::Done(Ok(ReasonCode::Success)),
+                            received,
+                        )
                         .await;
                 }
                 Qos2Inbound::ReceiveMaximumExceeded => {
@@ -962,19 +972,30 @@ where
             }
             return None;
         }
-        self.queue_ack(p.packet_id, p.qos, outcome).await
+        self.queue_ack(p.packet_id, p.qos, outcome, received).await
     }
 
     /// Acknowledges a QoS 1/2 publish now, or after the publishes before it (acknowledgements
     /// go out in the order the publishes came, MQTT-4.6.0-2).
-    async fn queue_ack(&mut self, id: Option<u16>, qos: QoS, outcome: Outcome) -> Option<End> {
+    async fn queue_ack(
+        &mut self,
+        id: Option<u16>,
+        qos: QoS,
+        outcome: Outcome,
+        received: std::time::Instant,
+    ) -> Option<End> {
         let acks = &mut self.active().acks;
         if acks.is_empty() {
             if let Outcome::Done(result) = outcome {
-                return self.publish_done(id, qos, result);
+                return self.publish_done(id, qos, result, received);
             }
         }
-        acks.push_back(AckDue { id, qos, outcome });
+        acks.push_back(AckDue {
+            id,
+            qos,
+            outcome,
+            received,
+        });
         // Bounded: past the limit, wait for the oldest before reading more.
         let limit = usize::from(self.shared.config.max_inflight).max(PIPELINED_PUBLISHES);
         while self.active.as_ref().is_some_and(|a| a.acks.len() >= limit) {
@@ -999,7 +1020,7 @@ where
     fn acks_ready(&mut self, mut result: Settled) -> Option<End> {
         loop {
             let due = self.active.as_mut()?.acks.pop_front()?;
-            if let Some(end) = self.publish_done(due.id, due.qos, result) {
+            if let Some(end) = self.publish_done(due.id, due.qos, result, due.received) {
                 return Some(end);
             }
             let head = self.active.as_mut()?.acks.front_mut()?;
@@ -1013,9 +1034,23 @@ where
 
     /// Sends the acknowledgement of a QoS 1/2 publish given its outcome; a failure on MQTT
     /// 3.1.1, which has no way to say no, closes the connection.
-    fn publish_done(&mut self, id: Option<u16>, qos: QoS, result: Settled) -> Option<End> {
+    fn publish_done(
+        &mut self,
+        id: Option<u16>,
+        qos: QoS,
+        result: Settled,
+        received: std::time::Instant,
+    ) -> Option<End> {
         let (code, reason) = match result {
-            Ok(code) => (code, None),
+            Ok(code) => {
+                if matches!(
+                    code,
+                    ReasonCode::Success | ReasonCode::NoMatchingSubscribers
+                ) {
+                    self.shared.metrics.server.publish_acked("mqtt", received);
+                }
+                (code, None)
+            }
             Err(e) => {
                 tracing::warn!(client = self.neg.client_id, error = %e, "publish failed");
                 if qos == QoS::ExactlyOnce {
@@ -1428,6 +1463,7 @@ where
             return;
         };
         let qos = publish.qos;
+        let delivered = handle.as_ref().map(|d| d.message().timestamp());
         let mut packet = Packet::Publish(publish);
         match encoded_len(&packet, self.version) {
             Ok(len) if len <= self.neg.client_max_packet => {}
@@ -1467,6 +1503,9 @@ where
         }
         if self.wbuf.capacity() == 0 {
             self.wbuf.reserve(WRITE_CHUNK);
+        }
+        if let Some(d) = &delivered {
+            self.shared.metrics.server.delivered(*d);
         }
         self.send(&packet);
         self.sent = self.sent.saturating_add(1);

@@ -63,6 +63,8 @@ pub struct MqttMetrics {
     pub wills_published: AtomicU64,
     /// PUBLISH packets and SUBSCRIBE filters refused by the ACL.
     pub acl_denied: AtomicU64,
+    /// Latency histograms and refusal counters, shared with the HTTP API.
+    pub server: crate::metrics::ServerMetrics,
 }
 
 /// A snapshot of [`MqttMetrics`] plus session counts, for `/stats` and `/metrics`.
@@ -167,6 +169,11 @@ impl MqttHandle {
     /// Current counters.
     pub fn stats(&self) -> MqttStats {
         self.shared.stats()
+    }
+
+    /// The server's latency histograms and refusal counters (`ferry_refused_total`).
+    pub fn server_metrics(&self) -> &crate::metrics::ServerMetrics {
+        &self.shared.metrics.server
     }
 }
 
