@@ -364,6 +364,7 @@ async fn hash_password_reads_standard_input_for_a_dash() {
         password_hash: hash,
         publish: None,
         subscribe: None,
+        admin: false,
     }];
     let auth = ferry_net::auth::Authenticator::new(&users, false);
     assert_eq!(
