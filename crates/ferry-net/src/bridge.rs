@@ -23,7 +23,8 @@
 //! Delivery from the backend to a server is at-least-once (a crash between the local write and
 //! the backend ack redelivers); with a data directory the local write is durable. Topics map
 //! level by level (`a/b` is backend topic `a.b`); characters the backends cannot carry in a
-//! level (`.`, `*`, `>`, `#`, `+`, `~`, whitespace) are escaped as `~XX`, an empty level is
+//! level (`.`, `*`, `>`, `#`, `+`, `~`, whitespace, and a `$` that begins a level, which
+//! backends reserve: NATS `$JS.API...`) are escaped as `~XX`, an empty level is
 //! `~`. A filter `a/#` reads backend `a` and `a.#`, as MQTT's `#` also matches its parent.
 //!
 //! Backends without wildcard subscriptions (Redis Streams) cannot feed the fanout ingress, and
@@ -451,8 +452,14 @@ fn escape_level(level: &str, out: &mut String) {
         out.push('~');
         return;
     }
-    for c in level.chars() {
-        if matches!(c, '.' | '*' | '>' | '#' | '+' | '~') || c.is_whitespace() || c.is_control() {
+    for (i, c) in level.chars().enumerate() {
+        // A leading `$` too: backends give `$` names meanings of their own (NATS `$JS.API...`
+        // calls JetStream), so a user `$` topic must not reach them as such.
+        if matches!(c, '.' | '*' | '>' | '#' | '+' | '~')
+            || (c == '$' && i == 0)
+            || c.is_whitespace()
+            || c.is_control()
+        {
             let mut buf = [0u8; 4];
             for b in c.encode_utf8(&mut buf).bytes() {
                 let _ = write!(out, "~{b:02X}");
@@ -680,16 +687,23 @@ mod tests {
             "x y/z~q",
             "ünï/cödé",
             "a/*/>",
+            "$foo/bar",
+            "$JS/API/STREAM/DELETE/x",
+            "a/$b/c$",
         ] {
             let b = to_backend_topic(t);
             assert!(
-                !b.split('.')
-                    .any(|l| l.is_empty() || l.contains(['*', '>', '#', ' '])),
+                !b.split('.').any(|l| l.is_empty()
+                    || l.starts_with('$')
+                    || l.contains(['*', '>', '#', ' '])),
                 "{t} -> {b}"
             );
             assert_eq!(from_backend_topic(&b).as_deref(), Some(t), "{t} -> {b}");
         }
         assert_eq!(to_backend_topic("a/b"), "a.b");
+        assert_eq!(to_backend_topic("$JS/API"), "~24JS.API");
+        assert_eq!(to_backend_topic("a$/b"), "a$.b");
+        assert_eq!(backend_filters("$foo/#"), vec!["~24foo.#", "~24foo"]);
         assert_eq!(from_backend_topic("a.~2"), None);
         assert_eq!(from_backend_topic("a.~zz"), None);
     }

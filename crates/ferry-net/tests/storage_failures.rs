@@ -149,3 +149,30 @@ async fn a_full_disk_is_answered_in_doubt_and_visible_in_health() {
         .await;
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_publish_whose_sync_outlasts_the_timeout_is_in_doubt() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, faults) = faulty_server(dir.path()).await;
+    let base = format!("http://{}", server.http_addr().unwrap());
+    let mut watcher = connect5(server.mqtt_addr(), "watcher").await;
+    watcher
+        .client
+        .subscribe("slow", Q5::AtLeastOnce)
+        .await
+        .unwrap();
+    watcher.suback().await;
+    // The server waits 5 s for a publish's fsync; this disk takes 5.5 s.
+    faults.delay_syncs(std::time::Duration::from_millis(5_500));
+    let (status, body) = http_publish(&base, "slow", "late").await;
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(
+        (&body["error"], &body["in_doubt"]),
+        (&Value::from("in_doubt"), &Value::from(true)),
+        "{body}"
+    );
+    // Rightly in doubt: the sync ends and the message is delivered.
+    assert_eq!(watcher.publish().await.payload, "late");
+    faults.delay_syncs(std::time::Duration::ZERO);
+    server.shutdown().await;
+}

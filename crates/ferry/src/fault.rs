@@ -1,7 +1,7 @@
 //! A storage that fails on demand, for testing what a broker (and a server over it) answers
 //! when the disk fails: [`FaultyStorage`] wraps any [`Storage`] and, while a [`Faults`] switch
 //! is on, makes topic appends or topic syncs fail with "No space left on device" (`ENOSPC`),
-//! as a full disk does, without writing anything.
+//! as a full disk does, without writing anything, or makes syncs slow.
 //!
 //! ```
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -37,6 +37,8 @@ pub struct Faults(Arc<Switches>);
 struct Switches {
     appends: AtomicBool,
     syncs: AtomicBool,
+    /// Milliseconds each topic sync waits before it runs (a slow disk).
+    sync_delay_ms: AtomicU64,
     failed: AtomicU64,
 }
 
@@ -49,6 +51,12 @@ impl Faults {
     /// While on, every topic sync fails (what was appended stays written but not synced).
     pub fn fail_syncs(&self, on: bool) {
         self.0.syncs.store(on, Ordering::SeqCst);
+    }
+
+    /// Makes every topic sync wait `delay` first (a slow disk; zero: none).
+    pub fn delay_syncs(&self, delay: std::time::Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.0.sync_delay_ms.store(ms, Ordering::SeqCst);
     }
 
     /// How many calls failed so far.
@@ -150,6 +158,10 @@ impl TopicStore for FaultyTopic {
     }
 
     fn sync(&self, end: u64) -> Result<(), StorageError> {
+        let delay = self.faults.0.sync_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(delay));
+        }
         self.faults.check(&self.faults.0.syncs, "sync")?;
         self.inner.sync(end)
     }

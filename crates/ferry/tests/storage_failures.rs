@@ -127,3 +127,23 @@ async fn a_publish_timed_out_waiting_for_space_stored_nothing() {
         "the timed-out one was not stored"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_timed_out_waiting_for_its_sync_is_in_doubt_and_may_still_be_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, faults) = faulty(dir.path(), BrokerConfig::default());
+    let mut sub = broker.subscribe("t").unwrap();
+    faults.delay_syncs(Duration::from_millis(500));
+    let err = broker
+        .publish_timeout("t", "slow", Duration::from_millis(50))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, PublishError::InDoubt { reason, .. } if reason.contains("not synced within")),
+        "{err:?}"
+    );
+    // Rightly in doubt: the sync goes on and the record is delivered.
+    assert_eq!(payload(&next(&mut sub).await), "slow");
+    faults.delay_syncs(Duration::ZERO);
+    assert_eq!(broker.health().status, "running");
+}
