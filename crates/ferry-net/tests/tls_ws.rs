@@ -327,7 +327,10 @@ async fn https_has_the_header_timeout_and_the_connection_cap() {
             assert_eq!(r.status(), 200);
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "HTTPS did not serve again");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "HTTPS did not serve again"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     server.shutdown().await;
