@@ -1014,4 +1014,37 @@ tls_key = "k.pem"
         let e = ServeConfig::from_toml("[mqtt]\nlisten_port = 3\n", Path::new("x.toml"));
         assert!(e.is_err());
     }
+
+    #[test]
+    fn http_limits_parse_and_zero_is_refused() {
+        let c = ServeConfig::from_toml(
+            "[http]\nheader_read_timeout_secs = 3\nrequest_timeout_secs = 4\nmax_body_bytes = 5\n\
+             max_connections = 6\nmax_connections_per_address = 7\n",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            (
+                c.http.header_read_timeout_secs,
+                c.http.request_timeout_secs,
+                c.http.max_body_bytes,
+                c.http.max_connections,
+                c.http.max_connections_per_address
+            ),
+            (3, 4, 5, 6, 7)
+        );
+        for key in [
+            "header_read_timeout_secs",
+            "request_timeout_secs",
+            "max_body_bytes",
+            "max_connections",
+            "max_connections_per_address",
+        ] {
+            let c = ServeConfig::from_toml(&format!("[http]\n{key} = 0\n"), Path::new("x.toml"))
+                .unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(&format!("http.{key}")), "{e}");
+        }
+    }
 }

@@ -830,7 +830,7 @@ pub fn openapi_document() -> serde_json::Value {
         "info": {
             "title": "Ferry admin API",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Health, stats, metrics, publishing and dead letters of a Ferry broker."
+            "description": "Health, stats, metrics, publishing and dead letters of a Ferry broker. Every error is an Error object: also 404 (unknown route), 405 (wrong method), 408 (request not complete within http.request_timeout_secs), 413 (body over http.max_body_bytes), 415/422/400 (body or query not as described) and 503 too_many_connections (past http.max_connections or http.max_connections_per_address)."
         },
         "paths": {
             "/health": {"get": {"summary": "Broker health", "responses": {
@@ -854,7 +854,7 @@ pub fn openapi_document() -> serde_json::Value {
                 "requestBody": {"required": false, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
                 "responses": {
                     "201": {"description": "Published", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Published"}}}},
-                    "400": error, "413": error, "429": error, "503": error, "500": error
+                    "400": error, "408": error, "413": error, "429": error, "503": error, "500": error
                 }
             }},
             "/topics/{topic}/dead-letters": {
@@ -883,17 +883,17 @@ pub fn openapi_document() -> serde_json::Value {
             "/topics/{topic}/groups/{group}/ack": {"post": {
                 "summary": "Acknowledge fetched messages", "parameters": [topic_param, group_param],
                 "requestBody": settle_body("{receipts: [string]}"),
-                "responses": {"200": {"description": "Settled", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Settled"}}}}}
+                "responses": {"200": {"description": "Settled", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Settled"}}}}, "400": error, "415": error, "422": error}
             }},
             "/topics/{topic}/groups/{group}/nack": {"post": {
                 "summary": "Return fetched messages to the group, now or after delay_ms", "parameters": [topic_param, group_param],
                 "requestBody": settle_body("{receipts: [string], delay_ms?: integer}"),
-                "responses": {"200": {"description": "Settled", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Settled"}}}}}
+                "responses": {"200": {"description": "Settled", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Settled"}}}}, "400": error, "415": error, "422": error}
             }},
             "/topics/{topic}/groups/{group}/reject": {"post": {
                 "summary": "Dead-letter fetched messages with a reason", "parameters": [topic_param, group_param],
                 "requestBody": settle_body("{receipts: [string], reason?: string}"),
-                "responses": {"200": {"description": "Settled", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Settled"}}}}}
+                "responses": {"200": {"description": "Settled", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Settled"}}}}, "400": error, "415": error, "422": error}
             }}
         },
         "security": [{}, {"basic": []}],

@@ -232,3 +232,106 @@ async fn mqtt_over_secure_websocket() {
     round_trip(&server, &mut c, "t/wss").await;
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_has_the_header_timeout_and_the_connection_cap() {
+    use rustls::pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let cert = self_signed();
+    let server = server_with(|cfg| {
+        cfg.http.tls_cert = Some(cert.cert.clone());
+        cfg.http.tls_key = Some(cert.key.clone());
+        cfg.http.header_read_timeout_secs = 1;
+        cfg.http.max_connections = 2;
+    })
+    .await;
+    let addr = server.http_addr().unwrap();
+    let port = addr.port();
+    let health = format!("https://localhost:{port}/health");
+    // Each request on a connection of its own: a client of its own.
+    let get = || async {
+        reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(cert.pem.as_bytes()).unwrap())
+            .build()
+            .unwrap()
+            .get(&health)
+            .send()
+            .await
+    };
+
+    // A TLS client that completes the handshake, then never finishes its head, is cut.
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(cert.pem.as_bytes()).unwrap())
+        .unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut tls = connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    tls.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(WAIT, tls.read_to_end(&mut buf)).await;
+    assert!(r.is_ok(), "the unfinished head over TLS was not cut");
+    drop(tls);
+
+    // Two silent TCP connections (no handshake) fill the cap; the next is closed at once.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if get().await.is_ok() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "HTTPS did not answer");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // A silent connection the server holds (not refused while earlier ones still close).
+    let held = || async {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let mut b = [0u8; 1];
+            let r = tokio::time::timeout(std::time::Duration::from_millis(300), s.read(&mut b));
+            if r.await.is_err() {
+                return s;
+            }
+            assert!(std::time::Instant::now() < deadline, "never held");
+        }
+    };
+    let silent = [held().await, held().await];
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if get().await.is_err() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a connection past the cap was served"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    drop(silent);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if let Ok(r) = get().await {
+            assert_eq!(r.status(), 200);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "HTTPS did not serve again"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    server.shutdown().await;
+}
