@@ -110,6 +110,9 @@ impl From<PublishError> for ApiError {
             PublishError::Full { .. } | PublishError::MemoryLimit { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
+            // Not a passing condition (429 would invite retries): the broker is out of topics
+            // until some are removed or the limit is raised.
+            PublishError::TopicLimit { .. } => StatusCode::INSUFFICIENT_STORAGE,
             PublishError::Closed | PublishError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
             PublishError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -308,6 +311,18 @@ pub fn prometheus(broker: &Broker, mqtt: Option<&MqttHandle>) -> String {
             "ferry_mqtt_keep_alive_timeouts_total",
             "MQTT connections closed by keep-alive expiry.",
             m.keep_alive_timeouts,
+        );
+        c(
+            &mut out,
+            "ferry_mqtt_slow_consumer_disconnects_total",
+            "MQTT connections closed because more than max_queued_bytes waited for their socket.",
+            m.slow_consumer_disconnects,
+        );
+        c(
+            &mut out,
+            "ferry_mqtt_slow_consumer_dropped_total",
+            "QoS 0 messages dropped for MQTT connections over max_queued_bytes (drop_oldest).",
+            m.slow_consumer_dropped,
         );
         c(
             &mut out,
@@ -735,7 +750,7 @@ pub fn openapi_document() -> serde_json::Value {
                 "requestBody": {"required": false, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
                 "responses": {
                     "201": {"description": "Published", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Published"}}}},
-                    "400": error, "413": error, "429": error, "503": error, "500": error
+                    "400": error, "413": error, "429": error, "507": error, "503": error, "500": error
                 }
             }},
             "/topics/{topic}/dead-letters": {

@@ -32,6 +32,7 @@ use super::MqttShared;
 use crate::acl::ClientAcl;
 use crate::auth::AuthOutcome;
 use crate::bridge::Bridge;
+use crate::config::SlowConsumerPolicy;
 
 /// How long an engine delivery may stay unacknowledged before the engine redelivers it. MQTT
 /// retransmits only on reconnect, so this is long; a dropped connection returns its deliveries
@@ -59,6 +60,8 @@ enum End {
     TakenOver,
     /// The server is shutting down.
     Shutdown,
+    /// More than `max_queued_bytes` waited for the socket (a client that does not read).
+    SlowConsumer,
 }
 
 impl End {
@@ -70,6 +73,7 @@ impl End {
             End::Protocol(code, _) => Some(*code),
             End::TakenOver => Some(ReasonCode::SessionTakenOver),
             End::Shutdown => Some(ReasonCode::ServerShuttingDown),
+            End::SlowConsumer => Some(ReasonCode::QuotaExceeded),
         }
     }
 
@@ -263,7 +267,8 @@ where
     let mut c = Box::new(Conn {
         version,
         active: None,
-        wbuf: BytesMut::new(),
+        out: None,
+        slow: false,
         rbuf,
         stream,
         will: connect.will.take().map(Box::new),
@@ -337,6 +342,8 @@ enum Wake {
     Delivery(String, Delivery),
     /// The oldest publish waiting for its acknowledgement has its outcome.
     Acked(Settled),
+    /// Writing to the socket failed.
+    Output(std::io::Error),
 }
 
 /// What the connection does after a wake.
@@ -455,8 +462,12 @@ struct Conn<S> {
     stream: S,
     /// Bytes read and not yet decoded; empty (unallocated) between packets.
     rbuf: BytesMut,
-    /// Packets encoded and not yet written; unallocated once written.
-    wbuf: BytesMut,
+    /// Packets waiting for the socket (none: everything was written and flushed). The socket
+    /// is written as it takes bytes, while the connection goes on reading and taking
+    /// deliveries, and what waits is bounded by `max_queued_bytes` (see [`Self::send`]).
+    out: Option<Box<Outgoing>>,
+    /// Set when the queue passed `max_queued_bytes` and the policy closes the connection.
+    slow: bool,
     version: ProtocolVersion,
     neg: Negotiated,
     /// What this client may publish and subscribe to.
@@ -556,21 +567,117 @@ where
     /// Queues a packet for writing. Encoding only fails for packets we built wrongly; those
     /// are logged and skipped.
     fn send(&mut self, packet: &Packet) {
-        if let Err(e) = encode(packet, self.version, &mut self.wbuf) {
+        let before = self.queued();
+        let out = self.out.get_or_insert_with(Default::default);
+        if let Err(e) = encode(packet, self.version, &mut out.buf) {
             tracing::error!(client = self.neg.client_id, packet = %packet.packet_type(), error = %e, "encoding failed");
+        }
+        self.check_queue(before);
+    }
+
+    /// Queues a QoS 0 PUBLISH as a frame of its own, which the `drop_oldest` policy may drop
+    /// while it waits for the socket.
+    fn send_droppable(&mut self, packet: &Packet) {
+        let before = self.queued();
+        let out = self.out.get_or_insert_with(Default::default);
+        out.seal(false);
+        if let Err(e) = encode(packet, self.version, &mut out.buf) {
+            tracing::error!(client = self.neg.client_id, packet = %packet.packet_type(), error = %e, "encoding failed");
+        }
+        out.seal(true);
+        self.check_queue(before);
+    }
+
+    /// Bytes queued for the socket and not written yet.
+    fn queued(&self) -> usize {
+        self.out.as_ref().map_or(0, |o| o.buf.len() + o.bytes)
+    }
+
+    /// Applies `max_queued_bytes` after a packet was queued (`before`: the bytes queued before
+    /// it; a packet is always queued when nothing else is): `drop_oldest` drops the oldest
+    /// QoS 0 messages waiting, and when the queue still does not fit the connection is to be
+    /// closed ([`End::SlowConsumer`]).
+    fn check_queue(&mut self, before: usize) {
+        let max = self.shared.config.max_queued_bytes;
+        if before == 0 || self.queued() <= max || self.slow {
+            return;
+        }
+        if self.shared.config.slow_consumer == SlowConsumerPolicy::DropOldest {
+            let dropped = self.out.as_mut().map_or(0, |o| {
+                o.seal(false);
+                o.drop_oldest(max)
+            });
+            if dropped > 0 {
+                let m = &self.shared.metrics;
+                let total = m
+                    .slow_consumer_dropped
+                    .fetch_add(dropped, Ordering::Relaxed)
+                    + dropped;
+                if slow_log_allowed() {
+                    tracing::warn!(
+                        client = self.neg.client_id,
+                        peer = %self.peer,
+                        max_queued_bytes = max,
+                        dropped_total = total,
+                        "slow consumer: QoS 0 messages dropped (logged at most once a second)"
+                    );
+                }
+            }
+            if self.queued() <= max {
+                return;
+            }
+        }
+        self.slow = true;
+    }
+
+    /// Drops what waits for the socket, except a packet partly written already (cutting it
+    /// would break the stream): before a final DISCONNECT.
+    fn discard_queued(&mut self) {
+        if let Some(o) = self.out.as_mut() {
+            o.buf.clear();
+            o.discard();
         }
     }
 
+    /// Writes what is queued as far as the socket takes it; `Ready(Ok)` once everything is
+    /// written and flushed (the queue is then released).
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        loop {
+            let Some(out) = self.out.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            out.seal(false);
+            if out.frames.is_empty() {
+                // TLS and WebSocket streams buffer: push the bytes out.
+                std::task::ready!(Pin::new(&mut self.stream).poll_flush(cx))?;
+                self.out = None;
+                return Poll::Ready(Ok(()));
+            }
+            let written = if self.stream.is_write_vectored() {
+                let mut slices = [std::io::IoSlice::new(&[]); WRITE_SLICES];
+                let mut n = 0;
+                for (slot, frame) in slices.iter_mut().zip(out.frames.iter()) {
+                    *slot = std::io::IoSlice::new(&frame.bytes);
+                    n += 1;
+                }
+                std::task::ready!(Pin::new(&mut self.stream).poll_write_vectored(cx, &slices[..n]))?
+            } else {
+                let Some(front) = out.frames.front() else {
+                    continue;
+                };
+                std::task::ready!(Pin::new(&mut self.stream).poll_write(cx, &front.bytes))?
+            };
+            if written == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            out.advance(written);
+        }
+    }
+
+    /// Writes everything queued (the goodbye).
     async fn flush(&mut self) -> std::io::Result<()> {
         self.count_sent();
-        if !self.wbuf.is_empty() {
-            // Taken whole: a connection with nothing to write holds no write buffer.
-            let out = std::mem::take(&mut self.wbuf);
-            self.stream.write_all(&out).await?;
-            // TLS and WebSocket streams buffer: push the bytes out.
-            self.stream.flush().await?;
-        }
-        Ok(())
+        std::future::poll_fn(|cx| self.poll_write_out(cx)).await
     }
 
     /// Adds the PUBLISH packets queued since the last call to the shared counter.
@@ -627,11 +734,8 @@ where
         loop {
             self.send_pending();
             self.count_sent();
-            if !self.wbuf.is_empty() {
-                // Boxed, like the input handling: the wait is what the task's future holds.
-                if let Err(e) = Box::pin(self.flush()).await {
-                    return End::Gone(e.to_string());
-                }
+            if self.slow {
+                return End::SlowConsumer;
             }
             let can_send = self.can_send();
             // One hand-written poll rather than `select!`: nothing but a reference to the
@@ -649,6 +753,9 @@ where
             self.control.touch();
             if let Some(end) = Box::pin(self.handle_input()).await {
                 return end;
+            }
+            if self.slow {
+                return End::SlowConsumer;
             }
             if self.rbuf.is_empty() {
                 // Release the buffer (decoded packets keep what they use).
@@ -671,7 +778,7 @@ where
                 self.deliver(&key, delivery);
                 // Take what else is ready before flushing: one write for many PUBLISHes.
                 for _ in 1..DELIVERY_BATCH {
-                    if !self.can_send() {
+                    if self.slow || !self.can_send() {
                         break;
                     }
                     let next = self
@@ -692,6 +799,7 @@ where
             Wake::Input(Ok(0)) => Next::End(End::Gone("closed by peer".into())),
             Wake::Input(Ok(_)) => Next::Input,
             Wake::Input(Err(e)) => Next::End(End::Gone(e.to_string())),
+            Wake::Output(e) => Next::End(End::Gone(e.to_string())),
         }
     }
 
@@ -700,6 +808,14 @@ where
     fn poll_wake(&mut self, can_send: bool, cx: &mut Context<'_>) -> Poll<Wake> {
         if let Poll::Ready(k) = self.control.poll_kicked(cx) {
             return Poll::Ready(Wake::Kicked(k));
+        }
+        // Output first, as far as the socket takes it; a client that does not read does not
+        // stop the connection from reading its input or taking deliveries (bounded by
+        // `max_queued_bytes`).
+        if self.out.is_some() {
+            if let Poll::Ready(Err(e)) = self.poll_write_out(cx) {
+                return Poll::Ready(Wake::Output(e));
+            }
         }
         if let Poll::Ready(r) = self.poll_oldest_ack(cx) {
             return Poll::Ready(Wake::Acked(r));
@@ -736,6 +852,9 @@ where
             };
             if let Some(end) = self.handle(packet).await {
                 return Some(end);
+            }
+            if self.slow {
+                return Some(End::SlowConsumer);
             }
         }
     }
@@ -986,7 +1105,9 @@ where
                         format!("publish failed: {e}"),
                     ));
                 }
-                publish_error_code(&e)
+                let reason = self.neg.problem_information.then(|| e.to_string());
+                self.ack_with(id, qos, publish_error_code(&e), reason);
+                return None;
             }
         };
         self.ack(id, qos, code);
@@ -1047,6 +1168,11 @@ where
     }
 
     fn ack(&mut self, id: Option<u16>, qos: QoS, code: ReasonCode) {
+        self.ack_with(id, qos, code, None);
+    }
+
+    /// [`Self::ack`] with a reason string (MQTT 5 only).
+    fn ack_with(&mut self, id: Option<u16>, qos: QoS, code: ReasonCode, reason: Option<String>) {
         let Some(id) = id else {
             return;
         };
@@ -1055,11 +1181,13 @@ where
             QoS::AtLeastOnce => {
                 let mut a = PubAck::new(id);
                 a.reason_code = code;
+                a.properties.reason_string = reason;
                 self.send(&Packet::PubAck(a));
             }
             QoS::ExactlyOnce => {
                 let mut r = PubRec::new(id);
                 r.reason_code = code;
+                r.properties.reason_string = reason;
                 self.send(&Packet::PubRec(r));
             }
         }
@@ -1410,10 +1538,17 @@ where
         } else {
             settle(handle);
         }
-        if self.wbuf.capacity() == 0 {
-            self.wbuf.reserve(WRITE_CHUNK);
+        if qos == QoS::AtMostOnce
+            && self.shared.config.slow_consumer == SlowConsumerPolicy::DropOldest
+        {
+            self.send_droppable(&packet);
+        } else {
+            let out = self.out.get_or_insert_with(Default::default);
+            if out.buf.capacity() == 0 {
+                out.buf.reserve(WRITE_CHUNK);
+            }
+            self.send(&packet);
         }
-        self.send(&packet);
         self.sent = self.sent.saturating_add(1);
     }
 
@@ -1434,24 +1569,17 @@ where
             End::TakenOver => tracing::info!(client, "MQTT session taken over by a new connection"),
             End::Normal | End::NormalWithWill => tracing::info!(client, "MQTT client disconnected"),
             End::Shutdown => tracing::debug!(client, "closing MQTT connection: shutdown"),
-        }
-        if self.v5() {
-            if let Some(code) = end.disconnect_code() {
-                let d = Disconnect {
-                    reason_code: code,
-                    properties: DisconnectProperties::default(),
-                };
-                self.wbuf.clear();
-                self.send(&Packet::Disconnect(d));
+            End::SlowConsumer => {
+                m.slow_consumer_disconnects.fetch_add(1, Ordering::Relaxed);
+                if slow_log_allowed() {
+                    tracing::warn!(client, peer = %self.peer, max_queued_bytes = self.shared.config.max_queued_bytes, "closing MQTT connection: slow consumer (more than max_queued_bytes waiting for its socket; logged at most once a second)");
+                }
             }
         }
-        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
-            let _ = self.flush().await;
-            let _ = self.stream.shutdown().await;
-        })
-        .await;
         // Unsettled deliveries go back to the engine (a persistent session gets them again,
-        // under the same packet ids, with those not resent yet).
+        // under the same packet ids, with those not resent yet), then the engine subscriptions
+        // end, before the goodbye: a cursor left while the goodbye waits for a socket that does
+        // not drain would hold its topics' records meanwhile.
         let mut unacked: Vec<(String, u16)> = Vec::new();
         let mut awaiting_pubcomp = Vec::new();
         let mut subscriptions = BTreeMap::new();
@@ -1471,6 +1599,28 @@ where
             drop(std::mem::take(&mut a.streams));
             subscriptions = std::mem::take(&mut a.subs);
         }
+        if self.v5() {
+            if let Some(code) = end.disconnect_code() {
+                let mut properties = DisconnectProperties::default();
+                if matches!(end, End::SlowConsumer) {
+                    properties.reason_string = Some(format!(
+                        "slow consumer: more than {} bytes waited for the socket",
+                        self.shared.config.max_queued_bytes
+                    ));
+                }
+                let d = Disconnect {
+                    reason_code: code,
+                    properties,
+                };
+                self.discard_queued();
+                self.send(&Packet::Disconnect(d));
+            }
+        }
+        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
+            let _ = self.flush().await;
+            let _ = self.stream.shutdown().await;
+        })
+        .await;
         if end.publishes_will() {
             if let Some(will) = self.will.take() {
                 let delay = will
@@ -1504,6 +1654,98 @@ where
     fn conn_id(&self) -> u64 {
         self.conn
     }
+}
+
+/// How many queued frames one vectored write takes at most.
+const WRITE_SLICES: usize = 64;
+
+/// One run of encoded packets waiting for the socket.
+struct Frame {
+    bytes: Bytes,
+    /// A QoS 0 PUBLISH alone, which the `drop_oldest` policy may drop.
+    droppable: bool,
+}
+
+/// What waits for a connection's socket, oldest first.
+#[derive(Default)]
+struct Outgoing {
+    /// Packets encoded since they were last handed to `frames` (taken whole then).
+    buf: BytesMut,
+    frames: VecDeque<Frame>,
+    /// Bytes in `frames`.
+    bytes: usize,
+    /// Whether the first frame is partly written (it can be neither dropped nor cut).
+    started: bool,
+}
+
+impl Outgoing {
+    /// Hands what was encoded since the last call to `frames`, as one frame.
+    fn seal(&mut self, droppable: bool) {
+        if !self.buf.is_empty() {
+            let bytes = std::mem::take(&mut self.buf).freeze();
+            self.push(bytes, droppable);
+        }
+    }
+
+    fn push(&mut self, bytes: Bytes, droppable: bool) {
+        self.bytes += bytes.len();
+        self.frames.push_back(Frame { bytes, droppable });
+    }
+
+    /// Takes `n` written bytes off the front.
+    fn advance(&mut self, mut n: usize) {
+        self.bytes = self.bytes.saturating_sub(n);
+        while n > 0 {
+            let Some(front) = self.frames.front_mut() else {
+                break;
+            };
+            if n >= front.bytes.len() {
+                n -= front.bytes.len();
+                self.frames.pop_front();
+                self.started = false;
+            } else {
+                bytes::Buf::advance(&mut front.bytes, n);
+                self.started = true;
+                n = 0;
+            }
+        }
+    }
+
+    /// Drops the oldest droppable frames until at most `keep` bytes wait; returns how many.
+    fn drop_oldest(&mut self, keep: usize) -> u64 {
+        let mut dropped = 0;
+        let mut i = usize::from(self.started);
+        while self.bytes > keep && i < self.frames.len() {
+            if self.frames[i].droppable {
+                if let Some(f) = self.frames.remove(i) {
+                    self.bytes -= f.bytes.len();
+                    dropped += 1;
+                }
+            } else {
+                i += 1;
+            }
+        }
+        dropped
+    }
+
+    /// Drops every frame but a partly written first one.
+    fn discard(&mut self) {
+        let keep = usize::from(self.started).min(self.frames.len());
+        self.frames.truncate(keep);
+        self.bytes = self.frames.iter().map(|f| f.bytes.len()).sum();
+    }
+}
+
+/// At most one slow-consumer log line a second, process-wide (the counters count every case):
+/// when it is time for one, the caller logs.
+fn slow_log_allowed() -> bool {
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = crate::unix_time::unix_ms(std::time::SystemTime::now());
+    let last = LAST.load(Ordering::Relaxed);
+    now >= last.saturating_add(1000)
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
 }
 
 /// Acknowledges an engine delivery (if any).
@@ -1559,6 +1801,7 @@ fn publish_error_code(e: &PublishError) -> ReasonCode {
         PublishError::Full { .. }
         | PublishError::BatchTooLarge { .. }
         | PublishError::MemoryLimit { .. }
+        | PublishError::TopicLimit { .. }
         | PublishError::Timeout(_) => ReasonCode::QuotaExceeded,
         PublishError::Closed | PublishError::Storage(_) => ReasonCode::ImplementationSpecificError,
     }

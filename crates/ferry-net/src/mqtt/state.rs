@@ -30,6 +30,9 @@ pub struct Negotiated {
     pub outbound_window: u16,
     /// The largest packet the client accepts.
     pub client_max_packet: usize,
+    /// Whether reason strings may go on acknowledgements (MQTT 5 Request Problem Information,
+    /// 1 unless the client said 0).
+    pub problem_information: bool,
 }
 
 /// Applies the connection rules of CONNECT; `Err` is the CONNACK reason code to refuse with.
@@ -89,6 +92,7 @@ pub fn negotiate(connect: &Connect, config: &MqttConfig) -> Result<Negotiated, R
         session_expiry_capped,
         outbound_window,
         client_max_packet,
+        problem_information: connect.properties.request_problem_information != Some(false),
     })
 }
 
