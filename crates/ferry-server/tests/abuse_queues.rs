@@ -530,3 +530,108 @@ fn the_topic_limit_refuses_new_topics_and_existing_ones_keep_working() {
     );
     assert_eq!(publish(&mut c, 5, "t/2", b"x", 2).map(|a| a.0), Some(0));
 }
+
+// ---- measurements (run by hand) -----------------------------------------------------------
+
+/// The figure of the issue: a `#` subscriber (QoS 0 and QoS 1) that never reads while
+/// 1,000 x 500 KB are published to one topic, with the default bounds; prints the server's RSS
+/// before, at its peak and 3 s after, in memory and on a data directory.
+#[test]
+#[ignore = "a measurement: cargo test -p ferry-server --test abuse_queues -- --ignored --nocapture"]
+fn measure_never_reading_subscribers_with_the_default_bounds() {
+    for memory in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let extra: &[&str] = if memory { &["--memory"] } else { &[] };
+        let server = serve_with(dir.path(), "", extra);
+        let before = rss(&server);
+        let mut slow0 = connect(server.mqtt, "slow0", 5, None);
+        subscribe(&mut slow0, 5, "#", 0);
+        let mut slow1 = connect(server.mqtt, "slow1", 5, None);
+        subscribe(&mut slow1, 5, "#", 1);
+        let mut publisher = connect(server.mqtt, "publisher", 5, None);
+        let mut peak = before;
+        for n in 0..1000u64 {
+            let ack = publish(&mut publisher, 5, "m/big", &payload(n), (n + 1) as u16);
+            assert_eq!(ack.map(|a| a.0), Some(0));
+            peak = peak.max(rss(&server));
+        }
+        std::thread::sleep(Duration::from_secs(3));
+        let after = rss(&server);
+        let stats = mqtt_stats(&server);
+        eprintln!(
+            "{}: RSS {} MiB before, {} MiB peak, {} MiB 3 s after; slow consumers closed: {}",
+            if memory { "--memory" } else { "data directory" },
+            before / MIB,
+            peak / MIB,
+            after / MIB,
+            stats["slow_consumer_disconnects"]
+        );
+        drop((slow0, slow1));
+    }
+}
+
+/// RSS per topic: 100,000 topics (`FERRY_MEASURE_TOPICS` to change it) made by one small QoS 1
+/// message each, pipelined over 4 connections, in memory and on a data directory.
+#[test]
+#[ignore = "a measurement: cargo test -p ferry-server --test abuse_queues -- --ignored --nocapture"]
+fn measure_memory_per_topic() {
+    let topics: u64 = std::env::var("FERRY_MEASURE_TOPICS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    for memory in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let extra: &[&str] = if memory { &["--memory"] } else { &[] };
+        let server = serve_with(dir.path(), "", extra);
+        std::thread::sleep(Duration::from_secs(1));
+        let before = rss(&server);
+        let started = Instant::now();
+        let per = topics / 4;
+        let workers: Vec<_> = (0..4u64)
+            .map(|c| {
+                let addr = server.mqtt;
+                std::thread::spawn(move || {
+                    let mut s = connect(addr, &format!("loader{c}"), 5, None);
+                    let mut reader = s.try_clone().unwrap();
+                    let acks = std::thread::spawn(move || {
+                        for _ in 0..per {
+                            let (first, body) = read_packet(&mut reader).unwrap();
+                            assert_eq!(first >> 4, 4);
+                            assert_eq!(body.get(2).copied().unwrap_or(0), 0, "refused");
+                        }
+                    });
+                    let mut out = Vec::new();
+                    for i in 0..per {
+                        let n = c * per + i;
+                        let mut body = Vec::new();
+                        string(format!("fleet/{}/dev-{n}", n % 100).as_bytes(), &mut body);
+                        body.extend_from_slice(&((i % 60_000 + 1) as u16).to_be_bytes());
+                        body.push(0);
+                        body.extend_from_slice(b"hello");
+                        out.extend_from_slice(&packet(0x32, &body));
+                        if out.len() > 32 * 1024 {
+                            s.write_all(&out).unwrap();
+                            out.clear();
+                        }
+                    }
+                    s.write_all(&out).unwrap();
+                    acks.join().unwrap();
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+        let elapsed = started.elapsed();
+        std::thread::sleep(Duration::from_secs(3));
+        let after = rss(&server);
+        eprintln!(
+            "{}: {topics} topics in {:.1} s; RSS {} MiB -> {} MiB: {} B per topic",
+            if memory { "--memory" } else { "data directory" },
+            elapsed.as_secs_f64(),
+            before / MIB,
+            after / MIB,
+            after.saturating_sub(before) / topics
+        );
+    }
+}
