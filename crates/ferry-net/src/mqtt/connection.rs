@@ -588,6 +588,27 @@ where
         self.check_queue(before);
     }
 
+    /// Queues a PUBLISH whose payload was taken out of it: its head is encoded (with the
+    /// remaining length the payload adds), and the payload is written from the message's own
+    /// buffer, not copied. `droppable`: a frame of its own that `drop_oldest` may drop.
+    fn send_with_payload(&mut self, packet: &Packet, payload: Bytes, droppable: bool) {
+        let before = self.queued();
+        let out = self.out.get_or_insert_with(Default::default);
+        if droppable {
+            out.seal(false);
+        }
+        if let Err(e) = encode_head(packet, self.version, payload.len(), &mut out.buf) {
+            tracing::error!(client = self.neg.client_id, packet = %packet.packet_type(), error = %e, "encoding failed");
+            return;
+        }
+        if out.buf.is_empty() {
+            return;
+        }
+        let head = std::mem::take(&mut out.buf).freeze();
+        out.push(head, payload, droppable);
+        self.check_queue(before);
+    }
+
     /// Bytes queued for the socket and not written yet.
     fn queued(&self) -> usize {
         self.out.as_ref().map_or(0, |o| o.buf.len() + o.bytes)
@@ -656,8 +677,13 @@ where
             let written = if self.stream.is_write_vectored() {
                 let mut slices = [std::io::IoSlice::new(&[]); WRITE_SLICES];
                 let mut n = 0;
-                for (slot, frame) in slices.iter_mut().zip(out.frames.iter()) {
-                    *slot = std::io::IoSlice::new(&frame.bytes);
+                let parts = out
+                    .frames
+                    .iter()
+                    .flat_map(|f| [&f.head, &f.payload])
+                    .filter(|b| !b.is_empty());
+                for (slot, part) in slices.iter_mut().zip(parts) {
+                    *slot = std::io::IoSlice::new(part);
                     n += 1;
                 }
                 std::task::ready!(Pin::new(&mut self.stream).poll_write_vectored(cx, &slices[..n]))?
@@ -665,7 +691,12 @@ where
                 let Some(front) = out.frames.front() else {
                     continue;
                 };
-                std::task::ready!(Pin::new(&mut self.stream).poll_write(cx, &front.bytes))?
+                let part = if front.head.is_empty() {
+                    &front.payload
+                } else {
+                    &front.head
+                };
+                std::task::ready!(Pin::new(&mut self.stream).poll_write(cx, part))?
             };
             if written == 0 {
                 return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
@@ -1538,9 +1569,17 @@ where
         } else {
             settle(handle);
         }
-        if qos == QoS::AtMostOnce
-            && self.shared.config.slow_consumer == SlowConsumerPolicy::DropOldest
-        {
+        let droppable = qos == QoS::AtMostOnce
+            && self.shared.config.slow_consumer == SlowConsumerPolicy::DropOldest;
+        let payload = match &mut packet {
+            Packet::Publish(p) if p.payload.len() >= SHARED_PAYLOAD => {
+                std::mem::take(&mut p.payload)
+            }
+            _ => Bytes::new(),
+        };
+        if !payload.is_empty() {
+            self.send_with_payload(&packet, payload, droppable);
+        } else if droppable {
             self.send_droppable(&packet);
         } else {
             let out = self.out.get_or_insert_with(Default::default);
@@ -1659,11 +1698,61 @@ where
 /// How many queued frames one vectored write takes at most.
 const WRITE_SLICES: usize = 64;
 
-/// One run of encoded packets waiting for the socket.
+/// Payloads at least this big are written from the message's buffer (shared with the engine's
+/// record) rather than copied into the write buffer.
+const SHARED_PAYLOAD: usize = 4096;
+
+/// One run of encoded packets waiting for the socket: `head`, then the payload of the PUBLISH
+/// it ends with when that payload is shared rather than copied.
 struct Frame {
-    bytes: Bytes,
+    head: Bytes,
+    payload: Bytes,
     /// A QoS 0 PUBLISH alone, which the `drop_oldest` policy may drop.
     droppable: bool,
+}
+
+impl Frame {
+    fn len(&self) -> usize {
+        self.head.len() + self.payload.len()
+    }
+}
+
+/// Appends the encoding of PUBLISH `packet`, whose payload (`payload_len` bytes) was taken out
+/// of it and follows separately: the remaining length counts it.
+fn encode_head(
+    packet: &Packet,
+    version: ProtocolVersion,
+    payload_len: usize,
+    out: &mut BytesMut,
+) -> Result<(), ferry_mqtt::EncodeError> {
+    let mut head = BytesMut::new();
+    encode(packet, version, &mut head)?;
+    // The first byte, the remaining length (a variable byte integer), the rest.
+    let (mut len, mut mult, mut at) = (0usize, 1usize, 1usize);
+    while let Some(&b) = head.get(at) {
+        at += 1;
+        len += usize::from(b & 0x7f) * mult;
+        mult = mult.saturating_mul(128);
+        if b & 0x80 == 0 {
+            break;
+        }
+    }
+    let (Some(&first), Some(rest)) = (head.first(), head.get(at..)) else {
+        return Ok(());
+    };
+    out.reserve(head.len() + 4);
+    out.extend_from_slice(&[first]);
+    let mut n = len + payload_len;
+    loop {
+        let b = (n % 128) as u8;
+        n /= 128;
+        out.extend_from_slice(&[if n > 0 { b | 0x80 } else { b }]);
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(rest);
+    Ok(())
 }
 
 /// What waits for a connection's socket, oldest first.
@@ -1682,14 +1771,19 @@ impl Outgoing {
     /// Hands what was encoded since the last call to `frames`, as one frame.
     fn seal(&mut self, droppable: bool) {
         if !self.buf.is_empty() {
-            let bytes = std::mem::take(&mut self.buf).freeze();
-            self.push(bytes, droppable);
+            let head = std::mem::take(&mut self.buf).freeze();
+            self.push(head, Bytes::new(), droppable);
         }
     }
 
-    fn push(&mut self, bytes: Bytes, droppable: bool) {
-        self.bytes += bytes.len();
-        self.frames.push_back(Frame { bytes, droppable });
+    fn push(&mut self, head: Bytes, payload: Bytes, droppable: bool) {
+        let frame = Frame {
+            head,
+            payload,
+            droppable,
+        };
+        self.bytes += frame.len();
+        self.frames.push_back(frame);
     }
 
     /// Takes `n` written bytes off the front.
@@ -1699,12 +1793,14 @@ impl Outgoing {
             let Some(front) = self.frames.front_mut() else {
                 break;
             };
-            if n >= front.bytes.len() {
-                n -= front.bytes.len();
+            if n >= front.len() {
+                n -= front.len();
                 self.frames.pop_front();
                 self.started = false;
             } else {
-                bytes::Buf::advance(&mut front.bytes, n);
+                let from_head = n.min(front.head.len());
+                bytes::Buf::advance(&mut front.head, from_head);
+                bytes::Buf::advance(&mut front.payload, n - from_head);
                 self.started = true;
                 n = 0;
             }
@@ -1718,7 +1814,7 @@ impl Outgoing {
         while self.bytes > keep && i < self.frames.len() {
             if self.frames[i].droppable {
                 if let Some(f) = self.frames.remove(i) {
-                    self.bytes -= f.bytes.len();
+                    self.bytes -= f.len();
                     dropped += 1;
                 }
             } else {
@@ -1732,7 +1828,7 @@ impl Outgoing {
     fn discard(&mut self) {
         let keep = usize::from(self.started).min(self.frames.len());
         self.frames.truncate(keep);
-        self.bytes = self.frames.iter().map(|f| f.bytes.len()).sum();
+        self.bytes = self.frames.iter().map(Frame::len).sum();
     }
 }
 
