@@ -20,6 +20,8 @@
 //! max_packet_size = 1048576
 //! max_inflight = 64           # outbound QoS>0 in flight per connection, and the receive maximum
 //! max_queued = 10000          # messages queued for an offline persistent session
+//! max_queued_bytes = 67108864 # bytes taken for a connection and not yet written to its socket
+//! slow_consumer = "disconnect" # past max_queued_bytes; or "drop_oldest" (QoS 0 dropped)
 //! topic_alias_maximum = 64
 //! max_session_expiry_secs = 86400
 //! max_keep_alive_secs = 3600
@@ -51,7 +53,9 @@
 //!
 //! [broker]
 //! topic_capacity = 100000
+//! topic_max_bytes = 67108864 # bytes of unconsumed records a topic holds in memory
 //! overflow = "drop_oldest"   # or "block", "reject"
+//! max_topics = 1000000       # topics that may exist (stored or in memory)
 //! ```
 //!
 //! Every key is also an environment variable, `FERRY_` and the dotted key in capitals with `_`
@@ -156,6 +160,20 @@ impl From<OverflowPolicy> for ferry::Overflow {
     }
 }
 
+/// What a connection does when the messages queued for its socket pass
+/// [`MqttConfig::max_queued_bytes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlowConsumerPolicy {
+    /// The connection is closed (MQTT 5: DISCONNECT with Quota exceeded, 0x97); a persistent
+    /// session keeps its position, and its unacknowledged messages come again.
+    #[default]
+    Disconnect,
+    /// The oldest queued QoS 0 messages are dropped (counted); if the queue still does not fit
+    /// (QoS 1/2 messages and acknowledgements), the connection is closed as with `disconnect`.
+    DropOldest,
+}
+
 /// A user allowed to connect over MQTT, with its topic ACL (see [`crate::acl`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -227,6 +245,14 @@ pub struct MqttConfig {
     /// Messages queued for an offline persistent session; a session whose backlog grows past it
     /// is expired (its subscriptions removed) with a warning.
     pub max_queued: u64,
+    /// Bytes of packets (messages taken from the engine for the connection, acknowledgements)
+    /// queued for a connection's socket and not yet written to it; past it `slow_consumer`
+    /// applies (a packet is always queued when the queue is empty, so a message bigger than
+    /// this is still sent alone). The backlog a client has not taken yet stays in the engine (bounded per topic by
+    /// `broker.topic_max_bytes` in memory, on disk for durable topics).
+    pub max_queued_bytes: usize,
+    /// What a connection whose queue passes `max_queued_bytes` does.
+    pub slow_consumer: SlowConsumerPolicy,
     /// Topic Alias Maximum announced to MQTT 5 clients (0 disables inbound aliases).
     pub topic_alias_maximum: u16,
     /// Cap on the session expiry interval clients ask for (seconds). MQTT 3.1.1 persistent
@@ -275,6 +301,8 @@ impl Default for MqttConfig {
             max_packet_size: 1 << 20,
             max_inflight: 64,
             max_queued: 10_000,
+            max_queued_bytes: 64 << 20,
+            slow_consumer: SlowConsumerPolicy::Disconnect,
             topic_alias_maximum: 64,
             max_session_expiry_secs: 86_400,
             max_keep_alive_secs: 3_600,
@@ -369,15 +397,24 @@ impl Default for HttpConfig {
 pub struct BrokerSection {
     /// Unconsumed records a topic holds before `overflow` applies.
     pub topic_capacity: usize,
+    /// Bytes of unconsumed records (by message size) a topic holds in memory before `overflow`
+    /// applies; a durable topic's in-memory window is at most this too (older records are read
+    /// back from disk). 0: no byte bound.
+    pub topic_max_bytes: usize,
     /// What a full topic does.
     pub overflow: OverflowPolicy,
+    /// Topics that may exist, stored or in memory (topics unloaded while idle count); a publish
+    /// that would create one more is refused (MQTT 5: Quota exceeded; HTTP 507).
+    pub max_topics: usize,
 }
 
 impl Default for BrokerSection {
     fn default() -> Self {
         BrokerSection {
             topic_capacity: 100_000,
+            topic_max_bytes: 64 << 20,
             overflow: OverflowPolicy::DropOldest,
+            max_topics: 1_000_000,
         }
     }
 }
@@ -834,6 +871,22 @@ impl ServeConfig {
             return Err(ConfigError::Invalid {
                 key: "http.max_connections",
                 reason: format!("must be at most {}", tokio::sync::Semaphore::MAX_PERMITS),
+            });
+        }
+        let tmb = self.broker.topic_max_bytes;
+        if tmb != 0 && tmb < m.max_packet_size {
+            return Err(ConfigError::Invalid {
+                key: "broker.topic_max_bytes",
+                reason: format!(
+                    "{tmb} is below mqtt.max_packet_size ({}): such messages could never be stored",
+                    m.max_packet_size
+                ),
+            });
+        }
+        if self.broker.max_topics == 0 {
+            return Err(ConfigError::Invalid {
+                key: "broker.max_topics",
+                reason: "must be at least 1".into(),
             });
         }
         m.tls()?;

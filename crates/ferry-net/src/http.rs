@@ -269,6 +269,9 @@ impl From<PublishError> for ApiError {
             PublishError::Full { .. } | PublishError::MemoryLimit { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
+            // Not a passing condition (429 would invite retries): the broker is out of topics
+            // until some are removed or the limit is raised.
+            PublishError::TopicLimit { .. } => StatusCode::INSUFFICIENT_STORAGE,
             PublishError::Closed | PublishError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
             PublishError::Storage(_) | PublishError::InDoubt { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -854,7 +857,7 @@ pub fn openapi_document() -> serde_json::Value {
                 "requestBody": {"required": false, "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
                 "responses": {
                     "201": {"description": "Published", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Published"}}}},
-                    "400": error, "408": error, "413": error, "429": error, "503": error, "500": error
+                    "400": error, "408": error, "413": error, "429": error, "507": error, "503": error, "500": error
                 }
             }},
             "/topics/{topic}/dead-letters": {

@@ -282,6 +282,18 @@ pub fn encode(e: &Exposition<'_>) -> String {
         );
         c(
             &mut r,
+            "ferry_mqtt_slow_consumer_disconnects",
+            "MQTT connections closed because more than max_queued_bytes waited for their socket",
+            m.slow_consumer_disconnects,
+        );
+        c(
+            &mut r,
+            "ferry_mqtt_slow_consumer_dropped",
+            "QoS 0 messages dropped for MQTT connections over max_queued_bytes (drop_oldest)",
+            m.slow_consumer_dropped,
+        );
+        c(
+            &mut r,
             "ferry_mqtt_publish_received",
             "MQTT PUBLISH packets received",
             m.publish_received,

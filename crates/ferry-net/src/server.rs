@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry::disk::DiskConfig;
-use ferry::{Broker, BrokerConfig, ShutdownReport, TopicConfig};
+use ferry::{Broker, BrokerConfig, HotWindow, ShutdownReport, TopicConfig};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -81,9 +81,18 @@ pub fn broker_config(config: &ServeConfig) -> BrokerConfig {
     BrokerConfig {
         topic_defaults: TopicConfig {
             capacity: config.broker.topic_capacity,
+            max_bytes: (config.broker.topic_max_bytes > 0).then_some(config.broker.topic_max_bytes),
             overflow: config.broker.overflow.into(),
             ..TopicConfig::default()
         },
+        hot_window: HotWindow {
+            bytes: match config.broker.topic_max_bytes {
+                0 => HotWindow::default().bytes,
+                max => HotWindow::default().bytes.min(max),
+            },
+            ..HotWindow::default()
+        },
+        max_topics: Some(config.broker.max_topics),
         ..BrokerConfig::default()
     }
 }

@@ -107,6 +107,9 @@ pub(crate) struct BrokerInner {
     maintaining: Mutex<()>,
     /// Where every other storage operation that may wait for the disk runs (durable brokers).
     io: Option<IoPool>,
+    /// User topics that exist (loaded, or stored for a durable broker), against
+    /// `config.max_topics`: a creation reserves its place before anything is opened or written.
+    user_topics: AtomicUsize,
 }
 
 /// What a durable broker runs on.
@@ -156,7 +159,7 @@ impl Broker {
     /// (age retention, stale-consumer detection, memory events); outside one those run only
     /// when [`Broker::maintain`] is called.
     pub fn new(config: BrokerConfig) -> Self {
-        Broker::build(config, None, Positions::new())
+        Broker::build_with(config, None, Positions::new(), 0)
     }
 
     /// A durable broker on the data directory `dir` with the default configuration: topics are
@@ -211,12 +214,15 @@ impl Broker {
         let io =
             IoPool::start(crate::io::IO_THREADS).map_err(|e| thread_error("I/O threads", e))?;
         let committer = Committer::start().map_err(|e| thread_error("commit thread", e))?;
-        let (storage, positions) = io.call(move || -> Result<_, StorageError> {
+        let (storage, positions, topics) = io.call(move || -> Result<_, StorageError> {
             let storage = open()?;
             let positions = storage.load_positions()?;
-            Ok((storage, positions))
+            // Stored topics exist, loaded or not: they count against `max_topics` from the
+            // start.
+            let topics = storage.user_topic_count();
+            Ok((storage, positions, topics))
         })?;
-        Ok(Broker::build(
+        Ok(Broker::build_with(
             config,
             Some(Durability {
                 storage,
@@ -224,10 +230,16 @@ impl Broker {
                 io,
             }),
             positions,
+            topics,
         ))
     }
 
-    fn build(config: BrokerConfig, durability: Option<Durability>, positions: Positions) -> Self {
+    fn build_with(
+        config: BrokerConfig,
+        durability: Option<Durability>,
+        positions: Positions,
+        user_topics: usize,
+    ) -> Self {
         let (events, _) = broadcast::channel(config.event_capacity.max(1));
         let memory = config.memory_limit.map(|l| Arc::new(MemoryGauge::new(l)));
         let (storage, committer, io) = match durability {
@@ -255,6 +267,7 @@ impl Broker {
             passes: AtomicU64::new(0),
             maintaining: Mutex::new(()),
             io,
+            user_topics: AtomicUsize::new(user_topics),
         });
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(maintenance(Arc::downgrade(&inner)));
@@ -274,14 +287,19 @@ impl Broker {
         if self.inner.existing_topic(&name).is_some() {
             return Ok(false);
         }
+        let slot = self.inner.reserve_topic(&name)?;
         // The store is opened before the registry is locked (on an I/O thread).
-        let store = self
-            .inner
-            .open_store(&name, &config)
-            .map_err(|e| PublishError::Storage(e.to_string()))?;
+        let store = match self.inner.open_store(&name, &config) {
+            Ok(store) => store,
+            Err(e) => {
+                self.inner.release_topic(slot);
+                return Err(PublishError::Storage(e.to_string()));
+            }
+        };
         let mut reg = self.inner.registry.write();
         if reg.topics.contains_key(&name) {
             // Made meanwhile by someone else, with the settings it had then.
+            self.inner.release_topic(slot);
             return Ok(false);
         }
         reg.configs.insert(name.clone(), config.clone());
@@ -942,11 +960,64 @@ impl BrokerInner {
         if let Some(t) = self.existing_topic(name) {
             return Ok(t);
         }
+        let slot = self.reserve_topic(name)?;
         let config = self.topic_config(name);
-        let store = self
-            .open_store(name, &config)
-            .map_err(|e| self.open_failed(&e))?;
-        Ok(self.insert_topic(name, config, store))
+        let store = match self.open_store(name, &config) {
+            Ok(store) => store,
+            Err(e) => {
+                self.release_topic(slot);
+                return Err(self.open_failed(&e));
+            }
+        };
+        Ok(self.insert_new_topic(name, config, store, slot))
+    }
+
+    /// Reserves the place of a topic about to be created against `max_topics` (system topics
+    /// take none: `Ok(false)`), before anything is opened or written.
+    fn reserve_topic(&self, name: &TopicName) -> Result<bool, PublishError> {
+        if name.is_system() {
+            return Ok(false);
+        }
+        let Some(limit) = self.config.max_topics else {
+            self.user_topics.fetch_add(1, Ordering::AcqRel);
+            return Ok(true);
+        };
+        self.user_topics
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .map(|_| true)
+            .map_err(|_| PublishError::TopicLimit {
+                topic: name.to_string(),
+                limit,
+            })
+    }
+
+    /// Gives back a place reserved by [`reserve_topic`](Self::reserve_topic) for a topic that
+    /// was not created after all.
+    fn release_topic(&self, reserved: bool) {
+        if reserved {
+            self.user_topics.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// [`insert_topic`](Self::insert_topic) for a topic created now, whose place `slot` was
+    /// reserved: given back if someone else made the topic meanwhile.
+    fn insert_new_topic(
+        &self,
+        name: &TopicName,
+        config: TopicConfig,
+        store: Option<Arc<dyn TopicStore>>,
+        slot: bool,
+    ) -> Arc<Topic> {
+        let mut reg = self.registry.write();
+        if let Some(t) = reg.topics.get(name) {
+            let t = t.clone();
+            drop(reg);
+            self.release_topic(slot);
+            return t;
+        }
+        self.insert_topic_locked(&mut reg, name.clone(), config, store)
     }
 
     /// [`topic`](Self::topic) for async callers: a new durable topic's store is opened on an
@@ -960,16 +1031,22 @@ impl BrokerInner {
     }
 
     async fn make_topic_async(&self, name: &TopicName) -> Result<Arc<Topic>, PublishError> {
+        let slot = self.reserve_topic(name)?;
         let config = self.topic_config(name);
         let store = match (&self.io, &self.storage) {
             (Some(io), Some(storage)) => {
                 let (storage, name, config) = (storage.clone(), name.clone(), config.clone());
-                let opened = io.run(move || storage.open_topic(&name, &config)).await;
-                Some(opened.map_err(|e| self.open_failed(&e))?)
+                match io.run(move || storage.open_topic(&name, &config)).await {
+                    Ok(store) => Some(store),
+                    Err(e) => {
+                        self.release_topic(slot);
+                        return Err(self.open_failed(&e));
+                    }
+                }
             }
             _ => None,
         };
-        Ok(self.insert_topic(name, config, store))
+        Ok(self.insert_new_topic(name, config, store, slot))
     }
 
     fn user_topic(&self, topic: &str) -> Result<Arc<Topic>, PublishError> {
@@ -1941,6 +2018,10 @@ impl BrokerInner {
                 if let Some(t) = reg.topics.remove(&name) {
                     let counters = t.counters();
                     reg.retired += counters;
+                    if self.storage.is_none() && !name.is_system() {
+                        // An in-memory topic unloaded is forgotten: it no longer exists.
+                        self.user_topics.fetch_sub(1, Ordering::AcqRel);
+                    }
                 }
             }
         }

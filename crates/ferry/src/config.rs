@@ -113,6 +113,11 @@ pub struct BrokerConfig {
     /// on its next use (its counters start again from zero); an in-memory topic is forgotten
     /// once it holds no record. `None` keeps every topic loaded.
     pub unload_idle_topics_after: Option<Duration>,
+    /// The most user topics that may exist: loaded, or (durable) stored and unloaded. A publish
+    /// (or `create_topic`, `publisher`, a transaction) that would create one more is refused with
+    /// [`PublishError::TopicLimit`](crate::PublishError::TopicLimit) and nothing is written.
+    /// System topics (dead letters) do not count and are never refused. `None`: no limit.
+    pub max_topics: Option<usize>,
 }
 
 /// The in-memory window of a durable topic: at most this many records and bytes.
@@ -154,6 +159,7 @@ impl Default for BrokerConfig {
             event_capacity: 1024,
             hot_window: HotWindow::default(),
             unload_idle_topics_after: Some(Duration::from_secs(60)),
+            max_topics: Some(1_000_000),
         }
     }
 }

@@ -40,6 +40,15 @@ pub enum PublishError {
         /// The limit.
         limit: usize,
     },
+    /// The topic does not exist and the broker already has `limit` topics
+    /// ([`BrokerConfig::max_topics`](crate::BrokerConfig::max_topics)); nothing was stored.
+    #[error("topic {topic} cannot be created: the broker has its limit of {limit} topics")]
+    TopicLimit {
+        /// The topic that would have been created.
+        topic: String,
+        /// The limit.
+        limit: usize,
+    },
     /// A blocking publish did not find space within its timeout (nothing was stored).
     #[error("timed out waiting for space in topic {0}")]
     Timeout(String),
@@ -85,6 +94,7 @@ impl PublishError {
             PublishError::Full { .. } => "queue_full",
             PublishError::BatchTooLarge { .. } => "batch_too_large",
             PublishError::MemoryLimit { .. } => "memory_limit",
+            PublishError::TopicLimit { .. } => "topic_limit",
             PublishError::Timeout(_) => "timeout",
             PublishError::Storage(_) => "storage",
             PublishError::SystemTopic(_) => "system_topic",

@@ -33,6 +33,7 @@ use super::MqttShared;
 use crate::acl::ClientAcl;
 use crate::auth::AuthOutcome;
 use crate::bridge::Bridge;
+use crate::config::SlowConsumerPolicy;
 
 /// How long an engine delivery may stay unacknowledged before the engine redelivers it. MQTT
 /// retransmits only on reconnect, so this is long; a dropped connection returns its deliveries
@@ -60,6 +61,8 @@ enum End {
     TakenOver,
     /// The server is shutting down.
     Shutdown,
+    /// More than `max_queued_bytes` waited for the socket (a client that does not read).
+    SlowConsumer,
 }
 
 impl End {
@@ -71,6 +74,7 @@ impl End {
             End::Protocol(code, _) => Some(*code),
             End::TakenOver => Some(ReasonCode::SessionTakenOver),
             End::Shutdown => Some(ReasonCode::ServerShuttingDown),
+            End::SlowConsumer => Some(ReasonCode::QuotaExceeded),
         }
     }
 
@@ -284,7 +288,8 @@ where
     let mut c = Box::new(Conn {
         version,
         active: None,
-        wbuf: BytesMut::new(),
+        out: None,
+        slow: false,
         rbuf,
         stream,
         will: connect.will.take().map(Box::new),
@@ -358,6 +363,8 @@ enum Wake {
     Delivery(String, Delivery),
     /// The oldest publish waiting for its acknowledgement has its outcome.
     Acked(Settled),
+    /// Writing to the socket failed.
+    Output(std::io::Error),
 }
 
 /// What the connection does after a wake.
@@ -476,8 +483,12 @@ struct Conn<S> {
     stream: S,
     /// Bytes read and not yet decoded; empty (unallocated) between packets.
     rbuf: BytesMut,
-    /// Packets encoded and not yet written; unallocated once written.
-    wbuf: BytesMut,
+    /// Packets waiting for the socket (none: everything was written and flushed). The socket
+    /// is written as it takes bytes, while the connection goes on reading and taking
+    /// deliveries, and what waits is bounded by `max_queued_bytes` (see [`Self::send`]).
+    out: Option<Box<Outgoing>>,
+    /// Set when the queue passed `max_queued_bytes` and the policy closes the connection.
+    slow: bool,
     version: ProtocolVersion,
     neg: Negotiated,
     /// What this client may publish and subscribe to.
@@ -583,21 +594,148 @@ where
     /// Queues a packet for writing. Encoding only fails for packets we built wrongly; those
     /// are logged and skipped.
     fn send(&mut self, packet: &Packet) {
-        if let Err(e) = encode(packet, self.version, &mut self.wbuf) {
+        let before = self.queued();
+        let out = self.out.get_or_insert_with(Default::default);
+        if let Err(e) = encode(packet, self.version, &mut out.buf) {
             tracing::error!(client = self.neg.client_id, packet = %packet.packet_type(), error = %e, "encoding failed");
+        }
+        self.check_queue(before);
+    }
+
+    /// Queues a QoS 0 PUBLISH as a frame of its own, which the `drop_oldest` policy may drop
+    /// while it waits for the socket.
+    fn send_droppable(&mut self, packet: &Packet) {
+        let before = self.queued();
+        let out = self.out.get_or_insert_with(Default::default);
+        out.seal(false);
+        if let Err(e) = encode(packet, self.version, &mut out.buf) {
+            tracing::error!(client = self.neg.client_id, packet = %packet.packet_type(), error = %e, "encoding failed");
+        }
+        out.seal(true);
+        self.check_queue(before);
+    }
+
+    /// Queues a PUBLISH whose payload was taken out of it: its head is encoded (with the
+    /// remaining length the payload adds), and the payload is written from the message's own
+    /// buffer, not copied. `droppable`: a frame of its own that `drop_oldest` may drop.
+    fn send_with_payload(&mut self, packet: &Packet, payload: Bytes, droppable: bool) {
+        let before = self.queued();
+        let out = self.out.get_or_insert_with(Default::default);
+        if droppable {
+            out.seal(false);
+        }
+        if let Err(e) = encode_head(packet, self.version, payload.len(), &mut out.buf) {
+            tracing::error!(client = self.neg.client_id, packet = %packet.packet_type(), error = %e, "encoding failed");
+            return;
+        }
+        if out.buf.is_empty() {
+            return;
+        }
+        let head = std::mem::take(&mut out.buf).freeze();
+        out.push(head, payload, droppable);
+        self.check_queue(before);
+    }
+
+    /// Bytes queued for the socket and not written yet.
+    fn queued(&self) -> usize {
+        self.out.as_ref().map_or(0, |o| o.buf.len() + o.bytes)
+    }
+
+    /// Applies `max_queued_bytes` after a packet was queued (`before`: the bytes queued before
+    /// it; a packet is always queued when nothing else is): `drop_oldest` drops the oldest
+    /// QoS 0 messages waiting, and when the queue still does not fit the connection is to be
+    /// closed ([`End::SlowConsumer`]).
+    fn check_queue(&mut self, before: usize) {
+        let max = self.shared.config.max_queued_bytes;
+        if before == 0 || self.queued() <= max || self.slow {
+            return;
+        }
+        if self.shared.config.slow_consumer == SlowConsumerPolicy::DropOldest {
+            let dropped = self.out.as_mut().map_or(0, |o| {
+                o.seal(false);
+                o.drop_oldest(max)
+            });
+            if dropped > 0 {
+                let m = &self.shared.metrics;
+                let total = m
+                    .slow_consumer_dropped
+                    .fetch_add(dropped, Ordering::Relaxed)
+                    + dropped;
+                if slow_log_allowed() {
+                    tracing::warn!(
+                        client = self.neg.client_id,
+                        peer = %self.peer,
+                        max_queued_bytes = max,
+                        dropped_total = total,
+                        "slow consumer: QoS 0 messages dropped (logged at most once a second)"
+                    );
+                }
+            }
+            if self.queued() <= max {
+                return;
+            }
+        }
+        self.slow = true;
+    }
+
+    /// Drops what waits for the socket, except a packet partly written already (cutting it
+    /// would break the stream): before a final DISCONNECT.
+    fn discard_queued(&mut self) {
+        if let Some(o) = self.out.as_mut() {
+            o.buf.clear();
+            o.discard();
         }
     }
 
+    /// Writes what is queued as far as the socket takes it; `Ready(Ok)` once everything is
+    /// written and flushed (the queue is then released).
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        loop {
+            let Some(out) = self.out.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            out.seal(false);
+            if out.frames.is_empty() {
+                // TLS and WebSocket streams buffer: push the bytes out.
+                std::task::ready!(Pin::new(&mut self.stream).poll_flush(cx))?;
+                self.out = None;
+                return Poll::Ready(Ok(()));
+            }
+            let written = if self.stream.is_write_vectored() {
+                let mut slices = [std::io::IoSlice::new(&[]); WRITE_SLICES];
+                let mut n = 0;
+                let parts = out
+                    .frames
+                    .iter()
+                    .flat_map(|f| [&f.head, &f.payload])
+                    .filter(|b| !b.is_empty());
+                for (slot, part) in slices.iter_mut().zip(parts) {
+                    *slot = std::io::IoSlice::new(part);
+                    n += 1;
+                }
+                std::task::ready!(Pin::new(&mut self.stream).poll_write_vectored(cx, &slices[..n]))?
+            } else {
+                let Some(front) = out.frames.front() else {
+                    continue;
+                };
+                let part = if front.head.is_empty() {
+                    &front.payload
+                } else {
+                    &front.head
+                };
+                std::task::ready!(Pin::new(&mut self.stream).poll_write(cx, part))?
+            };
+            if written == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            out.advance(written);
+        }
+    }
+
+    /// Writes everything queued (the goodbye).
     async fn flush(&mut self) -> std::io::Result<()> {
         self.count_sent();
-        if !self.wbuf.is_empty() {
-            // Taken whole: a connection with nothing to write holds no write buffer.
-            let out = std::mem::take(&mut self.wbuf);
-            self.stream.write_all(&out).await?;
-            // TLS and WebSocket streams buffer: push the bytes out.
-            self.stream.flush().await?;
-        }
-        Ok(())
+        std::future::poll_fn(|cx| self.poll_write_out(cx)).await
     }
 
     /// Adds the PUBLISH packets queued since the last call to the shared counter.
@@ -664,11 +802,8 @@ where
         loop {
             self.send_pending();
             self.count_sent();
-            if !self.wbuf.is_empty() {
-                // Boxed, like the input handling: the wait is what the task's future holds.
-                if let Err(e) = Box::pin(self.flush()).await {
-                    return End::Gone(e.to_string());
-                }
+            if self.slow {
+                return End::SlowConsumer;
             }
             let can_send = self.can_send();
             // One hand-written poll rather than `select!`: nothing but a reference to the
@@ -685,6 +820,9 @@ where
             }
             if let Some(end) = Box::pin(self.handle_input()).await {
                 return end;
+            }
+            if self.slow {
+                return End::SlowConsumer;
             }
             if self.rbuf.is_empty() {
                 // Release the buffer (decoded packets keep what they use).
@@ -707,7 +845,7 @@ where
                 self.deliver(&key, delivery);
                 // Take what else is ready before flushing: one write for many PUBLISHes.
                 for _ in 1..DELIVERY_BATCH {
-                    if !self.can_send() {
+                    if self.slow || !self.can_send() {
                         break;
                     }
                     let next = self
@@ -728,6 +866,7 @@ where
             Wake::Input(Ok(0)) => Next::End(End::Gone("closed by peer".into())),
             Wake::Input(Ok(_)) => Next::Input,
             Wake::Input(Err(e)) => Next::End(End::Gone(e.to_string())),
+            Wake::Output(e) => Next::End(End::Gone(e.to_string())),
         }
     }
 
@@ -736,6 +875,14 @@ where
     fn poll_wake(&mut self, can_send: bool, cx: &mut Context<'_>) -> Poll<Wake> {
         if let Poll::Ready(k) = self.control.poll_kicked(cx) {
             return Poll::Ready(Wake::Kicked(k));
+        }
+        // Output first, as far as the socket takes it; a client that does not read does not
+        // stop the connection from reading its input or taking deliveries (bounded by
+        // `max_queued_bytes`).
+        if self.out.is_some() {
+            if let Poll::Ready(Err(e)) = self.poll_write_out(cx) {
+                return Poll::Ready(Wake::Output(e));
+            }
         }
         if let Poll::Ready(r) = self.poll_oldest_ack(cx) {
             return Poll::Ready(Wake::Acked(r));
@@ -779,6 +926,9 @@ where
             }
             if let Some(end) = self.handle(packet).await {
                 return Some(end);
+            }
+            if self.slow {
+                return Some(End::SlowConsumer);
             }
         }
     }
@@ -1501,13 +1651,28 @@ where
         } else {
             settle(handle);
         }
-        if self.wbuf.capacity() == 0 {
-            self.wbuf.reserve(WRITE_CHUNK);
+        let droppable = qos == QoS::AtMostOnce
+            && self.shared.config.slow_consumer == SlowConsumerPolicy::DropOldest;
+        let payload = match &mut packet {
+            Packet::Publish(p) if p.payload.len() >= SHARED_PAYLOAD => {
+                std::mem::take(&mut p.payload)
+            }
+            _ => Bytes::new(),
+        };
+        if !payload.is_empty() {
+            self.send_with_payload(&packet, payload, droppable);
+        } else if droppable {
+            self.send_droppable(&packet);
+        } else {
+            let out = self.out.get_or_insert_with(Default::default);
+            if out.buf.capacity() == 0 {
+                out.buf.reserve(WRITE_CHUNK);
+            }
+            self.send(&packet);
         }
         if let Some(d) = &delivered {
             self.shared.metrics.server.delivered(*d);
         }
-        self.send(&packet);
         self.sent = self.sent.saturating_add(1);
     }
 
@@ -1532,24 +1697,17 @@ where
                 tracing::debug!(client, "MQTT client disconnected")
             }
             End::Shutdown => tracing::debug!(client, "closing MQTT connection: shutdown"),
-        }
-        if self.v5() {
-            if let Some(code) = end.disconnect_code() {
-                let d = Disconnect {
-                    reason_code: code,
-                    properties: DisconnectProperties::default(),
-                };
-                self.wbuf.clear();
-                self.send(&Packet::Disconnect(d));
+            End::SlowConsumer => {
+                m.slow_consumer_disconnects.fetch_add(1, Ordering::Relaxed);
+                if slow_log_allowed() {
+                    tracing::warn!(client, peer = %self.peer, max_queued_bytes = self.shared.config.max_queued_bytes, "closing MQTT connection: slow consumer (more than max_queued_bytes waiting for its socket; logged at most once a second)");
+                }
             }
         }
-        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
-            let _ = self.flush().await;
-            let _ = self.stream.shutdown().await;
-        })
-        .await;
         // Unsettled deliveries go back to the engine (a persistent session gets them again,
-        // under the same packet ids, with those not resent yet).
+        // under the same packet ids, with those not resent yet), then the engine subscriptions
+        // end, before the goodbye: a cursor left while the goodbye waits for a socket that does
+        // not drain would hold its topics' records meanwhile.
         let mut unacked: Vec<(String, u16)> = Vec::new();
         let mut awaiting_pubcomp = Vec::new();
         let mut subscriptions = BTreeMap::new();
@@ -1569,6 +1727,28 @@ where
             drop(std::mem::take(&mut a.streams));
             subscriptions = std::mem::take(&mut a.subs);
         }
+        if self.v5() {
+            if let Some(code) = end.disconnect_code() {
+                let mut properties = DisconnectProperties::default();
+                if matches!(end, End::SlowConsumer) {
+                    properties.reason_string = Some(format!(
+                        "slow consumer: more than {} bytes waited for the socket",
+                        self.shared.config.max_queued_bytes
+                    ));
+                }
+                let d = Disconnect {
+                    reason_code: code,
+                    properties,
+                };
+                self.discard_queued();
+                self.send(&Packet::Disconnect(d));
+            }
+        }
+        let _ = tokio::time::timeout(GOODBYE_TIMEOUT, async {
+            let _ = self.flush().await;
+            let _ = self.stream.shutdown().await;
+        })
+        .await;
         if end.publishes_will() {
             if let Some(will) = self.will.take() {
                 let delay = will
@@ -1602,6 +1782,155 @@ where
     fn conn_id(&self) -> u64 {
         self.conn
     }
+}
+
+/// How many queued frames one vectored write takes at most.
+const WRITE_SLICES: usize = 64;
+
+/// Payloads at least this big are written from the message's buffer (shared with the engine's
+/// record) rather than copied into the write buffer.
+const SHARED_PAYLOAD: usize = 4096;
+
+/// One run of encoded packets waiting for the socket: `head`, then the payload of the PUBLISH
+/// it ends with when that payload is shared rather than copied.
+struct Frame {
+    head: Bytes,
+    payload: Bytes,
+    /// A QoS 0 PUBLISH alone, which the `drop_oldest` policy may drop.
+    droppable: bool,
+}
+
+impl Frame {
+    fn len(&self) -> usize {
+        self.head.len() + self.payload.len()
+    }
+}
+
+/// Appends the encoding of PUBLISH `packet`, whose payload (`payload_len` bytes) was taken out
+/// of it and follows separately: the remaining length counts it.
+fn encode_head(
+    packet: &Packet,
+    version: ProtocolVersion,
+    payload_len: usize,
+    out: &mut BytesMut,
+) -> Result<(), ferry_mqtt::EncodeError> {
+    let mut head = BytesMut::new();
+    encode(packet, version, &mut head)?;
+    // The first byte, the remaining length (a variable byte integer), the rest.
+    let (mut len, mut mult, mut at) = (0usize, 1usize, 1usize);
+    while let Some(&b) = head.get(at) {
+        at += 1;
+        len += usize::from(b & 0x7f) * mult;
+        mult = mult.saturating_mul(128);
+        if b & 0x80 == 0 {
+            break;
+        }
+    }
+    let (Some(&first), Some(rest)) = (head.first(), head.get(at..)) else {
+        return Ok(());
+    };
+    out.reserve(head.len() + 4);
+    out.extend_from_slice(&[first]);
+    let mut n = len + payload_len;
+    loop {
+        let b = (n % 128) as u8;
+        n /= 128;
+        out.extend_from_slice(&[if n > 0 { b | 0x80 } else { b }]);
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(rest);
+    Ok(())
+}
+
+/// What waits for a connection's socket, oldest first.
+#[derive(Default)]
+struct Outgoing {
+    /// Packets encoded since they were last handed to `frames` (taken whole then).
+    buf: BytesMut,
+    frames: VecDeque<Frame>,
+    /// Bytes in `frames`.
+    bytes: usize,
+    /// Whether the first frame is partly written (it can be neither dropped nor cut).
+    started: bool,
+}
+
+impl Outgoing {
+    /// Hands what was encoded since the last call to `frames`, as one frame.
+    fn seal(&mut self, droppable: bool) {
+        if !self.buf.is_empty() {
+            let head = std::mem::take(&mut self.buf).freeze();
+            self.push(head, Bytes::new(), droppable);
+        }
+    }
+
+    fn push(&mut self, head: Bytes, payload: Bytes, droppable: bool) {
+        let frame = Frame {
+            head,
+            payload,
+            droppable,
+        };
+        self.bytes += frame.len();
+        self.frames.push_back(frame);
+    }
+
+    /// Takes `n` written bytes off the front.
+    fn advance(&mut self, mut n: usize) {
+        self.bytes = self.bytes.saturating_sub(n);
+        while n > 0 {
+            let Some(front) = self.frames.front_mut() else {
+                break;
+            };
+            if n >= front.len() {
+                n -= front.len();
+                self.frames.pop_front();
+                self.started = false;
+            } else {
+                let from_head = n.min(front.head.len());
+                bytes::Buf::advance(&mut front.head, from_head);
+                bytes::Buf::advance(&mut front.payload, n - from_head);
+                self.started = true;
+                n = 0;
+            }
+        }
+    }
+
+    /// Drops the oldest droppable frames until at most `keep` bytes wait; returns how many.
+    fn drop_oldest(&mut self, keep: usize) -> u64 {
+        let mut dropped = 0;
+        let mut i = usize::from(self.started);
+        while self.bytes > keep && i < self.frames.len() {
+            if self.frames[i].droppable {
+                if let Some(f) = self.frames.remove(i) {
+                    self.bytes -= f.len();
+                    dropped += 1;
+                }
+            } else {
+                i += 1;
+            }
+        }
+        dropped
+    }
+
+    /// Drops every frame but a partly written first one.
+    fn discard(&mut self) {
+        let keep = usize::from(self.started).min(self.frames.len());
+        self.frames.truncate(keep);
+        self.bytes = self.frames.iter().map(Frame::len).sum();
+    }
+}
+
+/// At most one slow-consumer log line a second, process-wide (the counters count every case):
+/// when it is time for one, the caller logs.
+fn slow_log_allowed() -> bool {
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = crate::unix_time::unix_ms(std::time::SystemTime::now());
+    let last = LAST.load(Ordering::Relaxed);
+    now >= last.saturating_add(1000)
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
 }
 
 /// Acknowledges an engine delivery (if any).
@@ -1694,6 +2023,7 @@ fn publish_error_code(e: &PublishError) -> ReasonCode {
         PublishError::Full { .. }
         | PublishError::BatchTooLarge { .. }
         | PublishError::MemoryLimit { .. }
+        | PublishError::TopicLimit { .. }
         | PublishError::Timeout(_) => ReasonCode::QuotaExceeded,
         PublishError::Closed | PublishError::Storage(_) => ReasonCode::ImplementationSpecificError,
         // May have been stored: the reason string starts with "in doubt".

@@ -65,6 +65,10 @@ pub struct MqttMetrics {
     pub acl_denied: AtomicU64,
     /// Latency histograms and refusal counters, shared with the HTTP API.
     pub server: crate::metrics::ServerMetrics,
+    /// Connections closed because more than `max_queued_bytes` waited for their socket.
+    pub slow_consumer_disconnects: AtomicU64,
+    /// QoS 0 messages dropped for connections over `max_queued_bytes` (`drop_oldest`).
+    pub slow_consumer_dropped: AtomicU64,
 }
 
 /// A snapshot of [`MqttMetrics`] plus session counts, for `/stats` and `/metrics`.
@@ -90,6 +94,10 @@ pub struct MqttStats {
     pub wills_published: u64,
     /// PUBLISH packets and SUBSCRIBE filters refused by the ACL.
     pub acl_denied: u64,
+    /// Connections closed as slow consumers.
+    pub slow_consumer_disconnects: u64,
+    /// QoS 0 messages dropped for slow consumers.
+    pub slow_consumer_dropped: u64,
     /// Connected sessions.
     pub sessions_online: usize,
     /// Persistent sessions kept for disconnected clients.
@@ -152,6 +160,8 @@ impl MqttShared {
             publish_sent: m.publish_sent.load(Ordering::Relaxed),
             wills_published: m.wills_published.load(Ordering::Relaxed),
             acl_denied: m.acl_denied.load(Ordering::Relaxed),
+            slow_consumer_disconnects: m.slow_consumer_disconnects.load(Ordering::Relaxed),
+            slow_consumer_dropped: m.slow_consumer_dropped.load(Ordering::Relaxed),
             sessions_online: online,
             sessions_offline: offline,
             retained: self.retained.len(),
