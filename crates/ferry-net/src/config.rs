@@ -20,6 +20,7 @@
 //! max_packet_size = 1048576
 //! max_inflight = 64           # outbound QoS>0 in flight per connection, and the receive maximum
 //! max_queued = 10000          # messages queued for an offline persistent session
+//! max_subscriptions_per_connection = 1000   # 0: no limit
 //! topic_alias_maximum = 64
 //! max_session_expiry_secs = 86400
 //! max_keep_alive_secs = 3600
@@ -219,6 +220,11 @@ pub struct MqttConfig {
     /// Messages queued for an offline persistent session; a session whose backlog grows past it
     /// is expired (its subscriptions removed) with a warning.
     pub max_queued: u64,
+    /// Most subscriptions (topic filters, shared ones included) one session holds; a SUBSCRIBE
+    /// filter past it is refused with Quota exceeded (0x97, MQTT 5) / Failure (0x80, MQTT
+    /// 3.1.1) while the other filters of the packet are granted and the connection stays. 0: no
+    /// limit.
+    pub max_subscriptions_per_connection: usize,
     /// Topic Alias Maximum announced to MQTT 5 clients (0 disables inbound aliases).
     pub topic_alias_maximum: u16,
     /// Cap on the session expiry interval clients ask for (seconds). MQTT 3.1.1 persistent
@@ -267,6 +273,7 @@ impl Default for MqttConfig {
             max_packet_size: 1 << 20,
             max_inflight: 64,
             max_queued: 10_000,
+            max_subscriptions_per_connection: 1_000,
             topic_alias_maximum: 64,
             max_session_expiry_secs: 86_400,
             max_keep_alive_secs: 3_600,

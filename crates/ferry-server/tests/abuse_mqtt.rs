@@ -335,3 +335,66 @@ async fn keep_alive_is_capped_and_a_dribbled_packet_does_not_keep_a_connection()
     assert!(matches!(pinger.recv().await, Some(Packet::PingResp)), "the pinging client was closed");
     still_served(addr, ProtocolVersion::V311, "healthy4").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_past_the_limit_are_refused_and_the_rest_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_with(dir.path(), "[mqtt]\nmax_subscriptions_per_connection = 3\n");
+    let addr = server.mqtt;
+    let f = |v: &str, s: &str| format!("subs/{v}/{s}");
+    for (version, v, refused) in [
+        (ProtocolVersion::V5, "5", ReasonCode::QuotaExceeded),
+        // 3.1.1 has one failure code, 0x80 (decoded as Unspecified error).
+        (ProtocolVersion::V311, "4", ReasonCode::UnspecifiedError),
+    ] {
+        let (mut c, code) = Raw::connect(addr, LOCAL, version, &format!("subs{v}")).await;
+        assert_eq!(code, Some(ReasonCode::Success));
+        let first: Vec<String> = ["a", "b", "c", "d"].iter().map(|s| f(v, s)).collect();
+        let g1 = ReasonCode::GrantedQoS1;
+        assert_eq!(c.subscribe(1, &first).await, vec![g1, g1, g1, refused]);
+        // Subscribing again to a filter it has is not a new one; a new one is refused.
+        assert_eq!(
+            c.subscribe(2, &[f(v, "a"), f(v, "e")]).await,
+            vec![g1, refused]
+        );
+        // The granted filters deliver; the refused one does not.
+        let mut seen = Vec::new();
+        c.publish(3, &f(v, "d"), "refused", &mut seen).await;
+        c.publish(4, &f(v, "c"), "granted", &mut seen).await;
+        // Everything up to a PINGRESP sent after the granted message came.
+        let (mut got_c, mut pings) = (false, 0);
+        c.send(&Packet::PingReq).await;
+        while let Some(p) = match seen.is_empty() {
+            true => c.recv().await,
+            false => Some(seen.remove(0)),
+        } {
+            match p {
+                Packet::Publish(p) => {
+                    assert_ne!(p.topic, f(v, "d"), "delivered on a refused filter");
+                    got_c |= p.topic == f(v, "c") && p.payload.as_ref() == b"granted";
+                    if let Some(id) = p.packet_id {
+                        c.send(&Packet::PubAck(ferry_mqtt::PubAck::new(id))).await;
+                    }
+                }
+                Packet::PingResp if got_c => break,
+                Packet::PingResp => {
+                    pings += 1;
+                    assert!(pings < 200, "the granted message never came");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    c.send(&Packet::PingReq).await
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(got_c);
+        // An unsubscription makes room.
+        c.send(&Packet::Unsubscribe(ferry_mqtt::Unsubscribe {
+            packet_id: 5,
+            filters: vec![f(v, "a")],
+            properties: Default::default(),
+        }))
+        .await;
+        assert_eq!(c.subscribe(6, &[f(v, "e")]).await, vec![g1]);
+    }
+    still_served(addr, ProtocolVersion::V5, "healthy").await;
+}

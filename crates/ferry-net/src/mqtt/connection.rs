@@ -1234,8 +1234,19 @@ where
             id: sub_id,
             group,
         };
+        let max_subs = self.shared.config.max_subscriptions_per_connection;
         let a = self.active();
         let existed = a.subs.contains_key(full);
+        if !existed && max_subs > 0 && a.subs.len() >= max_subs {
+            tracing::info!(
+                client = self.neg.client_id,
+                filter = full,
+                max = max_subs,
+                "SUBSCRIBE refused: max_subscriptions_per_connection reached"
+            );
+            // 0x97 in MQTT 5; encoded as 0x80 (failure) for 3.1.1.
+            return ReasonCode::QuotaExceeded;
+        }
         // An existing subscription keeps its engine subscription (and its position) when the
         // acknowledgement mode does not change.
         let keep = a.subs.get(full).is_some_and(|old| {
