@@ -398,3 +398,95 @@ async fn subscriptions_past_the_limit_are_refused_and_the_rest_work() {
     }
     still_served(addr, ProtocolVersion::V5, "healthy").await;
 }
+
+/// The server's resident memory (KiB).
+fn rss_kib(server: &Server) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// Subscribes `n` filters (`bulk/<i>/+` and `bulk/<i>` alternately, or only one kind with
+/// `FERRY_SUBS_KIND=wild` or `exact`; one per SUBSCRIBE, up to
+/// 256 SUBSCRIBEs unanswered) on one connection and prints how long it took and the server's
+/// resident memory per filter. A measurement, not a check: run by hand with
+/// `FERRY_SUBS=1000,10000,100000 cargo test --release -p ferry-server --test abuse_mqtt
+///  many_subscriptions_on_one_connection -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, run by hand"]
+async fn many_subscriptions_on_one_connection() {
+    let sizes: Vec<usize> = std::env::var("FERRY_SUBS")
+        .unwrap_or_else(|_| "1000,10000".into())
+        .split(',')
+        .map(|s| s.trim().parse().unwrap())
+        .collect();
+    // `mixed` (default), `exact` or `wild`.
+    let kind = std::env::var("FERRY_SUBS_KIND").unwrap_or_else(|_| "mixed".into());
+    for (round, n) in sizes.into_iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = serve_with(
+            dir.path(),
+            "memory = true\n[mqtt]\nmax_subscriptions_per_connection = 0\n",
+        );
+        let (mut c, code) = Raw::connect(
+            server.mqtt,
+            LOCAL,
+            ProtocolVersion::V311,
+            &format!("bulk{round}"),
+        )
+        .await;
+        assert_eq!(code, Some(ReasonCode::Success));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = rss_kib(&server);
+        let began = Instant::now();
+        let (mut sent, mut acked) = (0usize, 0usize);
+        let mut out = BytesMut::new();
+        let mut split = began;
+        while acked < n {
+            while sent < n && sent - acked < 256 {
+                let filter = if kind == "wild" || (kind == "mixed" && sent % 2 == 0) {
+                    format!("bulk/{sent}/+")
+                } else {
+                    format!("bulk/{sent}")
+                };
+                let s = Subscribe {
+                    packet_id: u16::try_from(sent % 65_535 + 1).unwrap(),
+                    subscriptions: vec![Subscription::new(filter, QoS::AtLeastOnce)],
+                    properties: Default::default(),
+                };
+                encode(&Packet::Subscribe(s), c.version, &mut out).unwrap();
+                sent += 1;
+            }
+            c.stream.write_all(&out).await.unwrap();
+            out.clear();
+            match c.recv().await {
+                Some(Packet::SubAck(s)) => {
+                    assert_eq!(s.reason_codes, vec![ReasonCode::GrantedQoS1]);
+                    acked += 1;
+                    if acked % (n / 10).max(1) == 0 {
+                        println!(
+                            "  {acked} filters: last tenth in {:?}",
+                            split.elapsed()
+                        );
+                        split = Instant::now();
+                    }
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let took = began.elapsed();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = rss_kib(&server);
+        println!(
+            "{n} {kind} filters on one connection: {took:?} ({:.1} us per filter), server RSS {} -> {} KiB ({:.0} B per filter)",
+            took.as_secs_f64() * 1e6 / n as f64,
+            before,
+            after,
+            (after.saturating_sub(before) * 1024) as f64 / n as f64
+        );
+    }
+}

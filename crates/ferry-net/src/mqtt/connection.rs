@@ -21,12 +21,12 @@ use ferry_mqtt::{
     Disconnect, DisconnectProperties, Packet, ProtocolVersion, PubAck, PubComp, PubRec, PubRel,
     Publish, QoS, ReasonCode, RetainHandling, SubAck, Subscribe, UnsubAck, Unsubscribe, Will,
 };
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio_stream::StreamMap;
 
 use super::convert::{self, Inbound};
 use super::session::{self, Kick, StoredSession, SubEntry};
+use super::streams::Streams;
 use super::state::{self, InboundQos2, Negotiated, Outbound, Qos2Inbound, TopicAliases};
 use super::MqttShared;
 use crate::acl::ClientAcl;
@@ -93,7 +93,7 @@ struct Active {
     /// Subscriptions by full filter (with any `$share/` prefix).
     subs: BTreeMap<String, SubEntry>,
     /// Their engine subscriptions, under the same keys.
-    streams: StreamMap<String, Subscription>,
+    streams: Streams<Subscription>,
     outbound: Outbound<Handle>,
     /// Retained messages waiting for room in the outbound window.
     pending: VecDeque<Pending>,
@@ -352,7 +352,7 @@ enum Wake {
     /// Bytes read (0: end of stream), or the read failed.
     Input(std::io::Result<usize>),
     /// A delivery of the subscription with that key.
-    Delivery(String, Delivery),
+    Delivery(Arc<str>, Delivery),
     /// The oldest publish waiting for its acknowledgement has its outcome.
     Acked(Settled),
 }
@@ -515,7 +515,7 @@ where
         self.active.get_or_insert_with(|| {
             Box::new(Active {
                 subs: BTreeMap::new(),
-                streams: StreamMap::new(),
+                streams: Streams::default(),
                 outbound: Outbound::new(window),
                 pending: VecDeque::new(),
                 inbound_qos2: InboundQos2::new(config.max_inflight, HashSet::new()),
@@ -634,7 +634,7 @@ where
             match self.engine_subscription(&entry) {
                 Ok(sub) => {
                     let a = self.active();
-                    a.streams.insert(key.clone(), sub);
+                    a.streams.insert(&key, sub);
                     a.subs.insert(key, entry);
                 }
                 Err(e) => {
@@ -707,13 +707,10 @@ where
                     if !self.can_send() {
                         break;
                     }
-                    let next = self
-                        .active
-                        .as_mut()
-                        .and_then(|a| a.streams.next().now_or_never());
+                    let next = self.active.as_mut().and_then(|a| a.streams.try_next());
                     match next {
-                        Some(Some((key, delivery))) => self.deliver(&key, delivery),
-                        _ => break,
+                        Some((key, delivery)) => self.deliver(&key, delivery),
+                        None => break,
                     }
                 }
                 Next::Wait
@@ -742,7 +739,7 @@ where
         }
         if can_send {
             if let Some(a) = self.active.as_mut() {
-                if let Poll::Ready(Some((key, d))) = a.streams.poll_next_unpin(cx) {
+                if let Poll::Ready((key, d)) = a.streams.poll_next(cx) {
                     return Poll::Ready(Wake::Delivery(key, d));
                 }
             }
@@ -1257,7 +1254,7 @@ where
             a.streams.remove(full);
             match self.engine_subscription(&entry) {
                 Ok(sub) => {
-                    self.active().streams.insert(full.to_string(), sub);
+                    self.active().streams.insert(full, sub);
                 }
                 Err(e) => {
                     tracing::info!(client = self.neg.client_id, filter = full, error = %e, "SUBSCRIBE refused");
