@@ -38,6 +38,7 @@ mod fsutil;
 pub mod http;
 pub mod http_auth;
 pub mod mqtt;
+pub mod nofile;
 mod persist;
 pub mod server;
 pub mod tls;

@@ -490,3 +490,69 @@ async fn many_subscriptions_on_one_connection() {
         );
     }
 }
+
+/// The soft and hard open-file limits of process `pid`.
+fn nofile_of(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .to_string();
+    let f: Vec<&str> = line.split_whitespace().collect();
+    (f[3].to_string(), f[4].to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_open_file_limit_is_raised_to_the_hard_limit_and_a_shortfall_is_warned() {
+    if std::process::Command::new("prlimit")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipping: prlimit (util-linux) not found");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Started with a soft limit of 256 and a hard one of 2048: raised to 2048, which is below
+    // what max_connections = 10000 needs.
+    let server = common::serve_via(
+        &["prlimit", "--nofile=256:2048"],
+        &dir.path().join("data"),
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        nofile_of(server.child.id()),
+        ("2048".to_string(), "2048".to_string())
+    );
+    let log = server.log_lines();
+    assert!(
+        log.iter().any(|l| l.contains("open-file limit")
+            && l.contains("before=256")
+            && l.contains("now=2048")),
+        "{log:#?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.contains("WARN") && l.contains("below what mqtt.max_connections needs")),
+        "{log:#?}"
+    );
+    drop(server);
+    // Enough for the settings: no warning.
+    let file = dir.path().join("small.toml");
+    std::fs::write(&file, "[mqtt]\nmax_connections = 500\n").unwrap();
+    let server = common::serve_via(
+        &["prlimit", "--nofile=256:2048"],
+        &dir.path().join("data2"),
+        &["--config", file.to_str().unwrap()],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(nofile_of(server.child.id()).0, "2048");
+    let complaints = server.complaints();
+    assert!(
+        !complaints.iter().any(|l| l.contains("open-file limit")),
+        "{complaints:#?}"
+    );
+    still_served(server.mqtt, ProtocolVersion::V5, "after-nofile").await;
+}

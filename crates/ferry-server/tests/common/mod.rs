@@ -43,7 +43,20 @@ pub fn after<'a>(line: &'a str, key: &str, end: char) -> Option<&'a str> {
 /// `FERRY_*` variable of the test's environment) and waits until it serves; `Err` with its
 /// log if it does not.
 pub fn serve(dir: &Path, extra: &[&str]) -> Result<Server, String> {
-    let mut cmd = Command::new(BIN);
+    serve_via(&[], dir, extra)
+}
+
+/// [`serve`], the binary started through `wrapper` (a command and its arguments that run the
+/// rest, e.g. `prlimit --nofile=256:4096`); none: directly.
+pub fn serve_via(wrapper: &[&str], dir: &Path, extra: &[&str]) -> Result<Server, String> {
+    let mut cmd = match wrapper.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(BIN);
+            c
+        }
+        None => Command::new(BIN),
+    };
     for (k, _) in std::env::vars() {
         if k.starts_with("FERRY_") {
             cmd.env_remove(k);
