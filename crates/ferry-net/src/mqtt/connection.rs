@@ -26,8 +26,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::convert::{self, Inbound};
 use super::session::{self, Kick, StoredSession, SubEntry};
-use super::streams::Streams;
 use super::state::{self, InboundQos2, Negotiated, Outbound, Qos2Inbound, TopicAliases};
+use super::streams::Streams;
 use super::MqttShared;
 use crate::acl::ClientAcl;
 use crate::auth::AuthOutcome;
@@ -496,7 +496,9 @@ struct Conn<S> {
 
 impl<S> Drop for Conn<S> {
     fn drop(&mut self) {
-        self.shared.addresses.release(&self.shared.config, self.peer.ip());
+        self.shared
+            .addresses
+            .release(&self.shared.config, self.peer.ip());
     }
 }
 

@@ -373,7 +373,6 @@ impl AddressCounts {
             }
         }
     }
-
 }
 
 /// Releases a connection's count on its address when dropped, unless disarmed (once the

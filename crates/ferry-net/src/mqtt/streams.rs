@@ -203,17 +203,17 @@ mod tests {
             got.push((k.to_string(), v));
         }
         got.sort();
-        assert_eq!(
-            got,
-            vec![("a".into(), 3), ("b".into(), 1), ("b".into(), 2)]
-        );
+        assert_eq!(got, vec![("a".into(), 3), ("b".into(), 1), ("b".into(), 2)]);
         // Removed: its items are never seen, and its slot is reused safely.
         assert!(s.remove("a"));
         a_tx.unbounded_send(4).unwrap_or_default();
         let (c_tx, c) = mpsc::unbounded();
         s.insert("c", c);
         c_tx.unbounded_send(5).unwrap();
-        assert_eq!(s.try_next().map(|(k, v)| (k.to_string(), v)), Some(("c".into(), 5)));
+        assert_eq!(
+            s.try_next().map(|(k, v)| (k.to_string(), v)),
+            Some(("c".into(), 5))
+        );
         assert!(s.try_next().is_none());
         assert!(s.contains_key("b") && s.contains_key("c") && !s.contains_key("a"));
         // A stream that ends is removed.
@@ -259,6 +259,9 @@ mod tests {
         senders[1234].unbounded_send(7).unwrap();
         // Only the woken stream is queued.
         assert_eq!(s.ready.queue.lock().len(), 1);
-        assert_eq!(s.try_next().map(|(k, v)| (k.to_string(), v)), Some(("k1234".into(), 7)));
+        assert_eq!(
+            s.try_next().map(|(k, v)| (k.to_string(), v)),
+            Some(("k1234".into(), 7))
+        );
     }
 }
