@@ -139,14 +139,15 @@ impl<S: Stream + Unpin> Streams<S> {
     /// wake-up ([`Self::poll_next`] does).
     pub(crate) fn try_next(&mut self) -> Option<(Arc<str>, S::Item)> {
         loop {
-            if self.local.is_empty() {
+            {
+                // Those woken since go behind those queued already.
                 let mut queue = self.ready.queue.lock();
-                if queue.is_empty() {
+                if self.local.is_empty() && queue.is_empty() {
                     return None;
                 }
                 self.local.extend(queue.drain(..));
             }
-            while let Some((idx, generation)) = self.local.pop_front() {
+            if let Some((idx, generation)) = self.local.pop_front() {
                 let Some(Some(slot)) = self.slots.get_mut(idx) else {
                     continue;
                 };
@@ -159,9 +160,10 @@ impl<S: Stream + Unpin> Streams<S> {
                 let mut scx = Context::from_waker(&waker);
                 match slot.stream.poll_next_unpin(&mut scx) {
                     Poll::Ready(Some(item)) => {
-                        // It may have more: polled again before the streams woken after it.
+                        // It may have more: polled again after the streams queued before it
+                        // (round robin: a busy stream does not starve the others).
                         if !slot.waker.queued.swap(true, Ordering::AcqRel) {
-                            self.local.push_front((idx, generation));
+                            self.local.push_back((idx, generation));
                         }
                         return Some((slot.key.clone(), item));
                     }
@@ -221,6 +223,24 @@ mod tests {
         assert!(s.try_next().is_none());
         assert!(!s.contains_key("b"));
         assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn a_busy_stream_does_not_starve_the_others() {
+        let mut s: Streams<mpsc::UnboundedReceiver<u32>> = Streams::default();
+        let (a_tx, a) = mpsc::unbounded();
+        let (b_tx, b) = mpsc::unbounded();
+        s.insert("a", a);
+        s.insert("b", b);
+        for i in 0..100 {
+            a_tx.unbounded_send(i).unwrap();
+        }
+        assert_eq!(s.try_next().map(|(k, _)| k.to_string()), Some("a".into()));
+        b_tx.unbounded_send(1000).unwrap();
+        let next: Vec<String> = (0..3)
+            .filter_map(|_| s.try_next().map(|(k, _)| k.to_string()))
+            .collect();
+        assert!(next.contains(&"b".to_string()), "{next:?}");
     }
 
     #[test]
