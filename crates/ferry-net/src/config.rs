@@ -22,6 +22,7 @@
 //! max_queued = 10000          # messages queued for an offline persistent session
 //! max_queued_bytes = 67108864 # bytes taken for a connection and not yet written to its socket
 //! slow_consumer = "disconnect" # past max_queued_bytes; or "drop_oldest" (QoS 0 dropped)
+//! max_subscriptions_per_connection = 1000   # 0: no limit
 //! topic_alias_maximum = 64
 //! max_session_expiry_secs = 86400
 //! max_keep_alive_secs = 3600
@@ -253,6 +254,11 @@ pub struct MqttConfig {
     pub max_queued_bytes: usize,
     /// What a connection whose queue passes `max_queued_bytes` does.
     pub slow_consumer: SlowConsumerPolicy,
+    /// Most subscriptions (topic filters, shared ones included) one session holds; a SUBSCRIBE
+    /// filter past it is refused with Quota exceeded (0x97, MQTT 5) / Failure (0x80, MQTT
+    /// 3.1.1) while the other filters of the packet are granted and the connection stays. 0: no
+    /// limit.
+    pub max_subscriptions_per_connection: usize,
     /// Topic Alias Maximum announced to MQTT 5 clients (0 disables inbound aliases).
     pub topic_alias_maximum: u16,
     /// Cap on the session expiry interval clients ask for (seconds). MQTT 3.1.1 persistent
@@ -303,6 +309,7 @@ impl Default for MqttConfig {
             max_queued: 10_000,
             max_queued_bytes: 64 << 20,
             slow_consumer: SlowConsumerPolicy::Disconnect,
+            max_subscriptions_per_connection: 1_000,
             topic_alias_maximum: 64,
             max_session_expiry_secs: 86_400,
             max_keep_alive_secs: 3_600,

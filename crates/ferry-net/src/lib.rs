@@ -40,6 +40,7 @@ pub mod http_auth;
 pub mod http_serve;
 pub mod metrics;
 pub mod mqtt;
+pub mod nofile;
 mod persist;
 pub mod server;
 pub mod tls;

@@ -179,6 +179,8 @@ impl Server {
     /// Binds the listeners and starts serving `broker`. Retained messages and persistent MQTT
     /// sessions are kept in `data_dir` unless the config says `memory`.
     pub async fn start(config: &ServeConfig, broker: Broker) -> Result<Server, ServeError> {
+        // A descriptor per connection: the soft open-file limit up to the hard one.
+        crate::nofile::raise(config);
         // Everything that can fail on bad files first, before anything binds.
         let mqtt_tls = match config.mqtt.tls()? {
             Some(files) => Some(crate::tls::server_config(&files, &[])?),

@@ -132,7 +132,10 @@ impl Raw {
         loop {
             let p = match seen.pop() {
                 Some(p) => p,
-                None => self.recv().await.expect("closed while waiting for a message"),
+                None => self
+                    .recv()
+                    .await
+                    .expect("closed while waiting for a message"),
             };
             if let Packet::Publish(p) = p {
                 if let Some(id) = p.packet_id {
@@ -213,7 +216,10 @@ async fn one_address_is_held_to_its_connection_limit() {
             break;
         }
         assert_eq!(code, Some(ReasonCode::QuotaExceeded));
-        assert!(Instant::now() < deadline, "the closed connection's place never came back");
+        assert!(
+            Instant::now() < deadline,
+            "the closed connection's place never came back"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let stats: serde_json::Value = reqwest::get(format!("http://{}/stats", server.http))
@@ -246,7 +252,10 @@ async fn half_a_connect_or_a_dribbled_one_is_closed_at_the_connect_timeout() {
     // Half a CONNECT, then silence.
     let began = Instant::now();
     let mut half = Raw::open(addr, LOCAL, ProtocolVersion::V5).await;
-    half.stream.write_all(&whole[..whole.len() / 2]).await.unwrap();
+    half.stream
+        .write_all(&whole[..whole.len() / 2])
+        .await
+        .unwrap();
     assert!(half.closed_within(WAIT).await, "half a CONNECT kept open");
     let took = began.elapsed();
     assert!(took >= Duration::from_millis(1900), "closed after {took:?}");
@@ -262,8 +271,16 @@ async fn half_a_connect_or_a_dribbled_one_is_closed_at_the_connect_timeout() {
             break;
         }
     }
-    assert!(closed, "a CONNECT dribbled over {:?} was waited for", began.elapsed());
-    assert!(began.elapsed() < WAIT, "closed only after {:?}", began.elapsed());
+    assert!(
+        closed,
+        "a CONNECT dribbled over {:?} was waited for",
+        began.elapsed()
+    );
+    assert!(
+        began.elapsed() < WAIT,
+        "closed only after {:?}",
+        began.elapsed()
+    );
     still_served(addr, ProtocolVersion::V5, "healthy").await;
 }
 
@@ -278,7 +295,11 @@ async fn keep_alive_is_capped_and_a_dribbled_packet_does_not_keep_a_connection()
         let mut c = Raw::open(addr, LOCAL, ProtocolVersion::V5).await;
         let began = Instant::now();
         c.stream
-            .write_all(&connect_bytes(ProtocolVersion::V5, &format!("ka5-{asked}"), asked))
+            .write_all(&connect_bytes(
+                ProtocolVersion::V5,
+                &format!("ka5-{asked}"),
+                asked,
+            ))
             .await
             .unwrap();
         match c.recv().await {
@@ -292,7 +313,11 @@ async fn keep_alive_is_capped_and_a_dribbled_packet_does_not_keep_a_connection()
             Some(Packet::Disconnect(d)) => assert_eq!(d.reason_code, ReasonCode::KeepAliveTimeout),
             other => panic!("asked {asked}: expected DISCONNECT, got {other:?}"),
         }
-        assert!(began.elapsed() >= Duration::from_millis(2900), "{:?}", began.elapsed());
+        assert!(
+            began.elapsed() >= Duration::from_millis(2900),
+            "{:?}",
+            began.elapsed()
+        );
         assert!(c.recv().await.is_none());
     }
     // MQTT 3.1.1 asking 0: accepted (it cannot be told), closed after 1.5 times the cap.
@@ -302,9 +327,18 @@ async fn keep_alive_is_capped_and_a_dribbled_packet_does_not_keep_a_connection()
         .write_all(&connect_bytes(ProtocolVersion::V311, "ka4", 0))
         .await
         .unwrap();
-    assert!(matches!(c.recv().await, Some(Packet::ConnAck(a)) if a.reason_code == ReasonCode::Success));
-    assert!(c.closed_within(WAIT).await, "a 3.1.1 client asking 0 never timed out");
-    assert!(began.elapsed() >= Duration::from_millis(2900), "{:?}", began.elapsed());
+    assert!(
+        matches!(c.recv().await, Some(Packet::ConnAck(a)) if a.reason_code == ReasonCode::Success)
+    );
+    assert!(
+        c.closed_within(WAIT).await,
+        "a 3.1.1 client asking 0 never timed out"
+    );
+    assert!(
+        began.elapsed() >= Duration::from_millis(2900),
+        "{:?}",
+        began.elapsed()
+    );
     // Within its keep alive a client that pings stays; one that dribbles a PUBLISH a byte at
     // a time (more often than its keep alive) is closed: only whole packets count.
     let (mut pinger, code) = Raw::connect(addr, LOCAL, ProtocolVersion::V5, "pinger").await;
@@ -330,8 +364,233 @@ async fn keep_alive_is_capped_and_a_dribbled_packet_does_not_keep_a_connection()
             break;
         }
     }
-    assert!(closed, "a PUBLISH dribbled over {:?} kept the connection", began.elapsed());
+    assert!(
+        closed,
+        "a PUBLISH dribbled over {:?} kept the connection",
+        began.elapsed()
+    );
     pinger.send(&Packet::PingReq).await;
-    assert!(matches!(pinger.recv().await, Some(Packet::PingResp)), "the pinging client was closed");
+    assert!(
+        matches!(pinger.recv().await, Some(Packet::PingResp)),
+        "the pinging client was closed"
+    );
     still_served(addr, ProtocolVersion::V311, "healthy4").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_past_the_limit_are_refused_and_the_rest_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_with(dir.path(), "[mqtt]\nmax_subscriptions_per_connection = 3\n");
+    let addr = server.mqtt;
+    let f = |v: &str, s: &str| format!("subs/{v}/{s}");
+    for (version, v, refused) in [
+        (ProtocolVersion::V5, "5", ReasonCode::QuotaExceeded),
+        // 3.1.1 has one failure code, 0x80 (decoded as Unspecified error).
+        (ProtocolVersion::V311, "4", ReasonCode::UnspecifiedError),
+    ] {
+        let (mut c, code) = Raw::connect(addr, LOCAL, version, &format!("subs{v}")).await;
+        assert_eq!(code, Some(ReasonCode::Success));
+        let first: Vec<String> = ["a", "b", "c", "d"].iter().map(|s| f(v, s)).collect();
+        let g1 = ReasonCode::GrantedQoS1;
+        assert_eq!(c.subscribe(1, &first).await, vec![g1, g1, g1, refused]);
+        // Subscribing again to a filter it has is not a new one; a new one is refused.
+        assert_eq!(
+            c.subscribe(2, &[f(v, "a"), f(v, "e")]).await,
+            vec![g1, refused]
+        );
+        // The granted filters deliver; the refused one does not.
+        let mut seen = Vec::new();
+        c.publish(3, &f(v, "d"), "refused", &mut seen).await;
+        c.publish(4, &f(v, "c"), "granted", &mut seen).await;
+        // Everything up to a PINGRESP sent after the granted message came.
+        let (mut got_c, mut pings) = (false, 0);
+        c.send(&Packet::PingReq).await;
+        while let Some(p) = match seen.is_empty() {
+            true => c.recv().await,
+            false => Some(seen.remove(0)),
+        } {
+            match p {
+                Packet::Publish(p) => {
+                    assert_ne!(p.topic, f(v, "d"), "delivered on a refused filter");
+                    got_c |= p.topic == f(v, "c") && p.payload.as_ref() == b"granted";
+                    if let Some(id) = p.packet_id {
+                        c.send(&Packet::PubAck(ferry_mqtt::PubAck::new(id))).await;
+                    }
+                }
+                Packet::PingResp if got_c => break,
+                Packet::PingResp => {
+                    pings += 1;
+                    assert!(pings < 200, "the granted message never came");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    c.send(&Packet::PingReq).await
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(got_c);
+        // An unsubscription makes room.
+        c.send(&Packet::Unsubscribe(ferry_mqtt::Unsubscribe {
+            packet_id: 5,
+            filters: vec![f(v, "a")],
+            properties: Default::default(),
+        }))
+        .await;
+        assert_eq!(c.subscribe(6, &[f(v, "e")]).await, vec![g1]);
+    }
+    still_served(addr, ProtocolVersion::V5, "healthy").await;
+}
+
+/// The server's resident memory (KiB).
+fn rss_kib(server: &Server) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// Subscribes `n` filters (`bulk/<i>/+` and `bulk/<i>` alternately, or only one kind with
+/// `FERRY_SUBS_KIND=wild` or `exact`; one per SUBSCRIBE, up to
+/// 256 SUBSCRIBEs unanswered) on one connection and prints how long it took and the server's
+/// resident memory per filter. A measurement, not a check: run by hand with
+/// `FERRY_SUBS=1000,10000,100000 cargo test --release -p ferry-server --test abuse_mqtt
+///  many_subscriptions_on_one_connection -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, run by hand"]
+async fn many_subscriptions_on_one_connection() {
+    let sizes: Vec<usize> = std::env::var("FERRY_SUBS")
+        .unwrap_or_else(|_| "1000,10000".into())
+        .split(',')
+        .map(|s| s.trim().parse().unwrap())
+        .collect();
+    // `mixed` (default), `exact` or `wild`.
+    let kind = std::env::var("FERRY_SUBS_KIND").unwrap_or_else(|_| "mixed".into());
+    for (round, n) in sizes.into_iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = serve_with(
+            dir.path(),
+            "memory = true\n[mqtt]\nmax_subscriptions_per_connection = 0\n",
+        );
+        let (mut c, code) = Raw::connect(
+            server.mqtt,
+            LOCAL,
+            ProtocolVersion::V311,
+            &format!("bulk{round}"),
+        )
+        .await;
+        assert_eq!(code, Some(ReasonCode::Success));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = rss_kib(&server);
+        let began = Instant::now();
+        let (mut sent, mut acked) = (0usize, 0usize);
+        let mut out = BytesMut::new();
+        let mut split = began;
+        while acked < n {
+            while sent < n && sent - acked < 256 {
+                let filter = if kind == "wild" || (kind == "mixed" && sent % 2 == 0) {
+                    format!("bulk/{sent}/+")
+                } else {
+                    format!("bulk/{sent}")
+                };
+                let s = Subscribe {
+                    packet_id: u16::try_from(sent % 65_535 + 1).unwrap(),
+                    subscriptions: vec![Subscription::new(filter, QoS::AtLeastOnce)],
+                    properties: Default::default(),
+                };
+                encode(&Packet::Subscribe(s), c.version, &mut out).unwrap();
+                sent += 1;
+            }
+            c.stream.write_all(&out).await.unwrap();
+            out.clear();
+            match c.recv().await {
+                Some(Packet::SubAck(s)) => {
+                    assert_eq!(s.reason_codes, vec![ReasonCode::GrantedQoS1]);
+                    acked += 1;
+                    if acked % (n / 10).max(1) == 0 {
+                        println!("  {acked} filters: last tenth in {:?}", split.elapsed());
+                        split = Instant::now();
+                    }
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let took = began.elapsed();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = rss_kib(&server);
+        println!(
+            "{n} {kind} filters on one connection: {took:?} ({:.1} us per filter), server RSS {} -> {} KiB ({:.0} B per filter)",
+            took.as_secs_f64() * 1e6 / n as f64,
+            before,
+            after,
+            (after.saturating_sub(before) * 1024) as f64 / n as f64
+        );
+    }
+}
+
+/// The soft and hard open-file limits of process `pid`.
+fn nofile_of(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .to_string();
+    let f: Vec<&str> = line.split_whitespace().collect();
+    (f[3].to_string(), f[4].to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_open_file_limit_is_raised_to_the_hard_limit_and_a_shortfall_is_warned() {
+    if std::process::Command::new("prlimit")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipping: prlimit (util-linux) not found");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Started with a soft limit of 256 and a hard one of 2048: raised to 2048, which is below
+    // what max_connections = 10000 needs.
+    let server = common::serve_via(
+        &["prlimit", "--nofile=256:2048"],
+        &dir.path().join("data"),
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        nofile_of(server.child.id()),
+        ("2048".to_string(), "2048".to_string())
+    );
+    let log = server.log_lines();
+    assert!(
+        log.iter().any(|l| l.contains("open-file limit")
+            && l.contains("before=256")
+            && l.contains("now=2048")),
+        "{log:#?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.contains("WARN") && l.contains("below what mqtt.max_connections needs")),
+        "{log:#?}"
+    );
+    drop(server);
+    // Enough for the settings: no warning.
+    let file = dir.path().join("small.toml");
+    std::fs::write(&file, "[mqtt]\nmax_connections = 500\n").unwrap();
+    let server = common::serve_via(
+        &["prlimit", "--nofile=256:2048"],
+        &dir.path().join("data2"),
+        &["--config", file.to_str().unwrap()],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(nofile_of(server.child.id()).0, "2048");
+    let complaints = server.complaints();
+    assert!(
+        !complaints.iter().any(|l| l.contains("open-file limit")),
+        "{complaints:#?}"
+    );
+    still_served(server.mqtt, ProtocolVersion::V5, "after-nofile").await;
 }

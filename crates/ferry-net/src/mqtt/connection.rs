@@ -22,13 +22,13 @@ use ferry_mqtt::{
     PubComp, PubRec, PubRel, Publish, QoS, ReasonCode, RetainHandling, SubAck, Subscribe, UnsubAck,
     Unsubscribe, Will,
 };
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio_stream::StreamMap;
 
 use super::convert::{self, Inbound};
 use super::session::{self, Kick, StoredSession, SubEntry};
 use super::state::{self, InboundQos2, Negotiated, Outbound, Qos2Inbound, TopicAliases};
+use super::streams::Streams;
 use super::MqttShared;
 use crate::acl::ClientAcl;
 use crate::auth::AuthOutcome;
@@ -98,7 +98,7 @@ struct Active {
     /// Subscriptions by full filter (with any `$share/` prefix).
     subs: BTreeMap<String, SubEntry>,
     /// Their engine subscriptions, under the same keys.
-    streams: StreamMap<String, Subscription>,
+    streams: Streams<Subscription>,
     outbound: Outbound<Handle>,
     /// Retained messages waiting for room in the outbound window.
     pending: VecDeque<Pending>,
@@ -360,7 +360,7 @@ enum Wake {
     /// Bytes read (0: end of stream), or the read failed.
     Input(std::io::Result<usize>),
     /// A delivery of the subscription with that key.
-    Delivery(String, Delivery),
+    Delivery(Arc<str>, Delivery),
     /// The oldest publish waiting for its acknowledgement has its outcome.
     Acked(Settled),
     /// Writing to the socket failed.
@@ -510,7 +510,9 @@ struct Conn<S> {
 
 impl<S> Drop for Conn<S> {
     fn drop(&mut self) {
-        self.shared.addresses.release(&self.shared.config, self.peer.ip());
+        self.shared
+            .addresses
+            .release(&self.shared.config, self.peer.ip());
     }
 }
 
@@ -529,7 +531,7 @@ where
         self.active.get_or_insert_with(|| {
             Box::new(Active {
                 subs: BTreeMap::new(),
-                streams: StreamMap::new(),
+                streams: Streams::default(),
                 outbound: Outbound::new(window),
                 pending: VecDeque::new(),
                 inbound_qos2: InboundQos2::new(config.max_inflight, HashSet::new()),
@@ -775,7 +777,7 @@ where
             match self.engine_subscription(&entry) {
                 Ok(sub) => {
                     let a = self.active();
-                    a.streams.insert(key.clone(), sub);
+                    a.streams.insert(&key, sub);
                     a.subs.insert(key, entry);
                 }
                 Err(e) => {
@@ -848,13 +850,10 @@ where
                     if self.slow || !self.can_send() {
                         break;
                     }
-                    let next = self
-                        .active
-                        .as_mut()
-                        .and_then(|a| a.streams.next().now_or_never());
+                    let next = self.active.as_mut().and_then(|a| a.streams.try_next());
                     match next {
-                        Some(Some((key, delivery))) => self.deliver(&key, delivery),
-                        _ => break,
+                        Some((key, delivery)) => self.deliver(&key, delivery),
+                        None => break,
                     }
                 }
                 Next::Wait
@@ -892,7 +891,7 @@ where
         }
         if can_send {
             if let Some(a) = self.active.as_mut() {
-                if let Poll::Ready(Some((key, d))) = a.streams.poll_next_unpin(cx) {
+                if let Poll::Ready((key, d)) = a.streams.poll_next(cx) {
                     return Poll::Ready(Wake::Delivery(key, d));
                 }
             }
@@ -1434,8 +1433,19 @@ where
             id: sub_id,
             group,
         };
+        let max_subs = self.shared.config.max_subscriptions_per_connection;
         let a = self.active();
         let existed = a.subs.contains_key(full);
+        if !existed && max_subs > 0 && a.subs.len() >= max_subs {
+            tracing::info!(
+                client = self.neg.client_id,
+                filter = full,
+                max = max_subs,
+                "SUBSCRIBE refused: max_subscriptions_per_connection reached"
+            );
+            // 0x97 in MQTT 5; encoded as 0x80 (failure) for 3.1.1.
+            return ReasonCode::QuotaExceeded;
+        }
         // An existing subscription keeps its engine subscription (and its position) when the
         // acknowledgement mode does not change.
         let keep = a.subs.get(full).is_some_and(|old| {
@@ -1446,7 +1456,7 @@ where
             a.streams.remove(full);
             match self.engine_subscription(&entry) {
                 Ok(sub) => {
-                    self.active().streams.insert(full.to_string(), sub);
+                    self.active().streams.insert(full, sub);
                 }
                 Err(e) => {
                     tracing::debug!(client = self.neg.client_id, filter = full, error = %e, "SUBSCRIBE refused");

@@ -5,6 +5,7 @@
 //! - [`session`]: the session registry (takeover, persistent sessions, expiry);
 //! - [`retained`]: retained messages;
 //! - [`convert`]: PUBLISH <-> Ferry message;
+//! - `streams`: a connection's engine subscriptions by key, polled only when woken;
 //! - [`websocket`]: MQTT over WebSocket at `/mqtt` on the HTTP listener;
 //! - `connection`: the connection task that drives all of it from any byte stream (TCP, TLS,
 //!   WebSocket) and the engine.
@@ -17,6 +18,7 @@ pub mod convert;
 pub mod retained;
 pub mod session;
 pub mod state;
+mod streams;
 pub mod websocket;
 
 use std::collections::HashMap;
@@ -394,16 +396,6 @@ impl AddressCounts {
                 counts.remove(&ip);
             }
         }
-    }
-
-    /// How many connections `ip` has open (for tests and stats).
-    #[cfg(test)]
-    pub(crate) fn of(&self, ip: IpAddr) -> usize {
-        self.counts
-            .lock()
-            .get(&ip.to_canonical())
-            .copied()
-            .unwrap_or(0)
     }
 }
 
