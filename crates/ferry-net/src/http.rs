@@ -236,10 +236,12 @@ async fn topic_page(
 
 async fn stats(
     State(s): State<AppState>,
-    Query(q): Query<StatsQuery>,
+    q: Result<Query<StatsQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let caller = s.access.caller(&headers).await?;
+    // A malformed query (`limit=abc`) gets the API's error body too.
+    let Query(q) = q.map_err(|e| invalid(e.body_text()))?;
     let (page, caller) = topic_page(&s.broker, caller, q).await?;
     let everything = caller.sees_all();
     // Server totals and subscriptions only for those who see every topic: they tell about

@@ -200,6 +200,8 @@ async fn stats_and_metrics_show_each_caller_its_topics_a_page_at_a_time() {
         "/stats?limit=1001",
         "/stats?sort=rate",
         "/stats?sort=depth&after=a",
+        "/stats?limit=abc",
+        "/stats?limit=-1",
     ] {
         let (status, body) = api.get("root", bad).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
