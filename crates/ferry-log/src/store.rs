@@ -927,13 +927,11 @@ impl Store {
     /// of every defined stream, in no particular order, without copying any name.
     pub fn for_each_stream(&self, mut visit: impl FnMut(&str, u64, u64)) {
         let streams = self.inner.streams.read();
-        for (name, id) in &streams.by_name {
-            if let Some(st) = streams.by_id.get(id) {
-                let bytes = st
-                    .entry_for(st.start)
-                    .map_or(0, |i| st.bytes - st.entries[i].bytes_before);
-                visit(name, st.next.saturating_sub(st.start), bytes);
-            }
+        for st in streams.by_id.values().filter(|st| st.defined) {
+            let bytes = st
+                .entry_for(st.start)
+                .map_or(0, |i| st.bytes - st.entries[i].bytes_before);
+            visit(&st.name, st.next.saturating_sub(st.start), bytes);
         }
     }
 

@@ -1070,6 +1070,32 @@ tls_key = "k.pem"
     }
 
     #[test]
+    fn stats_settings() {
+        let c = ServeConfig::from_toml(
+            "[http]\nmetrics_topics = \"none\"\nmetrics_topic_limit = 7\n\n[[mqtt.users]]\nusername = \"root\"\npassword_hash = \"h\"\nadmin = true\n",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.http.metrics_topics, MetricsTopics::None);
+        assert_eq!(c.http.metrics_topic_limit, 7);
+        assert!(c.mqtt.users[0].admin);
+        let d = ServeConfig::default();
+        assert_eq!(
+            (d.http.metrics_topics, d.http.metrics_topic_limit),
+            (MetricsTopics::Top, 100)
+        );
+        for bad in [0, 10_001] {
+            let text = format!("[http]\nmetrics_topic_limit = {bad}\n");
+            let c = ServeConfig::from_toml(&text, Path::new("x.toml")).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("http.metrics_topic_limit"), "{e}");
+        }
+        assert!(
+            ServeConfig::from_toml("[http]\nmetrics_topics = \"all\"\n", Path::new("x")).is_err()
+        );
+    }
+
+    #[test]
     fn unknown_keys_are_rejected() {
         let e = ServeConfig::from_toml("[mqtt]\nlisten_port = 3\n", Path::new("x.toml"));
         assert!(e.is_err());

@@ -1,7 +1,11 @@
 //! A small web dashboard at `GET /`: one self-contained HTML page (no external assets) whose
 //! script polls `/stats` (and `/stats/{topic}` for the topic clicked) every second and shows
-//! topics with their publish and delivery rates (from successive counters), depth, lag and dead
-//! letters, subscriptions, and the open MQTT connections (`mqtt.active` in `/stats`).
+//! the server's totals, one page of 50 topics (a prefix filter, `?prefix=` in the page's own
+//! address too, next/first page buttons, or the topics in use with the most stored) with their
+//! publish and delivery rates (from successive counters), depth, lag and the records in their
+//! dead-letter queue now (red while there are any), subscriptions, and the open MQTT
+//! connections (`mqtt.active` in `/stats`). It never asks for the whole topic list, so it works
+//! the same with a million topics; a caller who may not see the totals sees "n/a" there.
 
 use axum::http::header;
 use axum::response::IntoResponse;

@@ -380,10 +380,12 @@ async fn topic_page(
 
 async fn stats(
     State(s): State<AppState>,
-    Query(q): Query<StatsQuery>,
+    q: Result<Query<StatsQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let caller = s.access.caller(&headers).await?;
+    // A malformed query (`limit=abc`) gets the API's error body too.
+    let Query(q) = q.map_err(|e| invalid(e.body_text()))?;
     let (page, caller) = topic_page(&s.broker, caller, q).await?;
     let everything = caller.sees_all();
     // Server totals and subscriptions only for those who see every topic: they tell about
@@ -838,11 +840,19 @@ pub fn openapi_document() -> serde_json::Value {
         "paths": {
             "/health": {"get": {"summary": "Broker health", "responses": {
                 "200": obj("running"), "503": obj("draining or closed")}}},
-            "/stats": {"get": {"summary": "Broker, topic, subscription and MQTT stats", "responses": {"200": obj("Stats")}}},
+            "/stats": {"get": {"summary": "Broker totals, one page of topic stats, subscriptions and MQTT stats",
+                "description": "Topics come a page at a time, in name order: follow `next` (pass it as `after`) until it is null. A page may be short (or empty) with a `next` when many topics the caller may not see were skipped. Callers see only the topics they may consume; `broker`, `subscriptions` and `mqtt` are null/empty unless the caller may consume every topic or is an administrator.",
+                "parameters": [
+                    {"name": "prefix", "in": "query", "schema": {"type": "string"}, "description": "Only topics whose name starts with this"},
+                    {"name": "after", "in": "query", "schema": {"type": "string"}, "description": "Topics after this name (the previous page's next)"},
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": STATS_PAGE_MAX}, "description": "At most this many topics (default 100)"},
+                    {"name": "sort", "in": "query", "schema": {"type": "string", "enum": ["name", "depth"]}, "description": "depth: the topics in use with the most records stored (one page, no after)"}
+                ],
+                "responses": {"200": obj("{broker, topics: [TopicStats], next, subscriptions, mqtt}"), "400": error}}},
             "/stats/{topic}": {"get": {"summary": "One topic's stats", "parameters": [topic_param],
                 "responses": {"200": obj("TopicStats"), "404": error}}},
-            "/metrics": {"get": {"summary": "Prometheus text exposition", "responses": {
-                "200": {"description": "Metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            "/metrics": {"get": {"summary": "OpenMetrics text exposition (server totals, the per-topic series http.metrics_topics selects, latency histograms)", "responses": {
+                "200": {"description": "Metrics", "content": {"application/openmetrics-text": {"schema": {"type": "string"}}}}}}},
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": obj("OpenAPI")}}},
             "/topics/{topic}/messages": {"post": {
                 "summary": "Publish a message (the body is the payload)",

@@ -77,7 +77,7 @@ impl Default for ServerMetrics {
         };
         // Both series exist from the start (an empty family is not shown at all).
         for protocol in ["mqtt", "http"] {
-            m.publish_ack.get_or_create(&ProtocolLabel { protocol });
+            drop(m.publish_ack.get_or_create(&ProtocolLabel { protocol }));
         }
         m
     }

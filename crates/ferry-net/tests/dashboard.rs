@@ -128,3 +128,110 @@ async fn dashboard_shows_live_data_in_headless_chromium() {
     );
     server.shutdown().await;
 }
+
+/// The DOM of `url` once the page's script ran for a while in headless Chromium.
+async fn rendered(chromium: &std::path::Path, url: &str) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let mut cmd = tokio::process::Command::new(chromium);
+    cmd.args([
+        "--headless",
+        "--disable-gpu",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--virtual-time-budget=3000",
+        "--dump-dom",
+    ])
+    .arg(format!("--user-data-dir={}", profile.path().display()))
+    .arg(url)
+    .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(90), cmd.output())
+        .await
+        .expect("chromium did not finish within 90 s")
+        .unwrap();
+    let dom = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && dom.contains("data-updates=\""),
+        "chromium failed or the script never updated ({}): {}\n{dom}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dom
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_a_page_of_many_topics_and_the_dead_letters_of_now() {
+    let Some(chromium) = chromium() else {
+        let why =
+            "no Chromium (/usr/bin/chromium; apt-get install -y chromium, or set FERRY_CHROMIUM)";
+        if services_required() {
+            panic!("FERRY_REQUIRE_SERVICES=1 but {why}");
+        }
+        eprintln!("skipped: {why}");
+        return;
+    };
+    let server = common::server().await;
+    let http = server.http_addr().unwrap();
+    let broker = common::broker_of(&server);
+    for i in 0..120 {
+        broker
+            .create_topic(&format!("bulk/{i:03}"), Default::default())
+            .unwrap();
+    }
+    // One dead letter on dashboard/dead.
+    let mut sub = broker
+        .subscription("dashboard/dead")
+        .manual_ack()
+        .build()
+        .unwrap();
+    broker.publish("dashboard/dead", "poison").await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(5), sub.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    d.reject("bad").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while broker.topic_stats("dashboard/dead").unwrap().dead_letters != 1 {
+        assert!(std::time::Instant::now() < deadline, "never dead-lettered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The whole list is never shown: one page of 50, with a next page.
+    let dom = rendered(&chromium, &format!("http://{http}/")).await;
+    let rows = dom.matches("<tr class=\"topic").count();
+    assert_eq!(rows, 50, "{dom}");
+    assert!(dom.contains("<td class=\"name\">bulk/000</td>"), "{dom}");
+    assert!(!dom.contains("<td class=\"name\">bulk/119</td>"), "{dom}");
+    let next = &dom[dom.find("id=\"next-page\"").unwrap()..];
+    assert!(
+        !next[..next.find('>').unwrap()].contains("disabled"),
+        "{dom}"
+    );
+
+    // A prefix (from the page's address) narrows it; the dead-letter figure is red while the
+    // queue holds one.
+    let dom = rendered(&chromium, &format!("http://{http}/?prefix=dashboard/")).await;
+    assert_eq!(dom.matches("<tr class=\"topic").count(), 1, "{dom}");
+    assert!(
+        dom.contains("<td class=\"name\">dashboard/dead</td>"),
+        "{dom}"
+    );
+    assert!(dom.contains("<td class=\"dead warn\""), "{dom}");
+    let dead = &dom[dom.find("<td class=\"dead warn\"").unwrap()..];
+    assert!(dead.contains(">1</td>"), "{dom}");
+
+    // Emptied: 0, not red, although one was dead-lettered since start.
+    let dlq = broker.dead_letters("dashboard/dead").unwrap();
+    assert_eq!(
+        tokio::task::spawn_blocking(move || dlq.purge())
+            .await
+            .unwrap(),
+        1
+    );
+    let dom = rendered(&chromium, &format!("http://{http}/?prefix=dashboard/")).await;
+    assert!(!dom.contains("<td class=\"dead warn\""), "{dom}");
+    let dead = &dom[dom.find("<td class=\"dead\"").unwrap()..];
+    assert!(dead[..dead.find("</td>").unwrap()].ends_with(">0"), "{dom}");
+    drop(sub);
+    server.shutdown().await;
+}

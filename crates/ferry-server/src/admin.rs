@@ -37,6 +37,18 @@ pub struct StatsArgs {
     pub url: UrlArg,
     /// Only this topic's stats.
     pub topic: Option<String>,
+    /// Only topics whose name starts with this (a page of them).
+    #[arg(long, conflicts_with = "topic")]
+    pub prefix: Option<String>,
+    /// The page after this topic name (the `next` of the previous answer).
+    #[arg(long, conflicts_with = "topic")]
+    pub after: Option<String>,
+    /// At most this many topics (the server allows 1 to 1000; default 100).
+    #[arg(long, conflicts_with = "topic")]
+    pub limit: Option<usize>,
+    /// `depth`: the topics in use with the most records stored, instead of name order.
+    #[arg(long, conflicts_with = "topic")]
+    pub sort: Option<String>,
 }
 
 /// `ferry dlq <action> <topic>`.
@@ -129,7 +141,24 @@ fn base(url: &UrlArg) -> &str {
 pub async fn stats(args: StatsArgs) -> anyhow::Result<ExitCode> {
     let url = match &args.topic {
         Some(t) => format!("{}/stats/{}", base(&args.url), segment(t)),
-        None => format!("{}/stats", base(&args.url)),
+        None => {
+            let mut query = Vec::new();
+            for (key, value) in [
+                ("prefix", args.prefix.clone()),
+                ("after", args.after.clone()),
+                ("limit", args.limit.map(|l| l.to_string())),
+                ("sort", args.sort.clone()),
+            ] {
+                if let Some(v) = value {
+                    query.push(format!("{key}={}", segment(&v)));
+                }
+            }
+            if query.is_empty() {
+                format!("{}/stats", base(&args.url))
+            } else {
+                format!("{}/stats?{}", base(&args.url), query.join("&"))
+            }
+        }
     };
     call(Method::GET, url, &args.url).await
 }

@@ -200,6 +200,8 @@ async fn stats_and_metrics_show_each_caller_its_topics_a_page_at_a_time() {
         "/stats?limit=1001",
         "/stats?sort=rate",
         "/stats?sort=depth&after=a",
+        "/stats?limit=abc",
+        "/stats?limit=-1",
     ] {
         let (status, body) = api.get("root", bad).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
@@ -283,4 +285,122 @@ async fn the_dead_letter_figure_is_what_the_queue_holds_now() {
     assert_eq!(t["dead_letters_by_reason"]["rejected"], 1, "{t}");
     let page = api.json("root", "/stats?prefix=jobs%2F").await;
     assert_eq!(page["topics"][0]["dead_letters"], 0, "{page}");
+}
+
+/// The resident set of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Measures `/stats` and `/metrics` of a real server over `FERRY_MEASURE_TOPICS` topics
+/// (default 100,000), written beforehand through the engine: sizes, times, and the server's
+/// RSS during 5 parallel calls of each. Figures are printed, never asserted on time.
+/// `cargo test -p ferry-server --test abuse_stats -- --ignored --nocapture measure`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: run by hand"]
+async fn measure_stats_and_metrics_with_many_topics() {
+    use ferry::disk::{DiskConfig, Durability};
+    let n: usize = std::env::var("FERRY_MEASURE_TOPICS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let started = Instant::now();
+    {
+        let broker = ferry::Broker::open_with(
+            &data,
+            ferry::BrokerConfig::default(),
+            DiskConfig {
+                durability: Durability::Never,
+                ..DiskConfig::default()
+            },
+        )
+        .unwrap();
+        for i in 0..n {
+            broker
+                .try_publish(&format!("fleet/{}/node-{i:07}", i % 97), "reading")
+                .unwrap();
+        }
+        broker.shutdown(Duration::from_secs(5)).await;
+    }
+    println!("{n} topics written in {:?}", started.elapsed());
+    let config = write_config(dir.path(), "");
+    let server = common::serve(&data, &["--config", &config]).unwrap();
+    let pid = server.child.id();
+    let api = Api::new(&server);
+    println!("server RSS idle: {} KiB", rss_kib(pid));
+    for path in [
+        "/stats",
+        "/stats",
+        "/stats?limit=1000",
+        "/stats?prefix=fleet%2F42%2F&limit=1000",
+        "/stats?after=fleet%2F50%2F&limit=1000",
+        "/stats?sort=depth",
+        "/metrics",
+    ] {
+        let t = Instant::now();
+        let (status, body) = api.get("root", path).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+        println!(
+            "GET {path} as admin: {} bytes in {:?}",
+            body.len(),
+            t.elapsed()
+        );
+    }
+    // Twice: the first call of a user includes its password check (argon2).
+    for call in ["first", "second"] {
+        let t = Instant::now();
+        let (_, body) = api.get("alice", "/stats").await;
+        println!(
+            "GET /stats as a user who sees none of them ({call} call): {} bytes in {:?}",
+            body.len(),
+            t.elapsed()
+        );
+    }
+    for path in ["/stats", "/metrics"] {
+        let before = rss_kib(pid);
+        let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(before));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let (peak, stop) = (peak.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    peak.fetch_max(rss_kib(pid), std::sync::atomic::Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        };
+        let t = Instant::now();
+        let calls: Vec<_> = (0..5)
+            .map(|_| {
+                let (http, url) = (api.http.clone(), format!("{}{path}", api.base));
+                tokio::spawn(async move {
+                    let r = http
+                        .get(url)
+                        .basic_auth("root", Some(PASSWORD))
+                        .send()
+                        .await
+                        .unwrap();
+                    r.bytes().await.unwrap().len()
+                })
+            })
+            .collect();
+        let mut sizes = Vec::new();
+        for c in calls {
+            sizes.push(c.await.unwrap());
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        sampler.join().unwrap();
+        println!(
+            "5 parallel GET {path}: {:?}, sizes {sizes:?}, server RSS {before} KiB before, peak {} KiB",
+            t.elapsed(),
+            peak.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
 }

@@ -221,6 +221,14 @@ async fn stats_and_dead_letters_over_http() {
     let all: Value =
         serde_json::from_str(&ok(&ferry(args(&["stats", "--url", &url]), None).await)).unwrap();
     assert!(all["broker"].is_object());
+    let page: Value = serde_json::from_str(&ok(&ferry(
+        args(&["stats", "--prefix", "jobs/", "--limit", "1", "--url", &url]),
+        None,
+    )
+    .await))
+    .unwrap();
+    assert_eq!(page["topics"][0]["topic"], "jobs/x", "{page}");
+    assert_eq!(page["topics"].as_array().unwrap().len(), 1, "{page}");
     let one: Value =
         serde_json::from_str(&ok(
             &ferry(args(&["stats", "jobs/x", "--url", &url]), None).await
