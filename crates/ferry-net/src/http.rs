@@ -574,11 +574,19 @@ async fn publish(
             }
         }
         // A timeout waiting for space stores nothing; one waiting for the sync is in doubt.
-        None => Some(
-            s.broker
-                .publish_timeout(&topic, message, PUBLISH_TIMEOUT)
-                .await?,
-        ),
+        None => match s
+            .broker
+            .publish_timeout(&topic, message, PUBLISH_TIMEOUT)
+            .await
+        {
+            Ok(offset) => Some(offset),
+            Err(e) => {
+                if matches!(e, PublishError::TopicLimit { .. }) {
+                    s.metrics.refused("topic_limit");
+                }
+                return Err(e.into());
+            }
+        },
     };
     s.metrics.publish_acked("http", received);
     Ok((StatusCode::CREATED, Json(Published { topic, offset })))

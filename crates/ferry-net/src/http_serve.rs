@@ -137,6 +137,7 @@ pub fn spawn(
     tls: Option<TlsAcceptor>,
     app: Router,
     limits: ConnectionLimits,
+    metrics: crate::metrics::ServerMetrics,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
 ) {
@@ -171,6 +172,10 @@ pub fn spawn(
                 Ok(slot) => slot,
                 Err(why) => {
                     refused += 1;
+                    metrics.refused(match why {
+                        Refused::Total => "http_connections",
+                        Refused::Address => "http_connections_per_address",
+                    });
                     if refused.is_power_of_two() {
                         tracing::warn!(%peer, reason = ?why, refused, "HTTP connection refused: too many connections");
                     }

@@ -268,6 +268,7 @@ impl Server {
                 http_tls.map(tokio_rustls::TlsAcceptor::from),
                 app,
                 crate::http_serve::ConnectionLimits::of(&config.http),
+                mqtt.server_metrics().clone(),
                 shutdown.clone(),
                 &tracker,
             );

@@ -253,4 +253,21 @@ async fn one_address_at_its_cap_leaves_others_served() {
     mqtt_publishes(server.mqtt).await;
     drop(silent);
     health_answers("127.0.0.1", server.http, "the capped address, freed").await;
+    let metrics = reqwest::get(format!("http://{}/metrics", server.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    // At least the refusal above (polling /health while the freed slots come back may add some).
+    let counted = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("ferry_refused_total{reason=\"http_connections_per_address\"} ")
+        })
+        .and_then(|n| n.parse::<f64>().ok());
+    assert!(
+        counted.is_some_and(|n| n >= 1.0),
+        "the refusal is not counted in /metrics:\n{metrics}"
+    );
 }

@@ -232,6 +232,18 @@ async fn one_address_is_held_to_its_connection_limit() {
         stats["mqtt"]["refused_per_address"].as_u64().unwrap() >= 2,
         "{stats}"
     );
+    let metrics = reqwest::get(format!("http://{}/metrics", server.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let refused = metrics
+        .lines()
+        .find(|l| l.starts_with("ferry_refused_total{reason=\"mqtt_connections_per_address\"}"))
+        .unwrap_or_else(|| panic!("no per-address refusals in /metrics:\n{metrics}"));
+    let n: f64 = refused.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n >= 2.0, "{refused}");
 }
 
 /// The bytes of a CONNECT of `id` asking keep alive `keep_alive`.

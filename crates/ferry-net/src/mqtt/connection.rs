@@ -243,6 +243,10 @@ where
             // 3.1.1 has one code for both.
             (_, ProtocolVersion::V311) => ReasonCode::ServerUnavailable,
         };
+        shared.metrics.server.refused(match limit {
+            super::Limit::Connections => "mqtt_connections",
+            super::Limit::PerAddress => "mqtt_connections_per_address",
+        });
         match limit {
             super::Limit::Connections => {
                 tracing::warn!(%peer, client = connect.client_id, "max_connections reached; refusing")
@@ -1202,6 +1206,9 @@ where
             }
             Err(e) => {
                 tracing::warn!(client = self.neg.client_id, error = %e, "publish failed");
+                if matches!(e, PublishError::TopicLimit { .. }) {
+                    self.shared.metrics.server.refused("topic_limit");
+                }
                 if qos == QoS::ExactlyOnce {
                     if let Some(id) = id {
                         self.active().inbound_qos2.on_pubrel(id);
@@ -1443,6 +1450,7 @@ where
                 max = max_subs,
                 "SUBSCRIBE refused: max_subscriptions_per_connection reached"
             );
+            self.shared.metrics.server.refused("mqtt_subscriptions");
             // 0x97 in MQTT 5; encoded as 0x80 (failure) for 3.1.1.
             return ReasonCode::QuotaExceeded;
         }
@@ -1709,6 +1717,7 @@ where
             End::Shutdown => tracing::debug!(client, "closing MQTT connection: shutdown"),
             End::SlowConsumer => {
                 m.slow_consumer_disconnects.fetch_add(1, Ordering::Relaxed);
+                m.server.refused("mqtt_slow_consumer");
                 if slow_log_allowed() {
                     tracing::warn!(client, peer = %self.peer, max_queued_bytes = self.shared.config.max_queued_bytes, "closing MQTT connection: slow consumer (more than max_queued_bytes waiting for its socket; logged at most once a second)");
                 }
