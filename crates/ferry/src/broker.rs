@@ -1897,7 +1897,7 @@ impl BrokerInner {
                 if loaded.contains(name) {
                     return;
                 }
-                if name.starts_with('$') {
+                if crate::topic::is_reserved(name) {
                     dead += d as usize;
                 } else {
                     depth += d as usize;
@@ -2263,36 +2263,25 @@ fn page_of_stored(
             return (names, None);
         };
         let last = last.to_string();
-        let mut skip_system = false;
         for name in chunk {
             let n = name.as_str();
             if !n.starts_with(prefix) {
                 return (names, None);
             }
-            if name.is_system() {
-                if prefix.starts_with('$') {
-                    return (names, None);
-                }
-                // Every `$` name sorts before "%": skip them all at once.
-                skip_system = true;
-                break;
-            }
-            if names.len() == limit {
+            // A system name (`$dlq/...`) is never listed; user `$` topics sort among them.
+            let user = !name.is_system();
+            if user && names.len() == limit {
                 // Another topic with the prefix follows the full page.
                 let next = names.last().map(|t| t.to_string());
                 return (names, next);
             }
             looked += 1;
-            if visible(n) {
+            if user && visible(n) {
                 names.push(name);
             } else if looked >= PAGE_SCAN_BUDGET {
                 return (names, Some(n.to_string()));
             }
         }
-        if skip_system {
-            (from, exclusive) = ("%".to_string(), false);
-        } else {
-            (from, exclusive) = (last, true);
-        }
+        (from, exclusive) = (last, true);
     }
 }

@@ -117,6 +117,14 @@ async fn a_durable_user_dollar_topic_survives_a_restart_as_a_user_topic() {
     let stats = broker.stats();
     assert_eq!(stats.topics, 1);
     assert_eq!(stats.dead_letters, 1);
+    // Pages of the stored catalog list it (and never its dead-letter stream), before it is
+    // loaded.
+    for prefix in ["", "$", "$jobs"] {
+        let page = broker.topic_page(prefix, None, 10, &|_| true);
+        let listed: Vec<&str> = page.topics.iter().map(|t| t.topic.as_str()).collect();
+        assert_eq!(listed, ["$jobs"], "prefix {prefix:?}");
+        assert_eq!(page.next, None);
+    }
     // Its records are there from the start, and a leading wildcard still does not read them.
     let mut all = broker
         .subscription("#")
