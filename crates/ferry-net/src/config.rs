@@ -413,6 +413,11 @@ pub struct BrokerSection {
     /// Topics that may exist, stored or in memory (topics unloaded while idle count); a publish
     /// that would create one more is refused (MQTT 5: Quota exceeded; HTTP 507).
     pub max_topics: usize,
+    /// Bytes of records all topics together hold in memory: past it a publish to an in-memory
+    /// topic is refused (MQTT 5 Quota exceeded; HTTP 429 `memory_limit`), while a durable topic
+    /// gives up the oldest records of its in-memory window (they are on disk) instead. 0: no
+    /// bound.
+    pub memory_limit_bytes: usize,
 }
 
 impl Default for BrokerSection {
@@ -422,6 +427,7 @@ impl Default for BrokerSection {
             topic_max_bytes: 64 << 20,
             overflow: OverflowPolicy::DropOldest,
             max_topics: 1_000_000,
+            memory_limit_bytes: 1 << 30,
         }
     }
 }
@@ -887,6 +893,16 @@ impl ServeConfig {
                 reason: format!(
                     "{tmb} is below mqtt.max_packet_size ({}): such messages could never be stored",
                     m.max_packet_size
+                ),
+            });
+        }
+        let mlb = self.broker.memory_limit_bytes;
+        if mlb != 0 && mlb < tmb.max(m.max_packet_size) {
+            return Err(ConfigError::Invalid {
+                key: "broker.memory_limit_bytes",
+                reason: format!(
+                    "{mlb} is below broker.topic_max_bytes or mqtt.max_packet_size: a single topic \
+                     could not hold what it may"
                 ),
             });
         }

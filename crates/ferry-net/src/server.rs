@@ -93,6 +93,8 @@ pub fn broker_config(config: &ServeConfig) -> BrokerConfig {
             ..HotWindow::default()
         },
         max_topics: Some(config.broker.max_topics),
+        memory_limit: (config.broker.memory_limit_bytes > 0)
+            .then_some(config.broker.memory_limit_bytes),
         ..BrokerConfig::default()
     }
 }

@@ -426,12 +426,22 @@ impl Topic {
         let store = !log.holds.is_empty() || self.config.keep_consumed || self.durable.is_some();
         if store {
             self.make_room(log, n, add_bytes)?;
-            if let Some(g) = &log.gauge {
-                let used = g.used();
-                if used + add_bytes > g.limit {
+            if let Some(limit) = log.gauge.as_ref().map(|g| g.limit) {
+                let used = |log: &Log| log.gauge.as_ref().map_or(0, |g| g.used());
+                if self.durable.is_some() {
+                    // A durable topic's window only caches what the store holds: over the
+                    // broker's memory limit it gives up its oldest records (cursors behind it
+                    // read the store) rather than refuse the publish.
+                    while used(log) + add_bytes > limit && !log.records.is_empty() {
+                        log.pop_front();
+                    }
+                    if log.records.is_empty() {
+                        log.base = log.next;
+                    }
+                } else if used(log) + add_bytes > limit {
                     return Err(AppendError::MemoryLimit {
-                        used,
-                        limit: g.limit,
+                        used: used(log),
+                        limit,
                     });
                 }
             }

@@ -194,3 +194,49 @@ proptest! {
         }
     }
 }
+
+/// On a data directory the memory limit bounds the in-memory windows instead of refusing: every
+/// publish is taken, the windows give up their oldest records (which are on disk), and a
+/// subscriber that never read still gets everything, in order, from the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_windows_stay_under_the_memory_limit_and_nothing_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let limit = 64 * 1024;
+    let broker = Broker::open_with(
+        dir.path(),
+        BrokerConfig {
+            memory_limit: Some(limit),
+            memory_high_watermark: Some(limit),
+            ..BrokerConfig::default()
+        },
+        ferry::disk::DiskConfig::default(),
+    )
+    .unwrap();
+    let mut events = broker.events();
+    let mut all = broker.subscribe("mem/#").unwrap();
+    for i in 0..1000u32 {
+        let topic = format!("mem/{}", i % 20);
+        let mut payload = vec![0u8; 1024];
+        payload[..4].copy_from_slice(&i.to_be_bytes());
+        broker.publish(&topic, payload).await.unwrap();
+    }
+    broker.maintain();
+    while let Ok(e) = events.try_recv() {
+        assert!(
+            !matches!(e, ferry::BrokerEvent::MemoryPressure { .. }),
+            "the windows grew past the limit: {e:?}"
+        );
+    }
+    let mut seen = [0u32; 20];
+    for _ in 0..1000 {
+        let d = tokio::time::timeout(Duration::from_secs(10), all.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let i = u32::from_be_bytes(d.message().payload()[..4].try_into().unwrap());
+        let t = (i % 20) as usize;
+        assert_eq!(i / 20, seen[t], "topic {t} out of order");
+        seen[t] += 1;
+    }
+    broker.shutdown(Duration::from_secs(5)).await;
+}
