@@ -3,18 +3,13 @@
 //! message queued for it while it was away, and the retained message.
 #![allow(clippy::unwrap_used)]
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use rumqttc::v5::mqttbytes::v5::{ConnectProperties, Packet};
+use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-use tokio::sync::mpsc;
 
 mod common;
-use common::Server;
-
-const WAIT: Duration = Duration::from_secs(15);
+use common::{client, next_where, Server};
 
 /// Starts `ferry serve` on `dir` and waits until it serves.
 fn serve(dir: &std::path::Path) -> Server {
@@ -26,50 +21,6 @@ fn stop(mut s: Server, signal: &str) -> Vec<String> {
     let before = s.log_lines().len();
     s.stop_with(signal, "ferry serve");
     s.log_lines().split_off(before)
-}
-
-/// A v5 client whose incoming PUBLISH payloads and CONNACK session flags arrive on a channel.
-fn client(
-    addr: SocketAddr,
-    id: &str,
-    persistent: bool,
-) -> (AsyncClient, mpsc::UnboundedReceiver<Packet>) {
-    let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
-    o.set_keep_alive(Duration::from_secs(30));
-    if persistent {
-        o.set_clean_start(false);
-        let mut props = ConnectProperties::new();
-        props.session_expiry_interval = Some(3600);
-        o.set_connect_properties(props);
-    }
-    let (client, mut el) = AsyncClient::new(o, 10);
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok(ev) = el.poll().await {
-            if let Event::Incoming(p) = ev {
-                if tx.send(p).is_err() {
-                    return;
-                }
-            }
-        }
-    });
-    (client, rx)
-}
-
-async fn next_where(
-    rx: &mut mpsc::UnboundedReceiver<Packet>,
-    f: impl Fn(&Packet) -> bool,
-) -> Packet {
-    tokio::time::timeout(WAIT, async {
-        loop {
-            let p = rx.recv().await.expect("client ended");
-            if f(&p) {
-                return p;
-            }
-        }
-    })
-    .await
-    .expect("timed out")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

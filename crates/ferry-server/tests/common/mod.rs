@@ -195,3 +195,53 @@ impl Server {
         began.elapsed()
     }
 }
+
+/// An MQTT 5 client (rumqttc) whose incoming packets arrive on a channel; `persistent` asks for
+/// a session that outlives the connection (an hour).
+pub fn client(
+    addr: SocketAddr,
+    id: &str,
+    persistent: bool,
+) -> (
+    rumqttc::v5::AsyncClient,
+    tokio::sync::mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::Packet>,
+) {
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    if persistent {
+        o.set_clean_start(false);
+        let mut props = rumqttc::v5::mqttbytes::v5::ConnectProperties::new();
+        props.session_expiry_interval = Some(3600);
+        o.set_connect_properties(props);
+    }
+    let (client, mut el) = AsyncClient::new(o, 10);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(ev) = el.poll().await {
+            if let Event::Incoming(p) = ev {
+                if tx.send(p).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    (client, rx)
+}
+
+/// The next packet from a [`client`] that `f` accepts (within 15 s).
+pub async fn next_where(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<rumqttc::v5::mqttbytes::v5::Packet>,
+    f: impl Fn(&rumqttc::v5::mqttbytes::v5::Packet) -> bool,
+) -> rumqttc::v5::mqttbytes::v5::Packet {
+    tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            let p = rx.recv().await.expect("client ended");
+            if f(&p) {
+                return p;
+            }
+        }
+    })
+    .await
+    .expect("timed out")
+}
