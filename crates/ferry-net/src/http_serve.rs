@@ -209,10 +209,8 @@ async fn connection(
     match tls {
         None => serve(stream, peer, slot, app, &builder, shutdown).await,
         Some(acceptor) => {
-            let handshake = tokio::time::timeout(
-                crate::tls::HANDSHAKE_TIMEOUT,
-                acceptor.accept(stream),
-            );
+            let handshake =
+                tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, acceptor.accept(stream));
             let r = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 r = handshake => r,
@@ -284,7 +282,11 @@ mod tests {
         assert_eq!(counts.admit(b).err(), Some(Refused::Total));
         let a2_copy = a2.clone();
         drop(a2);
-        assert_eq!(counts.admit(b).err(), Some(Refused::Total), "a clone holds it");
+        assert_eq!(
+            counts.admit(b).err(),
+            Some(Refused::Total),
+            "a clone holds it"
+        );
         drop(a2_copy);
         let b2 = counts.admit(b).unwrap();
         drop((a1, b1, b2));

@@ -178,13 +178,7 @@ async fn topics_with_slashes_work_plain_and_encoded_on_every_route() {
         )
         .await;
         assert_eq!(s["settled"], 1, "{form} nack: {s}");
-        let (st, _, v) = answer(
-            http.get(format!("{t}/dead-letters"))
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let (st, _, v) = answer(http.get(format!("{t}/dead-letters")).send().await.unwrap()).await;
         assert_eq!(st, 200, "{form}: {v}");
         assert_eq!(v["topic"], "a/b/c");
         assert_eq!(v["len"], 1, "{form}: {v}");
@@ -389,7 +383,10 @@ async fn mqtt_over_websocket_outlives_the_http_timeouts_and_counts() {
                 break;
             }
         }
-        assert!(Instant::now() < deadline, "the WebSocket's place was not freed");
+        assert!(
+            Instant::now() < deadline,
+            "the WebSocket's place was not freed"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     server.shutdown().await;

@@ -499,7 +499,9 @@ struct Conn<S> {
 
 impl<S> Drop for Conn<S> {
     fn drop(&mut self) {
-        self.shared.addresses.release(&self.shared.config, self.peer.ip());
+        self.shared
+            .addresses
+            .release(&self.shared.config, self.peer.ip());
     }
 }
 

@@ -8,9 +8,9 @@ use std::task::{ready, Context, Poll};
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, State};
-use axum::Extension;
 use axum::response::Response;
 use axum::routing::get;
+use axum::Extension;
 use axum::Router;
 use bytes::{Buf, Bytes};
 use futures::{Sink, Stream};
