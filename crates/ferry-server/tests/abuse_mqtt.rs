@@ -132,7 +132,10 @@ impl Raw {
         loop {
             let p = match seen.pop() {
                 Some(p) => p,
-                None => self.recv().await.expect("closed while waiting for a message"),
+                None => self
+                    .recv()
+                    .await
+                    .expect("closed while waiting for a message"),
             };
             if let Packet::Publish(p) = p {
                 if let Some(id) = p.packet_id {
@@ -213,7 +216,10 @@ async fn one_address_is_held_to_its_connection_limit() {
             break;
         }
         assert_eq!(code, Some(ReasonCode::QuotaExceeded));
-        assert!(Instant::now() < deadline, "the closed connection's place never came back");
+        assert!(
+            Instant::now() < deadline,
+            "the closed connection's place never came back"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let stats: serde_json::Value = reqwest::get(format!("http://{}/stats", server.http))
@@ -246,7 +252,10 @@ async fn half_a_connect_or_a_dribbled_one_is_closed_at_the_connect_timeout() {
     // Half a CONNECT, then silence.
     let began = Instant::now();
     let mut half = Raw::open(addr, LOCAL, ProtocolVersion::V5).await;
-    half.stream.write_all(&whole[..whole.len() / 2]).await.unwrap();
+    half.stream
+        .write_all(&whole[..whole.len() / 2])
+        .await
+        .unwrap();
     assert!(half.closed_within(WAIT).await, "half a CONNECT kept open");
     let took = began.elapsed();
     assert!(took >= Duration::from_millis(1900), "closed after {took:?}");
@@ -262,8 +271,16 @@ async fn half_a_connect_or_a_dribbled_one_is_closed_at_the_connect_timeout() {
             break;
         }
     }
-    assert!(closed, "a CONNECT dribbled over {:?} was waited for", began.elapsed());
-    assert!(began.elapsed() < WAIT, "closed only after {:?}", began.elapsed());
+    assert!(
+        closed,
+        "a CONNECT dribbled over {:?} was waited for",
+        began.elapsed()
+    );
+    assert!(
+        began.elapsed() < WAIT,
+        "closed only after {:?}",
+        began.elapsed()
+    );
     still_served(addr, ProtocolVersion::V5, "healthy").await;
 }
 
@@ -278,7 +295,11 @@ async fn keep_alive_is_capped_and_a_dribbled_packet_does_not_keep_a_connection()
         let mut c = Raw::open(addr, LOCAL, ProtocolVersion::V5).await;
         let began = Instant::now();
         c.stream
-            .write_all(&connect_bytes(ProtocolVersion::V5, &format!("ka5-{asked}"), asked))
+            .write_all(&connect_bytes(
+                ProtocolVersion::V5,
+                &format!("ka5-{asked}"),
+                asked,
+            ))
             .await
             .unwrap();
         match c.recv().await {
@@ -292,7 +313,11 @@ async fn keep_alive_is_capped_and_a_dribbled_packet_does_not_keep_a_connection()
             Some(Packet::Disconnect(d)) => assert_eq!(d.reason_code, ReasonCode::KeepAliveTimeout),
             other => panic!("asked {asked}: expected DISCONNECT, got {other:?}"),
         }
-        assert!(began.elapsed() >= Duration::from_millis(2900), "{:?}", began.elapsed());
+        assert!(
+            began.elapsed() >= Duration::from_millis(2900),
+            "{:?}",
+            began.elapsed()
+        );
         assert!(c.recv().await.is_none());
     }
     // MQTT 3.1.1 asking 0: accepted (it cannot be told), closed after 1.5 times the cap.
@@ -302,9 +327,18 @@ async fn keep_alive_is_capped_and_a_dribbled_packet_does_not_keep_a_connection()
         .write_all(&connect_bytes(ProtocolVersion::V311, "ka4", 0))
         .await
         .unwrap();
-    assert!(matches!(c.recv().await, Some(Packet::ConnAck(a)) if a.reason_code == ReasonCode::Success));
-    assert!(c.closed_within(WAIT).await, "a 3.1.1 client asking 0 never timed out");
-    assert!(began.elapsed() >= Duration::from_millis(2900), "{:?}", began.elapsed());
+    assert!(
+        matches!(c.recv().await, Some(Packet::ConnAck(a)) if a.reason_code == ReasonCode::Success)
+    );
+    assert!(
+        c.closed_within(WAIT).await,
+        "a 3.1.1 client asking 0 never timed out"
+    );
+    assert!(
+        began.elapsed() >= Duration::from_millis(2900),
+        "{:?}",
+        began.elapsed()
+    );
     // Within its keep alive a client that pings stays; one that dribbles a PUBLISH a byte at
     // a time (more often than its keep alive) is closed: only whole packets count.
     let (mut pinger, code) = Raw::connect(addr, LOCAL, ProtocolVersion::V5, "pinger").await;
@@ -330,8 +364,15 @@ async fn keep_alive_is_capped_and_a_dribbled_packet_does_not_keep_a_connection()
             break;
         }
     }
-    assert!(closed, "a PUBLISH dribbled over {:?} kept the connection", began.elapsed());
+    assert!(
+        closed,
+        "a PUBLISH dribbled over {:?} kept the connection",
+        began.elapsed()
+    );
     pinger.send(&Packet::PingReq).await;
-    assert!(matches!(pinger.recv().await, Some(Packet::PingResp)), "the pinging client was closed");
+    assert!(
+        matches!(pinger.recv().await, Some(Packet::PingResp)),
+        "the pinging client was closed"
+    );
     still_served(addr, ProtocolVersion::V311, "healthy4").await;
 }
