@@ -323,7 +323,7 @@ fn unconfirmed(operation: &str, e: &jetstream::context::PublishError) -> Backend
         K::TimedOut | K::BrokenPipe => {
             BackendError::in_doubt(NAME, operation, format!("no acknowledgement: {e}"))
         }
-        _ => publish_error(operation, &e),
+        _ => publish_error(operation, e),
     }
 }
 
