@@ -845,7 +845,7 @@ pub fn openapi_document() -> serde_json::Value {
         },
         "paths": {
             "/health": {"get": {"summary": "Broker health", "responses": {
-                "200": obj("running"), "503": obj("degraded (a storage write or a state save failing: see reason), draining or closed")}}},
+                "200": obj("running"), "503": obj("draining or closed")}}},
             "/stats": {"get": {"summary": "Broker, topic, subscription and MQTT stats", "responses": {"200": obj("Stats")}}},
             "/stats/{topic}": {"get": {"summary": "One topic's stats", "parameters": [topic_param],
                 "responses": {"200": obj("TopicStats"), "404": error}}},
