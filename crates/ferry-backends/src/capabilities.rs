@@ -65,7 +65,10 @@ pub struct Capabilities {
     pub delayed_delivery: Support,
     /// Priority lanes: higher priorities are handed over first (header `ferry-priority`).
     pub priority: Support,
-    /// A message id published twice within a window is delivered once.
+    /// A message id published twice within a window is delivered once. Native (the backend
+    /// drops the second copy, whoever publishes it) is what makes resending a publish that
+    /// failed [in doubt](crate::BackendError::InDoubt) safe: [`Queue::publish`](crate::Queue::publish)
+    /// does so only then.
     pub dedup: Support,
     /// Handlers are `tower::Service`s, so tower's layers apply (always in-process).
     pub middleware: Support,

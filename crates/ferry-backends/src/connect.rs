@@ -95,8 +95,9 @@ pub struct ConnectOptions {
     /// Connect retries.
     pub retry: RetryPolicy,
     /// How long one publish (or batch) may take, confirmation included, before it fails with
-    /// [`BackendError::Timeout`] (default 10 s). A publish that timed out may still have been
-    /// stored: the caller cannot tell, and retries (at-least-once).
+    /// [`BackendError::Timeout`] before the message was sent, [`BackendError::InDoubt`] after
+    /// (default 10 s): then it may still have been stored and the caller cannot tell (a retry
+    /// is at-least-once).
     pub operation_timeout: Duration,
 }
 

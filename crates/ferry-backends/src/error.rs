@@ -42,6 +42,22 @@ pub enum BackendError {
         /// Why, as the backend said it.
         reason: String,
     },
+    /// A publish was sent (or reached storage) but its confirmation did not arrive: a
+    /// confirmation timeout, the connection lost after the send, a store write or sync that
+    /// failed after the record reached it. The message may have been stored and then will be
+    /// delivered; the caller cannot tell. Every other publish error means nothing was stored.
+    /// Retrying with the same message id is safe where the backend de-duplicates by id
+    /// (`dedup` native: NATS JetStream's `Nats-Msg-Id`); elsewhere a retry may deliver twice
+    /// (consumer-side de-duplication by id drops the second copy).
+    #[error("{backend}: {operation} is in doubt (it may have been stored): {reason}")]
+    InDoubt {
+        /// Which backend.
+        backend: &'static str,
+        /// What was not confirmed.
+        operation: String,
+        /// Why the confirmation is missing.
+        reason: String,
+    },
     /// The backend handle (or the subscription) was closed.
     #[error("backend is closed")]
     Closed,
@@ -80,6 +96,7 @@ impl BackendError {
             BackendError::Unreachable { .. } => "unreachable",
             BackendError::Timeout { .. } => "timeout",
             BackendError::Rejected { .. } => "rejected",
+            BackendError::InDoubt { .. } => "in_doubt",
             BackendError::Closed => "closed",
             BackendError::Unsupported { .. } => "unsupported",
             BackendError::Invalid(_) => "invalid",
@@ -94,6 +111,23 @@ impl BackendError {
             self,
             BackendError::Unreachable { .. } | BackendError::Timeout { .. }
         )
+    }
+
+    /// Whether the operation may have taken effect although it failed ([`InDoubt`](Self::InDoubt)).
+    pub fn is_in_doubt(&self) -> bool {
+        matches!(self, BackendError::InDoubt { .. })
+    }
+
+    pub(crate) fn in_doubt(
+        backend: &'static str,
+        operation: impl Into<String>,
+        reason: impl std::fmt::Display,
+    ) -> Self {
+        BackendError::InDoubt {
+            backend,
+            operation: operation.into(),
+            reason: reason.to_string(),
+        }
     }
 
     pub(crate) fn backend(

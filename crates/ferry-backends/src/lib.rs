@@ -69,7 +69,7 @@
 //! # Errors
 //!
 //! Every operation returns a typed [`BackendError`] (`Unreachable`, `Timeout`, `Rejected`,
-//! `Closed`, `Unsupported`, `Invalid`, `Stale`, ...) with a stable
+//! `InDoubt`, `Closed`, `Unsupported`, `Invalid`, `Stale`, ...) with a stable
 //! [`code`](BackendError::code). Connecting retries transient failures with exponential backoff
 //! ([`RetryPolicy`]); a service that refuses, drops or never answers the connection is
 //! `Unreachable` once the attempts run out.
@@ -77,9 +77,15 @@
 //! # Losing the service
 //!
 //! A publish returns `Ok` only once the service confirmed the message, and is bounded by
-//! [`ConnectOptions::operation_timeout`]: while the service is away it fails with a transient
-//! error ([`BackendError::is_transient`]: `Unreachable`, or `Timeout` when the confirmation never
-//! came, in which case the message may still have been stored). When the service is back:
+//! [`ConnectOptions::operation_timeout`]. A failed publish says whether the message may have
+//! been stored: [`BackendError::InDoubt`] (code `in_doubt`, [`BackendError::is_in_doubt`]) when
+//! it was sent but its confirmation did not arrive (a confirmation timeout, the connection lost
+//! after the send; NATS also counts a message its client buffered for the reconnect; the
+//! embedded engine a store write or sync that failed), and any other error when it certainly
+//! was not (transient while the service is away: `Unreachable`, or `Timeout` before the send;
+//! a refusal: `Rejected`). [`Queue::publish`] sends an in-doubt publish again with the same id
+//! only where the backend de-duplicates natively (NATS), and reports it elsewhere. When the
+//! service is back:
 //! NATS reconnects by itself (async-nats) and its subscriptions resume; the Redis adapter opens a
 //! new connection on the next call, and its subscriptions reconnect their readers; the RabbitMQ
 //! adapter opens a new connection on the next publish or subscribe, and its subscriptions

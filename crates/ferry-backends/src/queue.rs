@@ -126,6 +126,12 @@ pub struct QueueConfig {
     /// clamped to a quarter of the subscription's ack timeout; zero hands over the highest lane
     /// ready at once. Unused with native priorities and with a single lane. Default 25 ms.
     pub priority_look_ahead: Duration,
+    /// How many times [`Queue::publish`] sends again, with the same message id, a publish
+    /// that failed in doubt ([`BackendError::InDoubt`]), where the backend de-duplicates by id
+    /// natively (NATS JetStream: a resend within the duplicate window is stored once). Other
+    /// backends report the in-doubt error without a resend, since one could store the message
+    /// twice. Default 2.
+    pub in_doubt_retries: u32,
 }
 
 impl Default for QueueConfig {
@@ -136,6 +142,7 @@ impl Default for QueueConfig {
             consumer_dedup: true,
             drain_idle: Duration::from_millis(500),
             priority_look_ahead: Duration::from_millis(25),
+            in_doubt_retries: 2,
         }
     }
 }
@@ -600,7 +607,11 @@ impl Queue {
 
     /// Publishes `message` to `topic`: to its priority lane ([`BackendMessage::with_priority`]),
     /// unless the same id was published to this topic within the de-duplication window.
-    pub async fn publish(&self, topic: &str, message: BackendMessage) -> Result<Published> {
+    ///
+    /// A publish that failed [in doubt](BackendError::InDoubt) is sent again with the same id
+    /// (up to [`QueueConfig::in_doubt_retries`]) where the backend de-duplicates natively;
+    /// elsewhere the in-doubt error is returned (the message may be stored).
+    pub async fn publish(&self, topic: &str, mut message: BackendMessage) -> Result<Published> {
         let inner = &self.inner;
         let target = if self.native_priority() {
             topic.to_string()
@@ -614,16 +625,34 @@ impl Queue {
             inner.recorder.record(&target, Event::Deduplicated);
             return Ok(Published::Duplicate { id: message.id });
         }
-        match inner.backend.publish(&target, message).await {
-            Ok(ack) => {
-                inner.recorder.record(&target, Event::Published);
-                Ok(Published::Stored(ack))
-            }
-            Err(e) => {
-                if emulate_dedup {
-                    inner.published.lock().remove(&key);
+        // A resend of an in-doubt publish is safe only where the backend drops a second copy.
+        let mut resends = if inner.caps.dedup == Support::Native {
+            inner.config.in_doubt_retries
+        } else {
+            0
+        };
+        loop {
+            let copy = (resends > 0).then(|| message.clone());
+            match inner.backend.publish(&target, message).await {
+                Ok(ack) => {
+                    inner.recorder.record(&target, Event::Published);
+                    return Ok(Published::Stored(ack));
                 }
-                Err(e)
+                Err(e) => match copy {
+                    Some(copy) if e.is_in_doubt() => {
+                        tracing::debug!(error = %e, topic, "publish in doubt: sending it again");
+                        resends -= 1;
+                        message = copy;
+                    }
+                    _ => {
+                        // In doubt, the caller may publish it again: the id window must let
+                        // that through (consumer-side de-duplication drops a second copy).
+                        if emulate_dedup {
+                            inner.published.lock().remove(&key);
+                        }
+                        return Err(e);
+                    }
+                },
             }
         }
     }
@@ -1831,6 +1860,113 @@ mod tests {
             let mut second = q.subscribe(options()).await?;
             assert_eq!(take(&mut second).await?, ("normal".to_string(), 1));
             Ok(())
+        }
+    }
+
+    mod in_doubt {
+        use std::sync::atomic::AtomicU32;
+
+        use async_trait::async_trait;
+
+        use super::*;
+        use crate::adapters::embedded::EmbeddedBackend;
+
+        /// The engine, whose first `fail` publishes end in doubt (after storing the message,
+        /// as a backend whose confirmation was lost), with the given de-duplication support.
+        #[derive(Debug)]
+        struct Unconfirmed {
+            engine: EmbeddedBackend,
+            dedup: Support,
+            fail: AtomicU32,
+            calls: AtomicU32,
+        }
+
+        #[async_trait]
+        impl Backend for Unconfirmed {
+            fn name(&self) -> &'static str {
+                "unconfirmed"
+            }
+
+            fn capabilities(&self) -> Capabilities {
+                Capabilities {
+                    dedup: self.dedup,
+                    ..EmbeddedBackend::capabilities()
+                }
+            }
+
+            async fn publish(&self, topic: &str, message: BackendMessage) -> Result<PublishAck> {
+                self.calls.fetch_add(1, Ordering::SeqCst);
+                let ack = self.engine.publish(topic, message).await?;
+                let left = self.fail.load(Ordering::SeqCst);
+                if left > 0 {
+                    self.fail.store(left - 1, Ordering::SeqCst);
+                    return Err(BackendError::in_doubt("unconfirmed", "publish", "lost ack"));
+                }
+                Ok(ack)
+            }
+
+            async fn publish_batch(
+                &self,
+                topic: &str,
+                messages: Vec<BackendMessage>,
+            ) -> Result<Vec<PublishAck>> {
+                self.engine.publish_batch(topic, messages).await
+            }
+
+            async fn subscribe(
+                &self,
+                options: SubscribeOptions,
+            ) -> Result<Box<dyn BackendSubscription>> {
+                self.engine.subscribe(options).await
+            }
+
+            async fn dead_letters(&self, topic: &str) -> Result<Box<dyn BackendSubscription>> {
+                self.engine.dead_letters(topic).await
+            }
+
+            async fn delete_topic(&self, topic: &str) -> Result<()> {
+                self.engine.delete_topic(topic).await
+            }
+
+            async fn close(&self) -> Result<()> {
+                self.engine.close().await
+            }
+        }
+
+        fn queue(dedup: Support, fail: u32) -> (Queue, Arc<Unconfirmed>) {
+            let b = Arc::new(Unconfirmed {
+                engine: EmbeddedBackend::memory(100),
+                dedup,
+                fail: AtomicU32::new(fail),
+                calls: AtomicU32::new(0),
+            });
+            (Queue::new(b.clone()), b)
+        }
+
+        #[tokio::test]
+        async fn is_sent_again_where_the_backend_deduplicates() {
+            let (q, b) = queue(Support::Native, 1);
+            let r = q.publish("t", BackendMessage::new("x")).await;
+            assert!(matches!(r, Ok(Published::Stored(_))), "{r:?}");
+            assert_eq!(b.calls.load(Ordering::SeqCst), 2);
+            // Up to `in_doubt_retries` resends, then reported.
+            let (q, b) = queue(Support::Native, 10);
+            let r = q.publish("t", BackendMessage::new("x")).await;
+            assert!(r.as_ref().is_err_and(BackendError::is_in_doubt), "{r:?}");
+            assert_eq!(b.calls.load(Ordering::SeqCst), 3);
+        }
+
+        #[tokio::test]
+        async fn is_reported_elsewhere_and_may_be_published_again() {
+            let (q, b) = queue(Support::Emulated, 1);
+            let m = BackendMessage::new("x");
+            let r = q.publish("t", m.clone()).await;
+            assert!(r.as_ref().is_err_and(BackendError::is_in_doubt), "{r:?}");
+            assert_eq!(b.calls.load(Ordering::SeqCst), 1);
+            // The caller's retry is not dropped by the publish-side id window.
+            let r = q.publish("t", m).await;
+            assert!(matches!(r, Ok(Published::Stored(_))), "{r:?}");
+            assert_eq!(b.calls.load(Ordering::SeqCst), 2);
         }
     }
 }

@@ -40,7 +40,8 @@ macro_rules! conformance_suite {
                 queue_permanent_failure,
                 queue_redrive_and_purge,
                 queue_middleware,
-                queue_stats
+                queue_stats,
+                publish_in_doubt
             );
         }
     };
@@ -60,6 +61,11 @@ macro_rules! conformance_suite {
 }
 
 conformance_suite!(memory);
+/// The embedded engine over a storage whose failures a case switches on: the cases that need
+/// that.
+mod file_faulty {
+    conformance_suite!(@cases file_faulty; publish_in_doubt);
+}
 conformance_suite!(file);
 conformance_suite!(nats);
 conformance_suite!(redis);

@@ -182,16 +182,21 @@ impl Bridge {
         match self.backend.publish(&backend_topic, m).await {
             Ok(_) => Ok(()),
             Err(BackendError::Closed) => Err(PublishError::Closed),
-            // Refused by the backend, or never sent: not published.
-            Err(e @ (BackendError::Rejected { .. } | BackendError::Invalid(_))) => Err(
-                PublishError::Storage(format!("backend {}: {e}", self.backend.name())),
-            ),
-            // No confirmation (a timeout, a lost connection, a client library error): the
-            // backend may have the message, and then every server delivers it.
-            Err(e) => Err(PublishError::InDoubt {
-                topic: topic.to_string(),
-                reason: format!("backend {} did not confirm: {e}", self.backend.name()),
-            }),
+            // Sent without a confirmation (a confirmation timeout, the connection lost after
+            // the send), or a client library failure that does not say: the backend may have
+            // the message, and then every server delivers it.
+            Err(e @ (BackendError::InDoubt { .. } | BackendError::Backend { .. })) => {
+                Err(PublishError::InDoubt {
+                    topic: topic.to_string(),
+                    reason: format!("backend {} did not confirm: {e}", self.backend.name()),
+                })
+            }
+            // Refused by the backend, or certainly never sent (unreachable, or out of time
+            // before the send): not published.
+            Err(e) => Err(PublishError::Storage(format!(
+                "backend {}: {e}",
+                self.backend.name()
+            ))),
         }
     }
 

@@ -309,7 +309,18 @@ impl From<DeadLetterError> for ApiError {
 }
 
 async fn health(State(s): State<AppState>) -> Response {
-    let h = s.broker.health();
+    let mut h = s.broker.health();
+    // A failing save of the server's own state (sessions, retained messages, consumer
+    // positions) degrades it as a failing engine write does.
+    if let Some(failure) = s.mqtt.as_ref().and_then(|m| m.shared.save_failure()) {
+        if matches!(h.status, "running" | "degraded") {
+            h.status = "degraded";
+            h.reason = Some(match h.reason.take() {
+                Some(engine) => format!("{engine}; {failure}"),
+                None => failure,
+            });
+        }
+    }
     let status = if h.status == "running" {
         StatusCode::OK
     } else {

@@ -13,6 +13,42 @@ use std::sync::Arc;
 use parking_lot::{Condvar, Mutex};
 use tokio::sync::watch;
 
+/// Which saves of the server's state failed last time they ran, for `/health`: a part
+/// (sessions, retained messages, consumer positions) is failing from a failed save until one
+/// succeeds.
+#[derive(Debug, Default)]
+pub(crate) struct SaveHealth {
+    failing: Mutex<std::collections::BTreeMap<&'static str, String>>,
+}
+
+impl SaveHealth {
+    /// Records the outcome of a save of `part`.
+    pub(crate) fn record<E: std::fmt::Display>(&self, part: &'static str, result: &Result<(), E>) {
+        let mut failing = self.failing.lock();
+        match result {
+            Ok(()) => {
+                failing.remove(part);
+            }
+            Err(e) => {
+                failing.insert(part, e.to_string());
+            }
+        }
+    }
+
+    /// What is failing now (`None` when every last save succeeded).
+    pub(crate) fn failure(&self) -> Option<String> {
+        let failing = self.failing.lock();
+        if failing.is_empty() {
+            return None;
+        }
+        let parts: Vec<String> = failing
+            .iter()
+            .map(|(part, e)| format!("saving {part} failed: {e}"))
+            .collect();
+        Some(parts.join("; "))
+    }
+}
+
 /// The outcome of the last save round: the last request it covered, and its error.
 #[derive(Debug, Clone, Default)]
 struct Round {
@@ -143,6 +179,26 @@ mod tests {
         }
         // Requests share saves.
         assert!(saves.load(Ordering::SeqCst) < 64);
+    }
+
+    #[test]
+    fn save_health_fails_from_a_failed_save_until_one_succeeds() {
+        let h = SaveHealth::default();
+        assert_eq!(h.failure(), None);
+        h.record("sessions", &Err::<(), _>("disk full"));
+        h.record("retained messages", &Ok::<(), &str>(()));
+        assert_eq!(
+            h.failure().as_deref(),
+            Some("saving sessions failed: disk full")
+        );
+        h.record("retained messages", &Err::<(), _>("read-only"));
+        h.record("sessions", &Ok::<(), &str>(()));
+        assert_eq!(
+            h.failure().as_deref(),
+            Some("saving retained messages failed: read-only")
+        );
+        h.record("retained messages", &Ok::<(), &str>(()));
+        assert_eq!(h.failure(), None);
     }
 
     #[tokio::test]

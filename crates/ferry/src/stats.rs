@@ -223,7 +223,8 @@ pub struct BrokerStats {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Health {
     /// "running", "degraded" (running, but the last write or sync to storage failed: see
-    /// `reason`; back to "running" once one succeeds), "draining" or "closed".
+    /// `reason`; back to "running" once one succeeds; the server's `/health` also says it
+    /// while a save of its own state fails), "draining" or "closed".
     pub status: &'static str,
     /// Why the broker is degraded (the storage failure, e.g. "storage write failed: ... No
     /// space left on device"); absent otherwise.

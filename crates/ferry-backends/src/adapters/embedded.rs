@@ -185,6 +185,11 @@ fn publish_error(e: PublishError) -> BackendError {
             operation: format!("publish to {t}"),
             after: Duration::ZERO,
         },
+        // The records reached the store but its write or sync failed (or the broker closed
+        // before the sync): they may be delivered.
+        PublishError::InDoubt { topic, reason } => {
+            BackendError::in_doubt(NAME, format!("publish to {topic}"), reason)
+        }
         other => BackendError::rejected(NAME, "publish", other),
     }
 }

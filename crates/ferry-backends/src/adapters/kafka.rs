@@ -126,7 +126,24 @@ async fn produce(
         .send(record, SEND_TIMEOUT)
         .await
         .map(|d| (d.partition, d.offset))
-        .map_err(|(e, _)| kafka_error("publish", &e))
+        .map_err(|(e, _)| delivery_error(&e))
+}
+
+/// A failed produce: a timeout or a lost broker connection once the record was queued (the
+/// producer retries it, and the broker may have stored it) is in doubt; a full local queue
+/// (nothing sent) or a broker refusal is not.
+fn delivery_error(e: &rdkafka::error::KafkaError) -> BackendError {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    match e.rdkafka_error_code() {
+        Some(
+            C::MessageTimedOut
+            | C::RequestTimedOut
+            | C::OperationTimedOut
+            | C::AllBrokersDown
+            | C::BrokerTransportFailure,
+        ) => BackendError::in_doubt(NAME, "publish", format!("not acknowledged: {e}")),
+        _ => kafka_error("publish", e),
+    }
 }
 
 impl KafkaBackend {
@@ -366,6 +383,18 @@ impl Backend for KafkaBackend {
             .iter()
             .map(|m| produce(&self.producer, topic, m, None));
         let results = futures::future::join_all(sends).await;
+        // Not atomic: a failure beside a stored message leaves the batch in doubt.
+        if results.iter().any(Result::is_ok) {
+            if let Some(Err(e)) = results.iter().find(|r| r.is_err()) {
+                if !e.is_in_doubt() {
+                    return Err(BackendError::in_doubt(
+                        NAME,
+                        "publish batch",
+                        format!("part of it is stored: {e}"),
+                    ));
+                }
+            }
+        }
         messages
             .into_iter()
             .zip(results)

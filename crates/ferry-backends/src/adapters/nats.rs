@@ -20,9 +20,11 @@
 //! **Connection loss.** async-nats reconnects by itself (without limit) and the pull
 //! subscriptions resume. Meanwhile a publish fails after the
 //! [`operation_timeout`](crate::ConnectOptions::operation_timeout) with
-//! [`BackendError::Timeout`] (the client buffers the message and may still send it once
+//! [`BackendError::InDoubt`] (the client buffers the message and may still send it once
 //! reconnected: its `Nats-Msg-Id` header lets the server drop a retry of the same message, same
-//! id, within the stream's 2-minute duplicate window).
+//! id, within the stream's 2-minute duplicate window, so [`Queue`](crate::Queue) resends it).
+//! A publish not handed to the client in time (its buffer full) fails with
+//! [`BackendError::Timeout`]: not sent.
 //!
 //! **De-duplication (native).** Every publish carries the message id as `Nats-Msg-Id`, so the
 //! server drops a second publish of the same id within the stream's duplicate window (2
@@ -312,6 +314,44 @@ fn publish_error(operation: &str, e: &jetstream::context::PublishError) -> Backe
     }
 }
 
+/// An error awaiting a sent publish's acknowledgement: no acknowledgement (a timeout, the
+/// connection lost) is in doubt, as the server may have stored the message; an error the
+/// server answered is a refusal (nothing stored).
+fn unconfirmed(operation: &str, e: &jetstream::context::PublishError) -> BackendError {
+    use jetstream::context::PublishErrorKind as K;
+    match e.kind() {
+        K::TimedOut | K::BrokenPipe => {
+            BackendError::in_doubt(NAME, operation, format!("no acknowledgement: {e}"))
+        }
+        _ => publish_error(operation, e),
+    }
+}
+
+/// A publish that ran out of time (or lost the connection) after the message was handed to
+/// the client is in doubt; before, nothing was sent.
+fn sent_in_doubt(e: BackendError, sent: bool) -> BackendError {
+    match e {
+        BackendError::Timeout { .. } | BackendError::Unreachable { .. } if sent => {
+            BackendError::in_doubt(NAME, "publish", format!("sent, not acknowledged: {e}"))
+        }
+        e => e,
+    }
+}
+
+/// A batch (pipelined, not atomic) that failed once a message of it was sent: some of it may
+/// be stored.
+fn batch_in_doubt(e: BackendError, sent: bool) -> BackendError {
+    if sent && !e.is_in_doubt() {
+        BackendError::in_doubt(
+            NAME,
+            "publish batch",
+            format!("part of it may be stored: {e}"),
+        )
+    } else {
+        e
+    }
+}
+
 fn message_of(m: &async_nats::Message) -> BackendMessage {
     let mut headers = BTreeMap::new();
     let mut id = None;
@@ -353,15 +393,20 @@ impl Backend for NatsBackend {
         let headers = headers_of(&message, true)?;
         // Bounded: while the client is disconnected, the send waits for room in its buffer and
         // the acknowledgement may never come.
+        // Once handed to the client the message may reach the server (also after a
+        // reconnect): from then on a missing acknowledgement is in doubt.
+        let sent = std::sync::atomic::AtomicBool::new(false);
         let ack = bounded(NAME, "publish", self.op_timeout, async {
-            self.js
+            let pending = self
+                .js
                 .publish_with_headers(self.subject(topic), headers, message.payload.clone())
                 .await
-                .map_err(|e| publish_error("publish", &e))?
-                .await
-                .map_err(|e| publish_error("publish", &e))
+                .map_err(|e| publish_error("publish", &e))?;
+            sent.store(true, std::sync::atomic::Ordering::Relaxed);
+            pending.await.map_err(|e| unconfirmed("publish", &e))
         })
-        .await?;
+        .await
+        .map_err(|e| sent_in_doubt(e, sent.load(std::sync::atomic::Ordering::Relaxed)))?;
         Ok(PublishAck {
             id: message.id,
             position: Position::Offset(ack.sequence),
@@ -376,6 +421,7 @@ impl Backend for NatsBackend {
         self.life.check()?;
         check_topic(topic)?;
         let subject = self.subject(topic);
+        let sent = std::sync::atomic::AtomicBool::new(false);
         bounded(NAME, "publish", self.op_timeout, async {
             let mut pending = Vec::with_capacity(messages.len());
             for m in &messages {
@@ -385,11 +431,12 @@ impl Backend for NatsBackend {
                     .publish_with_headers(subject.clone(), headers, m.payload.clone())
                     .await
                     .map_err(|e| publish_error("publish", &e))?;
+                sent.store(true, std::sync::atomic::Ordering::Relaxed);
                 pending.push(fut);
             }
             let mut out = Vec::with_capacity(messages.len());
             for (m, fut) in messages.into_iter().zip(pending) {
-                let ack = fut.await.map_err(|e| publish_error("publish", &e))?;
+                let ack = fut.await.map_err(|e| unconfirmed("publish", &e))?;
                 out.push(PublishAck {
                     id: m.id,
                     position: Position::Offset(ack.sequence),
@@ -398,6 +445,7 @@ impl Backend for NatsBackend {
             Ok(out)
         })
         .await
+        .map_err(|e| batch_in_doubt(e, sent.load(std::sync::atomic::Ordering::Relaxed)))
     }
 
     async fn subscribe(&self, options: SubscribeOptions) -> Result<Box<dyn BackendSubscription>> {

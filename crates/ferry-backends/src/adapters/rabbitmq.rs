@@ -26,8 +26,8 @@
 //!
 //! **Connection loss.** Every publish (with its confirmation) is bounded by the
 //! [`operation_timeout`](crate::ConnectOptions::operation_timeout). When the connection is lost,
-//! calls fail with [`BackendError::Unreachable`] (or `Timeout` for a confirmation that never
-//! came: the message may or may not be stored), and the next publish or subscribe opens a new
+//! calls fail with [`BackendError::Unreachable`] (or [`BackendError::InDoubt`] for a publish
+//! sent whose confirmation never came: the message may or may not be stored), and the next publish or subscribe opens a new
 //! connection (one attempt, bounded by the connect `attempt_timeout`). Subscriptions survive the
 //! loss: a task per subscription feeds it from its consumer and, when the consumer fails or ends
 //! without the subscription being closed (the connection or the channel was lost, or the
@@ -403,15 +403,20 @@ impl RabbitBackend {
         Ok(())
     }
 
-    /// Publishes and waits for the confirmations (unbounded: the caller bounds it).
+    /// Publishes and waits for the confirmations (unbounded: the caller bounds it); `sent`
+    /// becomes true once a message was handed to the channel. A failure after that is in
+    /// doubt (the broker may have stored the message), except the broker's nack of a single
+    /// message (not stored).
     async fn publish_confirmed(
         &self,
         topic: &str,
         messages: Vec<BackendMessage>,
+        sent: &AtomicBool,
     ) -> Result<Vec<PublishAck>> {
         self.ensure_dlq(topic).await?;
         let ch = self.link.publisher().await?;
-        let mut confirms = Vec::with_capacity(messages.len());
+        let total = messages.len();
+        let mut confirms = Vec::with_capacity(total);
         for m in &messages {
             let c = ch
                 .basic_publish(
@@ -422,14 +427,40 @@ impl RabbitBackend {
                     properties(m, None, None),
                 )
                 .await
-                .map_err(|e| amqp_error("publish", &e))?;
+                .map_err(|e| {
+                    let e = amqp_error("publish", &e);
+                    if confirms.is_empty() {
+                        e
+                    } else {
+                        BackendError::in_doubt(
+                            NAME,
+                            "publish batch",
+                            format!("part of it may be stored: {e}"),
+                        )
+                    }
+                })?;
+            sent.store(true, Ordering::Relaxed);
             confirms.push(c);
         }
-        let mut out = Vec::with_capacity(messages.len());
+        let mut out = Vec::with_capacity(total);
         for (m, c) in messages.into_iter().zip(confirms) {
-            match c.await.map_err(|e| amqp_error("publish", &e))? {
-                Confirmation::Nack(_) => {
+            let confirmation = c.await.map_err(|e| {
+                BackendError::in_doubt(
+                    NAME,
+                    "publish",
+                    format!("no confirmation: {}", amqp_error("publish", &e)),
+                )
+            })?;
+            match confirmation {
+                Confirmation::Nack(_) if total == 1 => {
                     return Err(BackendError::rejected(NAME, "publish", "broker nacked"))
+                }
+                Confirmation::Nack(_) => {
+                    return Err(BackendError::in_doubt(
+                        NAME,
+                        "publish batch",
+                        "the broker nacked a message of it; the others may be stored",
+                    ))
                 }
                 Confirmation::Ack(_) | Confirmation::NotRequested => out.push(PublishAck {
                     id: m.id,
@@ -508,13 +539,20 @@ impl Backend for RabbitBackend {
     ) -> Result<Vec<PublishAck>> {
         self.link.life.check()?;
         check_topic(topic)?;
+        let sent = AtomicBool::new(false);
         bounded(
             NAME,
             "publish",
             self.op_timeout,
-            self.publish_confirmed(topic, messages),
+            self.publish_confirmed(topic, messages, &sent),
         )
         .await
+        .map_err(|e| match e {
+            BackendError::Timeout { .. } if sent.load(Ordering::Relaxed) => {
+                BackendError::in_doubt(NAME, "publish", format!("sent, not confirmed: {e}"))
+            }
+            e => e,
+        })
     }
 
     async fn subscribe(&self, options: SubscribeOptions) -> Result<Box<dyn BackendSubscription>> {

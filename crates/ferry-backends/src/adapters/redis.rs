@@ -197,6 +197,16 @@ fn redis_error(operation: &str, e: &RedisError) -> BackendError {
     }
 }
 
+/// A failed XADD: no answer in time or the connection dropped once the command was sent is
+/// in doubt (Redis may have appended the entry); a refused connection or an error reply is not.
+fn publish_error(e: &RedisError) -> BackendError {
+    if e.is_timeout() || e.is_connection_dropped() {
+        BackendError::in_doubt(NAME, "publish", format!("no reply: {e}"))
+    } else {
+        redis_error("publish", e)
+    }
+}
+
 impl RedisBackend {
     /// The capability table.
     pub const fn capabilities() -> Capabilities {
@@ -429,7 +439,7 @@ impl Backend for RedisBackend {
             .xadd(&self.key(topic), &message)
             .query_async(&mut conn)
             .await
-            .map_err(|e| redis_error("publish", &e))?;
+            .map_err(|e| publish_error(&e))?;
         Ok(PublishAck {
             id: message.id,
             position: Position::EntryId(id),
@@ -456,7 +466,7 @@ impl Backend for RedisBackend {
         let ids: Vec<String> = pipe
             .query_async(&mut conn)
             .await
-            .map_err(|e| redis_error("publish", &e))?;
+            .map_err(|e| publish_error(&e))?;
         Ok(messages
             .into_iter()
             .zip(ids)

@@ -1334,3 +1334,69 @@ async fn sub_none(sub: &mut QueueSubscription, within: Duration) -> anyhow::Resu
         Ok(Err(e)) => Err(anyhow!("subscription failed while expecting silence: {e}")),
     }
 }
+
+/// A publish whose record may have been stored although it failed is `InDoubt` (code
+/// `in_doubt`), never a plain rejection; the `Queue` reports it too (it resends in doubt only
+/// where the backend de-duplicates natively), and lets the same id through again once storage
+/// works, so the caller's retry is stored and delivered. Needs injectable storage failures
+/// (the embedded engine over `FaultyStorage`); other backends skip.
+pub async fn publish_in_doubt(ctx: Arc<Ctx>) -> anyhow::Result<()> {
+    let Some(faults) = ctx.faults.clone() else {
+        return Err(Skip(format!(
+            "{}: no storage failure can be injected here",
+            ctx.backend.name()
+        ))
+        .into());
+    };
+    let topic = ctx.topic("t");
+    let b = &ctx.backend;
+    let mut sub = b.subscribe(SubscribeOptions::new(&topic)).await?;
+    b.publish(&topic, msg(0)).await?;
+    let d = recv(&mut sub, WAIT).await?;
+    ensure!(num(d.message())? == 0, "wrong first message");
+    d.ack().await?;
+
+    faults.fail_appends(true);
+    let e = b
+        .publish(&topic, msg(1))
+        .await
+        .err()
+        .ok_or_else(|| anyhow!("a publish with failing writes succeeded"))?;
+    ensure!(e.is_in_doubt(), "not in doubt: {e:?}");
+    ensure!(e.code() == "in_doubt", "code {}", e.code());
+    ensure!(!e.is_transient(), "in doubt reported as transient: {e:?}");
+    let q = queue(&ctx);
+    let m = msg(2);
+    let e = q
+        .publish(&topic, m.clone())
+        .await
+        .err()
+        .ok_or_else(|| anyhow!("a queue publish with failing writes succeeded"))?;
+    ensure!(e.is_in_doubt(), "the queue did not report in doubt: {e:?}");
+
+    faults.fail_appends(false);
+    // The caller's retry of the in-doubt message: not taken for a duplicate.
+    let again = q
+        .publish(&topic, m.clone())
+        .await
+        .map_err(|e| anyhow!("the retry once writes work again: {e}"))?;
+    ensure!(
+        !again.is_duplicate(),
+        "the retry was dropped as a duplicate"
+    );
+    // Delivered (an in-doubt record that reached the store may come first).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let d = recv(&mut sub, left)
+            .await
+            .map_err(|e| anyhow!("the retried message never arrived: {e}"))?;
+        let n = num(d.message())?;
+        d.ack().await?;
+        ensure!(n == 1 || n == 2, "unexpected message {n}");
+        if n == 2 {
+            break;
+        }
+    }
+    Ok(())
+}

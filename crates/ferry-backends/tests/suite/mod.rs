@@ -20,6 +20,8 @@ pub struct Fixture {
     /// Cases known to fail on this backend because of a bug outside this crate, and why. They
     /// still run: a failure is reported as XFAIL, a pass as XPASS (time to remove the entry).
     pub known_issues: &'static [(&'static str, &'static str)],
+    /// Storage failures the case can switch on (the embedded engine over `FaultyStorage`).
+    pub faults: Option<ferry::fault::Faults>,
     _dir: Option<Arc<tempfile::TempDir>>,
 }
 
@@ -56,6 +58,7 @@ async fn connect_service(kind: &str, url: String) -> Option<Fixture> {
         Ok(backend) => Some(Fixture {
             backend,
             known_issues: &[],
+            faults: None,
             _dir: None,
         }),
         Err(e) if require_services() => {
@@ -82,6 +85,7 @@ pub mod fixtures {
         Some(Fixture {
             backend,
             known_issues: &[],
+            faults: None,
             _dir: None,
         })
     }
@@ -95,6 +99,26 @@ pub mod fixtures {
         Some(Fixture {
             backend,
             known_issues: &[],
+            faults: None,
+            _dir: Some(dir),
+        })
+    }
+
+    /// The embedded engine on a data directory whose storage fails on demand.
+    pub async fn file_faulty() -> Option<Fixture> {
+        let dir = Arc::new(tempfile::tempdir().ok()?);
+        let disk = ferry::disk::DiskStorage::open(dir.path(), Default::default())
+            .unwrap_or_else(|e| panic!("disk storage: {e}"));
+        let faults = ferry::fault::Faults::default();
+        let storage = ferry::fault::FaultyStorage::new(Arc::new(disk), faults.clone());
+        let broker = ferry::Broker::with_storage(ferry::BrokerConfig::default(), Arc::new(storage))
+            .unwrap_or_else(|e| panic!("broker over faulty storage: {e}"));
+        Some(Fixture {
+            backend: Arc::new(ferry_backends::adapters::embedded::EmbeddedBackend::new(
+                broker,
+            )),
+            known_issues: &[],
+            faults: Some(faults),
             _dir: Some(dir),
         })
     }
@@ -142,6 +166,8 @@ pub struct Ctx {
     run: String,
     topics: Mutex<Vec<String>>,
     fixture: FixtureFn,
+    /// The fixture's storage failure switches, if it has them.
+    pub faults: Option<ferry::fault::Faults>,
 }
 
 impl Ctx {
@@ -264,6 +290,7 @@ where
         run: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
         topics: Mutex::new(Vec::new()),
         fixture,
+        faults: fx.faults.clone(),
     });
     let started = std::time::Instant::now();
     let outcome = tokio::time::timeout(Duration::from_secs(40), body(ctx.clone())).await;

@@ -128,7 +128,14 @@ pub(crate) struct MqttShared {
     /// that promise them (`None` if its thread could not start: then they wait for the
     /// once-a-second save).
     persister: Option<crate::persist::Persister>,
+    /// Which state saves are failing (`/health` says "degraded" meanwhile).
+    pub(crate) save_health: crate::persist::SaveHealth,
 }
+
+/// The parts of the saved state, as `/health` names them.
+const SESSIONS: &str = "MQTT sessions";
+const RETAINED: &str = "retained messages";
+const POSITIONS: &str = "consumer positions";
 
 impl MqttShared {
     /// Returns once the persistent sessions, retained messages and consumer positions as they
@@ -146,6 +153,32 @@ impl MqttShared {
             }
         }
         Ok(())
+    }
+
+    /// Saves the sessions and retained messages that changed (blocking file I/O: not on an
+    /// async worker), recording the outcome for `/health`; says what failed.
+    fn save_sessions_and_retained(&self) -> Result<(), String> {
+        let sessions = self.sessions.save();
+        self.save_health.record(SESSIONS, &sessions);
+        let retained = self.retained.save();
+        self.save_health.record(RETAINED, &retained);
+        let failed: Vec<String> = [
+            sessions.err().map(|e| e.to_string()),
+            retained.err().map(|e| e.to_string()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failed.join("; "))
+        }
+    }
+
+    /// Why saving the server's state is failing, if it is (until a save succeeds).
+    pub(crate) fn save_failure(&self) -> Option<String> {
+        self.save_health.failure()
     }
 
     pub(crate) fn stats(&self) -> MqttStats {
@@ -221,14 +254,13 @@ pub(crate) fn start(
                         return Ok(());
                     };
                     let mut failed = Vec::new();
-                    if let Err(e) = shared.broker.flush() {
+                    let positions = shared.broker.flush();
+                    shared.save_health.record(POSITIONS, &positions);
+                    if let Err(e) = positions {
                         failed.push(format!("consumer positions: {e}"));
                     }
-                    if let Err(e) = shared.sessions.save() {
-                        failed.push(e.to_string());
-                    }
-                    if let Err(e) = shared.retained.save() {
-                        failed.push(e.to_string());
+                    if let Err(e) = shared.save_sessions_and_retained() {
+                        failed.push(e);
                     }
                     if failed.is_empty() {
                         Ok(())
@@ -254,6 +286,7 @@ pub(crate) fn start(
             tracker: tracker.clone(),
             next_conn: AtomicU64::new(1),
             persister,
+            save_health: crate::persist::SaveHealth::default(),
         }
     });
     tracker.spawn(accept_loop(shared.clone(), listeners.tcp));
@@ -443,11 +476,12 @@ async fn maintenance(shared: Arc<MqttShared>) {
         shared
             .sessions
             .expire(&shared.broker, shared.config.max_queued);
-        if let Err(e) = shared.sessions.save() {
-            tracing::error!(error = %e, "saving MQTT sessions failed");
-        }
-        if let Err(e) = shared.retained.save() {
-            tracing::error!(error = %e, "saving retained messages failed");
+        // File I/O: on a blocking thread, not on this async worker.
+        let s = shared.clone();
+        match tokio::task::spawn_blocking(move || s.save_sessions_and_retained()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "saving the server state failed"),
+            Err(e) => tracing::error!(error = %e, "the state save task failed"),
         }
     }
     shared.sessions.shutdown();

@@ -2,6 +2,8 @@
 //! ephemeral ports, its log kept, killed (SIGKILL) and reaped when dropped.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod raw5;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
