@@ -858,7 +858,7 @@ pub fn openapi_document() -> serde_json::Value {
         },
         "paths": {
             "/health": {"get": {"summary": "Broker health", "responses": {
-                "200": obj("running"), "503": obj("draining or closed")}}},
+                "200": obj("running"), "503": obj("draining or closed, or degraded: a storage write or a state save is failing (see reason)")}}},
             "/stats": {"get": {"summary": "Broker totals, one page of topic stats, subscriptions and MQTT stats",
                 "description": "Topics come a page at a time, in name order: follow `next` (pass it as `after`) until it is null. A page may be short (or empty) with a `next` when many topics the caller may not see were skipped. Callers see only the topics they may consume; `broker`, `subscriptions` and `mqtt` are null/empty unless the caller may consume every topic or is an administrator.",
                 "parameters": [
