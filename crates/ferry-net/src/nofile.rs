@@ -4,16 +4,22 @@
 
 use crate::config::ServeConfig;
 
-/// Descriptors kept for everything but MQTT connections: HTTP connections (the HTTP API and
-/// MQTT over WebSocket, which also count as MQTT connections), listeners, the data
-/// directory's files (a handful: one commit log, its index files, positions, sessions,
-/// retained messages) and the runtime's own.
-pub const OTHER_FILES: u64 = 1024;
+/// Descriptors kept for everything but connections: listeners, the data directory's files (a
+/// handful: one commit log, its index files, positions, sessions, retained messages) and the
+/// runtime's own.
+pub const OTHER_FILES: u64 = 256;
 
-/// What the settings need: every MQTT connection the server admits, plus [`OTHER_FILES`].
+/// What the settings need: every MQTT connection and every HTTP connection (the HTTP API and
+/// MQTT over WebSocket) the server admits, plus [`OTHER_FILES`].
 pub fn needed(config: &ServeConfig) -> u64 {
-    u64::try_from(config.mqtt.max_connections)
-        .unwrap_or(u64::MAX)
+    let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+    let http = if config.http.enabled {
+        count(config.http.max_connections)
+    } else {
+        0
+    };
+    count(config.mqtt.max_connections)
+        .saturating_add(http)
         .saturating_add(OTHER_FILES)
 }
 
@@ -83,7 +89,11 @@ mod tests {
         let Some(l) = raise(&config) else {
             return; // no RLIMIT_NOFILE here
         };
-        assert_eq!(l.needed, 100 + OTHER_FILES);
+        assert_eq!(
+            l.needed,
+            100 + 1024 + OTHER_FILES,
+            "MQTT, HTTP (its default) and the rest"
+        );
         assert!(l.now >= l.before);
         let (soft, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap();
         assert_eq!((soft, hard), (l.now, l.hard));
