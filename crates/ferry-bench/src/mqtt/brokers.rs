@@ -123,6 +123,9 @@ impl BrokerProcess {
                     .arg(addr.to_string())
                     .arg("--max-connections")
                     .arg(max_connections.to_string())
+                    // Every benchmark client comes from the loopback address (Mosquitto has no
+                    // per-address cap either).
+                    .args(["--set", "mqtt.max_connections_per_address=0"])
                     .env("FERRY_LOG", "warn");
                 c
             }
