@@ -9,8 +9,6 @@
 //! fault-injecting storage in `ferry-net/tests/storage_failures.rs`.)
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
@@ -19,6 +17,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 
 mod common;
+use common::raw5::Raw;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -31,76 +30,6 @@ fn namespaces_allowed() -> bool {
 
 /// A raw MQTT 5 connection: CONNECT, then QoS 1 PUBLISHes whose PUBACK (code, reason string)
 /// it reads.
-struct Raw(TcpStream);
-
-impl Raw {
-    fn connect(addr: SocketAddr) -> Raw {
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(WAIT)).unwrap();
-        // CONNECT v5, clean start, keep alive 60, no properties, client id "filler".
-        let body = [&[0, 4][..], b"MQTT", &[5, 0x02, 0, 60, 0, 0, 6], b"filler"].concat();
-        s.write_all(&frame(0x10, &body)).unwrap();
-        let (kind, ack) = read(&mut s);
-        assert_eq!((kind, ack[1]), (0x20, 0), "CONNACK");
-        Raw(s)
-    }
-
-    fn publish(&mut self, id: u16, payload: &[u8]) -> (u8, String) {
-        let body = [&[0, 3][..], b"big", &id.to_be_bytes(), &[0], payload].concat();
-        self.0.write_all(&frame(0x32, &body)).unwrap();
-        let (kind, ack) = read(&mut self.0);
-        assert_eq!(kind, 0x40);
-        assert_eq!(u16::from_be_bytes([ack[0], ack[1]]), id);
-        let code = ack.get(2).copied().unwrap_or(0);
-        let mut reason = String::new();
-        if ack.len() > 4 {
-            // The property length is a variable byte integer (two bytes past 127).
-            let at = if ack[3] & 0x80 != 0 { 5 } else { 4 };
-            if ack[at] == 0x1F {
-                let n = usize::from(u16::from_be_bytes([ack[at + 1], ack[at + 2]]));
-                reason = String::from_utf8(ack[at + 3..at + 3 + n].to_vec()).unwrap();
-            }
-        }
-        (code, reason)
-    }
-}
-
-fn frame(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    let mut n = body.len();
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(body);
-    out
-}
-
-fn read(s: &mut TcpStream) -> (u8, Vec<u8>) {
-    let mut first = [0u8; 1];
-    s.read_exact(&mut first).unwrap();
-    let (mut len, mut shift) = (0usize, 0);
-    loop {
-        let mut b = [0u8; 1];
-        s.read_exact(&mut b).unwrap();
-        len |= usize::from(b[0] & 0x7f) << shift;
-        shift += 7;
-        if b[0] & 0x80 == 0 {
-            break;
-        }
-    }
-    let mut body = vec![0u8; len];
-    s.read_exact(&mut body).unwrap();
-    (first[0], body)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_in_doubt_and_health_says_degraded() {
     if !namespaces_allowed() {
@@ -147,10 +76,10 @@ async fn a_full_disk_refuses_in_doubt_and_health_says_degraded() {
     // Fill the disk: 20 KiB messages until one is refused (3 MiB cannot take 200).
     let mqtt = server.mqtt;
     let (accepted, code, reason) = tokio::task::spawn_blocking(move || {
-        let mut raw = Raw::connect(mqtt);
+        let mut raw = Raw::connect(mqtt, "filler", None);
         let payload = vec![b'x'; 20 * 1024];
         for id in 1..=200u16 {
-            let (code, reason) = raw.publish(id, &payload);
+            let (code, reason) = raw.publish(id, "big", &payload, false);
             if code != 0 {
                 return (id - 1, code, reason);
             }
