@@ -769,27 +769,23 @@ impl ServeConfig {
             .iter()
             .find(|(k, v)| k == CONFIG_ENV && !v.trim().is_empty())
             .map(|(_, v)| PathBuf::from(v));
-        let (mut root, path) = match file.map(Path::to_path_buf).or(env_file) {
+        let (mut root, mut config) = match file.map(Path::to_path_buf).or(env_file) {
             Some(path) => {
                 let text = read_file(&path)?;
                 // Parsed whole first, so that the file's own errors name the file.
-                ServeConfig::from_toml(&text, &path)?;
+                let config = ServeConfig::from_toml(&text, &path)?;
                 let table = text
                     .parse::<toml::Table>()
                     .map_err(|e| ConfigError::Parse {
                         path: path.clone(),
                         source: Box::new(e),
                     })?;
-                (table, Some(path))
+                (table, config)
             }
-            None => (toml::Table::new(), None),
+            None => (toml::Table::new(), ServeConfig::default()),
         };
         let (from_env, warnings) = env_overrides(env.iter().map(|(k, v)| (k, v)));
         let known = settings();
-        let mut config = match &path {
-            Some(path) => ServeConfig::from_file_table(root.clone(), path)?,
-            None => ServeConfig::default(),
-        };
         for o in from_env.iter().chain(flags) {
             let invalid = |reason: String| ConfigError::Override {
                 origin: o.origin.clone(),
@@ -809,15 +805,6 @@ impl ServeConfig {
         }
         config.validate()?;
         Ok(Resolved { config, warnings })
-    }
-
-    fn from_file_table(table: toml::Table, path: &Path) -> Result<ServeConfig, ConfigError> {
-        toml::Value::Table(table)
-            .try_into()
-            .map_err(|e| ConfigError::Parse {
-                path: path.to_path_buf(),
-                source: Box::new(e),
-            })
     }
 
     /// Checks ranges.
