@@ -37,8 +37,9 @@ use crate::consumer::{AckMode, AckPolicy, Consumer, ConsumerSpec, DeadJob};
 use crate::dlq::{dead_letter_message, dlq_name, DeadLetterQueue};
 use crate::error::{PublishError, SubscribeError};
 use crate::events::{BrokerEvent, EventReceiver};
-use crate::filter::TopicFilter;
+use crate::filter::{Scope, TopicFilter};
 use crate::filter_index::FilterIndex;
+use crate::loaded::Loaded;
 use crate::io::{EngineMutex, EngineRwLock, IoPool};
 use crate::log::{AppendError, Durable, MemoryGauge, Pending, Seek, Topic};
 use crate::message::{Message, Record};
@@ -69,7 +70,7 @@ const CLOSED: u8 = 2;
 
 #[derive(Default)]
 struct Registry {
-    topics: HashMap<TopicName, Arc<Topic>>,
+    topics: Loaded<Arc<Topic>>,
     configs: HashMap<TopicName, TopicConfig>,
     consumers: HashMap<u64, Arc<Consumer>>,
     groups: HashMap<String, u64>,
@@ -890,7 +891,7 @@ impl BrokerInner {
         let (Some(io), Some(storage)) = (&self.io, &self.storage) else {
             return Ok(Vec::new());
         };
-        let stored = storage.topics()?;
+        let stored = stored_in_scope(storage.as_ref(), &filter.scope());
         let wanted: Vec<(TopicName, TopicConfig)> = {
             let reg = self.registry.read();
             stored
@@ -1514,10 +1515,8 @@ impl BrokerInner {
             };
             consumer.attach(&topic, self.seek_for(key, name, seek_on(name)));
         } else {
-            for (name, topic) in &reg.topics {
-                if filter.matches(name.as_str()) {
-                    consumer.attach(topic, self.seek_for(key, name, seek_on(name)));
-                }
+            for (name, topic) in reg.topics.matching(&filter) {
+                consumer.attach(topic, self.seek_for(key, name, seek_on(name)));
             }
         }
         reg.index.insert(&filter, id, ());
@@ -1543,8 +1542,8 @@ impl BrokerInner {
             .registry
             .read()
             .topics
-            .iter()
-            .filter(|(name, t)| t.store().is_some() && filter.matches(name.as_str()))
+            .matching(filter)
+            .filter(|(_, t)| t.store().is_some())
             .map(|(_, t)| t.clone())
             .collect();
         if topics.is_empty() {
@@ -1753,7 +1752,8 @@ impl BrokerInner {
         TopicPage { topics, next }
     }
 
-    /// A page of the registry's names (an in-memory broker, whose registry is every topic).
+    /// A page of the registry's names (an in-memory broker, whose registry is every topic),
+    /// read in chunks under the registry lock; `visible` is called with no lock held.
     fn page_of_loaded(
         &self,
         prefix: &str,
@@ -1761,34 +1761,10 @@ impl BrokerInner {
         limit: usize,
         visible: &dyn Fn(&str) -> bool,
     ) -> (Vec<TopicName>, Option<String>) {
-        // The `limit + 1` smallest names: one more than the page says whether a next exists.
-        let mut smallest: BinaryHeap<TopicName> = BinaryHeap::with_capacity(limit + 1);
-        {
-            let reg = self.registry.read();
-            for name in reg.topics.keys() {
-                let n = name.as_str();
-                if name.is_system()
-                    || !n.starts_with(prefix)
-                    || after.is_some_and(|a| n <= a)
-                    || (smallest.len() > limit && smallest.peek().is_some_and(|m| name >= m))
-                    || !visible(n)
-                {
-                    continue;
-                }
-                smallest.push(name.clone());
-                if smallest.len() > limit + 1 {
-                    smallest.pop();
-                }
-            }
-        }
-        let mut names = smallest.into_sorted_vec();
-        let next = if names.len() > limit {
-            names.truncate(limit);
-            names.last().map(|n| n.to_string())
-        } else {
-            None
+        let names_from = |from: &str, exclusive: bool, max: usize| {
+            self.registry.read().topics.names_from(from, exclusive, max)
         };
-        (names, next)
+        page_of_names(&names_from, prefix, after, limit, visible)
     }
 
     /// The stats of `name` for a page: the loaded topic's, or what the store holds of it
@@ -2243,8 +2219,57 @@ pub(crate) async fn wait_for_space<T, E>(
 
 /// A page of a store's catalog: at most `limit` visible user topics with the prefix, after
 /// `after`, looking at at most [`PAGE_SCAN_BUDGET`] names.
+/// The stored topics in `scope` (from the store's catalog, in memory): its name, if stored,
+/// and the names under its prefix, read in chunks of the ordered catalog.
+fn stored_in_scope(storage: &dyn Storage, scope: &Scope) -> Vec<TopicName> {
+    const CHUNK: usize = 1024;
+    let mut names: Vec<TopicName> = match scope.name.as_deref() {
+        Some(name) => storage
+            .topics_from(name, false, 1)
+            .into_iter()
+            .filter(|n| n.as_str() == name)
+            .collect(),
+        None => Vec::new(),
+    };
+    let Some(prefix) = scope.under.as_deref() else {
+        return names;
+    };
+    let (mut from, mut exclusive) = (prefix.to_string(), false);
+    loop {
+        let chunk = storage.topics_from(&from, exclusive, CHUNK);
+        let full = chunk.len() == CHUNK;
+        let mut last = None;
+        for name in chunk {
+            if !name.as_str().starts_with(prefix) {
+                return names;
+            }
+            last = Some(name.to_string());
+            names.push(name);
+        }
+        match last {
+            Some(last) if full => (from, exclusive) = (last, true),
+            _ => return names,
+        }
+    }
+}
+
 fn page_of_stored(
     storage: &dyn Storage,
+    prefix: &str,
+    after: Option<&str>,
+    limit: usize,
+    visible: &dyn Fn(&str) -> bool,
+) -> (Vec<TopicName>, Option<String>) {
+    let names_from =
+        |from: &str, exclusive: bool, max: usize| storage.topics_from(from, exclusive, max);
+    page_of_names(&names_from, prefix, after, limit, visible)
+}
+
+/// A page of the user topic names that start with `prefix`, after `after`, for which `visible`
+/// is true, at most `limit`, with the name to go on from when there may be more; `names_from`
+/// lists names in order from a name (after it when exclusive), at most a given number.
+fn page_of_names(
+    names_from: &dyn Fn(&str, bool, usize) -> Vec<TopicName>,
     prefix: &str,
     after: Option<&str>,
     limit: usize,
@@ -2258,7 +2283,7 @@ fn page_of_stored(
     let mut names: Vec<TopicName> = Vec::new();
     let mut looked = 0usize;
     loop {
-        let chunk = storage.topics_from(&from, exclusive, CHUNK);
+        let chunk = names_from(&from, exclusive, CHUNK);
         let Some(last) = chunk.last() else {
             return (names, None);
         };

@@ -126,6 +126,23 @@ impl TopicFilter {
         }
     }
 
+    /// Where the names this filter matches lie in the name order: its literal leading levels
+    /// (see [`Scope`]). Used to find matching topics without testing every name.
+    pub fn scope(&self) -> Scope {
+        match self {
+            TopicFilter::Exact(name) => Scope {
+                name: Some(name.to_string()),
+                under: None,
+            },
+            TopicFilter::Mqtt(f) => level_scope(f.levels(), MQTT.sep),
+            TopicFilter::Glob(f) => level_scope(f.levels(), GLOB.sep),
+            TopicFilter::Regex(_) => Scope {
+                name: None,
+                under: Some(String::new()),
+            },
+        }
+    }
+
     /// Whether the filter may match more than one name: a regex, or an MQTT or glob filter with a
     /// wildcard level.
     pub fn is_wildcard(&self) -> bool {
@@ -135,6 +152,28 @@ impl TopicFilter {
             TopicFilter::Glob(f) => f.is_wildcard(),
             TopicFilter::Regex(_) => true,
         }
+    }
+}
+
+/// Where in the name order the names a filter matches lie (see [`TopicFilter::scope`]): every
+/// name it matches is `name`, or starts with `under`. A store or registry kept in name order
+/// looks at one name and one range instead of every name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    /// A name the filter may match outside `under`: an exact filter's name, or the parent a
+    /// `#` level matches with zero levels (`a` for `a/#`).
+    pub name: Option<String>,
+    /// The prefix of every other name the filter may match: `None` when there is none, `""`
+    /// when the filter starts with a wildcard (or is a regex) and any name may match.
+    pub under: Option<String>,
+}
+
+impl Scope {
+    /// Whether `topic` lies in the scope (a filter matches only names that do; a name that
+    /// does may still not match).
+    pub fn covers(&self, topic: &str) -> bool {
+        self.name.as_deref() == Some(topic)
+            || self.under.as_deref().is_some_and(|u| topic.starts_with(u))
     }
 }
 
@@ -291,6 +330,43 @@ fn match_levels(levels: &[Level], topic: &str, sep: char) -> bool {
     levels
         .get(p..)
         .is_some_and(|tail| tail.iter().all(|l| *l == Level::Many))
+}
+
+/// The scope of a level filter: its literal leading levels joined by `sep` are the prefix of
+/// every name it matches; a `#` after them may also match the parent (zero levels).
+fn level_scope(levels: &[Level], sep: char) -> Scope {
+    let mut prefix = String::new();
+    for (i, level) in levels.iter().enumerate() {
+        if i > 0 {
+            prefix.push(sep);
+        }
+        match level {
+            Level::Literal(l) => prefix.push_str(l),
+            Level::One => {
+                return Scope {
+                    name: None,
+                    under: Some(prefix),
+                }
+            }
+            Level::Many if i == 0 => {
+                return Scope {
+                    name: None,
+                    under: Some(String::new()),
+                }
+            }
+            Level::Many => {
+                let parent = prefix[..prefix.len() - sep.len_utf8()].to_string();
+                return Scope {
+                    name: Some(parent),
+                    under: Some(prefix),
+                };
+            }
+        }
+    }
+    Scope {
+        name: Some(prefix),
+        under: None,
+    }
 }
 
 /// Implements the common API of [`MqttFilter`] and [`GlobFilter`].
@@ -461,6 +537,28 @@ mod tests {
         assert!(mqtt("+/tennis/#").matches("sport/tennis/player1"));
         assert!(mqtt("#").matches("a") && mqtt("#").matches("a/b/c") && mqtt("#").matches("/"));
         assert!(mqtt("a/b").matches("a/b") && !mqtt("a/b").is_wildcard());
+    }
+
+    #[test]
+    fn scopes() {
+        let scope = |f: TopicFilter| {
+            let s = f.scope();
+            (s.name, s.under)
+        };
+        let s = |v: &str| Some(v.to_string());
+        assert_eq!(scope(mqtt("a/b/+/c")), (None, s("a/b/")));
+        assert_eq!(scope(mqtt("a/b/#")), (s("a/b"), s("a/b/")));
+        assert_eq!(scope(mqtt("+/b")), (None, s("")));
+        assert_eq!(scope(mqtt("#")), (None, s("")));
+        assert_eq!(scope(mqtt("/+")), (None, s("/")));
+        assert_eq!(scope(mqtt("a//#")), (s("a/"), s("a//")));
+        assert_eq!(scope(mqtt("a/b")), (s("a/b"), None));
+        assert_eq!(scope(glob("a.*.c")), (None, s("a.")));
+        assert_eq!(scope(glob("a.#.c")), (s("a"), s("a.")));
+        assert_eq!(scope(TopicFilter::exact("x/y").unwrap()), (s("x/y"), None));
+        assert_eq!(scope(TopicFilter::regex("a.*").unwrap()), (None, s("")));
+        assert!(mqtt("sport/#").scope().covers("sport"));
+        assert!(!mqtt("sport/#").scope().covers("sports"));
     }
 
     #[test]
@@ -645,6 +743,27 @@ mod tests {
             prop_assume!(!filter.is_empty());
             let got = TopicFilter::mqtt(&filter).unwrap().matches(&topic);
             prop_assert_eq!(got, reference_match(&filter, &topic, '/', "+", true), "{} vs {}", filter, topic);
+        }
+
+        #[test]
+        fn a_match_lies_in_the_filter_scope(
+            mut f in levels(&["a", "b", "", "+", "*", "$s"], 5),
+            hash in 0..3u8,
+            t in levels(&["a", "b", "", "$s", "ab"], 6),
+        ) {
+            match hash {
+                1 => f.push("#"),
+                2 => f.insert(0, "#"),
+                _ => {}
+            }
+            for sep in ['/', '.'] {
+                let (filter, topic) = (f.join(&sep.to_string()), t.join(&sep.to_string()));
+                let parsed = if sep == '/' { TopicFilter::mqtt(&filter) } else { TopicFilter::glob(&filter) };
+                let Ok(parsed) = parsed else { continue };
+                if parsed.matches(&topic) {
+                    prop_assert!(parsed.scope().covers(&topic), "{} matches {} outside {:?}", filter, topic, parsed.scope());
+                }
+            }
         }
 
         #[test]

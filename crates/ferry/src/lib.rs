@@ -47,6 +47,7 @@ pub mod events;
 pub mod fault;
 pub mod filter;
 mod filter_index;
+mod loaded;
 pub mod handler;
 mod headers_filter;
 mod io;
@@ -70,7 +71,7 @@ pub use consumer::AckMode;
 pub use dlq::{DeadLetter, DeadLetterQueue, DeadLetterReason};
 pub use error::{AckError, DeadLetterError, PublishError, RecvError, SubscribeError, TryRecvError};
 pub use events::{BrokerEvent, EventReceiver};
-pub use filter::TopicFilter;
+pub use filter::{Scope, TopicFilter};
 pub use handler::{
     BoxError, HandlerError, HandlerHandle, HandlerOptions, HandlerStats, Rejected, RetryAfter,
 };
