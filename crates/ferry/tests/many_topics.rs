@@ -97,6 +97,29 @@ fn a_hundred_thousand_topics_under_an_open_file_limit_of_1024() {
             assert_eq!(d.header("n"), Some(i.to_string().as_str()), "{name}");
             assert!(sub.try_recv().is_err(), "{name}");
         }
+        // A wildcard subscription loads exactly the stored topics it matches: those under
+        // `fleet/5/` (more than one chunk of the ordered catalog), not `fleet/50/...`.
+        for filter in ["fleet/5/+", "fleet/5/#"] {
+            let mut sub = broker
+                .subscription(filter)
+                .start(StartPosition::Earliest)
+                .build()
+                .unwrap();
+            let want: std::collections::BTreeSet<String> =
+                (0..TOPICS).filter(|i| i % 97 == 5).map(payload).collect();
+            assert!(want.len() > 1024);
+            let mut got = std::collections::BTreeSet::new();
+            while got.len() < want.len() {
+                let d = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+                    .await
+                    .unwrap()
+                    .unwrap();
+                got.insert(String::from_utf8(d.payload().to_vec()).unwrap());
+                d.ack();
+            }
+            assert_eq!(got, want, "{filter}");
+            assert!(sub.try_recv().is_err(), "{filter}");
+        }
         let fds = open_fds();
         assert!(
             fds < before + FD_SLACK,
