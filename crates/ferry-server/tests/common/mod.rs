@@ -2,7 +2,7 @@
 //! ephemeral ports, its log kept, killed (SIGKILL) and reaped when dropped.
 #![allow(dead_code, clippy::unwrap_used)]
 
-pub mod raw5;
+pub mod raw;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
