@@ -231,9 +231,21 @@ fn silent_tls_connections_take_no_more_than_their_address_cap() {
     let s = stats(http);
     assert_eq!(s["mqtt"]["refused_per_address"], 197, "{s}");
 
+    // Nor do its silent connections to the plain port, past its cap, take places from others
+    // while they wait to be refused at their CONNECT.
+    let accepted = stats(http)["mqtt"]["accepted"].as_u64().unwrap();
+    let plain_silent = silent(LOCAL, server.mqtt, 50);
+    let deadline = Instant::now() + WAIT;
+    while stats(http)["mqtt"]["accepted"].as_u64().unwrap() < accepted + 50 {
+        assert!(Instant::now() < deadline, "the server never accepted them");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(stats(http)["mqtt"]["active"], 4);
+
     // Others' handshakes are not held up by the silent ones (each runs in its own task).
     served_over_tls(tls, ip(2), &config, "other");
     wait_active(http, 4);
+    drop(plain_silent);
 
     // The global cap counts connections in their handshake too (over every listener).
     let mut more = silent(ip(3), tls, 4);

@@ -384,16 +384,14 @@ struct Place {
 }
 
 impl Place {
-    /// Counts a connection from `ip`; the limit it is past, if any (and then nothing stays
+    /// Counts a connection from `ip`; the limit it is past, if any (and then nothing is
     /// counted).
     fn take(shared: &Arc<MqttShared>, ip: IpAddr) -> Result<Place, Limit> {
-        let place = Place {
-            shared: Some(shared.clone()),
-            ip,
-        };
         match admit(shared, ip) {
-            None => Ok(place),
-            // Dropping `place` uncounts it.
+            None => Ok(Place {
+                shared: Some(shared.clone()),
+                ip,
+            }),
             Some(limit) => Err(limit),
         }
     }
@@ -414,8 +412,8 @@ impl Drop for Place {
     }
 }
 
-/// Proof that a connection was counted by [`admit`] and its place is the connection task's to
-/// give back.
+/// Proof that a connection went through [`admit`]: its place, if it was given one, is the
+/// connection task's to give back.
 struct Admitted(());
 
 /// Counts a refusal by `limit` before the CONNECT (the refusing CONNACK counts its own).
@@ -458,8 +456,10 @@ where
     spawn_admitted(shared, stream, peer, Admitted(()), over_limit);
 }
 
-/// Counts a new connection from `ip` in `active` and on its address (whatever happens next:
-/// the connection task gives both back when it ends); the limit it is past, if any.
+/// Counts a new connection from `ip` in `active` and on its address (the connection task
+/// gives both back when it ends), or finds the limit it is past: then nothing stays counted,
+/// so that connections being refused (waiting for their CONNECT, to answer it with a refusing
+/// CONNACK) take no place from anyone, however many one address opens.
 fn admit(shared: &MqttShared, ip: IpAddr) -> Option<Limit> {
     let m = &shared.metrics;
     m.accepted.fetch_add(1, Ordering::Relaxed);
@@ -467,13 +467,18 @@ fn admit(shared: &MqttShared, ip: IpAddr) -> Option<Limit> {
     // Released when the connection ends (see `AddressGuard`).
     let on_address = shared.addresses.add(&shared.config, ip);
     let per_address = shared.config.max_connections_per_address;
-    if active > shared.config.max_connections {
+    let over = if active > shared.config.max_connections {
         Some(Limit::Connections)
     } else if per_address > 0 && on_address > per_address {
         Some(Limit::PerAddress)
     } else {
         None
+    };
+    if over.is_some() {
+        m.active.fetch_sub(1, Ordering::AcqRel);
+        shared.addresses.release(&shared.config, ip);
     }
+    over
 }
 
 /// Runs a connection counted by [`admit`] (`over_limit` what it found) to its end.
