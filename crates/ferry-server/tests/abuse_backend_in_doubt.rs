@@ -355,6 +355,8 @@ fn a_publish_whose_rabbitmq_connection_is_cut_before_the_confirm_is_in_doubt() {
     assert_eq!(code, 0x80, "{reason}");
     assert!(reason.starts_with("in doubt"), "{reason}");
     assert!(reason.contains("did not confirm"), "{reason}");
+    assert_eq!(reason.matches("in doubt").count(), 1, "said once: {reason}");
+    assert!(!reason.contains("unreachable"), "it was sent: {reason}");
     eprintln!("MQTT in doubt: {reason}");
     assert!(other.ping(), "the server keeps answering");
     // RabbitMQ had it: it reaches the subscriber once the ingress is back.
