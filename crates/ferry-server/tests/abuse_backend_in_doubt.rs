@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::raw::Raw;
+use common::Server;
 
 /// A `nats-server` with JetStream on a free port, killed when dropped.
 struct Nats {
@@ -91,30 +92,20 @@ impl Drop for Nats {
     }
 }
 
-#[test]
-fn a_publish_the_backend_does_not_confirm_is_answered_in_doubt() {
-    let Some(nats) = Nats::start() else { return };
+/// `ferry serve --backend backend` with a subscriber to `doubt/#` and a publisher whose first
+/// publish went through (confirmed by the backend, and carried back by the fanout ingress).
+fn serve_over(backend: &str) -> (tempfile::TempDir, Server, Raw, Raw) {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("ferry.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "backend = \"nats://127.0.0.1:{}?stream=FERRY_DOUBT&prefix=doubt\"\n",
-            nats.port
-        ),
-    )
-    .unwrap();
+    std::fs::write(&config, format!("backend = \"{backend}\"\n")).unwrap();
     let server = common::serve(
         &dir.path().join("data"),
         &["--config", config.to_str().unwrap()],
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let mqtt: SocketAddr = server.mqtt;
-
-    let mut watcher = Raw::connect(mqtt, "watcher", None);
+    let mut watcher = Raw::connect(server.mqtt, "watcher", None);
     assert_eq!(watcher.subscribe(1, "doubt/#"), 1);
-    let mut publisher = Raw::connect(mqtt, "publisher", None);
-    // Confirmed while NATS runs (and the fanout ingress carries it back).
+    let mut publisher = Raw::connect(server.mqtt, "publisher", None);
     assert_eq!(
         publisher.publish(1, "doubt/a", b"before", false),
         (0, String::new())
@@ -123,6 +114,17 @@ fn a_publish_the_backend_does_not_confirm_is_answered_in_doubt() {
         watcher.next_publish(),
         ("doubt/a".to_string(), b"before".to_vec())
     );
+    (dir, server, watcher, publisher)
+}
+
+#[test]
+fn a_publish_the_backend_does_not_confirm_is_answered_in_doubt() {
+    let Some(nats) = Nats::start() else { return };
+    let (_dir, server, mut watcher, mut publisher) = serve_over(&format!(
+        "nats://127.0.0.1:{}?stream=FERRY_DOUBT&prefix=doubt",
+        nats.port
+    ));
+    let mqtt = server.mqtt;
 
     nats.signal("-STOP");
     let mut other = Raw::connect(mqtt, "other", None);
@@ -323,28 +325,8 @@ fn a_publish_whose_rabbitmq_connection_is_cut_before_the_confirm_is_in_doubt() {
         "{head}@127.0.0.1:{}/{path}?exchange=ferry-doubt-{run:x}&queue_expires_s=60",
         proxy.port
     );
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("ferry.toml");
-    std::fs::write(&config, format!("backend = \"{via_proxy}\"\n")).unwrap();
-    let server = common::serve(
-        &dir.path().join("data"),
-        &["--config", config.to_str().unwrap()],
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let mqtt: SocketAddr = server.mqtt;
-
-    let mut watcher = Raw::connect(mqtt, "watcher", None);
-    assert_eq!(watcher.subscribe(1, "doubt/#"), 1);
-    let mut publisher = Raw::connect(mqtt, "publisher", None);
-    // Confirmed through the proxy (and the fanout ingress carries it back).
-    assert_eq!(
-        publisher.publish(1, "doubt/a", b"before", false),
-        (0, String::new())
-    );
-    assert_eq!(
-        watcher.next_publish(),
-        ("doubt/a".to_string(), b"before".to_vec())
-    );
+    let (_dir, server, mut watcher, mut publisher) = serve_over(&via_proxy);
+    let mqtt = server.mqtt;
 
     // MQTT 5: the connection to RabbitMQ is cut after the publish went through, before its
     // confirmation came back.

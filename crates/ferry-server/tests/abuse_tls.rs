@@ -58,23 +58,24 @@ fn client_config(cert: &CertificateDer<'static>) -> Arc<ClientConfig> {
     )
 }
 
-/// Starts `ferry serve` on `dir` with `toml` as its config file; also returns the MQTT TLS
-/// listener's address.
-fn serve_with(dir: &Path, toml: &str) -> (Server, SocketAddr) {
+/// Starts `ferry serve` on `dir` with an MQTT TLS listener (and `mqtt` more of its section)
+/// and `http` as its `[http]` section, where `{cert}` and `{key}` stand for the files of a
+/// fresh certificate; returns the server, the MQTT TLS listener's address and a client
+/// configuration that trusts the certificate.
+fn serve_tls(dir: &Path, mqtt: &str, http: &str) -> (Server, SocketAddr, Arc<ClientConfig>) {
+    let (cert, key, der) = certificate(dir);
+    let toml = format!(
+        "[mqtt]\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"{{cert}}\"\ntls_key = \"{{key}}\"\n\
+         {mqtt}\n[http]\n{http}\n"
+    )
+    .replace("{cert}", &cert)
+    .replace("{key}", &key);
     let file = dir.join("ferry-test.toml");
     std::fs::write(&file, toml).unwrap();
     let server = common::serve(&dir.join("data"), &["--config", file.to_str().unwrap()])
         .unwrap_or_else(|e| panic!("{e}"));
-    let line = server
-        .log_lines()
-        .into_iter()
-        .find(|l| l.contains("ferry serving"))
-        .unwrap();
-    let tls = common::after(&line, "mqtt_tls=Some(", ')')
-        .unwrap_or_else(|| panic!("no MQTT TLS listener: {line}"))
-        .parse()
-        .unwrap();
-    (server, tls)
+    let tls = server.mqtt_tls.expect("an MQTT TLS listener");
+    (server, tls, client_config(&der))
 }
 
 /// A TCP connection from `from` (any port) to `to`, whose reads wait at most [`WAIT`].
@@ -204,16 +205,11 @@ fn served_over_tls(tls: SocketAddr, from: IpAddr, config: &Arc<ClientConfig>, id
 #[test]
 fn silent_tls_connections_take_no_more_than_their_address_cap() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key, der) = certificate(dir.path());
-    let config = client_config(&der);
     // A handshake timeout far longer than the test: nothing here is closed by it.
-    let (server, tls) = serve_with(
+    let (server, tls, config) = serve_tls(
         dir.path(),
-        &format!(
-            "[mqtt]\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\n\
-             max_connections_per_address = 4\nmax_connections = 12\n\
-             tls_handshake_timeout_secs = 600\n"
-        ),
+        "max_connections_per_address = 4\nmax_connections = 12\ntls_handshake_timeout_secs = 600",
+        "",
     );
     let http = server.http;
 
@@ -284,16 +280,11 @@ fn silent_tls_connections_take_no_more_than_their_address_cap() {
 #[test]
 fn a_silent_handshake_is_closed_at_the_timeout_and_gives_its_place_back() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key, der) = certificate(dir.path());
-    let config = client_config(&der);
-    let (server, tls) = serve_with(
+    let limits = "max_connections_per_address = 2\ntls_handshake_timeout_secs = 1";
+    let (server, tls, config) = serve_tls(
         dir.path(),
-        &format!(
-            "[mqtt]\ntls_listen = \"127.0.0.1:0\"\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\n\
-             max_connections_per_address = 2\ntls_handshake_timeout_secs = 1\n\
-             [http]\ntls_cert = \"{cert}\"\ntls_key = \"{key}\"\n\
-             max_connections_per_address = 2\ntls_handshake_timeout_secs = 1\n"
-        ),
+        limits,
+        &format!("tls_cert = \"{{cert}}\"\ntls_key = \"{{key}}\"\n{limits}"),
     );
     let https = server.http;
 
