@@ -185,12 +185,17 @@ impl Bridge {
             // Sent without a confirmation (a confirmation timeout, the connection lost after
             // the send), or a client library failure that does not say: the backend may have
             // the message, and then every server delivers it.
-            Err(e @ (BackendError::InDoubt { .. } | BackendError::Backend { .. })) => {
-                Err(PublishError::InDoubt {
-                    topic: topic.to_string(),
-                    reason: format!("backend {} did not confirm: {e}", self.backend.name()),
-                })
-            }
+            Err(BackendError::InDoubt {
+                backend, reason, ..
+            }) => Err(PublishError::InDoubt {
+                topic: topic.to_string(),
+                // The error's own words without its "in doubt", which the answer says first.
+                reason: format!("backend {backend} did not confirm: {reason}"),
+            }),
+            Err(e @ BackendError::Backend { .. }) => Err(PublishError::InDoubt {
+                topic: topic.to_string(),
+                reason: format!("backend {} did not confirm: {e}", self.backend.name()),
+            }),
             // Refused by the backend, or certainly never sent (unreachable, or out of time
             // before the send): not published.
             Err(e) => Err(PublishError::Storage(format!(

@@ -32,6 +32,7 @@
 //! tls_listen = "0.0.0.0:8883"
 //! tls_cert = "/etc/ferry/cert.pem"   # certificate chain
 //! tls_key = "/etc/ferry/key.pem"     # PKCS#8, PKCS#1 or SEC1 private key
+//! tls_handshake_timeout_secs = 10    # a TLS handshake within this, or the connection closes
 //! # Users, each with optional topic ACLs (MQTT wildcards; %u = user name, %c = client id;
 //! # a list that is absent allows everything, an empty list nothing):
 //! users = [{ username = "alice", password_hash = "$argon2id$v=19$...",
@@ -46,6 +47,7 @@
 //! listen = "0.0.0.0:8080"     # also serves MQTT over WebSocket at /mqtt
 //! tls_cert = "/etc/ferry/cert.pem"   # both set: HTTPS (and wss://) instead of HTTP
 //! tls_key = "/etc/ferry/key.pem"
+//! tls_handshake_timeout_secs = 10
 //! header_read_timeout_secs = 10      # a request head (and keep-alive idle) within this
 //! request_timeout_secs = 30          # head to response; then 408
 //! max_body_bytes = 2097152           # bigger bodies: 413
@@ -284,6 +286,11 @@ pub struct MqttConfig {
     /// PEM private key of the TLS listener.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key: Option<PathBuf>,
+    /// How long a connection to the TLS listener may take to complete its TLS handshake
+    /// (seconds); then it is closed. Until then it counts against `max_connections` and
+    /// `max_connections_per_address`, which are checked as the connection is accepted: one
+    /// past either is closed before its handshake.
+    pub tls_handshake_timeout_secs: u64,
     /// The ACL of anonymous clients (default: everything allowed).
     pub anonymous: AclConfig,
     /// Users (argon2 hashes) and their ACLs.
@@ -318,6 +325,7 @@ impl Default for MqttConfig {
             tls_listen: SocketAddr::from(([0, 0, 0, 0], 8883)),
             tls_cert: None,
             tls_key: None,
+            tls_handshake_timeout_secs: 10,
             anonymous: AclConfig::default(),
             users: Vec::new(),
         }
@@ -338,6 +346,10 @@ pub struct HttpConfig {
     /// PEM private key.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key: Option<PathBuf>,
+    /// How long an HTTPS connection may take to complete its TLS handshake (seconds); then it
+    /// is closed. It holds its place in `max_connections` and `max_connections_per_address`
+    /// meanwhile.
+    pub tls_handshake_timeout_secs: u64,
     /// How long the server waits for a request's head to be complete (seconds): counted from
     /// the connection's start, and on a kept-alive connection from the previous response, so
     /// it also bounds how long an idle keep-alive connection stays open. A connection that has
@@ -387,6 +399,7 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             tls_cert: None,
             tls_key: None,
+            tls_handshake_timeout_secs: 10,
             header_read_timeout_secs: 10,
             request_timeout_secs: 30,
             max_body_bytes: 2 << 20,
@@ -851,6 +864,14 @@ impl ServeConfig {
         }
         let h = &self.http;
         for (key, v) in [
+            (
+                "mqtt.tls_handshake_timeout_secs",
+                m.tls_handshake_timeout_secs,
+            ),
+            (
+                "http.tls_handshake_timeout_secs",
+                h.tls_handshake_timeout_secs,
+            ),
             ("http.header_read_timeout_secs", h.header_read_timeout_secs),
             ("http.request_timeout_secs", h.request_timeout_secs),
             ("http.max_body_bytes", h.max_body_bytes as u64),
@@ -1129,11 +1150,19 @@ tls_key = "k.pem"
             "max_body_bytes",
             "max_connections",
             "max_connections_per_address",
+            "tls_handshake_timeout_secs",
         ] {
             let c = ServeConfig::from_toml(&format!("[http]\n{key} = 0\n"), Path::new("x.toml"))
                 .unwrap();
             let e = c.validate().unwrap_err().to_string();
             assert!(e.contains(&format!("http.{key}")), "{e}");
         }
+        let c = ServeConfig::from_toml(
+            "[mqtt]\ntls_handshake_timeout_secs = 0\n",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("mqtt.tls_handshake_timeout_secs"), "{e}");
     }
 }

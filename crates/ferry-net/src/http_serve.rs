@@ -40,6 +40,8 @@ pub struct ConnectionLimits {
     pub max_per_address: usize,
     /// How long a request head may take (also the keep-alive idle time).
     pub header_read_timeout: Duration,
+    /// How long a TLS handshake may take (HTTPS).
+    pub tls_handshake_timeout: Duration,
 }
 
 impl ConnectionLimits {
@@ -49,6 +51,7 @@ impl ConnectionLimits {
             max_connections: http.max_connections,
             max_per_address: http.max_connections_per_address,
             header_read_timeout: Duration::from_secs(http.header_read_timeout_secs),
+            tls_handshake_timeout: Duration::from_secs(http.tls_handshake_timeout_secs.max(1)),
         }
     }
 }
@@ -192,7 +195,7 @@ pub fn spawn(
                 stream,
                 peer,
                 slot,
-                tls.clone(),
+                tls.clone().map(|acceptor| (acceptor, limits.tls_handshake_timeout)),
                 app.clone(),
                 builder.clone(),
                 shutdown.clone(),
@@ -206,16 +209,17 @@ async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     slot: ConnectionSlot,
-    tls: Option<TlsAcceptor>,
+    tls: Option<(TlsAcceptor, Duration)>,
     app: Router,
     builder: Arc<hyper::server::conn::http1::Builder>,
     shutdown: CancellationToken,
 ) {
     match tls {
         None => serve(stream, peer, slot, app, &builder, shutdown).await,
-        Some(acceptor) => {
-            let handshake =
-                tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+        // The slot is held through the handshake: a client that never finishes it takes its
+        // place in the caps until the timeout.
+        Some((acceptor, within)) => {
+            let handshake = tokio::time::timeout(within, acceptor.accept(stream));
             let r = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 r = handshake => r,

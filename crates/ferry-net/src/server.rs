@@ -16,7 +16,7 @@ use crate::config::ServeConfig;
 use crate::mqtt::retained::{RetainedError, RetainedStore};
 use crate::mqtt::session::{SessionStoreError, Sessions};
 use crate::mqtt::{self, MqttHandle};
-use crate::tls::{TlsError, TlsListener};
+use crate::tls::TlsError;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -231,14 +231,8 @@ impl Server {
         let (tls, mqtt_tls_addr) = match mqtt_tls {
             Some(tls_config) => {
                 let (l, addr) = bind("MQTT TLS", config.mqtt.tls_listen).await?;
-                let listener =
-                    TlsListener::new(l, tls_config, shutdown.clone(), &tracker, "MQTT TLS")
-                        .map_err(|e| ServeError::Bind {
-                            what: "MQTT TLS",
-                            addr,
-                            source: e,
-                        })?;
-                (Some(listener), Some(addr))
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls_config);
+                (Some((l, acceptor)), Some(addr))
             }
             None => (None, None),
         };

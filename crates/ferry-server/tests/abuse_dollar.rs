@@ -6,8 +6,7 @@
 //! closes; HTTP: 400 `invalid_topic`) while other clients keep being served.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::v5::Packet;
@@ -16,9 +15,8 @@ use rumqttc::v5::AsyncClient;
 use tokio::sync::mpsc;
 
 mod common;
+use common::raw::Raw;
 use common::{client, next_where, Server};
-
-const WAIT: Duration = Duration::from_secs(15);
 
 fn serve(dir: &std::path::Path) -> Server {
     common::serve(dir, &[]).unwrap_or_else(|e| panic!("{e}"))
@@ -50,121 +48,6 @@ async fn http_publish(http: SocketAddr, topic: &str, body: &str) -> (u16, serde_
         .unwrap();
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(serde_json::Value::Null))
-}
-
-// ---- a raw MQTT connection (hand-encoded packets), to see reason codes and strings ----
-
-fn varint(mut n: usize, out: &mut Vec<u8>) {
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            return;
-        }
-    }
-}
-
-fn string(s: &str, out: &mut Vec<u8>) {
-    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
-fn packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut p = vec![first];
-    varint(body.len(), &mut p);
-    p.extend_from_slice(body);
-    p
-}
-
-struct RawMqtt {
-    stream: TcpStream,
-    v5: bool,
-}
-
-impl RawMqtt {
-    /// Connects with a clean session and reads the CONNACK.
-    fn connect(addr: SocketAddr, id: &str, v5: bool) -> RawMqtt {
-        let stream = TcpStream::connect(addr).unwrap();
-        stream.set_read_timeout(Some(WAIT)).unwrap();
-        let mut body = Vec::new();
-        string("MQTT", &mut body);
-        body.extend_from_slice(&[if v5 { 5 } else { 4 }, 0x02, 0, 60]);
-        if v5 {
-            body.push(0);
-        }
-        string(id, &mut body);
-        let mut raw = RawMqtt { stream, v5 };
-        raw.stream.write_all(&packet(0x10, &body)).unwrap();
-        let (kind, ack) = raw.read().expect("CONNACK");
-        assert_eq!(kind, 0x20);
-        assert_eq!(ack[1], 0, "CONNACK refused: {ack:?}");
-        raw
-    }
-
-    fn publish_qos1(&mut self, topic: &str, id: u16, payload: &[u8]) {
-        let mut body = Vec::new();
-        string(topic, &mut body);
-        body.extend_from_slice(&id.to_be_bytes());
-        if self.v5 {
-            body.push(0);
-        }
-        body.extend_from_slice(payload);
-        self.stream.write_all(&packet(0x32, &body)).unwrap();
-    }
-
-    /// The next packet (first byte, body), or `None` once the server closed.
-    fn read(&mut self) -> Option<(u8, Vec<u8>)> {
-        let mut first = [0u8; 1];
-        match self.stream.read(&mut first) {
-            Ok(0) | Err(_) => return None,
-            Ok(_) => {}
-        }
-        let (mut len, mut shift) = (0usize, 0);
-        loop {
-            let mut b = [0u8; 1];
-            self.stream.read_exact(&mut b).ok()?;
-            len |= usize::from(b[0] & 0x7f) << shift;
-            shift += 7;
-            if b[0] & 0x80 == 0 {
-                break;
-            }
-        }
-        let mut body = vec![0u8; len];
-        self.stream.read_exact(&mut body).ok()?;
-        Some((first[0], body))
-    }
-
-    /// A PUBACK's (packet id, reason code, reason string).
-    fn puback(&mut self) -> (u16, u8, Option<String>) {
-        let (kind, body) = self.read().expect("PUBACK");
-        assert_eq!(kind, 0x40, "not a PUBACK: {body:?}");
-        let id = u16::from_be_bytes([body[0], body[1]]);
-        let code = body.get(2).copied().unwrap_or(0);
-        let mut reason = None;
-        if body.len() > 4 {
-            // Property length (one byte: the reasons here are short), then properties.
-            assert!(body[3] < 0x80, "{body:?}");
-            let mut props = &body[4..4 + usize::from(body[3])];
-            while let [key, rest @ ..] = props {
-                let n = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
-                let value = String::from_utf8(rest[2..2 + n].to_vec()).unwrap();
-                if *key == 0x1F {
-                    reason = Some(value);
-                }
-                props = &rest[2 + n..];
-            }
-        }
-        (id, code, reason)
-    }
-
-    fn ping(&mut self) -> bool {
-        self.stream.write_all(&[0xC0, 0]).unwrap();
-        matches!(self.read(), Some((0xD0, _)))
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,28 +134,29 @@ async fn reserved_dollar_topics_are_refused_and_others_keep_being_served() {
     subscribe(&watcher, &mut watch_rx, "ok/#").await;
 
     // MQTT 5: PUBACK 0x90 Topic Name invalid, saying why; the connection stays.
-    let mut v5 = RawMqtt::connect(server.mqtt, "raw5", true);
+    let mut v5 = Raw::connect(server.mqtt, "raw5", None);
     for (i, topic) in ["$SYS/broker/x", "$share/g/t", "$dlq/orders", "$sys/x"]
         .into_iter()
         .enumerate()
     {
         let id = i as u16 + 1;
-        v5.publish_qos1(topic, id, b"x");
-        let (got, code, reason) = v5.puback();
-        assert_eq!((got, code), (id, 0x90), "{topic}");
-        let reason = reason.unwrap_or_default();
+        let (code, reason) = v5.publish(id, topic, b"x", false);
+        assert_eq!(code, 0x90, "{topic}");
         assert!(reason.contains("reserved"), "{topic}: {reason:?}");
     }
     assert!(v5.ping(), "the MQTT 5 connection stays open");
-    v5.publish_qos1("$ok", 9, b"y");
-    assert_eq!(v5.puback(), (9, 0, None), "a user $ topic is accepted");
+    assert_eq!(
+        v5.publish(9, "$ok", b"y", false),
+        (0, String::new()),
+        "a user $ topic is accepted"
+    );
 
     // MQTT 3.1.1 has no way to refuse a PUBLISH: the connection closes.
-    let mut v4 = RawMqtt::connect(server.mqtt, "raw4", false);
-    v4.publish_qos1("$SYS/x", 1, b"x");
+    let mut v4 = Raw::connect_v311(server.mqtt, "raw4");
+    v4.send_publish(1, "$SYS/x", b"x", false);
     assert_eq!(v4.read().map(|(k, _)| k), None, "closed without a PUBACK");
-    let mut v4 = RawMqtt::connect(server.mqtt, "raw4b", false);
-    v4.publish_qos1("$user/x", 1, b"x");
+    let mut v4 = Raw::connect_v311(server.mqtt, "raw4b");
+    v4.send_publish(1, "$user/x", b"x", false);
     let (kind, body) = v4.read().expect("PUBACK");
     assert_eq!((kind, &body[..]), (0x40, &[0u8, 1][..]));
 

@@ -17,7 +17,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 
 mod common;
-use common::raw5::Raw;
+use common::raw::Raw;
 
 const WAIT: Duration = Duration::from_secs(15);
 

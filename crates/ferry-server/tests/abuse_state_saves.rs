@@ -18,7 +18,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::raw5::Raw;
+use common::raw::Raw;
 
 const WAIT: Duration = Duration::from_secs(15);
 

@@ -444,12 +444,9 @@ impl RabbitBackend {
         }
         let mut out = Vec::with_capacity(total);
         for (m, c) in messages.into_iter().zip(confirms) {
+            // The lapin error alone: "unreachable" would read as "not sent".
             let confirmation = c.await.map_err(|e| {
-                BackendError::in_doubt(
-                    NAME,
-                    "publish",
-                    format!("no confirmation: {}", amqp_error("publish", &e)),
-                )
+                BackendError::in_doubt(NAME, "publish", format!("no confirmation: {e}"))
             })?;
             match confirmation {
                 Confirmation::Nack(_) if total == 1 => {

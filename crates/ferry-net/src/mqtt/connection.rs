@@ -160,9 +160,13 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let shared = start.shared.clone();
+    // A connection past a limit holds no place (see `admit`).
+    let counted = start.over_limit.is_none();
     // `let else` rather than `if let`: the handshake's result is not kept beside `c`.
     let Some(mut c) = Box::pin(handshake(start)).await else {
-        shared.metrics.active.fetch_sub(1, Ordering::AcqRel);
+        if counted {
+            shared.metrics.active.fetch_sub(1, Ordering::AcqRel);
+        }
         return;
     };
     let end = c.run_loop().await;
@@ -198,7 +202,10 @@ where
     } = *start;
     // This connection's count on its address, released when the connection ends: by this
     // guard if it ends here, else by the connection state's `Drop`.
-    let address = super::AddressGuard::new(&shared, peer.ip());
+    // (A connection past a limit was not counted.)
+    let address = over_limit
+        .is_none()
+        .then(|| super::AddressGuard::new(&shared, peer.ip()));
     let mut rbuf = BytesMut::new();
     let max_packet = shared.config.max_packet_size;
     let connect_timeout = Duration::from_secs(shared.config.connect_timeout_secs.max(1));
@@ -288,7 +295,9 @@ where
         rbuf = BytesMut::new();
     }
     // From here the state's `Drop` releases the address.
-    address.disarm();
+    if let Some(address) = address {
+        address.disarm();
+    }
     let mut c = Box::new(Conn {
         version,
         active: None,

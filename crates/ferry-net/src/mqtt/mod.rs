@@ -30,13 +30,13 @@ use std::time::Duration;
 use ferry::Broker;
 use serde::Serialize;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::acl::AclRules;
 use crate::auth::Authenticator;
 use crate::config::MqttConfig;
-use crate::tls::TlsListener;
 use retained::RetainedStore;
 use session::Sessions;
 
@@ -47,7 +47,8 @@ pub struct MqttMetrics {
     pub accepted: AtomicU64,
     /// Currently open connections.
     pub active: AtomicUsize,
-    /// Connections refused at CONNECT (auth, limits, bad client id, ...).
+    /// Connections refused at CONNECT (auth, limits, bad client id, ...), or by a connection
+    /// limit before their TLS handshake.
     pub refused: AtomicU64,
     /// Of those, connections refused because their address had `max_connections_per_address`
     /// open.
@@ -222,10 +223,10 @@ impl MqttHandle {
     }
 }
 
-/// The MQTT listeners: plain TCP, and TLS when configured.
+/// The MQTT listeners: plain TCP, and TLS (its TCP listener and its acceptor) when configured.
 pub(crate) struct Listeners {
     pub(crate) tcp: TcpListener,
-    pub(crate) tls: Option<TlsListener>,
+    pub(crate) tls: Option<(TcpListener, TlsAcceptor)>,
 }
 
 /// Starts the MQTT front end on its listeners: the accept loops and the
@@ -290,8 +291,8 @@ pub(crate) fn start(
         }
     });
     tracker.spawn(accept_loop(shared.clone(), listeners.tcp));
-    if let Some(tls) = listeners.tls {
-        tracker.spawn(tls_accept_loop(shared.clone(), tls));
+    if let Some((tcp, acceptor)) = listeners.tls {
+        tracker.spawn(tls_accept_loop(shared.clone(), tcp, acceptor));
     }
     tracker.spawn(maintenance(shared.clone()));
     MqttHandle { shared }
@@ -319,21 +320,113 @@ async fn accept_loop(shared: Arc<MqttShared>, listener: TcpListener) {
     tracing::info!("MQTT listener stopped");
 }
 
-async fn tls_accept_loop(shared: Arc<MqttShared>, mut listener: TlsListener) {
+/// The TLS listener's accept loop. A connection is counted against `max_connections` and
+/// `max_connections_per_address` as it is accepted, before its handshake: one past either is
+/// closed at once (no handshake, no task; counted in `refused` and `ferry_refused_total`), so
+/// connections that never finish their handshake take no more than their address's share. An
+/// admitted connection's handshake runs in its own task within `tls_handshake_timeout_secs`
+/// (other clients' handshakes never wait for it), then the connection runs with the place it
+/// holds.
+async fn tls_accept_loop(shared: Arc<MqttShared>, listener: TcpListener, acceptor: TlsAcceptor) {
+    let within = Duration::from_secs(shared.config.tls_handshake_timeout_secs.max(1));
+    let mut refused = 0u64;
     loop {
         let accepted = tokio::select! {
             _ = shared.shutdown.cancelled() => break,
-            a = listener.next() => a,
+            a = listener.accept() => a,
         };
-        match accepted {
-            Some((stream, peer)) => {
-                set_tcp_keepalive(stream.get_ref().0, shared.config.tcp_keepalive_secs);
-                spawn_connection(&shared, stream, peer)
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting an MQTT TLS connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
             }
-            None => break,
-        }
+        };
+        let place = match Place::take(&shared, peer.ip()) {
+            Ok(place) => place,
+            Err(limit) => {
+                refused += 1;
+                count_refusal(&shared, limit);
+                if refused.is_power_of_two() {
+                    tracing::warn!(%peer, ?limit, refused, "MQTT TLS connection refused before its handshake: too many connections");
+                }
+                drop(stream);
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        set_tcp_keepalive(&stream, shared.config.tcp_keepalive_secs);
+        let acceptor = acceptor.clone();
+        let s = shared.clone();
+        shared.tracker.spawn(async move {
+            let handshake = tokio::time::timeout(within, acceptor.accept(stream));
+            let r = tokio::select! {
+                _ = s.shutdown.cancelled() => return,
+                r = handshake => r,
+            };
+            match r {
+                Ok(Ok(tls)) => spawn_admitted(&s, tls, peer, place.keep(), None),
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "MQTT TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "MQTT TLS handshake timed out"),
+            }
+        });
     }
     tracing::info!("MQTT TLS listener stopped");
+}
+
+/// A connection counted by [`admit`] and not yet handed to its task (a TLS connection in its
+/// handshake): dropped, it gives its place back; [`Place::keep`] hands it on to the connection
+/// task, which gives it back when it ends.
+struct Place {
+    shared: Option<Arc<MqttShared>>,
+    ip: IpAddr,
+}
+
+impl Place {
+    /// Counts a connection from `ip`; the limit it is past, if any (and then nothing is
+    /// counted).
+    fn take(shared: &Arc<MqttShared>, ip: IpAddr) -> Result<Place, Limit> {
+        match admit(shared, ip) {
+            None => Ok(Place {
+                shared: Some(shared.clone()),
+                ip,
+            }),
+            Some(limit) => Err(limit),
+        }
+    }
+
+    /// The connection task takes the place over.
+    fn keep(mut self) -> Admitted {
+        self.shared = None;
+        Admitted(())
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.take() {
+            shared.metrics.active.fetch_sub(1, Ordering::AcqRel);
+            shared.addresses.release(&shared.config, self.ip);
+        }
+    }
+}
+
+/// Proof that a connection went through [`admit`]: its place, if it was given one, is the
+/// connection task's to give back.
+struct Admitted(());
+
+/// Counts a refusal by `limit` before the CONNECT (the refusing CONNACK counts its own).
+fn count_refusal(shared: &MqttShared, limit: Limit) {
+    let m = &shared.metrics;
+    m.refused.fetch_add(1, Ordering::Relaxed);
+    match limit {
+        Limit::Connections => m.server.refused("mqtt_connections"),
+        Limit::PerAddress => {
+            m.refused_per_address.fetch_add(1, Ordering::Relaxed);
+            m.server.refused("mqtt_connections_per_address");
+        }
+    }
 }
 
 /// Turns TCP keepalive on for an accepted socket (`idle_secs` before the first probe; 0: off),
@@ -353,24 +446,51 @@ fn set_tcp_keepalive(stream: &tokio::net::TcpStream, idle_secs: u64) {
     }
 }
 
-/// Runs one connection over any byte stream (TCP, TLS, WebSocket).
+/// Runs one connection over any byte stream (TCP, WebSocket): counted now, and when it is past
+/// a limit its CONNECT is answered with a refusing CONNACK.
 pub(crate) fn spawn_connection<S>(shared: &Arc<MqttShared>, stream: S, peer: SocketAddr)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let over_limit = admit(shared, peer.ip());
+    spawn_admitted(shared, stream, peer, Admitted(()), over_limit);
+}
+
+/// Counts a new connection from `ip` in `active` and on its address (the connection task
+/// gives both back when it ends), or finds the limit it is past: then nothing stays counted,
+/// so that connections being refused (waiting for their CONNECT, to answer it with a refusing
+/// CONNACK) take no place from anyone, however many one address opens.
+fn admit(shared: &MqttShared, ip: IpAddr) -> Option<Limit> {
     let m = &shared.metrics;
     m.accepted.fetch_add(1, Ordering::Relaxed);
     let active = m.active.fetch_add(1, Ordering::AcqRel) + 1;
-    // Counted whatever happens next, released when the connection ends (see `AddressGuard`).
-    let on_address = shared.addresses.add(&shared.config, peer.ip());
+    // Released when the connection ends (see `AddressGuard`).
+    let on_address = shared.addresses.add(&shared.config, ip);
     let per_address = shared.config.max_connections_per_address;
-    let over_limit = if active > shared.config.max_connections {
+    let over = if active > shared.config.max_connections {
         Some(Limit::Connections)
     } else if per_address > 0 && on_address > per_address {
         Some(Limit::PerAddress)
     } else {
         None
     };
+    if over.is_some() {
+        m.active.fetch_sub(1, Ordering::AcqRel);
+        shared.addresses.release(&shared.config, ip);
+    }
+    over
+}
+
+/// Runs a connection counted by [`admit`] (`over_limit` what it found) to its end.
+fn spawn_admitted<S>(
+    shared: &Arc<MqttShared>,
+    stream: S,
+    peer: SocketAddr,
+    _admitted: Admitted,
+    over_limit: Option<Limit>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let conn = shared.next_conn.fetch_add(1, Ordering::Relaxed);
     // Boxed: the task's future then carries one pointer, not the stream and address, for the
     // life of the connection.

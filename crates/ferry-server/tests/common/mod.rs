@@ -2,7 +2,7 @@
 //! ephemeral ports, its log kept, killed (SIGKILL) and reaped when dropped.
 #![allow(dead_code, clippy::unwrap_used)]
 
-pub mod raw5;
+pub mod raw;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -28,6 +28,8 @@ pub struct Server {
     pub child: Child,
     pub mqtt: SocketAddr,
     pub http: SocketAddr,
+    /// The MQTT TLS listener, when configured.
+    pub mqtt_tls: Option<SocketAddr>,
     log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -103,6 +105,7 @@ pub fn serve_via(wrapper: &[&str], dir: &Path, extra: &[&str]) -> Result<Server,
         child,
         mqtt: "0.0.0.0:0".parse().unwrap(),
         http: "0.0.0.0:0".parse().unwrap(),
+        mqtt_tls: None,
         log,
     };
     let line = match rx.recv_timeout(START_WAIT) {
@@ -119,6 +122,7 @@ pub fn serve_via(wrapper: &[&str], dir: &Path, extra: &[&str]) -> Result<Server,
     };
     server.mqtt = after(&line, "mqtt=", ' ').unwrap().parse().unwrap();
     server.http = after(&line, "http=Some(", ')').unwrap().parse().unwrap();
+    server.mqtt_tls = after(&line, "mqtt_tls=Some(", ')').map(|a| a.parse().unwrap());
     Ok(server)
 }
 
