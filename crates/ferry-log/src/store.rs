@@ -63,6 +63,8 @@ const OP_DEFINE: u8 = 1;
 const OP_TRIM: u8 = 2;
 /// Control record: the transaction parts (by log offset) that are now valid.
 const OP_COMMIT: u8 = 3;
+/// Control record: an empty stream forgotten (see [`Store::forget`]).
+const OP_FORGET: u8 = 4;
 /// Compaction (deleting segments no stream needs) runs at most this often.
 const COMPACT_EVERY: Duration = Duration::from_secs(1);
 /// Settings of a [`Store`].
@@ -138,6 +140,8 @@ struct StreamState {
     /// `None`: the default (keep everything). Out of line: most streams of a store with many
     /// have the default, and an idle stream's entry stays small.
     retention: Option<Box<RetentionPolicy>>,
+    /// Being forgotten ([`Store::forget`]): no new handle is given out.
+    forgetting: bool,
 }
 
 impl StreamState {
@@ -154,6 +158,7 @@ impl StreamState {
             define_seq: 0,
             defined: false,
             retention: None,
+            forgetting: false,
         }
     }
 
@@ -262,6 +267,12 @@ enum Op {
     Commit {
         parts: Vec<u64>,
     },
+    /// The stream is gone (it was empty at `next`); its name may be defined again as a new
+    /// stream, its id never is.
+    Forget {
+        id: u32,
+        next: u64,
+    },
 }
 
 impl Op {
@@ -290,6 +301,11 @@ impl Op {
                 for p in parts {
                     b.put_u64_le(*p);
                 }
+            }
+            Op::Forget { id, next } => {
+                b.put_u8(OP_FORGET);
+                b.put_u32_le(*id);
+                b.put_u64_le(*next);
             }
         }
         RecordIn::new(b.freeze())
@@ -329,6 +345,7 @@ impl Op {
                 })
             }
             OP_TRIM => Ok(Op::Trim { id, start }),
+            OP_FORGET => Ok(Op::Forget { id, next: start }),
             op => Err(format!("unknown control record {op}")),
         }
     }
@@ -383,6 +400,17 @@ impl Streams {
             }
             Op::Trim { id, start } => {
                 self.state_mut(id, start).trim(start);
+            }
+            Op::Forget { id, .. } => {
+                if id == CONTROL {
+                    return Err("the control stream cannot be forgotten".into());
+                }
+                self.next_id = self.next_id.max(id + 1);
+                if let Some(st) = self.by_id.remove(&id) {
+                    if self.by_name.get(&st.name) == Some(&id) {
+                        self.by_name.remove(&st.name);
+                    }
+                }
             }
         }
         Ok(())
@@ -875,6 +903,47 @@ impl Store {
         self.existing(name)
     }
 
+    /// Forgets stream `name` if it is empty (every record it had is gone: retention or
+    /// purge) and no handle on it is open ([`Stream`] values, from [`stream`](Self::stream)
+    /// or [`find`](Self::find)): a control record, buffered like a trim. Its entry leaves the
+    /// store's memory and its name the catalog; defining the name again makes a new stream
+    /// whose offsets start at 0 (a stream id is never given twice). Returns whether it was
+    /// forgotten: `false` when it does not exist, holds records or has a handle open.
+    pub fn forget(&self, name: &str) -> Result<bool, LogError> {
+        let _control = self.inner.control.lock();
+        // Marked under the write lock: no handle is given out from here on (one asked for
+        // meanwhile waits for the control lock, then defines the name anew).
+        let (id, next) = {
+            let mut streams = self.inner.streams.write();
+            let Some(&id) = streams.by_name.get(name) else {
+                return Ok(false);
+            };
+            // The references to its name a stream has with no handle open: its state's, and
+            // the name map's key when that is the same allocation.
+            let shared_key = streams
+                .by_name
+                .get_key_value(name)
+                .zip(streams.by_id.get(&id))
+                .is_some_and(|((key, _), st)| Arc::ptr_eq(key, &st.name));
+            let unheld = 1 + usize::from(shared_key);
+            let Some(st) = streams.by_id.get_mut(&id) else {
+                return Ok(false);
+            };
+            if st.start < st.next || Arc::strong_count(&st.name) > unheld {
+                return Ok(false);
+            }
+            st.forgetting = true;
+            (id, st.next)
+        };
+        let written = self.inner.write_control(&[Op::Forget { id, next }]);
+        if written.is_err() {
+            if let Some(st) = self.inner.streams.write().by_id.get_mut(&id) {
+                st.forgetting = false;
+            }
+        }
+        written.map(|()| true)
+    }
+
     /// How many streams have a name for which `keep` is true.
     pub fn count_streams(&self, keep: impl Fn(&str) -> bool) -> usize {
         let streams = self.inner.streams.read();
@@ -884,7 +953,11 @@ impl Store {
     fn existing(&self, name: &str) -> Option<Stream> {
         let streams = self.inner.streams.read();
         let id = *streams.by_name.get(name)?;
-        let name = streams.by_id.get(&id)?.name.clone();
+        let st = streams.by_id.get(&id)?;
+        if st.forgetting {
+            return None;
+        }
+        let name = st.name.clone();
         Some(Stream {
             inner: self.inner.clone(),
             id,

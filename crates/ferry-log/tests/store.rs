@@ -76,6 +76,10 @@ enum Op {
         s: usize,
         keep: u64,
     },
+    /// Forget stream `s` (done only when it is empty).
+    Forget {
+        s: usize,
+    },
     /// Write an index checkpoint now.
     Checkpoint,
     /// A transaction of `n` records in streams `a` and `b` (one part each), with a checkpoint
@@ -105,6 +109,7 @@ fn op_strategy(streams: usize) -> impl Strategy<Value = Op> {
         1 => (0..streams, 0u8..=100).prop_map(|(s, to)| Op::Trim { s, to }),
         1 => (0..streams, 0u64..10).prop_map(|(s, keep)| Op::Retain { s, keep }),
         1 => Just(Op::Checkpoint),
+        1 => (0..streams).prop_map(|s| Op::Forget { s }),
         1 => (0..streams, 0..streams, 1usize..4, any::<bool>(), prop::bool::weighted(0.7))
             .prop_map(|(a, b, n, checkpoint, commit)| Op::Tx { a, b, n, checkpoint, commit }),
         2 => reopen.prop_map(Op::Reopen),
@@ -129,6 +134,15 @@ fn check_read(stream: &Stream, model: &Model, from: u64, max: usize) {
 fn check_all(store: &Store, models: &[Model]) -> Result<(), TestCaseError> {
     for (s, m) in models.iter().enumerate() {
         if m.payloads.is_empty() {
+            // Never written, or forgotten: absent, or defined again and still empty.
+            if let Some(stream) = store.find(NAMES[s]) {
+                prop_assert_eq!(
+                    (stream.start(), stream.next_offset()),
+                    (0, 0),
+                    "{:?}",
+                    NAMES[s]
+                );
+            }
             continue;
         }
         let stream = store.stream(NAMES[s]).unwrap();
@@ -191,6 +205,18 @@ proptest! {
                     let m = &mut models[s];
                     m.start = m.start.max((m.payloads.len() as u64).saturating_sub(keep));
                     store.compact(true).unwrap();
+                }
+                Op::Forget { s } => {
+                    let m = &mut models[s];
+                    let empty = m.start == m.payloads.len() as u64;
+                    let defined = store.find(NAMES[s]).is_some();
+                    let forgot = store.forget(NAMES[s]).unwrap();
+                    prop_assert_eq!(forgot, defined && empty, "forgetting {:?}", NAMES[s]);
+                    if forgot {
+                        prop_assert!(store.find(NAMES[s]).is_none());
+                        // Defined again, the name is a new stream from offset 0.
+                        *m = Model::default();
+                    }
                 }
                 Op::Checkpoint => {
                     store.checkpoint().unwrap();
@@ -336,6 +362,56 @@ fn any_name_is_stored_and_recovered_intact() {
             "{name}"
         );
     }
+}
+
+#[test]
+fn an_empty_stream_with_no_handle_open_is_forgotten_for_good() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(1024, 1 << 20);
+    let store = Store::open(dir.path(), cfg.clone()).unwrap();
+    let gone = store.stream("gone").unwrap();
+    let kept = store.stream("kept").unwrap();
+    for i in 0..50u64 {
+        gone.append(i, &[RecordIn::new(payload(0, i, 40))]).unwrap();
+        kept.append(i, &[RecordIn::new(payload(1, i, 40))]).unwrap();
+    }
+    // Holding records, or with a handle open: kept.
+    drop(gone);
+    assert!(!store.forget("gone").unwrap());
+    let gone = store.stream("gone").unwrap();
+    gone.trim(50).unwrap();
+    assert!(!store.forget("gone").unwrap(), "a handle is open");
+    drop(gone);
+    assert!(store.forget("gone").unwrap());
+    assert!(!store.forget("gone").unwrap(), "already forgotten");
+    assert!(!store.forget("never").unwrap());
+    assert!(store.find("gone").is_none());
+    assert_eq!(store.stream_names(), ["kept"]);
+    store.compact(true).unwrap();
+    drop(kept);
+    drop(store);
+    // Gone after a reopen, from the checkpoint and from a scan of the whole log.
+    for scan in [false, true] {
+        if scan {
+            std::fs::remove_file(checkpoint_file(dir.path())).unwrap();
+        }
+        let store = Store::open(dir.path(), cfg.clone()).unwrap();
+        assert_eq!(store.stream_names(), ["kept"], "scan {scan}");
+        assert_eq!(store.find("kept").unwrap().next_offset(), 50);
+        drop(store);
+    }
+    // Its name defined again is a new stream from offset 0, which survives reopens.
+    let store = Store::open(dir.path(), cfg.clone()).unwrap();
+    let again = store.stream("gone").unwrap();
+    assert_eq!((again.start(), again.next_offset()), (0, 0));
+    again.append(0, &[RecordIn::new("new")]).unwrap();
+    drop((again, store));
+    std::fs::remove_file(checkpoint_file(dir.path())).unwrap();
+    let store = Store::open(dir.path(), cfg).unwrap();
+    let again = store.find("gone").unwrap();
+    let read = again.read(0, 10, usize::MAX).unwrap();
+    assert_eq!(read.len(), 1);
+    assert_eq!((read[0].offset, read[0].payload.as_ref()), (0, &b"new"[..]));
 }
 
 #[test]

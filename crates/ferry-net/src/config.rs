@@ -431,6 +431,10 @@ pub struct BrokerSection {
     /// gives up the oldest records of its in-memory window (they are on disk) instead. 0: no
     /// bound.
     pub memory_limit_bytes: usize,
+    /// With a data directory: a stored topic whose records are all gone (retention, purge)
+    /// and that nothing holds is forgotten (it leaves the catalog and `max_topics`; published
+    /// to again it is a new topic from offset 0).
+    pub forget_empty_topics: bool,
 }
 
 impl Default for BrokerSection {
@@ -441,6 +445,7 @@ impl Default for BrokerSection {
             overflow: OverflowPolicy::DropOldest,
             max_topics: 1_000_000,
             memory_limit_bytes: 1 << 30,
+            forget_empty_topics: true,
         }
     }
 }

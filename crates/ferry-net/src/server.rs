@@ -95,6 +95,7 @@ pub fn broker_config(config: &ServeConfig) -> BrokerConfig {
         max_topics: Some(config.broker.max_topics),
         memory_limit: (config.broker.memory_limit_bytes > 0)
             .then_some(config.broker.memory_limit_bytes),
+        forget_empty_topics: config.broker.forget_empty_topics,
         ..BrokerConfig::default()
     }
 }

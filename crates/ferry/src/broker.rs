@@ -2016,20 +2016,74 @@ impl BrokerInner {
                 return;
             }
         };
+        let mut empty = Vec::new();
         for name in names {
-            let config = {
+            let (config, own_settings) = {
                 let reg = self.registry.read();
                 if reg.topics.contains_key(&name) {
                     continue;
                 }
-                topic_config(&self.config, &reg.configs, &name)
+                (
+                    topic_config(&self.config, &reg.configs, &name),
+                    reg.configs.contains_key(&name),
+                )
             };
-            let applied = storage
-                .open_topic(&name, &config)
-                .and_then(|store| store.apply_retention());
-            if let Err(e) = applied {
+            let store = match storage.open_topic(&name, &config) {
+                Ok(store) => store,
+                Err(e) => {
+                    tracing::warn!(topic = %name, error = %e, "opening the topic log failed");
+                    continue;
+                }
+            };
+            if let Err(e) = store.apply_retention() {
                 tracing::warn!(topic = %name, error = %e, "retention of the topic log failed");
+                continue;
             }
+            if self.config.forget_empty_topics && !own_settings && store.start() >= store.end() {
+                empty.push(name);
+            }
+        }
+        if !empty.is_empty() {
+            self.forget_stored(storage.as_ref(), &empty);
+        }
+    }
+
+    /// Forgets the stored topics `names`, which held no record when looked at (see
+    /// [`BrokerConfig::forget_empty_topics`]): consumer positions on them are dropped and
+    /// saved first, so that a topic of the same name made later is read from its start (a
+    /// crash in between leaves an empty topic with no positions: the same thing); the
+    /// storage then forgets each one that is still empty and not open (one loaded meanwhile
+    /// stays).
+    fn forget_stored(&self, storage: &dyn Storage, names: &[TopicName]) {
+        {
+            let mut positions = self.positions.lock();
+            for topics in positions.values_mut() {
+                for name in names {
+                    topics.remove(name.as_str());
+                }
+            }
+        }
+        if let Err(e) = self.save_positions() {
+            tracing::error!(error = %e, "saving consumer positions failed: no empty topic forgotten");
+            return;
+        }
+        let mut forgotten = 0usize;
+        for name in names {
+            match storage.forget_topic(name) {
+                Ok(true) => {
+                    forgotten += 1;
+                    if let Some(source) = name.as_str().strip_prefix("$dlq/") {
+                        self.dead_reasons.lock().remove(source);
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(topic = %name, error = %e, "forgetting an empty topic failed")
+                }
+            }
+        }
+        if forgotten > 0 {
+            tracing::debug!(forgotten, "empty stored topics forgotten");
         }
     }
 

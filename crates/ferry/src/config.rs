@@ -113,6 +113,15 @@ pub struct BrokerConfig {
     /// on its next use (its counters start again from zero); an in-memory topic is forgotten
     /// once it holds no record. `None` keeps every topic loaded.
     pub unload_idle_topics_after: Option<Duration>,
+    /// With durable storage: a stored topic that holds no record any more (retention or a
+    /// purge removed them all), that is not loaded (no consumer or group holds it) and was not
+    /// given settings of its own by [`Broker::create_topic`](crate::Broker::create_topic) since
+    /// the broker opened (those are not saved), is forgotten by the maintenance pass: its entry leaves the store, it no longer counts towards
+    /// `max_topics`, and consumer positions on it are dropped. Published to again, it is a
+    /// new topic whose offsets start at 0 (saved groups and subscriptions read it from its
+    /// start). So topics that churn (a topic per device or per job) cost nothing once their
+    /// records are gone. Default true; false keeps every stored topic.
+    pub forget_empty_topics: bool,
     /// The most user topics that may exist: loaded, or (durable) stored and unloaded. A publish
     /// (or `create_topic`, `publisher`, a transaction) that would create one more is refused with
     /// [`PublishError::TopicLimit`](crate::PublishError::TopicLimit) and nothing is written.
@@ -159,6 +168,7 @@ impl Default for BrokerConfig {
             event_capacity: 1024,
             hot_window: HotWindow::default(),
             unload_idle_topics_after: Some(Duration::from_secs(60)),
+            forget_empty_topics: true,
             max_topics: Some(1_000_000),
         }
     }

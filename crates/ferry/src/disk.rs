@@ -199,6 +199,12 @@ impl Storage for DiskStorage {
         self.store.find(name.as_str()).is_some()
     }
 
+    fn forget_topic(&self, name: &TopicName) -> Result<bool, StorageError> {
+        self.store
+            .forget(name.as_str())
+            .map_err(|e| log_error(name.as_str(), e))
+    }
+
     fn stored_depth(&self, name: &TopicName) -> Option<(u64, u64)> {
         let stream = self.store.find(name.as_str())?;
         let records = stream.next_offset().saturating_sub(stream.start());

@@ -116,6 +116,10 @@ impl Storage for FaultyStorage {
         self.inner.has_topic(name)
     }
 
+    fn forget_topic(&self, name: &TopicName) -> Result<bool, StorageError> {
+        self.inner.forget_topic(name)
+    }
+
     fn stored_depth(&self, name: &TopicName) -> Option<(u64, u64)> {
         self.inner.stored_depth(name)
     }

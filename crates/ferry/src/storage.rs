@@ -220,6 +220,15 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
             .map_or(0, |t| t.iter().filter(|t| !t.is_system()).count())
     }
 
+    /// Forgets topic `name`'s log if it holds no record and nothing has it open (a catalog
+    /// change, durable with the next sync): the name leaves the catalog, and opening it again
+    /// makes a new log from offset 0. Returns whether it was forgotten. The default keeps
+    /// every log.
+    fn forget_topic(&self, name: &TopicName) -> Result<bool, StorageError> {
+        let _ = name;
+        Ok(false)
+    }
+
     /// Closes the storage at the end of the broker's shutdown: what it has is made durable and
     /// its directory may be opened again at once (later calls fail). The default does nothing.
     fn close(&self) -> Result<(), StorageError> {

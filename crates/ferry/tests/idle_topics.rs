@@ -228,3 +228,101 @@ async fn unloading_is_off_with_none_and_waits_for_the_idle_time() {
     broker.maintain();
     assert_eq!(broker.topics(), vec!["a"], "used less than a minute ago");
 }
+
+/// Calls the maintenance pass until it has also applied the retention of unloaded stored
+/// topics (every tenth pass) once.
+fn maintain_with_stored_retention(broker: &Broker) {
+    for _ in 0..10 {
+        broker.maintain();
+    }
+}
+
+#[tokio::test]
+async fn durable_topics_whose_records_are_all_gone_are_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let expiring = ferry::Retention {
+        max_age: Some(Duration::from_millis(200)),
+        ..ferry::Retention::default()
+    };
+    let mut config = unload_at_once();
+    config.topic_defaults.retention = expiring.clone();
+    let broker = Broker::open_with(dir.path(), config.clone(), disk()).unwrap();
+    // Created with settings of its own: kept even when empty.
+    let own = TopicConfig {
+        retention: expiring,
+        ..TopicConfig::default()
+    };
+    broker.create_topic("kept/own", own).unwrap();
+    for (i, t) in ["dev/1", "dev/2", "kept/own"].iter().enumerate() {
+        assert_eq!(broker.publish(t, msg(i, 0)).await.unwrap(), 0);
+        assert_eq!(broker.publish(t, msg(i, 1)).await.unwrap(), 1);
+    }
+    // A group reads dev/1 to its end; after a restart (a group that exists holds its topics)
+    // only its saved position remains.
+    {
+        let mut g = broker
+            .subscription("dev/1")
+            .group("g")
+            .start(StartPosition::Earliest)
+            .build()
+            .unwrap();
+        for _ in 0..2 {
+            let d = tokio::time::timeout(Duration::from_secs(10), g.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            d.ack().unwrap();
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    maintain_with_stored_retention(&broker);
+    let names: Vec<String> = broker.topics().iter().map(|t| t.to_string()).collect();
+    assert_eq!(
+        names,
+        ["dev/1", "kept/own"],
+        "dev/2 is forgotten; the group holds dev/1; kept/own has settings of its own"
+    );
+    assert_eq!(broker.stats().topics, 2);
+    broker.shutdown(Duration::from_secs(5)).await;
+    let broker = Broker::open_with(dir.path(), config.clone(), disk()).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    maintain_with_stored_retention(&broker);
+    assert!(
+        !broker.topics().iter().any(|t| t.as_str() == "dev/1"),
+        "no group is live after the restart: dev/1 is forgotten"
+    );
+    // Published to again, a forgotten topic is new: offsets from 0, read by the group from
+    // its start.
+    assert_eq!(broker.publish("dev/1", msg(9, 0)).await.unwrap(), 0);
+    let mut g = broker
+        .subscription("dev/1")
+        .group("g")
+        .start(StartPosition::Latest)
+        .build()
+        .unwrap();
+    let (topic, offset, text) = recv_payload(&mut g).await;
+    assert_eq!((topic.as_str(), offset, text.as_str()), ("dev/1", 0, "9:0"));
+    drop(g);
+    broker.shutdown(Duration::from_secs(5)).await;
+    // After a restart (without the short retention): the same topics.
+    let broker = Broker::open_with(dir.path(), unload_at_once(), disk()).unwrap();
+    assert!(broker.topics().iter().any(|t| t.as_str() == "dev/1"));
+    let one = broker.topic_stats("dev/1").unwrap();
+    assert_eq!((one.first_offset, one.next_offset), (0, 1));
+    broker.shutdown(Duration::from_secs(5)).await;
+
+    // With forgetting off, an empty stored topic stays.
+    let dir = tempfile::tempdir().unwrap();
+    let config = BrokerConfig {
+        forget_empty_topics: false,
+        ..config
+    };
+    let broker = Broker::open_with(dir.path(), config, disk()).unwrap();
+    broker.publish("dev/3", msg(3, 0)).await.unwrap();
+    broker.maintain();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    maintain_with_stored_retention(&broker);
+    let one = broker.topic_stats("dev/3").unwrap();
+    assert_eq!((one.first_offset, one.next_offset), (1, 1));
+    broker.shutdown(Duration::from_secs(5)).await;
+}

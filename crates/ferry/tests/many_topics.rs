@@ -115,7 +115,7 @@ fn a_hundred_thousand_topics_under_an_open_file_limit_of_1024() {
                     .unwrap()
                     .unwrap();
                 got.insert(String::from_utf8(d.payload().to_vec()).unwrap());
-                d.ack();
+                d.ack().unwrap();
             }
             assert_eq!(got, want, "{filter}");
             assert!(sub.try_recv().is_err(), "{filter}");

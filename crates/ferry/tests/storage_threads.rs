@@ -114,6 +114,11 @@ impl Storage for Checked {
         self.inner.has_topic(name)
     }
 
+    fn forget_topic(&self, name: &TopicName) -> Result<bool, StorageError> {
+        self.seen.check("forget_topic");
+        self.inner.forget_topic(name)
+    }
+
     fn stored_depth(&self, name: &TopicName) -> Option<(u64, u64)> {
         self.seen.count("stored_depth");
         self.inner.stored_depth(name)

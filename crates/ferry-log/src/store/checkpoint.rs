@@ -271,6 +271,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
             define_seq,
             defined,
             retention: None,
+            forgetting: false,
         };
         if by_id.insert(id, st).is_some() {
             return Err(format!("stream {id} appears twice"));
