@@ -516,8 +516,8 @@ impl Broker {
 
     /// The loaded user topics (those in use) whose name starts with `prefix` and for which
     /// `visible` is true (called with no lock held), at most `limit`, with the most records
-    /// stored first (then the most published). Bounded memory whatever the topic count; the
-    /// work is one look at each loaded topic.
+    /// stored first (then the most published). The work is one look at each loaded topic
+    /// under `prefix` (found in the registry's name order).
     pub fn top_topics(
         &self,
         prefix: &str,
@@ -1614,6 +1614,18 @@ impl BrokerInner {
         self.registry.read().topics.values().cloned().collect()
     }
 
+    /// The loaded topics whose name starts with `prefix` (all of them for `""`).
+    fn topics_under(&self, prefix: &str) -> Vec<Arc<Topic>> {
+        if prefix.is_empty() {
+            return self.all_topics();
+        }
+        let reg = self.registry.read();
+        reg.topics
+            .names_under(prefix)
+            .filter_map(|n| reg.topics.get(n).cloned())
+            .collect()
+    }
+
     /// A copy of `topic`'s retained records from `from`, at most `max`. Records only in the
     /// store are read on an I/O thread while the calling thread waits.
     pub(crate) fn snapshot(&self, topic: &Arc<Topic>, from: u64, max: usize) -> Vec<Arc<Record>> {
@@ -1820,7 +1832,7 @@ impl BrokerInner {
         let mut largest: BinaryHeap<Reverse<(usize, u64, TopicName)>> =
             BinaryHeap::with_capacity(limit + 1);
         let mut kept: HashMap<TopicName, Arc<Topic>> = HashMap::with_capacity(limit + 1);
-        for t in self.all_topics() {
+        for t in self.topics_under(prefix) {
             let n = t.name.as_str();
             if t.name.is_system() || !n.starts_with(prefix) || !visible(n) {
                 continue;
