@@ -815,6 +815,104 @@ mod tests {
         }
     }
 
+    fn entry(filter: &str) -> SubEntry {
+        SubEntry {
+            filter: filter.to_string(),
+            share: None,
+            options: SubscriptionOptions {
+                qos: QoS::AtLeastOnce,
+                no_local: false,
+                retain_as_published: false,
+                retain_handling: RetainHandling::SendAtSubscribe,
+            },
+            granted: QoS::AtLeastOnce,
+            id: None,
+            group: Some(session_group("c", filter)),
+        }
+    }
+
+    fn persistent(filters: &[&str]) -> StoredSession {
+        StoredSession {
+            subscriptions: filters.iter().map(|f| (f.to_string(), entry(f))).collect(),
+            expiry: Duration::from_secs(3600),
+            ..StoredSession::default()
+        }
+    }
+
+    fn open(dir: &Path, b: &Broker) -> Sessions {
+        Sessions::open(Arc::new(StateStore::open(dir).unwrap()), dir, b).unwrap()
+    }
+
+    fn offline_filters(sessions: &Sessions, client: &str) -> Option<Vec<String>> {
+        match sessions.slots.lock().get(client) {
+            Some(Slot::Offline { session, .. }) => {
+                Some(session.subscriptions.keys().cloned().collect())
+            }
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn sessions_are_saved_as_records_and_restored_offline() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = broker();
+        {
+            let sessions = open(dir.path(), &b);
+            let a = sessions
+                .connect(&b, "online", 1, false, Duration::from_secs(5), None)
+                .await;
+            sessions.record("online", 1, Some(persistent(&["x/#", "y"])));
+            let _c = sessions
+                .connect(&b, "gone", 2, false, Duration::from_secs(5), None)
+                .await;
+            sessions.record("gone", 2, Some(persistent(&["z"])));
+            sessions.save().unwrap();
+            // Unsubscribed from one, then the other ends its session.
+            sessions.record("online", 1, Some(persistent(&["x/#"])));
+            sessions.disconnect("gone", 2, None);
+            sessions.save().unwrap();
+            drop(a);
+        }
+        let sessions = open(dir.path(), &b);
+        assert_eq!(offline_filters(&sessions, "online"), Some(vec!["x/#".into()]));
+        assert_eq!(offline_filters(&sessions, "gone"), None);
+        assert_eq!(sessions.counts(), (0, 1));
+    }
+
+    #[tokio::test]
+    async fn the_old_json_file_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = unix_ms(SystemTime::now());
+        // Written in the old format.
+        let old = format!(
+            r#"{{"version":1,"sessions":[
+            {{"client_id":"kept","expiry_secs":3600,"offline_since_ms":{now},
+              "subscriptions":[{{"key":"a/#","filter":"a/#","share":null,"qos":1,"no_local":false,
+                "retain_as_published":false,"retain_handling":0,"granted":1,"id":null,
+                "group":"mqtt/session/kept/a/#"}}],
+              "inbound_qos2":[7],"awaiting_pubcomp":[]}},
+            {{"client_id":"expired","expiry_secs":1,"offline_since_ms":1000,
+              "subscriptions":[],"inbound_qos2":[],"awaiting_pubcomp":[]}}
+            ]}}"#
+        );
+        std::fs::write(dir.path().join(SESSIONS_FILE), old).unwrap();
+        let b = broker();
+        let sessions = open(dir.path(), &b);
+        assert_eq!(offline_filters(&sessions, "kept"), Some(vec!["a/#".into()]));
+        assert_eq!(sessions.counts(), (0, 1));
+        assert!(!dir.path().join(SESSIONS_FILE).exists());
+        assert!(dir.path().join("mqtt-sessions.json.migrated").exists());
+        sessions.save().unwrap();
+        drop(sessions);
+        let sessions = open(dir.path(), &b);
+        assert_eq!(offline_filters(&sessions, "kept"), Some(vec!["a/#".into()]));
+        let qos2 = match sessions.slots.lock().get("kept") {
+            Some(Slot::Offline { session, .. }) => session.inbound_qos2.contains(&7),
+            _ => false,
+        };
+        assert!(qos2);
+    }
+
     #[tokio::test]
     async fn takeover_kicks_the_live_connection_and_waits_for_it() {
         let sessions = Arc::new(Sessions::in_memory());
