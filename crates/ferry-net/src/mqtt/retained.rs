@@ -109,19 +109,7 @@ impl RetainedStore {
         migrate(&state, &legacy)?;
         let now = SystemTime::now();
         let mut messages = BTreeMap::new();
-        let mut damaged = 0usize;
-        for topic in state.names(RETAINED_PREFIX) {
-            let name = format!("{RETAINED_PREFIX}{topic}");
-            let record = match state.last(&name) {
-                Ok(Some(r)) => r,
-                Ok(None) => continue,
-                Err(e) => {
-                    // Contained: the other retained messages are served.
-                    tracing::error!(topic, error = %e, "retained message lost to damage");
-                    damaged += 1;
-                    continue;
-                }
-            };
+        for (topic, record) in state.values(RETAINED_PREFIX)? {
             match decode(record, now) {
                 Ok(Some(m)) => {
                     messages.insert(topic, m);
@@ -130,17 +118,13 @@ impl RetainedStore {
                 Err(reason) => {
                     return Err(StateError::Corrupt {
                         dir: state.dir().to_path_buf(),
-                        stream: name,
+                        stream: format!("{RETAINED_PREFIX}{topic}"),
                         reason,
                     })
                 }
             }
         }
-        tracing::info!(
-            retained = messages.len(),
-            damaged,
-            "retained messages restored"
-        );
+        tracing::info!(retained = messages.len(), "retained messages restored");
         Ok(RetainedStore {
             messages: Mutex::new(messages),
             state: Some(state),
@@ -397,3 +381,4 @@ mod tests {
         assert_eq!(store.len(), 2);
     }
 }
+

@@ -417,17 +417,8 @@ impl Sessions {
         let mut dirty = HashSet::new();
         let now_wall = SystemTime::now();
         let now = Instant::now();
-        for client in state.names(SESSION_PREFIX) {
+        for (client, record) in state.values(SESSION_PREFIX)? {
             let name = format!("{SESSION_PREFIX}{client}");
-            let record = match state.last(&name) {
-                Ok(Some(r)) => r,
-                Ok(None) => continue,
-                Err(e) => {
-                    // Contained: the other sessions are restored.
-                    tracing::error!(client, error = %e, "MQTT session lost to damage");
-                    continue;
-                }
-            };
             let r: SessionRecord =
                 serde_json::from_slice(&record.payload).map_err(|e| corrupt(&name, e.to_string()))?;
             let away = if r.online {

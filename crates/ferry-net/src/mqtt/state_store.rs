@@ -19,6 +19,7 @@
 //! All of it is blocking storage I/O: called from the state saver thread or a blocking task,
 //! never on an async worker.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -200,7 +201,48 @@ impl StateStore {
     }
 
     /// The last record of stream `name`, if it has one that is not a tombstone.
+    #[cfg(test)]
     pub(crate) fn last(&self, name: &str) -> Result<Option<StoredRecord>, StateError> {
+        Ok(self.last_any(name)?.filter(|r| r.flags & TOMBSTONE == 0))
+    }
+
+    /// The live value (last record, unless a tombstone) of every stream starting with
+    /// `prefix`, by name without the prefix, read in one pass over the log; the streams whose
+    /// value was lost to damage are logged and left out (the others are served). Blocking.
+    pub(crate) fn values(&self, prefix: &str) -> Result<BTreeMap<String, StoredRecord>, StateError> {
+        let (found, damaged) = match self.store.last_records(prefix) {
+            Ok(r) => r,
+            Err(e) => {
+                // One pass failed (damage in the active segment): one read per stream, each
+                // failing alone.
+                tracing::warn!(store = %self.dir().display(), error = %e, "reading the MQTT state in one pass failed; reading it stream by stream");
+                let mut found = BTreeMap::new();
+                let mut damaged = Vec::new();
+                for name in self.names(prefix) {
+                    let full = format!("{prefix}{name}");
+                    match self.last_any(&full) {
+                        Ok(Some(r)) => {
+                            found.insert(full, r);
+                        }
+                        Ok(None) => {}
+                        Err(e) => damaged.push((full, e.to_string())),
+                    }
+                }
+                (found, damaged)
+            }
+        };
+        for (stream, why) in damaged {
+            tracing::error!(store = %self.dir().display(), stream, reason = why, "MQTT state lost to damage");
+        }
+        Ok(found
+            .into_iter()
+            .filter(|(_, r)| r.flags & TOMBSTONE == 0)
+            .filter_map(|(n, r)| n.strip_prefix(prefix).map(|n| (n.to_string(), r)))
+            .collect())
+    }
+
+    /// The last record of stream `name` (tombstone or not), read alone.
+    fn last_any(&self, name: &str) -> Result<Option<StoredRecord>, StateError> {
         let Some(stream) = self.store.find(name) else {
             return Ok(None);
         };
@@ -211,7 +253,7 @@ impl StateStore {
         let mut records = stream
             .read(next - 1, 1, usize::MAX)
             .map_err(|e| self.err(e))?;
-        Ok(records.pop().filter(|r| r.flags & TOMBSTONE == 0))
+        Ok(records.pop())
     }
 
     /// Housekeeping for the saver: deletes the segments that only hold superseded records
@@ -281,6 +323,9 @@ mod tests {
         let s = StateStore::open(dir.path()).unwrap();
         assert_eq!(s.names(RETAINED_PREFIX), vec!["a", "b"]);
         assert_eq!(s.names(SESSION_PREFIX), vec!["c"]);
+        let values = s.values(RETAINED_PREFIX).unwrap();
+        assert_eq!(values.keys().collect::<Vec<_>>(), vec!["a"]);
+        assert_eq!(values["a"].payload, "2");
         assert_eq!(s.last("retained/a").unwrap().unwrap().payload, "2");
         assert!(s.last("retained/b").unwrap().is_none());
         assert!(s.last("retained/never").unwrap().is_none());
