@@ -72,7 +72,12 @@ fn subscribe(id: u16, filters: &[&str]) -> Packet {
     })
 }
 
-async fn connect(addr: std::net::SocketAddr, version: ProtocolVersion, id: &str, persistent: bool) -> Raw {
+async fn connect(
+    addr: std::net::SocketAddr,
+    version: ProtocolVersion,
+    id: &str,
+    persistent: bool,
+) -> Raw {
     let mut c = Connect::new(version, id);
     if persistent {
         c.clean_start = false;
@@ -105,7 +110,9 @@ async fn failing_state_saves_refuse_what_they_cannot_keep() {
 
     let mut p5 = connect(addr, ProtocolVersion::V5, "p5", false).await;
     p5.send(&qos1("state/kept", 1, "before", true)).await;
-    assert!(matches!(next_ack(&mut p5).await, Some(Packet::PubAck(a)) if a.reason_code == ReasonCode::Success));
+    assert!(
+        matches!(next_ack(&mut p5).await, Some(Packet::PubAck(a)) if a.reason_code == ReasonCode::Success)
+    );
     let mut persistent = connect(addr, ProtocolVersion::V5, "persistent", true).await;
     persistent.send(&subscribe(1, &["kept/#"])).await;
     match next_ack(&mut persistent).await {
@@ -151,22 +158,32 @@ async fn failing_state_saves_refuse_what_they_cannot_keep() {
     );
     // Others are served meanwhile: a plain publish, a clean session's subscription.
     p5.send(&qos1("new/plain", 3, "x", false)).await;
-    assert!(matches!(next_ack(&mut p5).await, Some(Packet::PubAck(a)) if a.reason_code == ReasonCode::Success));
+    assert!(
+        matches!(next_ack(&mut p5).await, Some(Packet::PubAck(a)) if a.reason_code == ReasonCode::Success)
+    );
     let mut clean = connect(addr, ProtocolVersion::V5, "clean", false).await;
     clean.send(&subscribe(1, &["new/#"])).await;
-    assert!(matches!(next_ack(&mut clean).await, Some(Packet::SubAck(a)) if a.reason_codes == vec![ReasonCode::GrantedQoS1]));
+    assert!(
+        matches!(next_ack(&mut clean).await, Some(Packet::SubAck(a)) if a.reason_codes == vec![ReasonCode::GrantedQoS1])
+    );
 
     // Saves work again: the next round (once a second) succeeds, health recovers.
     state.fail_saves(false);
     let h = health_until(&base, 200).await;
     assert_eq!(h["status"], "running", "{h}");
     persistent.send(&subscribe(3, &["other/#"])).await;
-    assert!(matches!(next_ack(&mut persistent).await, Some(Packet::SubAck(a)) if a.reason_codes == vec![ReasonCode::GrantedQoS1]));
+    assert!(
+        matches!(next_ack(&mut persistent).await, Some(Packet::SubAck(a)) if a.reason_codes == vec![ReasonCode::GrantedQoS1])
+    );
     // The refused subscription gets nothing.
     p5.send(&qos1("new/after", 4, "y", false)).await;
-    assert!(matches!(next_ack(&mut p5).await, Some(Packet::PubAck(a)) if a.reason_code == ReasonCode::Success));
+    assert!(
+        matches!(next_ack(&mut p5).await, Some(Packet::PubAck(a)) if a.reason_code == ReasonCode::Success)
+    );
     p5.send(&qos1("other/after", 5, "z", false)).await;
-    assert!(matches!(next_ack(&mut p5).await, Some(Packet::PubAck(a)) if a.reason_code == ReasonCode::Success));
+    assert!(
+        matches!(next_ack(&mut p5).await, Some(Packet::PubAck(a)) if a.reason_code == ReasonCode::Success)
+    );
     match persistent.recv().await {
         Some(Packet::Publish(p)) => assert_eq!(p.topic, "other/after"),
         other => panic!("{other:?}"),

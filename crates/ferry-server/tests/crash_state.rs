@@ -133,7 +133,10 @@ fn retained_and_session_changes_survive_an_immediate_sigkill_as_acknowledged() {
     for cycle in 1..=cycles {
         let (mut sess, present) = connect_persistent(server.mqtt, SESSION);
         if cycle > 1 {
-            assert!(present, "cycle {cycle}: the session is not present after the restart");
+            assert!(
+                present,
+                "cycle {cycle}: the session is not present after the restart"
+            );
             // The subscription made before the kill is there (nothing sent for it), the one
             // removed is not (its retained message sent).
             let mut id = 100;
@@ -166,7 +169,11 @@ fn retained_and_session_changes_survive_an_immediate_sigkill_as_acknowledged() {
 
             // Exactly the retained messages acknowledged.
             let mut check = Raw::connect(server.mqtt, &format!("check-{cycle}"), None);
-            let frames = [subscribe_frame(1, "state/#", 0), subscribe_frame(2, "end/#", 0)].concat();
+            let frames = [
+                subscribe_frame(1, "state/#", 0),
+                subscribe_frame(2, "end/#", 0),
+            ]
+            .concat();
             check.0.write_all(&frames).unwrap();
             let got: BTreeMap<String, Vec<u8>> = until_sentinel(&mut check.0, Vec::new())
                 .into_iter()
@@ -183,7 +190,10 @@ fn retained_and_session_changes_survive_an_immediate_sigkill_as_acknowledged() {
         let sub_r = format!("sub/c{cycle}/r");
         let changes: Vec<(String, Vec<u8>)> = vec![
             (sub_r, b"r".to_vec()),
-            (format!("state/set/c{cycle}"), format!("v{cycle}").into_bytes()),
+            (
+                format!("state/set/c{cycle}"),
+                format!("v{cycle}").into_bytes(),
+            ),
             ("state/over".into(), format!("c{cycle}").into_bytes()),
             (format!("state/clear/c{cycle}"), b"x".to_vec()),
             (format!("state/clear/c{}", cycle - 1), Vec::new()),
@@ -210,7 +220,11 @@ fn retained_and_session_changes_survive_an_immediate_sigkill_as_acknowledged() {
     }
     // The last cycle's changes, checked once more after the final restart.
     let mut check = Raw::connect(server.mqtt, "check-last", None);
-    let frames = [subscribe_frame(1, "state/#", 0), subscribe_frame(2, "end/#", 0)].concat();
+    let frames = [
+        subscribe_frame(1, "state/#", 0),
+        subscribe_frame(2, "end/#", 0),
+    ]
+    .concat();
     check.0.write_all(&frames).unwrap();
     let got: BTreeMap<String, Vec<u8>> = until_sentinel(&mut check.0, Vec::new())
         .into_iter()

@@ -57,7 +57,14 @@ fn dir_bytes(dir: &Path) -> u64 {
 fn connect(addr: SocketAddr, client: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(600))).unwrap();
-    let body = [&[0, 4][..], b"MQTT", &[5, 0x02, 0, 0], &[0], &str_bytes(client)].concat();
+    let body = [
+        &[0, 4][..],
+        b"MQTT",
+        &[5, 0x02, 0, 0],
+        &[0],
+        &str_bytes(client),
+    ]
+    .concat();
     s.write_all(&frame(0x10, &body)).unwrap();
     let (kind, ack) = read(&mut s);
     assert_eq!((kind, ack[1]), (0x20, 0), "CONNACK");
@@ -69,8 +76,10 @@ fn publish_frame(id: u16, topic: &str, payload: &[u8]) -> Vec<u8> {
     frame(0x33, &body)
 }
 
-/// Publishes retained messages to `topics` with `window` in flight.
-fn publish_all(addr: SocketAddr, client: &str, topics: Vec<String>, window: usize) {
+/// Publishes retained messages to `topics` with `window` in flight; returns how many were
+/// refused (a PUBACK code other than 0).
+fn publish_all(addr: SocketAddr, client: &str, topics: Vec<String>, window: usize) -> usize {
+    let mut refused = 0;
     let mut s = connect(addr, client);
     let payload = vec![b'x'; 1024];
     let mut in_flight = 0;
@@ -81,15 +90,17 @@ fn publish_all(addr: SocketAddr, client: &str, topics: Vec<String>, window: usiz
         if in_flight == window {
             let (kind, ack) = read(&mut s);
             assert_eq!(kind, 0x40);
-            assert_eq!(ack.get(2).copied().unwrap_or(0), 0, "PUBACK of {topic}");
+            refused += usize::from(ack.get(2).copied().unwrap_or(0) != 0);
             in_flight -= 1;
         }
     }
     while in_flight > 0 {
-        let (kind, _) = read(&mut s);
+        let (kind, ack) = read(&mut s);
         assert_eq!(kind, 0x40);
+        refused += usize::from(ack.get(2).copied().unwrap_or(0) != 0);
         in_flight -= 1;
     }
+    refused
 }
 
 async fn retained_count(http: SocketAddr) -> u64 {
@@ -122,12 +133,10 @@ async fn retained_messages_at_scale() {
             std::thread::spawn(move || publish_all(addr, &format!("p{c}"), topics, window))
         })
         .collect();
-    for t in threads {
-        t.join().unwrap();
-    }
+    let refused: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
     let publish = began.elapsed();
     let (hwm, now) = rss(server.child.id());
-    assert_eq!(retained_count(server.http).await, n as u64);
+    let kept = retained_count(server.http).await;
     let stop = server.stop("after publishing");
     let on_disk = dir_bytes(&data);
     let state_on_disk = dir_bytes(&data.join("mqtt-state"))
@@ -139,9 +148,11 @@ async fn retained_messages_at_scale() {
     let server = common::serve(&data, &[]).unwrap_or_else(|e| panic!("{e}"));
     let restart = began.elapsed();
     let (r_hwm, r_now) = rss(server.child.id());
-    assert_eq!(retained_count(server.http).await, n as u64);
+    let restored = retained_count(server.http).await;
     println!(
         "retained messages: {n} x 1 KiB over {conns} connections ({window} in flight each)\n\
+         refused (PUBACK not 0): {refused}; retained after publishing: {kept}, after the \
+         restart: {restored}\n\
          publish: {:.2} s ({:.0}/s); server RSS peak {} MiB, after {} MiB\n\
          stop (SIGTERM): {:.2} s; data directory {} MiB, of which MQTT state {} MiB\n\
          restart (spawn to serving): {:.2} s; RSS peak {} MiB, after {} MiB",
@@ -156,4 +167,5 @@ async fn retained_messages_at_scale() {
         r_hwm / 1024,
         r_now / 1024,
     );
+    assert_eq!((refused, kept, restored), (0, n as u64, n as u64));
 }

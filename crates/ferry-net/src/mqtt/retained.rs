@@ -299,18 +299,21 @@ mod tests {
         let earlier = SystemTime::now() - std::time::Duration::from_secs(1);
         {
             let store = open(dir.path());
-            store.set("t/live", Message::builder().payload("l").expires_at(later).build());
-            store.set("t/dead", Message::builder().payload("d").expires_at(earlier).build());
+            store.set(
+                "t/live",
+                Message::builder().payload("l").expires_at(later).build(),
+            );
+            store.set(
+                "t/dead",
+                Message::builder().payload("d").expires_at(earlier).build(),
+            );
             store.save().unwrap();
         }
         let store = open(dir.path());
         let all = store.matching(&TopicFilter::mqtt("t/+").unwrap());
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].0, "t/live");
-        assert_eq!(
-            all[0].1.expires_at().map(unix_ms),
-            Some(unix_ms(later))
-        );
+        assert_eq!(all[0].1.expires_at().map(unix_ms), Some(unix_ms(later)));
     }
 
     #[test]
@@ -339,9 +342,15 @@ mod tests {
         for t in topics {
             store.set(t, Message::new(t));
         }
-        for f in ["a/#", "a/+", "a/b", "+/a", "#", "a/b/#", "/#", "+", "a/+/c", "$SYS/#"] {
+        for f in [
+            "a/#", "a/+", "a/b", "+/a", "#", "a/b/#", "/#", "+", "a/+/c", "$SYS/#",
+        ] {
             let filter = TopicFilter::mqtt(f).unwrap();
-            let got: Vec<String> = store.matching(&filter).into_iter().map(|(t, _)| t).collect();
+            let got: Vec<String> = store
+                .matching(&filter)
+                .into_iter()
+                .map(|(t, _)| t)
+                .collect();
             let mut want: Vec<String> = topics
                 .iter()
                 .filter(|t| filter.matches(t))
@@ -381,4 +390,3 @@ mod tests {
         assert_eq!(store.len(), 2);
     }
 }
-

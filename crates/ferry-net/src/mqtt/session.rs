@@ -419,8 +419,8 @@ impl Sessions {
         let now = Instant::now();
         for (client, record) in state.values(SESSION_PREFIX)? {
             let name = format!("{SESSION_PREFIX}{client}");
-            let r: SessionRecord =
-                serde_json::from_slice(&record.payload).map_err(|e| corrupt(&name, e.to_string()))?;
+            let r: SessionRecord = serde_json::from_slice(&record.payload)
+                .map_err(|e| corrupt(&name, e.to_string()))?;
             let away = if r.online {
                 Duration::ZERO
             } else {
@@ -757,8 +757,7 @@ fn migrate(state: &StateStore, path: &Path) -> Result<(), StateError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(migration(e.to_string())),
     };
-    let file: SessionFile =
-        serde_json::from_slice(&bytes).map_err(|e| migration(e.to_string()))?;
+    let file: SessionFile = serde_json::from_slice(&bytes).map_err(|e| migration(e.to_string()))?;
     if file.version != 1 {
         return Err(migration(format!("unknown version {}", file.version)));
     }
@@ -865,7 +864,10 @@ mod tests {
             drop(a);
         }
         let sessions = open(dir.path(), &b);
-        assert_eq!(offline_filters(&sessions, "online"), Some(vec!["x/#".into()]));
+        assert_eq!(
+            offline_filters(&sessions, "online"),
+            Some(vec!["x/#".into()])
+        );
         assert_eq!(offline_filters(&sessions, "gone"), None);
         assert_eq!(sessions.counts(), (0, 1));
     }

@@ -209,7 +209,10 @@ impl StateStore {
     /// The live value (last record, unless a tombstone) of every stream starting with
     /// `prefix`, by name without the prefix, read in one pass over the log; the streams whose
     /// value was lost to damage are logged and left out (the others are served). Blocking.
-    pub(crate) fn values(&self, prefix: &str) -> Result<BTreeMap<String, StoredRecord>, StateError> {
+    pub(crate) fn values(
+        &self,
+        prefix: &str,
+    ) -> Result<BTreeMap<String, StoredRecord>, StateError> {
         let (found, damaged) = match self.store.last_records(prefix) {
             Ok(r) => r,
             Err(e) => {
