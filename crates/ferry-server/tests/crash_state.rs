@@ -1,7 +1,10 @@
 //! The MQTT state survives a SIGKILL exactly as acknowledged: a real `ferry serve` on a data
 //! directory, and in each cycle retained messages set, overwritten and cleared (each PUBACKed),
 //! a persistent session's SUBSCRIBE (SUBACKed) and UNSUBSCRIBE (UNSUBACKed), then at once
-//! SIGKILL. After the restart:
+//! SIGKILL; the last acknowledgement before the kill is the session's in odd cycles and a
+//! retained message's in even ones (a save round covers every change made before it, so each
+//! kind must be last to be tested alone: a server that acknowledged either before its save
+//! fails). After the restart:
 //! - a new subscriber to `state/#` gets exactly the retained messages acknowledged (every one
 //!   set, the last overwrite, none of those cleared);
 //! - the session is present, holds the subscription made just before the kill and not the one
@@ -185,35 +188,50 @@ fn retained_and_session_changes_survive_an_immediate_sigkill_as_acknowledged() {
             );
         }
 
-        // The changes of this cycle, each acknowledged, then at once SIGKILL.
+        // The changes of this cycle, each acknowledged, then at once SIGKILL: in odd cycles the
+        // session's last, in even ones the retained messages' (a save round covers every
+        // change made before it, so the last acknowledgement is the one tested alone).
         let mut p = Raw::connect(server.mqtt, &format!("pub-{cycle}"), None);
-        let sub_r = format!("sub/c{cycle}/r");
-        let changes: Vec<(String, Vec<u8>)> = vec![
-            (sub_r, b"r".to_vec()),
-            (
-                format!("state/set/c{cycle}"),
-                format!("v{cycle}").into_bytes(),
-            ),
-            ("state/over".into(), format!("c{cycle}").into_bytes()),
-            (format!("state/clear/c{cycle}"), b"x".to_vec()),
-            (format!("state/clear/c{}", cycle - 1), Vec::new()),
-        ];
-        for (i, (topic, payload)) in changes.iter().enumerate() {
-            let (code, reason) = p.publish(i as u16 + 1, topic, payload, true);
-            assert_eq!(code, 0, "cycle {cycle}: {topic}: {reason}");
-        }
-        // Retain handling 2: nothing sent at subscribe, so nothing is left in flight.
-        sess.write_all(&subscribe_frame(1, &format!("sub/c{cycle}/#"), 2))
-            .unwrap();
-        let (suback, _) = until_ack(&mut sess, 0x90, 1);
-        let props = usize::from(suback[2]);
-        assert_eq!(suback[3 + props], 1, "cycle {cycle}: SUBACK");
-        if cycle > 1 {
-            sess.write_all(&unsubscribe_frame(2, &[&format!("sub/c{}/#", cycle - 1)]))
+        // The retained message of the subscription made in this cycle is published before it
+        // (published after, it would also be delivered to the session).
+        let (code, _) = p.publish(9, &format!("sub/c{cycle}/r"), b"r", true);
+        assert_eq!(code, 0);
+        let retained_changes = |p: &mut Raw| {
+            let changes: Vec<(String, Vec<u8>)> = vec![
+                (
+                    format!("state/set/c{cycle}"),
+                    format!("v{cycle}").into_bytes(),
+                ),
+                ("state/over".into(), format!("c{cycle}").into_bytes()),
+                (format!("state/clear/c{cycle}"), b"x".to_vec()),
+                (format!("state/clear/c{}", cycle - 1), Vec::new()),
+            ];
+            for (i, (topic, payload)) in changes.iter().enumerate() {
+                let (code, reason) = p.publish(i as u16 + 1, topic, payload, true);
+                assert_eq!(code, 0, "cycle {cycle}: {topic}: {reason}");
+            }
+        };
+        let session_changes = |sess: &mut TcpStream| {
+            // Retain handling 2: nothing sent at subscribe, so nothing is left in flight.
+            sess.write_all(&subscribe_frame(1, &format!("sub/c{cycle}/#"), 2))
                 .unwrap();
-            let (unsuback, _) = until_ack(&mut sess, 0xB0, 2);
-            let props = usize::from(unsuback[2]);
-            assert_eq!(unsuback[3 + props], 0, "cycle {cycle}: UNSUBACK");
+            let (suback, _) = until_ack(sess, 0x90, 1);
+            let props = usize::from(suback[2]);
+            assert_eq!(suback[3 + props], 1, "cycle {cycle}: SUBACK");
+            if cycle > 1 {
+                sess.write_all(&unsubscribe_frame(2, &[&format!("sub/c{}/#", cycle - 1)]))
+                    .unwrap();
+                let (unsuback, _) = until_ack(sess, 0xB0, 2);
+                let props = usize::from(unsuback[2]);
+                assert_eq!(unsuback[3 + props], 0, "cycle {cycle}: UNSUBACK");
+            }
+        };
+        if cycle % 2 == 1 {
+            retained_changes(&mut p);
+            session_changes(&mut sess);
+        } else {
+            session_changes(&mut sess);
+            retained_changes(&mut p);
         }
         server.crash();
         server = common::serve(&data, &[]).unwrap_or_else(|e| panic!("{e}"));
