@@ -334,6 +334,33 @@ mod tests {
     }
 
     #[test]
+    fn a_change_writes_its_own_record_whatever_the_number_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = Arc::new(StateStore::open(dir.path()).unwrap());
+        let store = RetainedStore::open(state.clone(), dir.path()).unwrap();
+        let change = |topic: &str| {
+            let before = state.stats();
+            store.set(topic, Message::new(vec![b'x'; 1024]));
+            store.save().unwrap();
+            let after = state.stats();
+            (
+                after.bytes_appended - before.bytes_appended,
+                after.fsyncs - before.fsyncs,
+            )
+        };
+        let (first_bytes, first_fsyncs) = change("t/first");
+        for i in 0..5_000 {
+            store.set(&format!("t/{i}"), Message::new(vec![b'y'; 1024]));
+        }
+        store.save().unwrap();
+        let (bytes, fsyncs) = change("t/first");
+        // The same record (and trim) as with one message stored, not the whole set.
+        assert!(bytes <= first_bytes + 64, "{bytes} vs {first_bytes}");
+        assert!(bytes < 4096, "{bytes}");
+        assert_eq!(fsyncs, first_fsyncs);
+    }
+
+    #[test]
     fn matching_looks_at_the_scope_and_finds_what_a_scan_finds() {
         let store = RetainedStore::in_memory();
         let topics = [

@@ -165,6 +165,12 @@ impl StateStore {
         Ok(())
     }
 
+    /// The store's counters (bytes appended, fsyncs).
+    #[cfg(test)]
+    pub(crate) fn stats(&self) -> ferry_log::LogStats {
+        self.store.stats()
+    }
+
     /// Makes everything appended durable (one fsync shared by concurrent callers).
     pub(crate) fn sync(&self) -> Result<(), StateError> {
         self.store.sync().map_err(|e| self.err(e))
