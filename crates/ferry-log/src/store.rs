@@ -996,6 +996,93 @@ impl Store {
             .collect()
     }
 
+    /// The last record of every stream whose name starts with `prefix` and that holds one,
+    /// by name, read in one sequential scan of the log from the oldest of them (for a store
+    /// whose streams each keep their latest value: opening it costs one pass, not a read per
+    /// stream). The records' `offset` is the stream offset. A stream whose last record is in
+    /// damaged data is left out, and named in the second list with what was wrong.
+    #[allow(clippy::type_complexity)]
+    pub fn last_records(
+        &self,
+        prefix: &str,
+    ) -> Result<(BTreeMap<String, StoredRecord>, Vec<(String, String)>), LogError> {
+        use std::ops::Bound;
+        // id -> (name, the stream offset of its last record)
+        let mut wanted: HashMap<u32, (Arc<str>, u64)> = HashMap::new();
+        let mut from = u64::MAX;
+        {
+            let streams = self.inner.streams.read();
+            let range = streams
+                .by_name
+                .range::<str, _>((Bound::Included(prefix), Bound::Unbounded));
+            for (name, id) in range.take_while(|(n, _)| n.starts_with(prefix)) {
+                let Some(st) = streams.by_id.get(id) else {
+                    continue;
+                };
+                if st.start >= st.next {
+                    continue;
+                }
+                let last = st.next - 1;
+                if let Some(i) = st.entry_for(last) {
+                    from = from.min(st.entries[i].seq);
+                    wanted.insert(*id, (name.clone(), last));
+                }
+            }
+        }
+        let mut found = BTreeMap::new();
+        if wanted.is_empty() {
+            return Ok((found, Vec::new()));
+        }
+        let mut damage: Vec<String> = Vec::new();
+        let dead = &self.inner.dead;
+        let taken = RefCell::new(Vec::new());
+        self.inner.log.scan_around_damage(
+            from,
+            |h| match h.stream {
+                Some(t) if !(t.tx_part && dead.contains(&h.base_offset)) => {
+                    match wanted.get(&t.id) {
+                        Some(&(_, last))
+                            if t.base <= last && h.stream_next().is_some_and(|n| last < n) =>
+                        {
+                            Visit::Take
+                        }
+                        _ => Visit::Skip,
+                    }
+                }
+                _ => Visit::Skip,
+            },
+            |batch| {
+                if let Some(t) = batch.header.stream {
+                    if let Some(&(_, last)) = wanted.get(&t.id) {
+                        let i = (last - t.base) as usize;
+                        if let Some(mut r) = batch.records.into_iter().nth(i) {
+                            r.offset = last;
+                            taken.borrow_mut().push((t.id, r));
+                        }
+                    }
+                }
+                true
+            },
+            |e| damage.push(e.to_string()),
+        )?;
+        for (id, r) in taken.into_inner() {
+            if let Some((name, _)) = wanted.remove(&id) {
+                found.insert(name.to_string(), r);
+            }
+        }
+        let why = if damage.is_empty() {
+            "records lost to damage".to_string()
+        } else {
+            damage.join("; ")
+        };
+        let mut missing: Vec<(String, String)> = wanted
+            .into_values()
+            .map(|(name, _)| (name.to_string(), why.clone()))
+            .collect();
+        missing.sort();
+        Ok((found, missing))
+    }
+
     /// Calls `visit` with the name, records and bytes (as [`Stream::size_bytes`] counts them)
     /// of every defined stream, in no particular order, without copying any name.
     pub fn for_each_stream(&self, mut visit: impl FnMut(&str, u64, u64)) {

@@ -899,3 +899,36 @@ fn a_stream_whose_last_records_were_lost_keeps_its_end_with_a_checkpoint() {
     let (got, lost) = read_around(&store.stream("other").unwrap(), 0);
     assert_eq!((got.len(), lost.len()), (10, 0));
 }
+
+#[test]
+fn last_records_gives_each_streams_last_record_in_one_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path(), config(4096, 1 << 20)).unwrap();
+        for round in 0..50u64 {
+            for s in 0..20 {
+                let stream = store.stream(&format!("v/{s}")).unwrap();
+                let at = stream.next_offset();
+                stream
+                    .append(at, &[RecordIn::new(format!("{s}:{round}"))])
+                    .unwrap();
+                stream.trim(at).unwrap();
+            }
+        }
+        // Other prefixes and an empty stream are not reported.
+        let other = store.stream("w/0").unwrap();
+        other.append(0, &[RecordIn::new("w")]).unwrap();
+        store.stream("v/empty").unwrap();
+        store.sync().unwrap();
+        store.compact(true).unwrap();
+    }
+    let store = Store::open(dir.path(), config(4096, 1 << 20)).unwrap();
+    let (found, damaged) = store.last_records("v/").unwrap();
+    assert!(damaged.is_empty(), "{damaged:?}");
+    assert_eq!(found.len(), 20);
+    for s in 0..20 {
+        let r = &found[&format!("v/{s}")];
+        assert_eq!(r.payload, format!("{s}:49"));
+        assert_eq!(r.offset, 49);
+    }
+}

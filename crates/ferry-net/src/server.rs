@@ -13,8 +13,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::bridge::Bridge;
 use crate::config::ServeConfig;
-use crate::mqtt::retained::{RetainedError, RetainedStore};
-use crate::mqtt::session::{SessionStoreError, Sessions};
+use crate::mqtt::retained::RetainedStore;
+use crate::mqtt::session::Sessions;
+use crate::mqtt::state_store::{StateError, StateStore};
 use crate::mqtt::{self, MqttHandle};
 use crate::tls::TlsError;
 
@@ -48,12 +49,13 @@ pub enum ServeError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// The retained-message file could not be read.
+    /// The MQTT state store (retained messages, persistent sessions) could not be opened,
+    /// read or migrated.
     #[error(transparent)]
-    Retained(#[from] RetainedError),
-    /// The MQTT session file could not be read.
-    #[error(transparent)]
-    Sessions(#[from] SessionStoreError),
+    State(#[from] StateError),
+    /// Opening the MQTT state store on a blocking thread failed.
+    #[error("opening the MQTT state store: {0}")]
+    StateTask(String),
     /// A TLS certificate or key could not be loaded.
     #[error(transparent)]
     Tls(#[from] TlsError),
@@ -172,6 +174,7 @@ pub struct Server {
     http_addr: Option<SocketAddr>,
     http_tls: bool,
     retained: Arc<RetainedStore>,
+    state: Option<Arc<StateStore>>,
     bridge: Option<Arc<Bridge>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -196,11 +199,20 @@ impl Server {
             )?),
             None => None,
         };
-        let (retained, sessions) = if config.memory {
-            (RetainedStore::in_memory(), Sessions::in_memory())
+        let (retained, sessions, state) = if config.memory {
+            (RetainedStore::in_memory(), Sessions::in_memory(), None)
         } else {
-            let dir = Path::new(&config.data_dir);
-            (RetainedStore::open(dir)?, Sessions::open(dir, &broker)?)
+            // Storage I/O (open, recovery, reads, migration): on a blocking thread.
+            let dir = config.data_dir.clone();
+            let b = broker.clone();
+            tokio::task::spawn_blocking(move || {
+                let state = Arc::new(StateStore::open(&dir)?);
+                let retained = RetainedStore::open(state.clone(), &dir)?;
+                let sessions = Sessions::open(state.clone(), &dir, &b)?;
+                Ok::<_, StateError>((retained, sessions, Some(state)))
+            })
+            .await
+            .map_err(|e| ServeError::StateTask(e.to_string()))??
         };
         let retained = Arc::new(retained);
         let shutdown = CancellationToken::new();
@@ -279,6 +291,7 @@ impl Server {
             http_addr,
             http_tls: https,
             retained,
+            state,
             bridge,
             shutdown,
             tracker,
@@ -321,6 +334,13 @@ impl Server {
         &self.mqtt
     }
 
+    /// The MQTT state store (`None` in memory): for tests, whose fault switch
+    /// ([`StateStore::fail_saves`]) makes its saves fail.
+    #[doc(hidden)]
+    pub fn state_store(&self) -> Option<&Arc<StateStore>> {
+        self.state.as_ref()
+    }
+
     /// Graceful shutdown: stop the listeners, close MQTT connections (MQTT 5 clients get
     /// DISCONNECT "Server shutting down"), wait for connection tasks, save retained messages
     /// and persistent sessions, then shut the broker down (which saves consumer positions).
@@ -337,11 +357,28 @@ impl Server {
         if let Some(bridge) = &self.bridge {
             bridge.close().await;
         }
-        if let Err(e) = self.retained.save() {
-            tracing::error!(error = %e, "saving retained messages failed");
-        }
-        if let Err(e) = self.mqtt.shared.sessions.save() {
-            tracing::error!(error = %e, "saving MQTT sessions failed");
+        // Storage I/O: on a blocking thread.
+        let (retained, shared, state) = (
+            self.retained.clone(),
+            self.mqtt.shared.clone(),
+            self.state.clone(),
+        );
+        let saved = tokio::task::spawn_blocking(move || {
+            if let Err(e) = retained.save() {
+                tracing::error!(error = %e, "saving retained messages failed");
+            }
+            if let Err(e) = shared.sessions.save() {
+                tracing::error!(error = %e, "saving MQTT sessions failed");
+            }
+            if let Some(state) = state {
+                if let Err(e) = state.close() {
+                    tracing::error!(error = %e, "closing the MQTT state store failed");
+                }
+            }
+        })
+        .await;
+        if let Err(e) = saved {
+            tracing::error!(error = %e, "the final state save failed");
         }
         let report = self.broker.shutdown(self.timeout).await;
         tracing::info!(

@@ -58,7 +58,7 @@ async fn v5_session_and_queued_messages_survive_a_restart() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     server.shutdown().await;
-    assert!(dir.path().join("mqtt-sessions.json").exists());
+    assert!(dir.path().join("mqtt-state").is_dir());
 
     let server = durable_server(dir.path()).await;
     assert_eq!(server.mqtt().stats().sessions_offline, 1);

@@ -749,6 +749,21 @@ fn file_contains(path: &Path, needle: &str) -> bool {
     std::fs::read_to_string(path).is_ok_and(|s| s.contains(needle))
 }
 
+/// The bytes of the MQTT state store's segments (retained messages and sessions are records
+/// there, their names and payloads stored as they are), as text, for searching.
+fn state_store_text(dir: &Path) -> String {
+    let mut text = String::new();
+    if let Ok(entries) = std::fs::read_dir(dir.join("mqtt-state")) {
+        for e in entries.flatten() {
+            if e.path().extension().is_some_and(|x| x == "log") {
+                let bytes = std::fs::read(e.path()).unwrap_or_default();
+                text.push_str(&String::from_utf8_lossy(&bytes));
+            }
+        }
+    }
+    text
+}
+
 /// The state files of the data directory as the kill left them (for failure reports).
 struct StateAtKill {
     /// `positions.json`: positions key -> topic -> offset.
@@ -762,8 +777,8 @@ impl StateAtKill {
         let text = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
         StateAtKill {
             positions: serde_json::from_str(&text("positions.json")).unwrap_or_default(),
-            sessions: text("mqtt-sessions.json"),
-            retained: text("mqtt-retained.json"),
+            sessions: state_store_text(dir),
+            retained: state_store_text(dir),
         }
     }
 
@@ -868,12 +883,10 @@ async fn sigkill_cycles_lose_no_acknowledged_message() {
         "the main session and its position on the existing topic to be saved",
         Duration::from_secs(10),
         || {
-            file_contains(&dir.path().join("mqtt-sessions.json"), MAIN_SESSION)
+            let state = state_store_text(dir.path());
+            state.contains(MAIN_SESSION)
                 && file_contains(&dir.path().join("positions.json"), EXISTING)
-                && file_contains(
-                    &dir.path().join("mqtt-retained.json"),
-                    "crash/retained/setup",
-                )
+                && state.contains("crash/retained/setup")
         },
     )
     .await;
@@ -1023,7 +1036,7 @@ async fn sigkill_cycles_lose_no_acknowledged_message() {
         report.check(P_CYCLE_SESSION, cycle, cs.session_present, || {
             format!(
                 "{cycle_session} (subscribed to crash/c{cycle}/# before publishing): CONNACK \
-                 session present = false; in mqtt-sessions.json at the kill: {}",
+                 session present = false; in the MQTT state store at the kill: {}",
                 at_kill.sessions.contains(&cycle_session)
             )
         });
@@ -1082,7 +1095,7 @@ async fn sigkill_cycles_lose_no_acknowledged_message() {
                 .collect();
             report.check(P_RETAINED, cycle, lost.is_empty(), || {
                 format!(
-                    "{} (in mqtt-retained.json at the kill: {})",
+                    "{} (in the MQTT state store at the kill: {})",
                     lost.join("; "),
                     at_kill.retained.contains(t.as_str())
                 )

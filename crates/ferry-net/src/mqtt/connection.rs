@@ -994,13 +994,17 @@ where
                     );
                 }
             }
-            Packet::Subscribe(s) => {
-                self.on_subscribe(s);
-                self.persist_session().await;
-            }
+            Packet::Subscribe(s) => self.on_subscribe(s).await,
             Packet::Unsubscribe(u) => {
                 self.on_unsubscribe(u);
-                self.persist_session().await;
+                if let Err(e) = self.persist_session().await {
+                    // MQTT has no refusal of an UNSUBSCRIBE that took effect: the connection
+                    // closes without UNSUBACK, so the client does not take it as saved.
+                    return Some(End::Protocol(
+                        ReasonCode::UnspecifiedError,
+                        format!("saving the session's unsubscription failed: {e}"),
+                    ));
+                }
             }
             Packet::PingReq => self.send(&Packet::PingResp),
             Packet::Disconnect(d) => return Some(self.on_disconnect(d)),
@@ -1351,19 +1355,54 @@ where
         b.build()
     }
 
-    fn on_subscribe(&mut self, s: Subscribe) {
+    /// Subscribes, then (for a persistent session) waits until the session's subscriptions
+    /// are saved before the SUBACK. If they cannot be saved, the subscriptions this packet
+    /// made are taken back (a new one removed with its engine group and the retained messages
+    /// queued for it, an existing one given its previous options again) and each is answered
+    /// 0x80.
+    async fn on_subscribe(&mut self, s: Subscribe) {
         let sub_id = s.properties.subscription_identifier;
         let mut codes = Vec::with_capacity(s.subscriptions.len());
-        for req in s.subscriptions {
+        let pending_before = self.active().pending.len();
+        let mut before = Vec::with_capacity(s.subscriptions.len());
+        for req in &s.subscriptions {
+            let previous = self.active().subs.get(&req.filter).cloned();
             let code = self.subscribe_one(&req.filter, req.options, sub_id);
+            before.push((req.filter.clone(), previous));
             codes.push(code);
+        }
+        self.record_session();
+        if let Err(e) = self.persist_session().await {
+            tracing::warn!(client = self.neg.client_id, error = %e, "SUBSCRIBE refused: the session could not be saved");
+            self.active().pending.truncate(pending_before);
+            for ((filter, previous), code) in before.into_iter().zip(codes.iter_mut()) {
+                if code.is_error() {
+                    continue;
+                }
+                *code = ReasonCode::UnspecifiedError;
+                match previous {
+                    Some(entry) => {
+                        self.active().subs.insert(filter, entry);
+                    }
+                    None => {
+                        let a = self.active();
+                        a.streams.remove(&filter);
+                        if let Some(entry) = a.subs.remove(&filter) {
+                            if let (None, Some(g)) = (&entry.share, &entry.group) {
+                                self.shared.broker.delete_group(g);
+                            }
+                        }
+                    }
+                }
+            }
+            // The next save round writes the session as it was.
+            self.record_session();
         }
         self.send(&Packet::SubAck(SubAck {
             packet_id: s.packet_id,
             reason_codes: codes,
             properties: Default::default(),
         }));
-        self.record_session();
     }
 
     /// The persistent session as it stands, for the registry.
@@ -1390,10 +1429,11 @@ where
     /// For a persistent session, waits until its subscriptions (and the positions of new
     /// engine groups) are on disk: the SUBACK or UNSUBACK just queued goes out only after that,
     /// so an acknowledged subscription survives a crash.
-    async fn persist_session(&mut self) {
+    async fn persist_session(&mut self) -> Result<(), String> {
         if self.neg.session_expiry.is_some() {
-            self.shared.persist().await;
+            return self.shared.try_persist().await;
         }
+        Ok(())
     }
 
     fn record_session(&self) {

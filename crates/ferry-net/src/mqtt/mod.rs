@@ -18,6 +18,7 @@ pub mod convert;
 pub mod retained;
 pub mod session;
 pub mod state;
+pub mod state_store;
 mod streams;
 pub mod websocket;
 
@@ -140,12 +141,7 @@ const POSITIONS: &str = "consumer positions";
 
 impl MqttShared {
     /// Returns once the persistent sessions, retained messages and consumer positions as they
-    /// stand now are on disk (a no-op in memory).
-    pub(crate) async fn persist(&self) {
-        let _ = self.try_persist().await;
-    }
-
-    /// [`persist`](Self::persist), saying why the save failed (also logged).
+    /// stand now are on disk (a no-op in memory), or says why the save failed (also logged).
     pub(crate) async fn try_persist(&self) -> Result<(), String> {
         if let Some(p) = &self.persister {
             if let Err(e) = p.persist().await {
@@ -156,8 +152,9 @@ impl MqttShared {
         Ok(())
     }
 
-    /// Saves the sessions and retained messages that changed (blocking file I/O: not on an
-    /// async worker), recording the outcome for `/health`; says what failed.
+    /// Saves the sessions and retained messages that changed, as records of the MQTT state
+    /// store (blocking storage I/O: not on an async worker), recording the outcome for
+    /// `/health`; says what failed.
     fn save_sessions_and_retained(&self) -> Result<(), String> {
         let sessions = self.sessions.save();
         self.save_health.record(SESSIONS, &sessions);

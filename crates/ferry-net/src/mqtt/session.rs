@@ -9,16 +9,21 @@
 //! PUBCOMP. An offline session ends when its expiry interval passes or its backlog exceeds
 //! `max_queued`; its groups are then deleted.
 //!
-//! With a data directory the registry is persisted in `mqtt-sessions.json` (replaced
-//! atomically, at most once a second and at shutdown): for every persistent session, online or
-//! not, its subscriptions, QoS 2 identifiers, expiry interval and when it went offline. At start
-//! the sessions are restored offline, their expiry counted from when they went offline (or from
-//! the last save for one that was online), so a client reconnecting with clean start = false
-//! after a restart resumes its session (session present) and receives, from the consumer groups
-//! the durable engine kept, the messages published while it was away.
+//! With a data directory every persistent session, online or not, is a record of the MQTT
+//! state store (see [`super::state_store`]; one stream per client id, one record per change,
+//! a tombstone when the session ends): its subscriptions, QoS 2 identifiers, expiry interval
+//! and when it went offline (or that it was online). A save round writes the records of the
+//! sessions that changed since the last one and makes them durable: the SUBACK/UNSUBACK of a
+//! persistent session waits for it (see `crate::persist`). At start the sessions are restored
+//! offline, their expiry counted from when they went offline (for one that was online when the
+//! server stopped, from the start), so a client reconnecting with clean start = false after a
+//! restart resumes its session (session present) and receives, from the consumer groups the
+//! durable engine kept, the messages published while it was away. A data directory with the
+//! old whole-registry file (`mqtt-sessions.json`) is migrated when it opens (its sessions
+//! written as records, made durable, the file renamed `mqtt-sessions.json.migrated`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
@@ -34,6 +39,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
+use super::state_store::{tombstone, StateError, StateStore, SESSION_PREFIX};
 use crate::unix_time::unix_ms;
 
 /// One MQTT subscription of a session.
@@ -226,52 +232,32 @@ enum Slot {
 pub struct Sessions {
     slots: Mutex<HashMap<String, Slot>>,
     delayed_wills: Mutex<HashMap<String, AbortHandle>>,
-    /// The file persistent sessions are saved to (none in memory).
-    path: Option<PathBuf>,
-    /// Whether the slots changed since the last save.
-    dirty: AtomicBool,
+    /// Where persistent sessions are saved (none in memory).
+    state: Option<Arc<StateStore>>,
+    /// Client ids whose slot changed since the last save round.
+    dirty: Mutex<HashSet<String>>,
     /// Set (under the slots' lock) when the server shuts down: connections registered from
     /// then on are kicked at once.
     shut: AtomicBool,
 }
 
-/// The session file's name in the data directory.
+/// The old session file's name in the data directory (migrated on open).
 pub const SESSIONS_FILE: &str = "mqtt-sessions.json";
 
-/// Errors reading or writing the session file.
-#[derive(Debug, thiserror::Error)]
-pub enum SessionStoreError {
-    /// I/O.
-    #[error("MQTT sessions file {path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The error.
-        source: std::io::Error,
-    },
-    /// The file is not what we wrote.
-    #[error("MQTT sessions file {path} is corrupt: {reason}")]
-    Corrupt {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
-}
+/// Errors reading or writing persistent sessions.
+pub type SessionStoreError = StateError;
 
-/// The session file: a version and one record per persistent session.
-#[derive(Serialize, Deserialize)]
-struct SessionFile {
-    version: u32,
-    sessions: Vec<SessionRecord>,
-}
-
+/// A session as stored: an entry of the old file, the payload (JSON) of a record now.
 #[derive(Serialize, Deserialize)]
 struct SessionRecord {
     client_id: String,
     expiry_secs: u64,
     /// When the session went offline (or was last saved while online), Unix milliseconds.
     offline_since_ms: u64,
+    /// The client was connected when the record was written: after a restart its expiry
+    /// counts from the start (the crash ended its connection at a time nobody recorded).
+    #[serde(default)]
+    online: bool,
     subscriptions: Vec<SubRecord>,
     inbound_qos2: Vec<u16>,
     awaiting_pubcomp: Vec<u16>,
@@ -345,6 +331,7 @@ impl SessionRecord {
             client_id: client_id.to_string(),
             expiry_secs: s.expiry.as_secs(),
             offline_since_ms: unix_ms(offline_since),
+            online: false,
             subscriptions: s
                 .subscriptions
                 .iter()
@@ -411,111 +398,133 @@ impl Sessions {
         Sessions::default()
     }
 
-    /// A registry persisted in `dir`, restoring the sessions saved there as offline sessions.
-    /// Sessions whose expiry passed while the server was down are dropped and their consumer
-    /// groups deleted from `broker`.
-    pub fn open(dir: &Path, broker: &Broker) -> Result<Sessions, SessionStoreError> {
-        let path = dir.join(SESSIONS_FILE);
-        let mut slots = HashMap::new();
-        let corrupt = |reason: String| SessionStoreError::Corrupt {
-            path: path.clone(),
+    /// A registry saved in `state`, restoring the sessions saved there as offline sessions
+    /// (first migrating the old JSON file of `data_dir`, if there is one). Sessions whose
+    /// expiry passed while the server was down are dropped and their consumer groups deleted
+    /// from `broker`. Blocking.
+    pub fn open(
+        state: Arc<StateStore>,
+        data_dir: &Path,
+        broker: &Broker,
+    ) -> Result<Sessions, SessionStoreError> {
+        migrate(&state, &data_dir.join(SESSIONS_FILE))?;
+        let corrupt = |stream: &str, reason: String| StateError::Corrupt {
+            dir: state.dir().to_path_buf(),
+            stream: stream.to_string(),
             reason,
         };
-        match std::fs::read(&path) {
-            Ok(bytes) => {
-                let file: SessionFile =
-                    serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
-                if file.version != 1 {
-                    return Err(corrupt(format!("unknown version {}", file.version)));
-                }
-                let now_wall = SystemTime::now();
-                let now = Instant::now();
-                for r in file.sessions {
-                    let client = r.client_id.clone();
-                    let offline_since = UNIX_EPOCH + Duration::from_millis(r.offline_since_ms);
-                    let away = now_wall.duration_since(offline_since).unwrap_or_default();
-                    let session = r
-                        .session()
-                        .ok_or_else(|| corrupt(format!("bad subscription of {client:?}")))?;
-                    if away >= session.expiry {
-                        tracing::debug!(client, "session expired while the server was down");
-                        delete_groups(broker, &session);
-                        continue;
-                    }
-                    let since = now.checked_sub(away).unwrap_or(now);
-                    slots.insert(
-                        client,
-                        Slot::Offline {
-                            session: Box::new(session),
-                            since,
-                        },
-                    );
-                }
-                tracing::info!(sessions = slots.len(), "MQTT sessions restored");
+        let mut slots = HashMap::new();
+        let mut dirty = HashSet::new();
+        let now_wall = SystemTime::now();
+        let now = Instant::now();
+        for (client, record) in state.values(SESSION_PREFIX)? {
+            let name = format!("{SESSION_PREFIX}{client}");
+            let r: SessionRecord = serde_json::from_slice(&record.payload)
+                .map_err(|e| corrupt(&name, e.to_string()))?;
+            let away = if r.online {
+                Duration::ZERO
+            } else {
+                let offline_since = UNIX_EPOCH + Duration::from_millis(r.offline_since_ms);
+                now_wall.duration_since(offline_since).unwrap_or_default()
+            };
+            let session = r
+                .session()
+                .ok_or_else(|| corrupt(&name, "bad subscription".into()))?;
+            if away >= session.expiry {
+                tracing::debug!(client, "session expired while the server was down");
+                delete_groups(broker, &session);
+                dirty.insert(client);
+                continue;
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(SessionStoreError::Io { path, source: e }),
+            let since = now.checked_sub(away).unwrap_or(now);
+            slots.insert(
+                client,
+                Slot::Offline {
+                    session: Box::new(session),
+                    since,
+                },
+            );
         }
+        tracing::info!(sessions = slots.len(), "MQTT sessions restored");
         Ok(Sessions {
             slots: Mutex::new(slots),
             delayed_wills: Mutex::default(),
-            path: Some(path),
-            dirty: AtomicBool::new(false),
+            state: Some(state),
+            dirty: Mutex::new(dirty),
             shut: AtomicBool::new(false),
         })
     }
 
-    fn changed(&self) {
-        self.dirty.store(true, Ordering::Release);
+    fn changed(&self, client_id: &str) {
+        if self.state.is_some() {
+            self.dirty.lock().insert(client_id.to_string());
+        }
     }
 
-    /// Writes the session file if anything changed since the last save (no-op in memory).
-    pub fn save(&self) -> Result<(), SessionStoreError> {
-        let Some(path) = &self.path else {
-            return Ok(());
-        };
-        if !self.dirty.swap(false, Ordering::AcqRel) {
-            return Ok(());
-        }
+    /// The record of `client_id`'s session as it stands (a tombstone when it has none to
+    /// keep).
+    fn record_of(&self, client_id: &str) -> Result<ferry_log::RecordIn, std::io::Error> {
         let now_wall = SystemTime::now();
         let now = Instant::now();
-        let mut sessions: Vec<SessionRecord> = self
-            .slots
-            .lock()
-            .iter()
-            .filter_map(|(client, slot)| match slot {
-                Slot::Online { persisted, .. } => persisted
-                    .as_ref()
-                    .map(|s| SessionRecord::new(client, s, now_wall)),
-                Slot::Offline { session, since } => {
-                    let at = now_wall
-                        .checked_sub(now.duration_since(*since))
-                        .unwrap_or(now_wall);
-                    Some(SessionRecord::new(client, session, at))
-                }
-            })
-            .collect();
-        sessions.sort_by(|a, b| a.client_id.cmp(&b.client_id));
-        let file = SessionFile {
-            version: 1,
-            sessions,
-        };
-        let result = serde_json::to_vec_pretty(&file)
-            .map_err(std::io::Error::other)
-            .and_then(|json| crate::fsutil::write_atomic(path, &json));
-        result.map_err(|e| {
-            self.changed();
-            SessionStoreError::Io {
-                path: path.clone(),
-                source: e,
+        let record = match self.slots.lock().get(client_id) {
+            Some(Slot::Online {
+                persisted: Some(s), ..
+            }) => {
+                let mut r = SessionRecord::new(client_id, s, now_wall);
+                r.online = true;
+                Some(r)
             }
+            Some(Slot::Offline { session, since }) => {
+                let at = now_wall
+                    .checked_sub(now.duration_since(*since))
+                    .unwrap_or(now_wall);
+                Some(SessionRecord::new(client_id, session, at))
+            }
+            _ => None,
+        };
+        match record {
+            Some(r) => Ok(ferry_log::RecordIn::new(
+                serde_json::to_vec(&r).map_err(std::io::Error::other)?,
+            )),
+            None => Ok(tombstone()),
+        }
+    }
+
+    /// Writes a record for each session changed since the last save and makes them durable
+    /// (no-op in memory). Blocking. On failure the changes stay to be saved by the next round.
+    pub fn save(&self) -> Result<(), SessionStoreError> {
+        let Some(state) = &self.state else {
+            return Ok(());
+        };
+        state.round(|| {
+            let taken: Vec<String> = self.dirty.lock().drain().collect();
+            if taken.is_empty() {
+                return Ok(());
+            }
+            let written = (|| {
+                for client in &taken {
+                    let name = format!("{SESSION_PREFIX}{client}");
+                    let record = self.record_of(client).map_err(|e| StateError::Corrupt {
+                        dir: state.dir().to_path_buf(),
+                        stream: name.clone(),
+                        reason: e.to_string(),
+                    })?;
+                    state.put(&name, record)?;
+                }
+                state.sync()?;
+                state.maintain()
+            })();
+            if written.is_err() {
+                self.dirty.lock().extend(taken);
+            }
+            written
         })
     }
 
     /// Records the current state of connection `conn`'s persistent session (`None`: the
     /// session is not persistent), to be saved with the others.
     pub fn record(&self, client_id: &str, conn: u64, session: Option<StoredSession>) {
-        if self.path.is_none() {
+        if self.state.is_none() {
             return;
         }
         let mut slots = self.slots.lock();
@@ -525,7 +534,7 @@ impl Sessions {
         {
             if *c == conn {
                 *persisted = session.map(Box::new);
-                self.changed();
+                self.changed(client_id);
             }
         }
     }
@@ -580,7 +589,7 @@ impl Sessions {
                 },
             )
         };
-        self.changed();
+        self.changed(client_id);
         let resumed = match previous {
             Some(Slot::Offline { session, .. }) => {
                 if clean_start {
@@ -631,7 +640,7 @@ impl Sessions {
     /// The connection `conn` of `client_id` ended: keeps `session` if it is persistent (else
     /// deletes its groups). Does nothing to a slot another connection has taken since.
     pub fn disconnect(&self, client_id: &str, conn: u64, session: Option<StoredSession>) {
-        self.changed();
+        self.changed(client_id);
         let mut slots = self.slots.lock();
         let ours = matches!(slots.get(client_id), Some(Slot::Online { conn: c, .. }) if *c == conn);
         match session {
@@ -692,7 +701,7 @@ impl Sessions {
                 };
                 if now.duration_since(*since) >= session.expiry {
                     tracing::debug!(client, "session expired");
-                    ended.push(std::mem::take(session));
+                    ended.push((client.clone(), std::mem::take(session)));
                     return false;
                 }
                 let queued: u64 = session
@@ -706,17 +715,15 @@ impl Sessions {
                         max_queued,
                         "offline session exceeded max_queued; session ended"
                     );
-                    ended.push(std::mem::take(session));
+                    ended.push((client.clone(), std::mem::take(session)));
                     return false;
                 }
                 true
             });
         }
-        for s in &ended {
+        for (client, s) in &ended {
             delete_groups(broker, s);
-        }
-        if !ended.is_empty() {
-            self.changed();
+            self.changed(client);
         }
         ended.len()
     }
@@ -730,6 +737,47 @@ impl Sessions {
             .count();
         (online, slots.len() - online)
     }
+}
+
+/// The session file of the old format.
+#[derive(Deserialize)]
+struct SessionFile {
+    version: u32,
+    sessions: Vec<SessionRecord>,
+}
+
+/// Imports the old JSON file at `path` into `state` (if it exists), then renames it.
+fn migrate(state: &StateStore, path: &Path) -> Result<(), StateError> {
+    let migration = |reason: String| StateError::Migration {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(migration(e.to_string())),
+    };
+    let file: SessionFile = serde_json::from_slice(&bytes).map_err(|e| migration(e.to_string()))?;
+    if file.version != 1 {
+        return Err(migration(format!("unknown version {}", file.version)));
+    }
+    let count = file.sessions.len();
+    state.round(|| {
+        for r in &file.sessions {
+            let payload = serde_json::to_vec(r).map_err(|e| migration(e.to_string()))?;
+            state.put(
+                &format!("{SESSION_PREFIX}{}", r.client_id),
+                ferry_log::RecordIn::new(payload),
+            )?;
+        }
+        state.retire_legacy(path)
+    })?;
+    tracing::info!(
+        sessions = count,
+        file = %path.display(),
+        "MQTT sessions migrated to the MQTT state store"
+    );
+    Ok(())
 }
 
 /// Deletes a session's own consumer groups.
@@ -755,6 +803,107 @@ mod tests {
             Poll::Ready(k) => Some(k),
             Poll::Pending => None,
         }
+    }
+
+    fn entry(filter: &str) -> SubEntry {
+        SubEntry {
+            filter: filter.to_string(),
+            share: None,
+            options: SubscriptionOptions {
+                qos: QoS::AtLeastOnce,
+                no_local: false,
+                retain_as_published: false,
+                retain_handling: RetainHandling::SendAtSubscribe,
+            },
+            granted: QoS::AtLeastOnce,
+            id: None,
+            group: Some(session_group("c", filter)),
+        }
+    }
+
+    fn persistent(filters: &[&str]) -> StoredSession {
+        StoredSession {
+            subscriptions: filters.iter().map(|f| (f.to_string(), entry(f))).collect(),
+            expiry: Duration::from_secs(3600),
+            ..StoredSession::default()
+        }
+    }
+
+    fn open(dir: &Path, b: &Broker) -> Sessions {
+        Sessions::open(Arc::new(StateStore::open(dir).unwrap()), dir, b).unwrap()
+    }
+
+    fn offline_filters(sessions: &Sessions, client: &str) -> Option<Vec<String>> {
+        match sessions.slots.lock().get(client) {
+            Some(Slot::Offline { session, .. }) => {
+                Some(session.subscriptions.keys().cloned().collect())
+            }
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn sessions_are_saved_as_records_and_restored_offline() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = broker();
+        {
+            let sessions = open(dir.path(), &b);
+            let a = sessions
+                .connect(&b, "online", 1, false, Duration::from_secs(5), None)
+                .await;
+            sessions.record("online", 1, Some(persistent(&["x/#", "y"])));
+            let _c = sessions
+                .connect(&b, "gone", 2, false, Duration::from_secs(5), None)
+                .await;
+            sessions.record("gone", 2, Some(persistent(&["z"])));
+            sessions.save().unwrap();
+            // Unsubscribed from one, then the other ends its session.
+            sessions.record("online", 1, Some(persistent(&["x/#"])));
+            sessions.disconnect("gone", 2, None);
+            sessions.save().unwrap();
+            drop(a);
+        }
+        let sessions = open(dir.path(), &b);
+        assert_eq!(
+            offline_filters(&sessions, "online"),
+            Some(vec!["x/#".into()])
+        );
+        assert_eq!(offline_filters(&sessions, "gone"), None);
+        assert_eq!(sessions.counts(), (0, 1));
+    }
+
+    #[tokio::test]
+    async fn the_old_json_file_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = unix_ms(SystemTime::now());
+        // Written in the old format.
+        let old = format!(
+            r#"{{"version":1,"sessions":[
+            {{"client_id":"kept","expiry_secs":3600,"offline_since_ms":{now},
+              "subscriptions":[{{"key":"a/#","filter":"a/#","share":null,"qos":1,"no_local":false,
+                "retain_as_published":false,"retain_handling":0,"granted":1,"id":null,
+                "group":"mqtt/session/kept/a/#"}}],
+              "inbound_qos2":[7],"awaiting_pubcomp":[]}},
+            {{"client_id":"expired","expiry_secs":1,"offline_since_ms":1000,
+              "subscriptions":[],"inbound_qos2":[],"awaiting_pubcomp":[]}}
+            ]}}"#
+        );
+        std::fs::write(dir.path().join(SESSIONS_FILE), old).unwrap();
+        let b = broker();
+        let sessions = open(dir.path(), &b);
+        assert_eq!(offline_filters(&sessions, "kept"), Some(vec!["a/#".into()]));
+        assert_eq!(sessions.counts(), (0, 1));
+        assert!(!dir.path().join(SESSIONS_FILE).exists());
+        assert!(dir.path().join("mqtt-sessions.json.migrated").exists());
+        sessions.save().unwrap();
+        drop(sessions);
+        let sessions = open(dir.path(), &b);
+        assert_eq!(offline_filters(&sessions, "kept"), Some(vec!["a/#".into()]));
+        let qos2 = match sessions.slots.lock().get("kept") {
+            Some(Slot::Offline { session, .. }) => session.inbound_qos2.contains(&7),
+            _ => false,
+        };
+        assert!(qos2);
     }
 
     #[tokio::test]
