@@ -24,7 +24,7 @@ use std::time::Duration;
 
 mod common;
 
-use common::raw5::{frame, read, str_bytes, Raw};
+use common::raw::{frame, read, str_bytes, Raw};
 
 /// CONNECT v5 as `client` with a persistent session (clean start off, expiry 1 h); returns the
 /// connection and whether the session was present.
@@ -177,8 +177,8 @@ fn retained_and_session_changes_survive_an_immediate_sigkill_as_acknowledged() {
                 subscribe_frame(2, "end/#", 0),
             ]
             .concat();
-            check.0.write_all(&frames).unwrap();
-            let got: BTreeMap<String, Vec<u8>> = until_sentinel(&mut check.0, Vec::new())
+            check.stream.write_all(&frames).unwrap();
+            let got: BTreeMap<String, Vec<u8>> = until_sentinel(&mut check.stream, Vec::new())
                 .into_iter()
                 .collect();
             assert_eq!(
@@ -243,8 +243,8 @@ fn retained_and_session_changes_survive_an_immediate_sigkill_as_acknowledged() {
         subscribe_frame(2, "end/#", 0),
     ]
     .concat();
-    check.0.write_all(&frames).unwrap();
-    let got: BTreeMap<String, Vec<u8>> = until_sentinel(&mut check.0, Vec::new())
+    check.stream.write_all(&frames).unwrap();
+    let got: BTreeMap<String, Vec<u8>> = until_sentinel(&mut check.stream, Vec::new())
         .into_iter()
         .collect();
     assert_eq!(got, retained_expected(cycles));

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::raw5::{frame, read, str_bytes};
+use common::raw::{frame, read, str_bytes};
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)

@@ -233,6 +233,16 @@ fn property_string(block: &[u8], key: u8) -> Option<String> {
     None
 }
 
+/// The next packet on `s` (first byte, body), for tests that frame packets themselves;
+/// panics if the server closed the connection.
+pub fn read(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut raw = Raw {
+        stream: s,
+        v5: true,
+    };
+    raw.read().expect("a packet, not a closed connection")
+}
+
 pub fn str_bytes(s: &str) -> Vec<u8> {
     let n = u16::try_from(s.len()).unwrap();
     [&n.to_be_bytes()[..], s.as_bytes()].concat()
