@@ -4,8 +4,9 @@
 //! Every retained topic and every persistent session is a stream of its own (`retained/<topic>`,
 //! `session/<client id>`: names are data, never paths). A change appends one record to its
 //! stream and trims the stream to that record, so a stream holds at most one live record, as a
-//! JetStream stream with one message per subject does for the MQTT state of NATS; a tombstone
-//! record clears. A save round writes the records of what changed since the last round, then
+//! JetStream stream with one message per subject does for the MQTT state of NATS; clearing one
+//! (a retained topic cleared, a session ended) trims its stream and forgets it, so nothing of
+//! it stays in the store's memory. A save round writes the records of what changed since the last round, then
 //! makes them durable with one fsync of the store (group commit): its cost depends on the
 //! changes, not on how many retained messages or sessions exist. Opening reads the last record
 //! of each stream; the segments that only hold superseded records are deleted by the store's
@@ -148,17 +149,24 @@ impl StateStore {
     }
 
     /// Appends `record` as the value of stream `name` and trims the stream to it (buffered:
-    /// durable after [`sync`](Self::sync)). A tombstone for a stream that does not exist writes
-    /// nothing.
+    /// durable after [`sync`](Self::sync)). A tombstone clears: the stream is trimmed to its
+    /// end and forgotten ([`Store::forget`]), so a cleared retained topic or an ended session
+    /// leaves nothing in the store's memory; a crash before the forget is durable leaves an
+    /// empty stream, which reads as cleared too. A tombstone for a stream that does not exist
+    /// writes nothing.
     pub(crate) fn put(&self, name: &str, record: RecordIn) -> Result<(), StateError> {
-        let stream = if record.flags & TOMBSTONE != 0 {
-            match self.store.find(name) {
-                Some(s) => s,
-                None => return Ok(()),
-            }
-        } else {
-            self.store.stream(name).map_err(|e| self.err(e))?
-        };
+        if record.flags & TOMBSTONE != 0 {
+            let Some(stream) = self.store.find(name) else {
+                return Ok(());
+            };
+            stream
+                .trim(stream.next_offset())
+                .map_err(|e| self.err(e))?;
+            drop(stream);
+            self.store.forget(name).map_err(|e| self.err(e))?;
+            return Ok(());
+        }
+        let stream = self.store.stream(name).map_err(|e| self.err(e))?;
         let at = stream.next_offset();
         stream.append(at, &[record]).map_err(|e| self.err(e))?;
         stream.trim(at).map_err(|e| self.err(e))?;
@@ -330,7 +338,8 @@ mod tests {
             .unwrap();
         }
         let s = StateStore::open(dir.path()).unwrap();
-        assert_eq!(s.names(RETAINED_PREFIX), vec!["a", "b"]);
+        // A cleared stream is forgotten: not even its name is left.
+        assert_eq!(s.names(RETAINED_PREFIX), vec!["a"]);
         assert_eq!(s.names(SESSION_PREFIX), vec!["c"]);
         let values = s.values(RETAINED_PREFIX).unwrap();
         assert_eq!(values.keys().collect::<Vec<_>>(), vec!["a"]);
