@@ -233,6 +233,10 @@ struct Streams {
     /// Transaction parts counted already (written while the store is open, or counted by the
     /// checkpoint it opened from) that no commit record named yet, by log offset.
     open_parts: BTreeSet<u64>,
+    /// Where a stream defined from now on starts: above every offset given out by a stream
+    /// whose definition was lost to damage (its name is unknown, so any new stream may be it
+    /// under its old name); 0 when none was lost.
+    lost_floor: u64,
 }
 
 /// A transaction part waiting for its commit record while the store opens.
@@ -698,9 +702,15 @@ fn rebuild(
     }
     for id in lost {
         // Its definition was in the damaged data: its name is unknown, so its records
-        // cannot be reached; the id stays taken, so it is never reused.
+        // cannot be reached; the id stays taken, so it is never reused, and since any stream
+        // defined from now on may be the lost one under its old name, those start above
+        // every offset it gave out.
+        let next = streams.by_id.get(&id).map_or(0, |st| st.next);
+        streams.lost_floor = streams.lost_floor.max(next);
         notes.push(format!(
-            "stream {id} lost its definition to the damage: its records are unreachable"
+            "stream {id} lost its definition to the damage: its records (offsets below {next}) \
+             are unreachable; streams defined from now on start at offset {} or above",
+            streams.lost_floor
         ));
     }
     streams.next_id = streams.next_id.max(1);
@@ -855,11 +865,14 @@ impl Store {
         if let Some(s) = self.existing(name) {
             return Ok(s);
         }
-        let id = self.inner.streams.read().next_id;
+        let (id, floor) = {
+            let streams = self.inner.streams.read();
+            (streams.next_id, streams.lost_floor)
+        };
         let op = Op::Define {
             id,
-            start: 0,
-            next: 0,
+            start: floor,
+            next: floor,
             name: name.to_string(),
         };
         self.inner.write_control(&[op])?;

@@ -39,8 +39,8 @@ use crate::error::{PublishError, SubscribeError};
 use crate::events::{BrokerEvent, EventReceiver};
 use crate::filter::{Scope, TopicFilter};
 use crate::filter_index::FilterIndex;
-use crate::loaded::Loaded;
 use crate::io::{EngineMutex, EngineRwLock, IoPool};
+use crate::loaded::Loaded;
 use crate::log::{AppendError, Durable, MemoryGauge, Pending, Seek, Topic};
 use crate::message::{Message, Record};
 use crate::stats::{

@@ -69,7 +69,10 @@ impl<V> Loaded<V> {
     }
 
     /// The names that start with `prefix`, in order.
-    pub(crate) fn names_under<'a>(&'a self, prefix: &str) -> impl Iterator<Item = &'a TopicName> + 'a {
+    pub(crate) fn names_under<'a>(
+        &'a self,
+        prefix: &str,
+    ) -> impl Iterator<Item = &'a TopicName> + 'a {
         let range = (Bound::Included(prefix), Bound::Unbounded);
         let prefix = prefix.to_string();
         self.order
@@ -121,7 +124,10 @@ mod tests {
 
     fn matched(loaded: &Loaded<u32>, filter: &str) -> Vec<String> {
         let filter = TopicFilter::parse(filter).unwrap();
-        let mut v: Vec<String> = loaded.matching(&filter).map(|(n, _)| n.to_string()).collect();
+        let mut v: Vec<String> = loaded
+            .matching(&filter)
+            .map(|(n, _)| n.to_string())
+            .collect();
         v.sort();
         v
     }
@@ -129,7 +135,10 @@ mod tests {
     #[test]
     fn matching_looks_in_the_scope() {
         let mut loaded = Loaded::default();
-        for (i, n) in ["a", "a/b", "a/c/d", "ab", "b/a", "$x/a"].iter().enumerate() {
+        for (i, n) in ["a", "a/b", "a/c/d", "ab", "b/a", "$x/a"]
+            .iter()
+            .enumerate()
+        {
             loaded.insert(name(n), i as u32);
         }
         assert_eq!(matched(&loaded, "a/#"), ["a", "a/b", "a/c/d"]);

@@ -177,7 +177,10 @@ async fn a_transaction_is_committing_until_durable_then_committed() {
     });
     // Appended, not durable yet: neither committed nor open to a second commit or a rollback.
     wait_status(&tx, ferry::TxStatus::Committing).await;
-    assert_eq!(tx.commit().unwrap_err(), ferry::TxError::Committing(tx.id()));
+    assert_eq!(
+        tx.commit().unwrap_err(),
+        ferry::TxError::Committing(tx.id())
+    );
     assert_eq!(tx.rollback().unwrap_err().code(), "tx_committing");
     let ranges = committing.await.unwrap().unwrap();
     assert_eq!(ranges.len(), 2);
