@@ -31,9 +31,16 @@
 //! Damaged data (in a sealed segment, or in the middle of the active one, see the crate docs,
 //! RECOVERY) does not stop the store from opening: the log quarantines it, and a read that
 //! meets damaged or lost records of its stream gets [`LogError::Damaged`] with the range to
-//! skip. Opened from a checkpoint written before the damage, every stream keeps the end the
-//! checkpoint knows, so a stream whose last records were lost does not give their offsets
-//! again (a scan of the whole log cannot know them).
+//! skip: up to the stream's next batch whose CRC checks (a scan checking every batch of a sealed
+//! segment from the index entry before the damage finds it), else up to its next index entry.
+//! A read that finds nothing where the stream has records (a damaged header, which the plain
+//! scan does not check, hid them) reads again with the checking scan. Opened from a checkpoint
+//! written before the damage, every stream keeps the end the checkpoint knows, so a stream
+//! whose last records were lost does not give their offsets again (a scan of the whole log
+//! cannot know them). Damage that loses a stream's definition (its name) leaves its records
+//! unreachable and its id taken; every stream defined from then on starts above the offsets
+//! the streams with lost definitions gave out, since any of them may be a lost one under its
+//! old name.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
