@@ -40,8 +40,10 @@
 //! directory also holds `streams.checkpoint`, the checkpoint of its streams' in-memory index
 //! (see [`Store::checkpoint`]; a hint too: opening without it scans the whole log).
 //!
-//! **File header** (32 bytes): magic `FERRYLOG` (8), format version `u16` = 1, flags `u16` = 0,
-//! base offset `u64`, creation time `u64` (ms), CRC32C of the preceding 28 bytes `u32`.
+//! **File header** (32 bytes): magic `FERRYLOG` (8), format version `u16` = 1, flags `u16`,
+//! base offset `u64`, creation time `u64` (ms), CRC32C of the preceding 28 bytes `u32`. Flag
+//! bit 0 (`prev_unsynced`, see [`SegmentHeader`]): the segment before this one may not be
+//! synced yet; other bits are 0 (files written before the flag existed have flags 0).
 //!
 //! **Batch** ([`BATCH_HEADER_LEN`] = 43-byte header, then the records section):
 //!
@@ -78,8 +80,24 @@
 //! On open, segments other than the last (sealed) are checked cheaply: their indexes must be
 //! well-formed and the batches from the last index entry to the end of the file must be whole,
 //! CRC-valid, contiguous and end exactly at the next segment's base offset; otherwise their
-//! indexes are rebuilt by a full scan, and any damage found then is [`LogError::Corrupt`] (a
-//! sealed segment was complete when it was rolled, so damage there is never a torn write).
+//! indexes are rebuilt by a full scan, and any damage found then is [`LogError::Corrupt`].
+//!
+//! **Invariant: a sealed segment can be torn only while the segment after it is flagged.** A
+//! roll does no fsync (see Durability): the sealed segment is made durable by the next sync,
+//! which acknowledges nothing before it has fsynced it, cleared the `prev_unsynced` flag of the
+//! segment after it (written when the roll created that segment) and synced that one and the
+//! directory. So when the segment after a sealed one is still flagged on disk (or its header
+//! never reached the disk: torn or all zeros), no sync completed since that roll, and nothing
+//! from the sealed segment's unsynced tail on was acknowledged. Recovery then scans that sealed
+//! segment fully: if its data ends before the next segment's base with nothing valid after
+//! the end (a torn write), the segments after it are removed (they held only unsynced data,
+//! and keeping them would leave a gap in the offsets), it becomes the active segment and its
+//! torn tail is cut; both are reported in [`Log::recovery_notes`]. Offsets after the cut were
+//! never acknowledged, so giving them again reuses no acknowledged offset (a [`Store`] keeps
+//! a stream's offsets above any end its checkpoint knows). Damage with valid batches after
+//! it, and any damage in a sealed segment whose successor is not flagged (a synced segment
+//! cannot be torn), is reported exactly as before. With [`Durability::Never`] nothing is
+//! flagged: a sealed segment torn by a power loss is damage, as it always was.
 //!
 //! The last (active) segment is scanned fully, checking every CRC and that offsets follow on.
 //! At the first batch that is not whole and valid (short, zero-filled, bad length or CRC):
@@ -117,9 +135,15 @@
 //! - [`Durability::Interval`]: a background thread does the same every interval, and on drop.
 //! - [`Durability::Never`]: the OS writes back when it likes.
 //!
-//! Rolling fsyncs the sealed segment before creating the next one, and creating, deleting and
-//! cutting segment files fsyncs them and the directory, except with `Never` (where a power loss
-//! can leave a sealed segment torn, which the next open reports as [`LogError::Corrupt`]). An fsync failure closes the log ([`LogError::SyncFailed`], then
+//! Rolling does no fsync under the writer lock (appenders of every stream wait on it): the new
+//! segment is created with the `prev_unsynced` flag in its header and no fsync, and the sealed
+//! one joins the segments the next sync fsyncs before the active one. That sync (group commit,
+//! the flusher, [`Log::sync`], `close`) fsyncs each sealed segment not synced yet (data and
+//! indexes), oldest first, clearing the flag of the segment after each once it is synced, then
+//! the active segment, then the directory that holds the new files, before it acknowledges
+//! anything (see RECOVERY for what a crash in between leaves). Deleting and cutting segment
+//! files fsyncs them and the directory, except with `Never` (where a power loss can leave a
+//! sealed segment torn, which the next open reports as [`LogError::Corrupt`]). An fsync failure closes the log ([`LogError::SyncFailed`], then
 //! [`LogError::Closed`]). Only one `Log` per directory may be open in a process
 //! ([`LogError::AlreadyOpen`]); nothing guards against two processes.
 

@@ -64,8 +64,14 @@ pub(crate) struct State {
     pub segments: Vec<SegmentState>,
     /// Number of batches written since open (group commit sequence numbers).
     pub written_seq: u64,
-    /// Sealed segments not fsynced since they were rolled (durability `Never` only).
+    /// Sealed segments not fsynced since they were rolled, oldest first: the sync after a
+    /// roll fsyncs them before the active segment (a roll does no fsync under the writer lock).
     pub unsynced: Vec<Arc<Segment>>,
+    /// Segments whose header says that the segment before them may not be synced
+    /// ([`crate::SegmentHeader::prev_unsynced`]), oldest first, with their creation time: the
+    /// next sync clears the flag once it synced the segment before each, then syncs the
+    /// directory (which holds their new names).
+    pub flagged: Vec<(Arc<Segment>, u64)>,
     /// What recovery cut or skipped (see [`Log::recovery_notes`]).
     pub notes: Vec<String>,
 }
@@ -855,10 +861,14 @@ impl Shared {
                     .is_some_and(|age| now.saturating_sub(meta.created_ms) >= millis(age)))
     }
 
-    /// Seals `old` (closing its time index) and starts a new active segment after it. Unless
-    /// durability is `Never`, the old segment is fsynced first, so that a sealed segment is
-    /// always whole on disk (a torn write can only be in the last segment); with `Never` the
-    /// next `sync` does it.
+    /// Seals `old` (closing its time index) and starts a new active segment after it, under
+    /// the writer lock but with no fsync: the old segment goes to [`State::unsynced`] and
+    /// (unless durability is `Never`) the new one's header says so
+    /// ([`crate::SegmentHeader::prev_unsynced`]); the next sync
+    /// fsyncs the old segment, then clears the flag, syncs the new one and the directory,
+    /// before it acknowledges anything. So a sealed segment may be torn on disk only while
+    /// the segment after it still carries the flag, and then nothing after its tear was
+    /// acknowledged (see the crate docs, RECOVERY).
     fn roll(&self, mut old: SegmentState, now: u64) -> Result<SegmentState, LogError> {
         // A sealed segment ends with its data: drop what was preallocated after it.
         if old.seg.file_len()? > old.meta.len {
@@ -868,12 +878,10 @@ impl Shared {
             old.seg.time.put(old.meta.time_count, seal)?;
             old.meta.time_count += 1;
         }
-        let durable = self.durable_meta();
-        if durable {
-            old.seg.sync_all()?;
-            bump(&self.counters.fsyncs, 1);
-        }
-        let (seg, meta) = Segment::create(&self.dir, old.meta.next_offset, now, durable)?;
+        // With durability `Never` nothing is ever promised on disk: no flag, and a torn sealed
+        // segment is damage, as it always was.
+        let flag = self.durable_meta();
+        let (seg, meta) = Segment::create(&self.dir, old.meta.next_offset, now, flag, false)?;
         let new = SegmentState {
             seg: Arc::new(seg),
             meta,
@@ -881,8 +889,9 @@ impl Shared {
         };
         {
             let mut st = self.state.write();
-            if !durable {
-                st.unsynced.push(Arc::clone(&old.seg));
+            st.unsynced.push(Arc::clone(&old.seg));
+            if flag {
+                st.flagged.push((Arc::clone(&new.seg), now));
             }
             *st.active_mut() = old;
             st.segments.push(new.clone());
@@ -928,16 +937,46 @@ impl Shared {
     /// closes the log.
     fn sync_all_written(&self) -> Result<u64, LogError> {
         self.settle()?;
-        let (sealed, active, seq) = {
+        let (sealed, flagged, active, seq) = {
             let mut st = self.state.write();
             let sealed = std::mem::take(&mut st.unsynced);
-            (sealed, Arc::clone(&st.active().seg), st.written_seq)
+            let flagged = std::mem::take(&mut st.flagged);
+            (
+                sealed,
+                flagged,
+                Arc::clone(&st.active().seg),
+                st.written_seq,
+            )
         };
+        // Oldest first: a segment's flag is cleared only once the segment before it is synced
+        // (by this sync, just before, or by an earlier one), and written before its own sync.
+        // By identity, not base offset: a truncation may delete a segment and a later roll
+        // create another at the same base.
+        let clear = |seg: &Arc<Segment>| -> Result<(), LogError> {
+            match flagged.iter().find(|(f, _)| Arc::ptr_eq(f, seg)) {
+                Some((f, created_ms)) => f.clear_prev_unsynced(*created_ms),
+                None => Ok(()),
+            }
+        };
+        let mut fsyncs = 0;
         let result = sealed
             .iter()
-            .try_for_each(|seg| seg.sync_all())
-            .and_then(|()| active.sync_data());
-        bump(&self.counters.fsyncs, sealed.len() as u64 + 1);
+            .try_for_each(|seg| {
+                fsyncs += 1;
+                clear(seg).and_then(|()| seg.sync_all())
+            })
+            .and_then(|()| {
+                fsyncs += 1;
+                clear(&active).and_then(|()| active.sync_data())
+            })
+            .and_then(|()| {
+                if flagged.is_empty() {
+                    return Ok(());
+                }
+                fsyncs += 1;
+                sync_dir(&self.dir)
+            });
+        bump(&self.counters.fsyncs, fsyncs);
         if result.is_err() {
             self.closed.store(true, Ordering::SeqCst);
         }

@@ -5,6 +5,13 @@
 //!   a valid tail from the last index entry to the end of the file, ending exactly where the next
 //!   segment starts. If the indexes are missing or damaged they are rebuilt by a full scan; any
 //!   damage in the data of a sealed segment is [`LogError::Corrupt`];
+//! - except a sealed segment whose successor is flagged `prev_unsynced` (or has a header that
+//!   never reached the disk): a roll does not fsync, the next sync does before it acknowledges
+//!   anything and then clears the flag, so such a segment may be torn, and nothing after its
+//!   tear was acknowledged. It is scanned fully; a torn tail (its data ends before the next
+//!   segment's base, nothing valid after the end) makes it the active segment again, the
+//!   segments after it (only unsynced data) are removed and the tail is cut, with notes.
+//!   Damage with valid batches after it is damage, as above;
 //! - the active (last) segment is scanned fully, checking every CRC. At the first batch that is
 //!   not whole and valid, the rest of the file is searched for a whole, CRC-valid batch with a
 //!   higher offset: if there is one, the damage is in the middle ([`LogError::Corrupt`], or
@@ -42,22 +49,50 @@ pub(crate) fn recover(dir: &Path, config: &LogConfig, now_ms: u64) -> Result<Sta
         let seg = Segment::open(dir, base)?;
         let mut damaged_at = None;
         let meta = match bases.get(i + 1) {
-            Some(&next) => match open_sealed(&seg, next, config) {
-                Err(LogError::Corrupt {
-                    segment,
-                    position,
-                    reason,
-                }) if config.tolerate_damage => {
-                    notes.push(format!(
-                        "damaged segment {} at position {position}: {reason}; the rest of it \
-                         is skipped",
-                        segment.display()
-                    ));
-                    damaged_at = Some(position);
-                    damaged_meta(&seg, next, position)?
+            Some(&next) => {
+                if successor_flagged(dir, next)? {
+                    if let Some(tear) = check_unsynced(&seg, next, config)? {
+                        // Nothing after the tear was acknowledged: the segments after this
+                        // one held only unsynced data (see the crate docs, RECOVERY).
+                        for &later in bases[i + 1..].iter().rev() {
+                            Segment::open(dir, later)?.delete()?;
+                        }
+                        if durable(config) {
+                            sync_dir(dir)?;
+                        }
+                        notes.push(format!(
+                            "segment {} was sealed but not yet synced when the log stopped, \
+                             and is torn at position {} (after log offset {}): {}; the {} \
+                             segments after it (log offsets {}.., never synced, so never \
+                             acknowledged) were removed and it is the active segment again",
+                            seg.path.display(),
+                            tear.at,
+                            tear.offset,
+                            tear.reason,
+                            bases.len() - i - 1,
+                            next
+                        ));
+                        recover_active(dir, seg, config, now_ms, &mut notes, &mut segments)?;
+                        break;
+                    }
                 }
-                other => other?,
-            },
+                match open_sealed(&seg, next, config, &mut notes) {
+                    Err(LogError::Corrupt {
+                        segment,
+                        position,
+                        reason,
+                    }) if config.tolerate_damage => {
+                        notes.push(format!(
+                            "damaged segment {} at position {position}: {reason}; the rest of \
+                             it is skipped",
+                            segment.display()
+                        ));
+                        damaged_at = Some(position);
+                        damaged_meta(&seg, next, position)?
+                    }
+                    other => other?,
+                }
+            }
             None => {
                 recover_active(dir, seg, config, now_ms, &mut notes, &mut segments)?;
                 break;
@@ -70,19 +105,130 @@ pub(crate) fn recover(dir: &Path, config: &LogConfig, now_ms: u64) -> Result<Sta
         });
     }
     if segments.is_empty() {
-        let (seg, meta) = Segment::create(dir, 0, now_ms, durable(config))?;
+        let (seg, meta) = Segment::create(dir, 0, now_ms, false, durable(config))?;
         segments.push(SegmentState {
             seg: Arc::new(seg),
             meta,
             damaged_at: None,
         });
     }
+    // Segments still flagged (their predecessor may be only in the page cache): the first
+    // sync syncs every sealed segment from the one before the first of them, then clears
+    // the flags (see `Log::sync_all_written`).
+    let mut flagged = Vec::new();
+    for sg in &segments {
+        if matches!(sg.seg.read_header()?, Ok(h) if h.prev_unsynced) {
+            flagged.push((Arc::clone(&sg.seg), sg.meta.created_ms));
+        }
+    }
+    let unsynced = match flagged.first() {
+        Some((first, _)) => {
+            let at = segments.partition_point(|sg| sg.seg.base < first.base);
+            segments[at.saturating_sub(1)..segments.len() - 1]
+                .iter()
+                .map(|sg| Arc::clone(&sg.seg))
+                .collect()
+        }
+        None => Vec::new(),
+    };
     Ok(State {
         segments,
         written_seq: 0,
-        unsynced: Vec::new(),
+        unsynced,
+        flagged,
         notes,
     })
+}
+
+/// Whether the segment starting at `base` says that the one before it may not be synced: its
+/// header has [`SegmentHeader::prev_unsynced`], or is torn or all zeros (its header never
+/// reached the disk, so no sync covered it: a sync writes it before it acknowledges
+/// anything).
+fn successor_flagged(dir: &Path, base: u64) -> Result<bool, LogError> {
+    let path = segment_path(dir, base, "log");
+    let file = File::open(&path).map_err(|e| LogError::io("open", &path, e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| LogError::io("stat", &path, e))?
+        .len();
+    if len < SEGMENT_HEADER_LEN {
+        return Ok(true);
+    }
+    let mut b = [0u8; SEGMENT_HEADER_LEN as usize];
+    crate::segment::read_exact_at(&file, &path, &mut b, 0)?;
+    Ok(match SegmentHeader::decode(&b) {
+        Ok(h) => h.prev_unsynced,
+        Err(_) => len == SEGMENT_HEADER_LEN || b.iter().all(|&x| x == 0),
+    })
+}
+
+/// A torn tail found in a sealed segment that may not have been synced.
+struct Tear {
+    at: u64,
+    offset: u64,
+    reason: String,
+}
+
+/// Checks a sealed segment that may not have been synced when the log stopped (the segment
+/// after it is flagged): `Some` if its data ends before `next_base` with nothing valid after
+/// the end (a torn write: nothing after it was acknowledged); `None` if it is whole (bytes
+/// after its last batch, preallocated zeros whose cut was not synced, are cut) or damaged in
+/// another way, which [`open_sealed`] then reports as for any sealed segment.
+fn check_unsynced(
+    seg: &Segment,
+    next_base: u64,
+    config: &LogConfig,
+) -> Result<Option<Tear>, LogError> {
+    let file_len = seg.file_len()?;
+    let header = match seg.read_header()? {
+        Ok(h) => h,
+        Err(reason) if file_len <= SEGMENT_HEADER_LEN => {
+            return Ok(Some(Tear {
+                at: 0,
+                offset: seg.base,
+                reason,
+            }))
+        }
+        Err(_) => return Ok(None),
+    };
+    let scan = match seg.scan(
+        SegmentMeta::empty(seg.base, header.created_ms),
+        file_len,
+        config.index_interval_bytes,
+    ) {
+        Ok(scan) => scan,
+        Err(LogError::Corrupt { .. }) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let end = scan.meta.next_offset;
+    if end > next_base {
+        return Ok(None);
+    }
+    let Some((pos, reason)) = scan.stopped else {
+        return Ok((end < next_base).then(|| Tear {
+            at: file_len,
+            offset: end,
+            reason: format!(
+                "its data ends at log offset {end}, the next segment starts at {next_base}"
+            ),
+        }));
+    };
+    if seg.next_valid_batch(pos, end, file_len)?.is_some() {
+        return Ok(None);
+    }
+    if end == next_base {
+        // Whole: what follows its last batch is past every offset it holds.
+        seg.set_len(pos)?;
+        if durable(config) {
+            seg.sync_data()?;
+        }
+        return Ok(None);
+    }
+    Ok(Some(Tear {
+        at: pos,
+        offset: end,
+        reason,
+    }))
 }
 
 fn durable(config: &LogConfig) -> bool {
@@ -142,18 +288,34 @@ fn damaged_meta(seg: &Segment, next_base: u64, position: u64) -> Result<SegmentM
     Ok(meta)
 }
 
-/// Checks a sealed segment that must end where the next one (`next_base`) starts.
-fn open_sealed(seg: &Segment, next_base: u64, config: &LogConfig) -> Result<SegmentMeta, LogError> {
-    let header = seg
-        .read_header()?
-        .map_err(|reason| LogError::corrupt(&seg.path, 0, reason))?;
+/// Checks a sealed segment that must end where the next one (`next_base`) starts. With
+/// `tolerate_damage`, a damaged file header is reported in `notes` and the batches are checked
+/// and used without it (it holds nothing they need: the base offset is the file's name).
+fn open_sealed(
+    seg: &Segment,
+    next_base: u64,
+    config: &LogConfig,
+    notes: &mut Vec<String>,
+) -> Result<SegmentMeta, LogError> {
+    let created_ms = match seg.read_header()? {
+        Ok(header) => header.created_ms,
+        Err(reason) if config.tolerate_damage => {
+            notes.push(format!(
+                "damaged file header of segment {} at position 0: {reason}; its batches are \
+                 checked and read without it",
+                seg.path.display()
+            ));
+            0
+        }
+        Err(reason) => return Err(LogError::corrupt(&seg.path, 0, reason)),
+    };
     let file_len = seg.file_len()?;
-    if let Some(meta) = check_sealed(seg, header.created_ms, file_len, next_base, config)? {
+    if let Some(meta) = check_sealed(seg, created_ms, file_len, next_base, config)? {
         return Ok(meta);
     }
     // Indexes missing or damaged: a full scan, where any damage is corruption.
     let scan = seg.scan(
-        SegmentMeta::empty(seg.base, header.created_ms),
+        SegmentMeta::empty(seg.base, created_ms),
         file_len,
         config.index_interval_bytes,
     )?;
@@ -312,6 +474,7 @@ fn split_at_damage(
     let header = SegmentHeader {
         base_offset: base,
         created_ms: now_ms,
+        prev_unsynced: false,
     };
     out.write_all(&header.encode())
         .map_err(|e| LogError::io("write", &tmp, e))?;
@@ -368,7 +531,9 @@ fn scan_active(
         Ok(h) => h,
         // Torn while being created: nothing was ever appended to it.
         Err(_) if file_len <= SEGMENT_HEADER_LEN => {
-            seg.write_header(now_ms, durable(config))?;
+            // Flagged: the segment before it (checked as possibly unsynced) is synced by
+            // the first sync, which then clears the flag.
+            seg.write_header(now_ms, durable(config), durable(config))?;
             seg.index.rewrite(&[])?;
             seg.time.rewrite(&[])?;
             return Ok(Active::Whole(SegmentMeta::empty(seg.base, now_ms)));

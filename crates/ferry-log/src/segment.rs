@@ -334,11 +334,14 @@ impl Segment {
     }
 
     /// Creates a new segment with its header (replacing any leftover file of that name: it can
-    /// only hold offsets past the end of the log); with `durable`, fsyncs it and the directory.
+    /// only hold offsets past the end of the log), saying whether the segment before it may
+    /// not be synced yet ([`SegmentHeader::prev_unsynced`]); with `durable`, fsyncs it and the
+    /// directory.
     pub fn create(
         dir: &Path,
         base: u64,
         created_ms: u64,
+        prev_unsynced: bool,
         durable: bool,
     ) -> Result<(Self, SegmentMeta), LogError> {
         let path = segment_path(dir, base, "log");
@@ -346,7 +349,7 @@ impl Segment {
         let seg = Self::with_log(dir, base, path, log)?;
         seg.index.rewrite(&[])?;
         seg.time.rewrite(&[])?;
-        seg.write_header(created_ms, durable)?;
+        seg.write_header(created_ms, prev_unsynced, durable)?;
         if durable {
             sync_dir(dir)?;
         }
@@ -364,17 +367,31 @@ impl Segment {
     }
 
     /// (Re)writes the file header and cuts the file after it.
-    pub fn write_header(&self, created_ms: u64, durable: bool) -> Result<(), LogError> {
+    pub fn write_header(
+        &self,
+        created_ms: u64,
+        prev_unsynced: bool,
+        durable: bool,
+    ) -> Result<(), LogError> {
         let header = SegmentHeader {
             base_offset: self.base,
             created_ms,
+            prev_unsynced,
         };
         self.set_len(0)?;
-        self.write_at(&header.encode(), 0)?;
-        if durable {
-            self.sync_data()?;
-        }
-        Ok(())
+        self.write_at(&header.encode(), 0)
+            .and_then(|()| if durable { self.sync_data() } else { Ok(()) })
+    }
+
+    /// Rewrites the file header in place (the data after it stays) with the flag
+    /// [`SegmentHeader::prev_unsynced`] cleared: the segment before this one is durable.
+    pub fn clear_prev_unsynced(&self, created_ms: u64) -> Result<(), LogError> {
+        let header = SegmentHeader {
+            base_offset: self.base,
+            created_ms,
+            prev_unsynced: false,
+        };
+        self.write_at(&header.encode(), 0)
     }
 
     /// Reads and checks the file header; `Ok(Err(reason))` if it is damaged.

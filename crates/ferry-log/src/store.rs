@@ -31,9 +31,16 @@
 //! Damaged data (in a sealed segment, or in the middle of the active one, see the crate docs,
 //! RECOVERY) does not stop the store from opening: the log quarantines it, and a read that
 //! meets damaged or lost records of its stream gets [`LogError::Damaged`] with the range to
-//! skip. Opened from a checkpoint written before the damage, every stream keeps the end the
-//! checkpoint knows, so a stream whose last records were lost does not give their offsets
-//! again (a scan of the whole log cannot know them).
+//! skip: up to the stream's next batch whose CRC checks (a scan checking every batch of a sealed
+//! segment from the index entry before the damage finds it), else up to its next index entry.
+//! A read that finds nothing where the stream has records (a damaged header, which the plain
+//! scan does not check, hid them) reads again with the checking scan. Opened from a checkpoint
+//! written before the damage, every stream keeps the end the checkpoint knows, so a stream
+//! whose last records were lost does not give their offsets again (a scan of the whole log
+//! cannot know them). Damage that loses a stream's definition (its name) leaves its records
+//! unreachable and its id taken; every stream defined from then on starts above the offsets
+//! the streams with lost definitions gave out, since any of them may be a lost one under its
+//! old name.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -238,6 +245,10 @@ struct Streams {
     /// Transaction parts counted already (written while the store is open, or counted by the
     /// checkpoint it opened from) that no commit record named yet, by log offset.
     open_parts: BTreeSet<u64>,
+    /// Where a stream defined from now on starts: above every offset given out by a stream
+    /// whose definition was lost to damage (its name is unknown, so any new stream may be it
+    /// under its old name); 0 when none was lost.
+    lost_floor: u64,
 }
 
 /// A transaction part waiting for its commit record while the store opens.
@@ -726,9 +737,15 @@ fn rebuild(
     }
     for id in lost {
         // Its definition was in the damaged data: its name is unknown, so its records
-        // cannot be reached; the id stays taken, so it is never reused.
+        // cannot be reached; the id stays taken, so it is never reused, and since any stream
+        // defined from now on may be the lost one under its old name, those start above
+        // every offset it gave out.
+        let next = streams.by_id.get(&id).map_or(0, |st| st.next);
+        streams.lost_floor = streams.lost_floor.max(next);
         notes.push(format!(
-            "stream {id} lost its definition to the damage: its records are unreachable"
+            "stream {id} lost its definition to the damage: its records (offsets below {next}) \
+             are unreachable; streams defined from now on start at offset {} or above",
+            streams.lost_floor
         ));
     }
     streams.next_id = streams.next_id.max(1);
@@ -883,11 +900,14 @@ impl Store {
         if let Some(s) = self.existing(name) {
             return Ok(s);
         }
-        let id = self.inner.streams.read().next_id;
+        let (id, floor) = {
+            let streams = self.inner.streams.read();
+            (streams.next_id, streams.lost_floor)
+        };
         let op = Op::Define {
             id,
-            start: 0,
-            next: 0,
+            start: floor,
+            next: floor,
             name: name.to_string(),
         };
         self.inner.write_control(&[op])?;
@@ -1584,13 +1604,14 @@ impl Stream {
         }
         if out.is_empty() && scanned.is_ok() && want.get() < end {
             // The stream's last records (counted by the checkpoint the store opened from) were
-            // in data lost to damage since.
-            return Err(LogError::Damaged {
-                stream: self.name.to_string(),
-                from: want.get(),
-                to: end,
-                reason: "records lost to damage".into(),
-            });
+            // in data lost to damage since, or a damaged header (not checked by this scan)
+            // hid them: a scan that checks every batch reads them, or tells where reading
+            // can go on.
+            let checked = self.read_checked(want.get(), end, max_records, max_bytes);
+            if !checked.is_empty() {
+                return Ok(checked);
+            }
+            return Err(self.damaged(want.get(), "records lost to damage".into()));
         }
         match scanned {
             Ok(()) => Ok(out),
@@ -1608,23 +1629,135 @@ impl Stream {
         }
     }
 
-    /// The damaged range starting at `from`: up to the stream's next index entry after it (or
-    /// its end), which a reader skips to get past the damage.
+    /// The damaged range starting at `from`, which a reader skips to get past the damage: up to
+    /// the first whole, CRC-checked batch of the stream after it, found by scanning from the
+    /// index entry at or before `from` around damage (a damaged batch whose neighbours still
+    /// chain is skipped alone), or, where that cannot be told (damage in the active segment,
+    /// or nothing checked before the next index entry), up to the stream's next index entry
+    /// after it (or its end).
     fn damaged(&self, from: u64, reason: String) -> LogError {
-        let to = self
-            .state(|st| {
-                st.entries
-                    .iter()
-                    .find(|e| e.offset > from)
-                    .map_or(st.next, |e| e.offset)
-            })
-            .unwrap_or(from + 1)
-            .max(from + 1);
+        let bounds = self.state(|st| {
+            let at = st.entry_for(from).map(|i| st.entries[i].seq);
+            let next = st
+                .entries
+                .iter()
+                .find(|e| e.offset > from)
+                .map_or(st.next, |e| e.offset);
+            (at, next)
+        });
+        let (at, coarse) = bounds.unwrap_or((None, from + 1));
+        let coarse = coarse.max(from + 1);
+        let (resume, found) = at.map_or((None, None), |seq| {
+            self.resume_after_damage(seq, from, coarse)
+        });
+        let to = resume.map_or(coarse, |to| to.clamp(from + 1, coarse));
+        // Where the damage is, if the caller did not say.
+        let reason = match found {
+            Some(found) if !reason.contains(".log") => format!("{reason}: {found}"),
+            _ => reason,
+        };
         LogError::Damaged {
             stream: self.name.to_string(),
             from,
             to,
             reason,
+        }
+    }
+
+    /// Reads like [`read`](Self::read), from `from` (below `end`), with a scan that checks the
+    /// CRC of every batch of a sealed segment before it trusts its header, so that a damaged
+    /// header of another batch cannot hide records: for a read that found nothing where the
+    /// stream has records. Empty if the records at `from` are not there.
+    fn read_checked(
+        &self,
+        from: u64,
+        end: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Vec<StoredRecord> {
+        let seq = self.state(|st| st.entry_for(from).map(|i| st.entries[i].seq));
+        let Some(Some(seq)) = seq else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let want = Cell::new(from);
+        let _ = self.inner.log.scan_around_damage(
+            seq,
+            |h| match h.stream {
+                Some(t) if t.id == self.id && !self.inner.dead.contains(&h.base_offset) => {
+                    if t.base >= end || t.base > want.get() {
+                        return Visit::Stop;
+                    }
+                    if t.base.saturating_add(h.record_count.into()) > want.get() {
+                        Visit::Take
+                    } else {
+                        Visit::Skip
+                    }
+                }
+                _ => Visit::Skip,
+            },
+            |batch| {
+                let base = batch.header.stream.map_or(0, |t| t.base);
+                for (i, mut r) in batch.records.into_iter().enumerate() {
+                    let offset = base + i as u64;
+                    if offset < want.get() {
+                        continue;
+                    }
+                    let size = r.size();
+                    if out.len() >= max_records || (!out.is_empty() && bytes + size > max_bytes) {
+                        return false;
+                    }
+                    r.offset = offset;
+                    bytes += size;
+                    out.push(r);
+                    want.set(offset + 1);
+                }
+                out.len() < max_records
+            },
+            |_| {},
+        );
+        out
+    }
+
+    /// The stream offset of the first CRC-checked batch of this stream starting after `from`,
+    /// scanning the log from log offset `seq` around damage in sealed segments, if one starts
+    /// below `limit` and no checked batch holds `from` itself (then the damage is not where
+    /// this tells); and the first damage the scan met, as text naming the segment and position.
+    fn resume_after_damage(
+        &self,
+        seq: u64,
+        from: u64,
+        limit: u64,
+    ) -> (Option<u64>, Option<String>) {
+        let mut found = None;
+        let mut damage = None;
+        let scanned = self.inner.log.scan_around_damage(
+            seq,
+            |h| match h.stream {
+                Some(t) if t.id == self.id && !self.inner.dead.contains(&h.base_offset) => {
+                    let end = t.base.saturating_add(h.record_count.into());
+                    if t.base >= limit || (t.base <= from && from < end) {
+                        return Visit::Stop;
+                    }
+                    if t.base > from {
+                        found = Some(t.base);
+                        return Visit::Stop;
+                    }
+                    Visit::Skip
+                }
+                _ => Visit::Skip,
+            },
+            |_| false,
+            |e| {
+                if damage.is_none() {
+                    damage = Some(e.to_string());
+                }
+            },
+        );
+        match scanned {
+            Ok(()) => (found, damage),
+            Err(e) => (None, Some(e.to_string())),
         }
     }
 

@@ -9,7 +9,11 @@
 //!   in each field of a batch header (length, CRC, log offset, record count, stream id, stream
 //!   offset), in a record body, and in the last batch of the segment;
 //! - in the active (last) segment: a cut in the middle of its last batch, and its tail zeroed
-//!   from the middle of its last batch.
+//!   from the middle of its last batch;
+//! - in the first (oldest, sealed) segment, which also holds the definitions of the streams (a
+//!   topic's name and id, at its start): a byte flipped in its file header, in each field of a
+//!   batch header and in a record body of a batch in its middle, and in its last batch; the
+//!   segment cut in the middle of that batch, and zeroed from there on.
 //!
 //! On each copy it starts `ferry serve` and checks that the server
 //! - starts and answers `/health`;
@@ -25,8 +29,8 @@
 //! - does not spin (CPU time over 2 s of idleness) and exits with status 0 within a few seconds
 //!   of SIGTERM.
 //!
-//! The first segment is never damaged: it holds the definitions of the streams (a topic's name
-//! and id), and the store cannot serve a stream whose definition is lost.
+//! Damage to the definitions themselves (a topic's name lost) is checked by `ferry-log`'s
+//! `tests/first_segment.rs`: the store cannot serve a stream whose name is lost.
 //!
 //! Run with `-- --nocapture` to see one line per case and the server's complaints.
 #![allow(clippy::unwrap_used)]
@@ -119,7 +123,9 @@ async fn drain(http: &reqwest::Client, server: SocketAddr, topic: &str) -> Vec<(
             .post(url(
                 server,
                 topic,
-                &format!("groups/{GROUP}/fetch?max=1000&wait_ms=100"),
+                // Long enough that a fetch waiting in vain means the end, also on a busy
+                // machine (a fetch returns as soon as records are there).
+                &format!("groups/{GROUP}/fetch?max=1000&wait_ms=1000"),
             ))
             .send()
             .await
@@ -419,6 +425,14 @@ async fn a_damaged_data_directory_is_served_around_its_damage() {
             .find(|&i| bs[i].record.is_some_and(|r| r.0 == 0))
             .unwrap()
     };
+    // A batch of the victim in the middle of the first segment, after the definitions.
+    let first_middle = {
+        let bs = &segments[0].batches;
+        (bs.len() / 2..bs.len())
+            .find(|&i| bs[i].record.is_some_and(|r| r.0 == 0))
+            .unwrap()
+    };
+    let last_first = segments[0].batches.len() - 1;
     let last_sealed = segments[sealed].batches.len() - 1;
     let last_active = segments[active].batches.len() - 1;
     assert_eq!(
@@ -489,6 +503,84 @@ async fn a_damaged_data_directory_is_served_around_its_damage() {
             batch: Some(last_sealed),
             damage: Damage::Flip(STREAM_HEADER_LEN + 40),
             lost: Lost::Batch,
+        },
+        Case {
+            name: "first segment header",
+            segment: 0,
+            batch: None,
+            damage: Damage::Flip(13),
+            // Its batches are read without it.
+            lost: Lost::Batch,
+        },
+        Case {
+            name: "first segment batch length",
+            segment: 0,
+            batch: Some(first_middle),
+            damage: Damage::Flip(LENGTH_AT + 1),
+            lost: Lost::RestOfSegment,
+        },
+        Case {
+            name: "first segment batch crc",
+            segment: 0,
+            batch: Some(first_middle),
+            damage: Damage::Flip(CRC_AT + 2),
+            lost: Lost::Batch,
+        },
+        Case {
+            name: "first segment batch log offset",
+            segment: 0,
+            batch: Some(first_middle),
+            damage: Damage::Flip(BASE_OFFSET_AT),
+            lost: Lost::RestOfSegment,
+        },
+        Case {
+            name: "first segment batch record count",
+            segment: 0,
+            batch: Some(first_middle),
+            damage: Damage::Flip(COUNT_AT),
+            lost: Lost::RestOfSegment,
+        },
+        Case {
+            name: "first segment batch stream id",
+            segment: 0,
+            batch: Some(first_middle),
+            damage: Damage::Flip(STREAM_ID_AT),
+            lost: Lost::Batch,
+        },
+        Case {
+            name: "first segment batch stream offset",
+            segment: 0,
+            batch: Some(first_middle),
+            damage: Damage::Flip(STREAM_OFFSET_AT),
+            lost: Lost::Batch,
+        },
+        Case {
+            name: "first segment record body",
+            segment: 0,
+            batch: Some(first_middle),
+            damage: Damage::Flip(STREAM_HEADER_LEN + 40),
+            lost: Lost::Batch,
+        },
+        Case {
+            name: "first segment last batch",
+            segment: 0,
+            batch: Some(last_first),
+            damage: Damage::Flip(STREAM_HEADER_LEN + 40),
+            lost: Lost::Batch,
+        },
+        Case {
+            name: "first segment cut",
+            segment: 0,
+            batch: Some(first_middle),
+            damage: Damage::Cut,
+            lost: Lost::RestOfSegment,
+        },
+        Case {
+            name: "first segment zeroed",
+            segment: 0,
+            batch: Some(first_middle),
+            damage: Damage::Zero,
+            lost: Lost::RestOfSegment,
         },
         Case {
             name: "active segment cut",

@@ -84,6 +84,6 @@ pub use stats::{
 pub use subscription::{Delivery, Envelope, StartPosition, Subscription, SubscriptionBuilder};
 pub use tasks::{GroupCollector, TaskQueue};
 pub use topic::{TopicError, TopicName, RESERVED_LEVELS};
-pub use tx::{Transaction, TxError};
+pub use tx::{Transaction, TxError, TxStatus};
 
 pub use bytes::Bytes;

@@ -8,6 +8,12 @@
 //!   with every involved topic's log locked (in name order, so commits cannot deadlock) until
 //!   all are appended: a reader of any of them sees all of the transaction or none of it;
 //! - a commit that cannot fit (a full topic) changes nothing and leaves the transaction open;
+//! - the status tells the truth about durability: a commit whose records wait for their sync
+//!   is [`TxStatus::Committing`] until the commit thread synced them, then
+//!   [`TxStatus::Committed`]. If the write or the sync fails (or the wait for it is given up)
+//!   after the records were handed to storage, the transaction is [`TxStatus::InDoubt`] and
+//!   the commit, and every later call on it, says so with [`TxError::InDoubt`]: the records
+//!   may be on disk (and delivered after a restart), so a retry must not assume either way;
 //! - an open transaction past its timeout is rolled back (by the maintenance task, or by the
 //!   next call on it) and reports [`TxError::Expired`].
 
@@ -41,7 +47,21 @@ pub enum TxError {
     /// The transaction was already rolled back.
     #[error("transaction {0} was already rolled back")]
     RolledBack(u64),
-    /// Staging or committing failed (invalid topic, full topic, closed broker, ...).
+    /// A commit of the transaction is waiting for its records to be synced.
+    #[error("transaction {0} is being committed")]
+    Committing(u64),
+    /// The commit handed the records to storage but their write or sync failed (or the wait
+    /// for it was given up): they may be stored, and delivered after a restart, or not. The
+    /// transaction is finished either way; nothing of it was made visible by this failure.
+    #[error("transaction {id} is in doubt, its records may have been stored: {reason}")]
+    InDoubt {
+        /// The transaction.
+        id: u64,
+        /// What failed (for a full disk: "storage sync failed: ... No space left on device").
+        reason: String,
+    },
+    /// Staging or committing failed (invalid topic, full topic, closed broker, ...); nothing
+    /// was stored.
     #[error(transparent)]
     Publish(#[from] PublishError),
 }
@@ -54,24 +74,46 @@ impl TxError {
             TxError::Expired(_) => "tx_expired",
             TxError::Committed(_) => "tx_committed",
             TxError::RolledBack(_) => "tx_rolled_back",
+            TxError::Committing(_) => "tx_committing",
+            TxError::InDoubt { .. } => "tx_in_doubt",
             TxError::Publish(e) => e.code(),
         }
     }
+
+    /// Whether the transaction's records may have been stored although the commit failed
+    /// ([`TxError::InDoubt`]).
+    pub fn is_in_doubt(&self) -> bool {
+        matches!(self, TxError::InDoubt { .. })
+    }
 }
 
+/// Where a transaction is (see [`Transaction::status`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Status {
+pub enum TxStatus {
+    /// Staging; nothing is visible.
     Open,
+    /// Its records are appended and wait for the sync that makes them durable and visible.
+    Committing,
+    /// Its records are durable (on a durable topic that waits for its sync) and visible.
     Committed,
+    /// Its records were handed to storage but their write or sync failed: they may be stored
+    /// or not (see [`TxError::InDoubt`]).
+    InDoubt,
+    /// Rolled back: nothing of it was stored.
     RolledBack,
+    /// Timed out and rolled back: nothing of it was stored.
     Expired,
 }
+
+type Status = TxStatus;
 
 #[derive(Debug)]
 struct Inner {
     status: Status,
     staged: Vec<(Arc<Topic>, Arc<Record>)>,
     finished_at: Option<Instant>,
+    /// Why the transaction is in doubt.
+    doubt: Option<String>,
 }
 
 /// Shared state of one transaction (also held by the broker's registry).
@@ -91,6 +133,7 @@ impl TxState {
                 status: Status::Open,
                 staged: Vec::new(),
                 finished_at: None,
+                doubt: None,
             }),
         }
     }
@@ -118,10 +161,68 @@ impl TxState {
         self.expire_locked(inner, Instant::now());
         match inner.status {
             Status::Open => Ok(inner),
+            Status::Committing => Err(TxError::Committing(self.id)),
             Status::Committed => Err(TxError::Committed(self.id)),
+            Status::InDoubt => Err(self.in_doubt(inner)),
             Status::RolledBack => Err(TxError::RolledBack(self.id)),
             Status::Expired => Err(TxError::Expired(self.id)),
         }
+    }
+
+    fn in_doubt(&self, inner: &Inner) -> TxError {
+        TxError::InDoubt {
+            id: self.id,
+            reason: inner.doubt.clone().unwrap_or_default(),
+        }
+    }
+
+    /// Ends a commit: `Committed` once every record is durable, `InDoubt` with `reason`
+    /// otherwise. Returns the error to report for a failure.
+    fn finish(&self, doubt: Option<String>) -> Option<TxError> {
+        let mut inner = self.inner.lock();
+        if inner.status == Status::Committing {
+            inner.finished_at = Some(Instant::now());
+            match doubt {
+                None => inner.status = Status::Committed,
+                Some(reason) => {
+                    inner.status = Status::InDoubt;
+                    inner.doubt = Some(reason);
+                }
+            }
+        }
+        (inner.status == Status::InDoubt).then(|| self.in_doubt(&inner))
+    }
+}
+
+/// Marks a commit waiting for its sync as in doubt if its wait is given up (the future of
+/// [`Transaction::commit_wait`] dropped): the commit thread may still make the records durable.
+struct CommitGuard<'a> {
+    state: &'a TxState,
+    armed: bool,
+}
+
+impl CommitGuard<'_> {
+    fn finish(mut self, doubt: Option<String>) -> Option<TxError> {
+        self.armed = false;
+        self.state.finish(doubt)
+    }
+}
+
+impl Drop for CommitGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.state.finish(Some(
+                "the commit stopped waiting before its records were synced".into(),
+            ));
+        }
+    }
+}
+
+/// Why the sync of `topic`'s part of a commit failed, as the reason of an in-doubt commit.
+fn sync_doubt(topic: &Topic, e: crate::log::AppendError) -> String {
+    match BrokerInner::sync_error(topic, e) {
+        PublishError::InDoubt { topic, reason } => format!("topic {topic}: {reason}"),
+        other => other.to_string(),
     }
 }
 
@@ -173,21 +274,60 @@ impl Transaction {
     /// On durable topics that wait for their sync, the calling thread waits for the broker's
     /// commit thread to sync them (from async code, [`commit_wait`](Self::commit_wait) does
     /// not hold up an async worker).
+    ///
+    /// If the records were handed to storage but their write or sync failed, the commit
+    /// returns [`TxError::InDoubt`] and the transaction stays in doubt ([`status`](Self::status)).
     pub fn commit(&self) -> Result<Vec<(TopicName, Range<u64>)>, TxError> {
         let appended = self.append_all()?;
+        let guard = CommitGuard {
+            state: &self.state,
+            armed: true,
+        };
         let mut durable = Vec::new();
+        let mut doubt = None;
         for (topic, end) in &appended.syncs {
-            durable.push(self.broker.inner.submit(topic, *end)?);
+            match self.broker.inner.submit(topic, *end) {
+                Ok(d) => durable.push((d, topic)),
+                Err(e) => {
+                    doubt = Some(e.to_string());
+                    break;
+                }
+            }
         }
-        for (d, (topic, _)) in durable.into_iter().zip(&appended.syncs) {
-            crate::io::block_on(d).map_err(|e| BrokerInner::sync_error(topic, e))?;
+        for (d, topic) in durable {
+            if doubt.is_some() {
+                break;
+            }
+            if let Err(e) = crate::io::block_on(d) {
+                doubt = Some(sync_doubt(topic, e));
+            }
         }
-        Ok(appended.ranges)
+        Self::outcome(guard.finish(doubt), appended.ranges)
+    }
+
+    /// The result of a commit once its wait for durability ended.
+    fn outcome(
+        failed: Option<TxError>,
+        ranges: Vec<(TopicName, Range<u64>)>,
+    ) -> Result<Vec<(TopicName, Range<u64>)>, TxError> {
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(ranges),
+        }
+    }
+
+    /// Where the transaction is: open, committing (waiting for its sync), committed (durable),
+    /// in doubt, rolled back or expired.
+    pub fn status(&self) -> TxStatus {
+        let mut inner = self.state.inner.lock();
+        self.state.expire_locked(&mut inner, Instant::now());
+        inner.status
     }
 
     /// [`commit`](Self::commit) without waiting for durability: appends every staged message
-    /// and marks the transaction committed; returns what must be synced before the records
-    /// are visible (and the commit reported).
+    /// and marks the transaction committed, or committing when records must be synced before
+    /// they are visible (and the commit reported); returns what must be synced. A storage
+    /// failure once records were handed to storage leaves the transaction in doubt.
     fn append_all(&self) -> Result<Appended, TxError> {
         let mut guard = self.state.inner.lock();
         let inner = self.state.open(&mut guard)?;
@@ -235,13 +375,20 @@ impl Transaction {
                     {
                         match topic.commit_part(log, records, store, parts.as_mut()) {
                             Ok(range) => ranges.push((topic.name.clone(), range)),
-                            Err(e) => return Err(BrokerInner::append_error(topic, e).into()),
+                            Err(e) => {
+                                // Storage had this part (and any before it): in doubt.
+                                let e = BrokerInner::append_error(topic, e);
+                                return Err(self.doubt_locked(inner, e));
+                            }
                         }
                     }
                     if let (Some(storage), Some(parts)) = (storage, parts) {
-                        storage
-                            .commit_parts(&parts)
-                            .map_err(|e| PublishError::Storage(e.to_string()))?;
+                        if let Err(e) = storage.commit_parts(&parts) {
+                            let e = PublishError::Storage(format!(
+                                "storage write of the commit record failed: {e}"
+                            ));
+                            return Err(self.doubt_locked(inner, e));
+                        }
                     }
                     Ok(ranges)
                 }
@@ -256,9 +403,13 @@ impl Transaction {
                     .zip(&ranges)
                     .filter(|(topic, _)| topic.waits_for_sync())
                     .map(|(topic, (_, range))| (topic.clone(), range.end))
-                    .collect();
-                inner.status = Status::Committed;
-                inner.finished_at = Some(Instant::now());
+                    .collect::<Vec<_>>();
+                if syncs.is_empty() {
+                    inner.status = Status::Committed;
+                    inner.finished_at = Some(Instant::now());
+                } else {
+                    inner.status = Status::Committing;
+                }
                 Ok(Appended { ranges, syncs })
             }
             Err(e) => {
@@ -297,14 +448,43 @@ impl Transaction {
                 other => break other?,
             }
         };
+        let guard = CommitGuard {
+            state: &self.state,
+            armed: true,
+        };
         let mut durable = Vec::new();
+        let mut doubt = None;
         for (topic, end) in &appended.syncs {
-            durable.push(self.broker.inner.submit(topic, *end)?);
+            match self.broker.inner.submit(topic, *end) {
+                Ok(d) => durable.push((d, topic)),
+                Err(e) => {
+                    doubt = Some(e.to_string());
+                    break;
+                }
+            }
         }
-        for (d, (topic, _)) in durable.into_iter().zip(&appended.syncs) {
-            d.await.map_err(|e| BrokerInner::sync_error(topic, e))?;
+        for (d, topic) in durable {
+            if doubt.is_some() {
+                break;
+            }
+            if let Err(e) = d.await {
+                doubt = Some(sync_doubt(topic, e));
+            }
         }
-        Ok(appended.ranges)
+        Self::outcome(guard.finish(doubt), appended.ranges)
+    }
+
+    /// Marks the transaction (whose lock the caller holds) in doubt after a storage failure
+    /// met once records were handed to storage; returns the error saying so.
+    fn doubt_locked(&self, inner: &mut Inner, e: PublishError) -> TxError {
+        inner.staged.clear();
+        inner.status = Status::InDoubt;
+        inner.finished_at = Some(Instant::now());
+        inner.doubt = Some(match e {
+            PublishError::InDoubt { reason, .. } => reason,
+            other => other.to_string(),
+        });
+        self.state.in_doubt(inner)
     }
 
     /// The topic named `name` among the staged records, with how many records and bytes are

@@ -147,3 +147,124 @@ async fn a_publish_timed_out_waiting_for_its_sync_is_in_doubt_and_may_still_be_d
     faults.delay_syncs(Duration::ZERO);
     assert_eq!(broker.health().status, "running");
 }
+
+/// Waits (bounded) until `tx` reaches `status`.
+async fn wait_status(tx: &ferry::Transaction, status: ferry::TxStatus) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tx.status() != status {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "transaction is {:?}, never {status:?}",
+            tx.status()
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_is_committing_until_durable_then_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, faults) = faulty(dir.path(), BrokerConfig::default());
+    let mut a = broker.subscribe("a").unwrap();
+    let tx = broker.begin().unwrap();
+    tx.publish("a", "one").unwrap();
+    tx.publish("b", "two").unwrap();
+    assert_eq!(tx.status(), ferry::TxStatus::Open);
+    faults.delay_syncs(Duration::from_secs(1));
+    let committing = tokio::spawn({
+        let tx = tx.clone();
+        async move { tx.commit_wait().await }
+    });
+    // Appended, not durable yet: neither committed nor open to a second commit or a rollback.
+    wait_status(&tx, ferry::TxStatus::Committing).await;
+    assert_eq!(
+        tx.commit().unwrap_err(),
+        ferry::TxError::Committing(tx.id())
+    );
+    assert_eq!(tx.rollback().unwrap_err().code(), "tx_committing");
+    let ranges = committing.await.unwrap().unwrap();
+    assert_eq!(ranges.len(), 2);
+    assert_eq!(tx.status(), ferry::TxStatus::Committed);
+    assert_eq!(tx.commit().unwrap_err(), ferry::TxError::Committed(tx.id()));
+    assert_eq!(payload(&next(&mut a).await), "one");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_whose_sync_fails_is_in_doubt_not_committed() {
+    for topics in [&["t"][..], &["t", "u"][..]] {
+        let dir = tempfile::tempdir().unwrap();
+        let (broker, faults) = faulty(dir.path(), BrokerConfig::default());
+        let mut sub = broker.subscribe("t").unwrap();
+        let tx = broker.begin().unwrap();
+        for t in topics {
+            tx.publish(t, "staged").unwrap();
+        }
+        faults.fail_syncs(true);
+        // The blocking commit, off the async workers.
+        let err = tokio::task::spawn_blocking({
+            let tx = tx.clone();
+            move || tx.commit()
+        })
+        .await
+        .unwrap()
+        .unwrap_err();
+        assert!(err.is_in_doubt(), "{err:?}");
+        assert_eq!(err.code(), "tx_in_doubt");
+        let text = err.to_string();
+        assert!(
+            text.contains("in doubt") && text.contains("storage sync failed"),
+            "{text}"
+        );
+        assert!(text.contains("No space left on device"), "{text}");
+        assert_eq!(tx.status(), ferry::TxStatus::InDoubt);
+        // A retry is told the same, not "already committed"; nothing to roll back either.
+        assert_eq!(tx.commit().unwrap_err(), err);
+        assert_eq!(tx.rollback().unwrap_err(), err);
+        assert_eq!(tx.publish("t", "more").unwrap_err(), err);
+        // Not revealed by the failure.
+        assert!(matches!(sub.try_recv(), Err(TryRecvError::Empty)));
+        assert_eq!(broker.topic_stats("t").unwrap().depth, 0);
+        // The registry's handle says the same.
+        assert_eq!(
+            broker.transaction(tx.id()).unwrap().status(),
+            ferry::TxStatus::InDoubt
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_whose_write_fails_is_in_doubt() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, faults) = faulty(dir.path(), BrokerConfig::default());
+    let tx = broker.begin().unwrap();
+    tx.publish("t", "x").unwrap();
+    tx.publish("u", "y").unwrap();
+    faults.fail_appends(true);
+    let err = tx.commit_wait().await.unwrap_err();
+    assert!(err.is_in_doubt(), "{err:?}");
+    assert!(err.to_string().contains("storage write failed"), "{err}");
+    assert_eq!(tx.status(), ferry::TxStatus::InDoubt);
+    assert_eq!(tx.commit_wait().await.unwrap_err(), err);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_given_up_before_its_sync_is_in_doubt() {
+    let dir = tempfile::tempdir().unwrap();
+    let (broker, faults) = faulty(dir.path(), BrokerConfig::default());
+    let mut sub = broker.subscribe("t").unwrap();
+    let tx = broker.begin().unwrap();
+    tx.publish("t", "slow").unwrap();
+    faults.delay_syncs(Duration::from_secs(1));
+    let committing = tokio::spawn({
+        let tx = tx.clone();
+        async move { tx.commit_wait().await }
+    });
+    wait_status(&tx, ferry::TxStatus::Committing).await;
+    // Its caller gives up the wait while the sync is pending.
+    committing.abort();
+    assert!(committing.await.unwrap_err().is_cancelled());
+    assert_eq!(tx.status(), ferry::TxStatus::InDoubt);
+    assert!(tx.commit().unwrap_err().is_in_doubt());
+    // The sync still happens: the records become visible, as in doubt allows.
+    assert_eq!(payload(&next(&mut sub).await), "slow");
+}

@@ -8,6 +8,10 @@
 //! flusher thread under `interval`), `records_per_fsync`, `disk_mb_per_s` (encoded batches,
 //! headers included) and a ratio to the reference: `vs_fsync_ceiling` (records/s / raw
 //! fsyncs/s) under `always`, `vs_raw_write` (payload MB/s / raw write MB/s) otherwise.
+//!
+//! Rows `ferry-log <policy> 1MiB-segments` (1 KiB payloads) run the same with 1 MiB segments,
+//! so that the log rolls several times a second: what a roll costs the appenders waiting on
+//! the writer lock shows in their rate and tail latency (`rolls`: segments rolled).
 
 use std::path::Path;
 use std::sync::Barrier;
@@ -26,7 +30,14 @@ struct Cell {
     payload: usize,
     durability: Durability,
     publishers: usize,
+    /// Segment size, if not the default (rows that roll often).
+    segment_bytes: Option<u64>,
 }
+
+/// Segment size of the rows that roll often.
+const ROLL_SEGMENT_BYTES: u64 = 1 << 20;
+/// Payload of the rows that roll often.
+const ROLL_PAYLOAD: usize = 1024;
 
 /// What one run measured.
 struct Run {
@@ -37,6 +48,8 @@ struct Run {
     disk_bytes: u64,
     /// The log's next offset after the run.
     end: u64,
+    /// Segments rolled during the run.
+    rolls: u64,
 }
 
 /// Measures every cell and adds its row.
@@ -50,8 +63,19 @@ pub fn run(bench: &mut Bench) -> Result<()> {
                     payload,
                     durability,
                     publishers,
+                    segment_bytes: None,
                 });
             }
+        }
+    }
+    for durability in s.policies() {
+        for &publishers in &s.publishers {
+            cells.push(Cell {
+                payload: ROLL_PAYLOAD,
+                durability,
+                publishers,
+                segment_bytes: Some(ROLL_SEGMENT_BYTES),
+            });
         }
     }
     let dir = bench.fresh_dir("append")?;
@@ -59,8 +83,9 @@ pub fn run(bench: &mut Bench) -> Result<()> {
         &cells,
         |c, round| {
             eprintln!(
-                "running append ferry-log {} {} B x{} ({:?}, round {})",
+                "running append ferry-log {}{} {} B x{} ({:?}, round {})",
                 policy_name(c.durability),
+                segments_name(c),
                 c.payload,
                 c.publishers,
                 s.run_for,
@@ -83,9 +108,16 @@ pub fn run(bench: &mut Bench) -> Result<()> {
             expected: r.end,
         };
         let bytes = r.outcome.delivered * c.payload as u64;
-        let system = format!("ferry-log {}", policy_name(c.durability));
+        let system = format!(
+            "ferry-log {}{}",
+            policy_name(c.durability),
+            segments_name(c)
+        );
         let mut row = row("append", system, c.payload, counts, &r.outcome, bytes, None);
         row.add("fsyncs", Extra::Count(r.fsyncs));
+        if c.segment_bytes.is_some() {
+            row.add("rolls", Extra::Count(r.rolls));
+        }
         if r.fsyncs > 0 {
             let per_fsync = r.outcome.delivered as f64 / r.fsyncs as f64;
             row.add("records_per_fsync", Extra::Value(per_fsync));
@@ -109,10 +141,13 @@ pub fn run(bench: &mut Bench) -> Result<()> {
 /// `c.publishers` threads appending one record of `c.payload` bytes at a time to a fresh log in
 /// `dir` for `run_for`.
 fn append_for(dir: &Path, c: &Cell, run_for: Duration) -> Result<Run> {
-    let config = LogConfig {
+    let mut config = LogConfig {
         durability: c.durability,
         ..LogConfig::default()
     };
+    if let Some(bytes) = c.segment_bytes {
+        config.segment_bytes = bytes;
+    }
     let log = Log::open(dir, config).with_context(|| format!("opening {}", dir.display()))?;
     let payload = template(c.payload);
     let start = Barrier::new(c.publishers);
@@ -144,5 +179,14 @@ fn append_for(dir: &Path, c: &Cell, run_for: Duration) -> Result<Run> {
         fsyncs: stats.fsyncs,
         disk_bytes: stats.bytes_appended,
         end: log.next_offset(),
+        rolls: stats.segments_rolled,
     })
+}
+
+/// The suffix naming a cell's segment size when it is not the default.
+fn segments_name(c: &Cell) -> &'static str {
+    match c.segment_bytes {
+        Some(_) => " 1MiB-segments",
+        None => "",
+    }
 }

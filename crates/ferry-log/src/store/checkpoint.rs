@@ -294,6 +294,7 @@ pub(super) fn decode(bytes: &[u8]) -> Result<Checkpoint, String> {
             end: position,
             pending: HashMap::new(),
             open_parts,
+            lost_floor: 0,
         },
         segments,
         dead,
