@@ -159,9 +159,7 @@ impl StateStore {
             let Some(stream) = self.store.find(name) else {
                 return Ok(());
             };
-            stream
-                .trim(stream.next_offset())
-                .map_err(|e| self.err(e))?;
+            stream.trim(stream.next_offset()).map_err(|e| self.err(e))?;
             drop(stream);
             self.store.forget(name).map_err(|e| self.err(e))?;
             return Ok(());
