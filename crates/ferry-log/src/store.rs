@@ -1549,10 +1549,9 @@ impl Stream {
         max_bytes: usize,
     ) -> Result<Vec<StoredRecord>, LogError> {
         let want = std::cell::Cell::new(from.max(self.start()));
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
+        let mut taken = Taken::new(max_records, max_bytes);
         if max_records == 0 {
-            return Ok(out);
+            return Ok(Vec::new());
         }
         // Every batch below this end was written before the scan starts, so the scan sees it.
         let end = self.next_offset();
@@ -1563,30 +1562,27 @@ impl Stream {
             |_| true,
             |batch| {
                 let base = batch.header.stream.map_or(0, |t| t.base);
-                for (i, mut r) in batch.records.into_iter().enumerate() {
+                for (i, r) in batch.records.into_iter().enumerate() {
                     let offset = base + i as u64;
                     if offset < want.get() {
                         continue;
                     }
                     if offset > want.get() {
                         // Records lost to damage: what came before first, then the gap.
-                        if out.is_empty() {
+                        if taken.out.is_empty() {
                             gap_to = Some((offset, batch.header.base_offset));
                         }
                         return false;
                     }
-                    let size = r.size();
-                    if out.len() >= max_records || (!out.is_empty() && bytes + size > max_bytes) {
+                    if !taken.push(r, offset) {
                         return false;
                     }
-                    r.offset = offset;
-                    bytes += size;
-                    out.push(r);
                     want.set(offset + 1);
                 }
-                out.len() < max_records
+                taken.wants_more()
             },
         );
+        let out = taken.out;
         if let (Some((to, seq)), Ok(())) = (gap_to, &scanned) {
             // Where: the segment holding the first batch after the gap (the lost batches are
             // before it, in it or in the segment before).
@@ -1679,8 +1675,7 @@ impl Stream {
         let Some(Some(seq)) = seq else {
             return Vec::new();
         };
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
+        let mut taken = Taken::new(max_records, max_bytes);
         let want = Cell::new(from);
         let _ = self.inner.log.scan_around_damage(
             seq,
@@ -1699,25 +1694,21 @@ impl Stream {
             },
             |batch| {
                 let base = batch.header.stream.map_or(0, |t| t.base);
-                for (i, mut r) in batch.records.into_iter().enumerate() {
+                for (i, r) in batch.records.into_iter().enumerate() {
                     let offset = base + i as u64;
                     if offset < want.get() {
                         continue;
                     }
-                    let size = r.size();
-                    if out.len() >= max_records || (!out.is_empty() && bytes + size > max_bytes) {
+                    if !taken.push(r, offset) {
                         return false;
                     }
-                    r.offset = offset;
-                    bytes += size;
-                    out.push(r);
                     want.set(offset + 1);
                 }
-                out.len() < max_records
+                taken.wants_more()
             },
             |_| {},
         );
-        out
+        taken.out
     }
 
     /// The stream offset of the first CRC-checked batch of this stream starting after `from`,
@@ -1854,5 +1845,45 @@ impl Stream {
         let moved = self.trim(start)?;
         self.inner.compact(false)?;
         Ok(moved)
+    }
+}
+
+/// The records a read takes: at most `max_records`, and none that would bring their total size
+/// over `max_bytes` (the first is taken whatever its size).
+struct Taken {
+    out: Vec<StoredRecord>,
+    bytes: usize,
+    max_records: usize,
+    max_bytes: usize,
+}
+
+impl Taken {
+    fn new(max_records: usize, max_bytes: usize) -> Self {
+        Taken {
+            out: Vec::new(),
+            bytes: 0,
+            max_records,
+            max_bytes,
+        }
+    }
+
+    /// Takes `r` as the record at stream offset `offset`; false if it does not fit (the read
+    /// ends before it).
+    fn push(&mut self, mut r: StoredRecord, offset: u64) -> bool {
+        let size = r.size();
+        if self.out.len() >= self.max_records
+            || (!self.out.is_empty() && self.bytes + size > self.max_bytes)
+        {
+            return false;
+        }
+        r.offset = offset;
+        self.bytes += size;
+        self.out.push(r);
+        true
+    }
+
+    /// Whether another record would be taken.
+    fn wants_more(&self) -> bool {
+        self.out.len() < self.max_records
     }
 }

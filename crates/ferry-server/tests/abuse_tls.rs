@@ -301,3 +301,46 @@ fn a_silent_handshake_is_closed_at_the_timeout_and_gives_its_place_back() {
     let health = http_request(&mut s, "/health");
     assert!(health.contains("running"), "{health}");
 }
+
+#[test]
+fn silent_plain_connections_past_a_cap_hold_at_most_the_refusal_allowance() {
+    let dir = tempfile::tempdir().unwrap();
+    // A CONNECT timeout far longer than the test: nothing here is closed by it.
+    let (server, _tls, _config) = serve_tls(
+        dir.path(),
+        "max_connections_per_address = 4\nconnect_timeout_secs = 600",
+        "",
+    );
+    let http = server.http;
+    // One address opens 4 + 300 silent connections to the plain port: 4 within its cap, 256
+    // past it kept open to be refused at their CONNECT, and 44 closed at once.
+    let within = silent(LOCAL, server.mqtt, 4);
+    wait_active(http, 4);
+    let past = silent(LOCAL, server.mqtt, 300);
+    let held = wait_closed("past the refusal allowance", past, 44);
+    assert_eq!(held.len(), 256);
+    assert_eq!(refused(http, "mqtt_connections_per_address"), 44);
+    // Others are served meanwhile.
+    let mut other = Raw {
+        stream: tcp_from(ip(2), server.mqtt),
+        v5: true,
+    };
+    assert_eq!(other.try_connect("other", None), Some(0), "another address connects");
+    assert!(other.ping());
+    // Those held are refused at their CONNECT; once they are gone, new ones are held again.
+    drop(held);
+    let deadline = Instant::now() + WAIT;
+    let mut late = loop {
+        let mut s = Raw {
+            stream: tcp_from(LOCAL, server.mqtt),
+            v5: true,
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        if !closed(&mut s.stream) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the allowance never came back");
+    };
+    assert_eq!(late.try_connect("late", None), Some(0x97), "Quota exceeded");
+    drop(within);
+}

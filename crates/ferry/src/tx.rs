@@ -279,30 +279,7 @@ impl Transaction {
     /// returns [`TxError::InDoubt`] and the transaction stays in doubt ([`status`](Self::status)).
     pub fn commit(&self) -> Result<Vec<(TopicName, Range<u64>)>, TxError> {
         let appended = self.append_all()?;
-        let guard = CommitGuard {
-            state: &self.state,
-            armed: true,
-        };
-        let mut durable = Vec::new();
-        let mut doubt = None;
-        for (topic, end) in &appended.syncs {
-            match self.broker.inner.submit(topic, *end) {
-                Ok(d) => durable.push((d, topic)),
-                Err(e) => {
-                    doubt = Some(e.to_string());
-                    break;
-                }
-            }
-        }
-        for (d, topic) in durable {
-            if doubt.is_some() {
-                break;
-            }
-            if let Err(e) = crate::io::block_on(d) {
-                doubt = Some(sync_doubt(topic, e));
-            }
-        }
-        Self::outcome(guard.finish(doubt), appended.ranges)
+        crate::io::block_on(self.durable(appended))
     }
 
     /// The result of a commit once its wait for durability ended.
@@ -448,6 +425,13 @@ impl Transaction {
                 other => break other?,
             }
         };
+        self.durable(appended).await
+    }
+
+    /// Waits until the commit thread synced what `appended` must have synced, then marks the
+    /// transaction committed; in doubt if a sync failed or could not be asked for (also when
+    /// the wait is dropped: see `CommitGuard`).
+    async fn durable(&self, appended: Appended) -> Result<Vec<(TopicName, Range<u64>)>, TxError> {
         let guard = CommitGuard {
             state: &self.state,
             armed: true,

@@ -82,13 +82,15 @@ async fn messages_come_out_in_due_order() {
     let mut sub = broker.subscribe("t").unwrap();
     // Publish with delays in a scrambled order; they must arrive sorted by due time.
     // Due times from one base: a delay counts from the moment its message is built, so on a
-    // loaded machine delays alone would not fix the order.
-    let delays: Vec<u64> = (0..2000u64).map(|i| (i * 7919) % 2000 + 1).collect();
+    // loaded machine delays alone would not fix the order. They are 3 ms apart: a wall-clock
+    // time is put on the broker's monotonic clock by reading both clocks, and a thread
+    // preempted between the two reads (a busy machine) shifts that one message by as much.
+    let delays: Vec<u64> = (0..1000u64).map(|i| (i * 7919) % 1000 + 1).collect();
     let base = SystemTime::now() + Duration::from_millis(300);
     for d in &delays {
         let m = Message::builder()
             .payload(d.to_string())
-            .deliver_at(base + Duration::from_millis(*d))
+            .deliver_at(base + Duration::from_millis(*d * 3))
             .build();
         broker.publish("t", m).await.unwrap();
     }

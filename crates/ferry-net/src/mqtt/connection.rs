@@ -166,6 +166,9 @@ where
     let Some(mut c) = Box::pin(handshake(start)).await else {
         if counted {
             shared.metrics.active.fetch_sub(1, Ordering::AcqRel);
+        } else {
+            // Its place among the connections being refused (see `spawn_connection`).
+            shared.refusing.fetch_sub(1, Ordering::AcqRel);
         }
         return;
     };

@@ -126,6 +126,10 @@ pub(crate) struct MqttShared {
     pub(crate) shutdown: CancellationToken,
     pub(crate) tracker: TaskTracker,
     next_conn: AtomicU64,
+    /// Connections past a limit kept open to answer their CONNECT with a refusing CONNACK;
+    /// at most [`MAX_REFUSING`], past which one is closed at once (so refusals cost no more
+    /// than that many sockets whatever a client opens).
+    pub(crate) refusing: AtomicUsize,
     /// Saves sessions, retained messages and consumer positions before the acknowledgements
     /// that promise them (`None` if its thread could not start: then they wait for the
     /// once-a-second save).
@@ -283,6 +287,7 @@ pub(crate) fn start(
             shutdown,
             tracker: tracker.clone(),
             next_conn: AtomicU64::new(1),
+            refusing: AtomicUsize::new(0),
             persister,
             save_health: crate::persist::SaveHealth::default(),
         }
@@ -450,8 +455,23 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let over_limit = admit(shared, peer.ip());
+    if let Some(limit) = over_limit {
+        // Told why with a CONNACK, unless too many are being told already: then closed now.
+        let refusing = shared.refusing.fetch_add(1, Ordering::AcqRel);
+        if refusing >= MAX_REFUSING {
+            shared.refusing.fetch_sub(1, Ordering::AcqRel);
+            count_refusal(shared, limit);
+            tracing::debug!(%peer, ?limit, "connection past a limit closed at once");
+            drop(stream);
+            return;
+        }
+    }
     spawn_admitted(shared, stream, peer, Admitted(()), over_limit);
 }
+
+/// The most connections past a limit kept open at once to be refused with a CONNACK (see
+/// `MqttShared::refusing`); the connection task gives its place back when it ends.
+pub(crate) const MAX_REFUSING: usize = 256;
 
 /// Counts a new connection from `ip` in `active` and on its address (the connection task
 /// gives both back when it ends), or finds the limit it is past: then nothing stays counted,
