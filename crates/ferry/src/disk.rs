@@ -19,6 +19,7 @@
 //! timestamp in nanoseconds, producer, expiry and delivery times) in a first header that the
 //! flag [`META`] marks as Ferry's own, so no user header can be mistaken for it.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
@@ -278,8 +279,8 @@ impl DiskTopic {
         log_error(&self.name, e)
     }
 
-    /// The records of `messages`, checked to go at the stream's end.
-    fn records_at(&self, first: u64, messages: &[&Message]) -> Result<Vec<RecordIn>, StorageError> {
+    /// Checks that records appended at `first` go at the stream's end.
+    fn check_end(&self, first: u64) -> Result<(), StorageError> {
         let end = self.stream.next_offset();
         if end != first {
             return Err(StorageError::OffsetMismatch {
@@ -288,26 +289,24 @@ impl DiskTopic {
                 engine: first,
             });
         }
-        Ok(messages.iter().map(|m| encode_message(m)).collect())
+        Ok(())
     }
 }
 
 impl TopicStore for DiskTopic {
     fn append(&self, first: u64, messages: &[&Message]) -> Result<(), StorageError> {
-        let records = self.records_at(first, messages)?;
-        if records.is_empty() {
+        self.check_end(first)?;
+        if messages.is_empty() {
             return Ok(());
         }
-        self.stream
-            .append(first, &records)
+        with_records(messages, |records| self.stream.append(first, records))
             .map_err(|e| self.err(e))?;
         Ok(())
     }
 
     fn append_part(&self, first: u64, messages: &[&Message]) -> Result<u64, StorageError> {
-        let records = self.records_at(first, messages)?;
-        self.stream
-            .append_part(first, &records)
+        self.check_end(first)?;
+        with_records(messages, |records| self.stream.append_part(first, records))
             .map_err(|e| self.err(e))
     }
 
@@ -503,30 +502,85 @@ fn from_nanos(n: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_nanos(n)
 }
 
-/// The log record of a message.
+/// The log record of a message (appends build it in a reused [`Scratch`]: [`with_records`]).
+#[cfg(test)]
 pub(crate) fn encode_message(m: &Message) -> RecordIn {
+    let mut record = RecordIn::default();
+    encode_into(m, &mut record, &mut BytesMut::new());
+    record
+}
+
+/// Bytes reserved at once for the metadata headers that [`Scratch`] cuts from its arena.
+const META_ARENA: usize = 8 << 10;
+
+/// What a thread reuses from one append to the next (see [`with_records`]): log records whose
+/// header lists keep their capacity, and an arena the metadata headers are cut from. Between
+/// appends the records hold nothing (no payload is kept alive by it).
+#[derive(Default)]
+struct Scratch {
+    records: Vec<RecordIn>,
+    meta: BytesMut,
+}
+
+/// The most records [`Scratch`] keeps between appends (a larger batch allocates the rest).
+const SCRATCH_RECORDS: usize = 64;
+
+thread_local! {
+    static SCRATCH: Cell<Scratch> = Cell::new(Scratch::default());
+}
+
+/// Calls `f` with the log records of `messages` ([`encode_message`]), built in this thread's
+/// [`Scratch`]: an append of a message without user headers allocates nothing here.
+fn with_records<R>(messages: &[&Message], f: impl FnOnce(&[RecordIn]) -> R) -> R {
+    // Taken out for the call (a nested or late call finds an empty one and allocates).
+    let mut scratch = SCRATCH.try_with(Cell::take).unwrap_or_default();
+    let Scratch { records, meta } = &mut scratch;
+    if records.len() < messages.len() {
+        records.resize_with(messages.len(), RecordIn::default);
+    }
+    for (m, record) in messages.iter().zip(records.iter_mut()) {
+        encode_into(m, record, meta);
+    }
+    let out = f(&records[..messages.len()]);
+    records.truncate(SCRATCH_RECORDS);
+    for record in records.iter_mut().take(messages.len()) {
+        record.key = None;
+        record.headers.clear();
+        record.payload = Bytes::new();
+    }
+    let _ = SCRATCH.try_with(|s| s.set(scratch));
+    out
+}
+
+/// Writes the log record of `m` into `record` (whose header list is reused), cutting its
+/// metadata from `arena`.
+fn encode_into(m: &Message, record: &mut RecordIn, arena: &mut BytesMut) {
     let producer = m.producer_id().unwrap_or("");
-    let mut meta = BytesMut::with_capacity(41 + producer.len());
-    meta.put_u8(META_VERSION);
-    meta.put_slice(m.id().as_uuid().as_bytes());
-    meta.put_u64(nanos(m.timestamp()));
-    meta.put_u64(m.expires_at().map_or(0, nanos));
-    meta.put_u64(m.deliver_at().map_or(0, nanos));
-    meta.put_slice(producer.as_bytes());
-    let mut headers = Vec::with_capacity(m.headers().len() + 1);
-    headers.push((String::new(), meta.freeze()));
-    headers.extend(
-        m.headers()
+    let len = 41 + producer.len();
+    if arena.capacity() < len {
+        arena.reserve(len.max(META_ARENA));
+    }
+    let timestamp = nanos(m.timestamp());
+    arena.put_u8(META_VERSION);
+    arena.put_slice(m.id().as_uuid().as_bytes());
+    arena.put_u64(timestamp);
+    arena.put_u64(m.expires_at().map_or(0, nanos));
+    arena.put_u64(m.deliver_at().map_or(0, nanos));
+    arena.put_slice(producer.as_bytes());
+    let meta = arena.split().freeze();
+    let headers = m.headers();
+    record.headers.clear();
+    record.headers.reserve(headers.len() + 1);
+    record.headers.push((String::new(), meta));
+    record.headers.extend(
+        headers
             .iter()
             .map(|(k, v)| (k.to_string(), Bytes::copy_from_slice(v.as_bytes()))),
     );
-    RecordIn {
-        timestamp: Some(nanos(m.timestamp()) / 1_000_000),
-        flags: META | (m.priority() as u16 & PRIORITY_MASK),
-        key: m.key().cloned(),
-        headers,
-        payload: m.payload().clone(),
-    }
+    record.timestamp = Some(timestamp / 1_000_000);
+    record.flags = META | (m.priority() as u16 & PRIORITY_MASK);
+    record.key = m.key().cloned();
+    record.payload = m.payload().clone();
 }
 
 /// The message of a log record written by [`encode_message`].
@@ -696,6 +750,68 @@ mod tests {
         assert_eq!(back.priority(), Priority::High);
         assert_eq!(back.expires_at(), m.expires_at());
         assert_eq!(back.deliver_at(), m.deliver_at());
+    }
+
+    #[test]
+    fn appends_reusing_their_records_store_each_message_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = DiskStorage::open(
+            dir.path(),
+            DiskConfig {
+                durability: Durability::Never,
+                ..DiskConfig::default()
+            },
+        )
+        .unwrap();
+        let name = TopicName::new("reuse").unwrap();
+        let store = storage.open_topic(&name, &TopicConfig::default()).unwrap();
+        let rich = |i: usize| {
+            Message::builder()
+                .payload(format!("rich {i}"))
+                .key(format!("k{i}"))
+                .header("a", format!("{i}"))
+                .header("b", "2")
+                .producer(format!("p-{i}"))
+                .priority(Priority::High)
+                .ttl(Duration::from_secs(60))
+                .build()
+        };
+        // Batches larger and smaller than the records kept between appends, rich messages
+        // followed by plain ones (which must not inherit their headers, key or producer).
+        let batches: Vec<Vec<Message>> = vec![
+            (0..3).map(rich).collect(),
+            vec![Message::new("plain 0")],
+            (0..SCRATCH_RECORDS + 5).map(rich).collect(),
+            (0..2).map(|i| Message::new(format!("plain {i}"))).collect(),
+            vec![rich(9)],
+        ];
+        let mut next = 0;
+        for batch in &batches {
+            let refs: Vec<&Message> = batch.iter().collect();
+            store.append(next, &refs).unwrap();
+            next += batch.len() as u64;
+        }
+        let expected: Vec<&Message> = batches.iter().flatten().collect();
+        let read = store.read(0, expected.len() + 1).unwrap();
+        assert_eq!(read.len(), expected.len());
+        for (i, (got, want)) in read.iter().zip(&expected).enumerate() {
+            assert_eq!(got.offset, i as u64);
+            assert_eq!(got.message.id(), want.id());
+            assert_eq!(got.message.payload(), want.payload());
+            assert_eq!(got.message.key(), want.key());
+            assert_eq!(got.message.headers(), want.headers());
+            assert_eq!(got.message.producer_id(), want.producer_id());
+            assert_eq!(got.message.priority(), want.priority());
+            assert_eq!(got.message.timestamp(), want.timestamp());
+            assert_eq!(got.message.expires_at(), want.expires_at());
+        }
+        // A mismatched offset is refused without writing.
+        let plain = Message::new("late");
+        assert!(matches!(
+            store.append(next + 1, &[&plain]),
+            Err(StorageError::OffsetMismatch { .. })
+        ));
+        assert_eq!(store.end(), next);
     }
 
     #[test]

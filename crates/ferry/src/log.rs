@@ -88,7 +88,8 @@ pub(crate) trait Pending {
     fn count(&self) -> usize;
     fn bytes(&self) -> usize;
     fn take_all(&mut self, f: impl FnMut(Arc<Record>));
-    fn messages(&self) -> Vec<&Message>;
+    /// Calls `f` with the messages, in order (a single record needs no allocation).
+    fn with_messages<R>(&self, f: impl FnOnce(&[&Message]) -> R) -> R;
 }
 
 impl Pending for Option<Arc<Record>> {
@@ -103,8 +104,11 @@ impl Pending for Option<Arc<Record>> {
             f(r);
         }
     }
-    fn messages(&self) -> Vec<&Message> {
-        self.iter().map(|r| &r.message).collect()
+    fn with_messages<R>(&self, f: impl FnOnce(&[&Message]) -> R) -> R {
+        match self {
+            Some(r) => f(&[&r.message]),
+            None => f(&[]),
+        }
     }
 }
 
@@ -118,8 +122,9 @@ impl Pending for Vec<Arc<Record>> {
     fn take_all(&mut self, f: impl FnMut(Arc<Record>)) {
         self.drain(..).for_each(f);
     }
-    fn messages(&self) -> Vec<&Message> {
-        self.iter().map(|r| &r.message).collect()
+    fn with_messages<R>(&self, f: impl FnOnce(&[&Message]) -> R) -> R {
+        let messages: Vec<&Message> = self.iter().map(|r| &r.message).collect();
+        f(&messages)
     }
 }
 
@@ -164,6 +169,8 @@ pub(crate) struct Topic {
     prioritized: AtomicBool,
     /// The durable log, if the topic has one.
     durable: Option<Durable>,
+    /// Whether the store waits for its sync (read once from it: asked on every publish).
+    waits: bool,
     /// The tail when the topic was opened (0 unless it was reopened from its store).
     opened_at: u64,
     /// The tail the maintenance pass saw last and when it saw it change (see
@@ -234,6 +241,7 @@ impl Topic {
         let next = durable.as_ref().map_or(0, |d| d.store.end());
         // Records read back from the store may be timed or prioritized: readers must check.
         let stored = durable.as_ref().is_some_and(|d| d.store.start() < next);
+        let waits = durable.as_ref().is_some_and(|d| d.store.waits_for_sync());
         Topic {
             name,
             config,
@@ -257,6 +265,7 @@ impl Topic {
             timed: AtomicBool::new(stored),
             prioritized: AtomicBool::new(stored),
             durable,
+            waits,
             opened_at: next,
             idle: parking_lot::Mutex::new((next, Instant::now())),
         }
@@ -359,9 +368,7 @@ impl Topic {
 
     /// Whether appended records become visible only after a sync of the store.
     pub(crate) fn waits_for_sync(&self) -> bool {
-        self.durable
-            .as_ref()
-            .is_some_and(|d| d.store.waits_for_sync())
+        self.waits
     }
 
     /// Waits (blocking) until the store has made everything below `end` durable, then makes it
@@ -473,18 +480,15 @@ impl Topic {
         let capacity = self.config.capacity;
         let start = log.next;
         if let Some(d) = &self.durable {
-            let messages = pending.messages();
-            match parts {
-                Some(parts) => parts.push(
-                    d.store
-                        .append_part(start, &messages)
-                        .map_err(|e| self.storage_failed(e))?,
-                ),
-                None => d
-                    .store
-                    .append(start, &messages)
-                    .map_err(|e| self.storage_failed(e))?,
-            }
+            pending
+                .with_messages(|messages| match parts {
+                    Some(parts) => {
+                        parts.push(d.store.append_part(start, messages)?);
+                        Ok(())
+                    }
+                    None => d.store.append(start, messages),
+                })
+                .map_err(|e| self.storage_failed(e))?;
         }
         if store {
             pending.take_all(|record| {
@@ -581,13 +585,9 @@ impl Topic {
             // The store keeps what retention keeps; memory keeps what cursors still need, within
             // the hot window. Cursors behind the window read from the store.
             let keep_from = log.min_hold.max(log.base);
-            while (log.base < keep_from
-                || log.records.len() > d.hot_records
-                || log.bytes > d.hot_bytes)
-                && !log.records.is_empty()
-            {
-                log.pop_front();
-            }
+            log.pop_front_while(|log| {
+                log.base < keep_from || log.records.len() > d.hot_records || log.bytes > d.hot_bytes
+            });
             if log.records.is_empty() {
                 log.base = log.next;
             }
@@ -931,6 +931,26 @@ impl Log {
                 g.used.fetch_sub(size, Ordering::Relaxed);
             }
             self.base += 1;
+        }
+    }
+
+    /// [`pop_front`](Self::pop_front) while `more` holds (and records remain), settling the
+    /// memory gauge once at the end rather than per record.
+    fn pop_front_while(&mut self, mut more: impl FnMut(&Log) -> bool) {
+        let mut freed = 0;
+        while more(self) {
+            let Some(r) = self.records.pop_front() else {
+                break;
+            };
+            let size = r.message.size();
+            self.bytes = self.bytes.saturating_sub(size);
+            freed += size;
+            self.base += 1;
+        }
+        if freed > 0 {
+            if let Some(g) = &self.gauge {
+                g.used.fetch_sub(freed, Ordering::Relaxed);
+            }
         }
     }
 

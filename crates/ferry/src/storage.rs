@@ -121,7 +121,8 @@ pub trait TopicStore: Send + Sync + std::fmt::Debug {
     fn sync(&self, end: u64) -> Result<(), StorageError>;
 
     /// Whether [`sync`](Self::sync) has to wait for the disk (an fsync-always policy); if not,
-    /// records are visible as soon as they are appended.
+    /// records are visible as soon as they are appended. Fixed for the store's lifetime (the
+    /// topic reads it once).
     fn waits_for_sync(&self) -> bool;
 
     /// Up to `max` records from offset `from` (fewer at the end of the log).
