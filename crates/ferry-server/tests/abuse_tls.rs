@@ -325,7 +325,11 @@ fn silent_plain_connections_past_a_cap_hold_at_most_the_refusal_allowance() {
         stream: tcp_from(ip(2), server.mqtt),
         v5: true,
     };
-    assert_eq!(other.try_connect("other", None), Some(0), "another address connects");
+    assert_eq!(
+        other.try_connect("other", None),
+        Some(0),
+        "another address connects"
+    );
     assert!(other.ping());
     // Those held are refused at their CONNECT; once they are gone, new ones are held again.
     drop(held);

@@ -463,7 +463,11 @@ mod tests {
         // without checkpoint, restart in a fresh process), 3 policies x 2 publisher counts
         // with default and with 1 MiB segments, 2 x 2 engine rows and 2 store rows, 3 read
         // rows (log, store, ferry; warm only) and 2 recovery rows.
-        ensure!(rows.len() == 4 + 4 + 6 + 6 + 6 + 3 + 2, "{} rows", rows.len());
+        ensure!(
+            rows.len() == 4 + 4 + 6 + 6 + 6 + 3 + 2,
+            "{} rows",
+            rows.len()
+        );
         for r in rows {
             ensure!(
                 r.delivered > 0 && r.lost == 0 && r.delivered == r.expected,
