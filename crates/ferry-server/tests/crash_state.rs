@@ -108,6 +108,21 @@ fn until_sentinel(s: &mut TcpStream, mut seen: Vec<(String, Vec<u8>)>) -> Vec<(S
 }
 
 const SENTINEL: &str = "end/x";
+
+/// The retained messages under `state/` now, as a new client `client` gets them (up to the
+/// sentinel's).
+fn retained_now(addr: SocketAddr, client: &str) -> BTreeMap<String, Vec<u8>> {
+    let mut check = Raw::connect(addr, client, None);
+    let frames = [
+        subscribe_frame(1, "state/#", 0),
+        subscribe_frame(2, "end/#", 0),
+    ]
+    .concat();
+    check.stream.write_all(&frames).unwrap();
+    until_sentinel(&mut check.stream, Vec::new())
+        .into_iter()
+        .collect()
+}
 const SESSION: &str = "crash-state-session";
 
 fn retained_expected(cycle: usize) -> BTreeMap<String, Vec<u8>> {
@@ -171,16 +186,7 @@ fn retained_and_session_changes_survive_an_immediate_sigkill_as_acknowledged() {
             until_ack(&mut sess, 0xB0, 200);
 
             // Exactly the retained messages acknowledged.
-            let mut check = Raw::connect(server.mqtt, &format!("check-{cycle}"), None);
-            let frames = [
-                subscribe_frame(1, "state/#", 0),
-                subscribe_frame(2, "end/#", 0),
-            ]
-            .concat();
-            check.stream.write_all(&frames).unwrap();
-            let got: BTreeMap<String, Vec<u8>> = until_sentinel(&mut check.stream, Vec::new())
-                .into_iter()
-                .collect();
+            let got = retained_now(server.mqtt, &format!("check-{cycle}"));
             assert_eq!(
                 got,
                 retained_expected(cycle - 1),
@@ -237,17 +243,10 @@ fn retained_and_session_changes_survive_an_immediate_sigkill_as_acknowledged() {
         server = common::serve(&data, &[]).unwrap_or_else(|e| panic!("{e}"));
     }
     // The last cycle's changes, checked once more after the final restart.
-    let mut check = Raw::connect(server.mqtt, "check-last", None);
-    let frames = [
-        subscribe_frame(1, "state/#", 0),
-        subscribe_frame(2, "end/#", 0),
-    ]
-    .concat();
-    check.stream.write_all(&frames).unwrap();
-    let got: BTreeMap<String, Vec<u8>> = until_sentinel(&mut check.stream, Vec::new())
-        .into_iter()
-        .collect();
-    assert_eq!(got, retained_expected(cycles));
+    assert_eq!(
+        retained_now(server.mqtt, "check-last"),
+        retained_expected(cycles)
+    );
     let (_, present) = connect_persistent(server.mqtt, SESSION);
     assert!(present);
     server.stop("the last server");
