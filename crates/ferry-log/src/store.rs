@@ -935,16 +935,15 @@ impl Store {
         // meanwhile waits for the control lock, then defines the name anew).
         let (id, next) = {
             let mut streams = self.inner.streams.write();
-            let Some(&id) = streams.by_name.get(name) else {
+            let Some((key, &id)) = streams.by_name.get_key_value(name) else {
                 return Ok(false);
             };
             // The references to its name a stream has with no handle open: its state's, and
             // the name map's key when that is the same allocation.
             let shared_key = streams
-                .by_name
-                .get_key_value(name)
-                .zip(streams.by_id.get(&id))
-                .is_some_and(|((key, _), st)| Arc::ptr_eq(key, &st.name));
+                .by_id
+                .get(&id)
+                .is_some_and(|st| Arc::ptr_eq(key, &st.name));
             let unheld = 1 + usize::from(shared_key);
             let Some(st) = streams.by_id.get_mut(&id) else {
                 return Ok(false);
